@@ -1,0 +1,115 @@
+"""AuditRecorder: last in the chain. Writes one audit row per decision and guarantees that
+nothing leaves without one: a CONNECT or request that reaches this point with no decision
+from the guards is refused (a guard was skipped or broken — fail closed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http, tls
+
+from egress_guard.addons._flow import (
+    DECISION,
+    REQUEST_BYTES,
+    RESPONSE_BYTES,
+    TARGET,
+    answered,
+    fail_closed,
+    reject,
+)
+from egress_guard.audit import AuditLog, AuditRow, now_iso
+from egress_guard.policy import Decision, Verdict
+
+log = logging.getLogger("egress_guard")
+RECORDED = "egress_guard.recorded"
+NO_DECISION = Decision(Verdict.ERROR, "no egress-guard decision was made for this request; refused")
+
+
+class AuditRecorder:
+    def __init__(self, audit: AuditLog, *, query_strings: bool = False) -> None:
+        self.audit = audit
+        self.query_strings = query_strings
+
+    @fail_closed("request")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if DECISION not in flow.metadata:
+            reject(flow, NO_DECISION, 502)
+        self._record(flow, "connect", status=flow.response.status_code if flow.response else 200)
+
+    @fail_closed("request")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not answered(flow) and DECISION not in flow.metadata:
+            reject(flow, NO_DECISION, 502)
+
+    @fail_closed("response")
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "request", status=flow.response.status_code if flow.response else None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._record(flow, "request", status=None)
+        except Exception:
+            log.exception("could not record the audit row for %s", flow.id)
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        log.warning(
+            "TLS handshake with agent %s for %s failed (%s): does the agent trust egress-guard's CA?",
+            data.context.client.peername,
+            data.context.client.sni,
+            data.conn.error,
+        )
+
+    def _record(self, flow: http.HTTPFlow, kind: str, status: int | None) -> None:
+        if flow.metadata.get(RECORDED):
+            return
+        flow.metadata[RECORDED] = True
+        req = flow.request
+        decision: Decision = flow.metadata.get(DECISION) or NO_DECISION
+        reason = decision.reason
+        if flow.error is not None and decision.allowed:
+            reason = f"{reason}; upstream: {flow.error.msg}"
+        target = flow.metadata.get(TARGET)
+        host, port = (str(target[0]), target[1]) if target else (req.host[:255], req.port)
+        path = None
+        if kind == "request":
+            path = req.path if self.query_strings else req.path.split("?", 1)[0]
+        req_bytes = flow.metadata.get(REQUEST_BYTES)
+        if req_bytes is None and kind == "request" and req.raw_content is not None:
+            req_bytes = len(req.raw_content)
+        resp_bytes = flow.metadata.get(RESPONSE_BYTES)
+        if resp_bytes is None and flow.response is not None and flow.response.raw_content is not None:
+            resp_bytes = len(flow.response.raw_content)
+        peer = flow.client_conn.peername
+        row = AuditRow(
+            ts=now_iso(),
+            request_id=flow.id,
+            kind=kind,
+            decision=decision.verdict.value,
+            reason=reason,
+            rule=decision.rule,
+            client=f"{peer[0]}:{peer[1]}" if peer else None,
+            method=req.method,
+            scheme=req.scheme if kind == "request" else None,
+            host=host,
+            port=port,
+            path=path,
+            status=status,
+            request_bytes=req_bytes,
+            response_bytes=resp_bytes,
+            duration_ms=round((time.time() - req.timestamp_start) * 1000, 2),
+        )
+        self.audit.record(row)
+        if decision.verdict is not Verdict.ALLOW:
+            log.info(
+                "%s %s %s:%s%s status=%s reason=%r rule=%s id=%s",
+                row.decision,
+                row.method,
+                host,
+                port,
+                path or "",
+                status,
+                reason,
+                row.rule,
+                flow.id,
+            )

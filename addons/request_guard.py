@@ -1,0 +1,129 @@
+"""RequestGuard: every HTTP request, in a tunnel or as a plain proxy request.
+
+In order: the Host header (and HTTP/2 :authority) and the TLS SNI must name the CONNECT
+target (no domain fronting, no Host smuggling); the allowlist must allow method and path;
+the SSRF guard must vet the address. Then the request is pointed at the vetted address
+(the name is kept for Host, SNI and certificate verification), so mitmproxy never
+resolves the name again. `server_connect` refuses to dial anything this guard did not vet.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+from egress_guard.addons._flow import DECISION, DIALED, REQUEST_BYTES, TARGET, answered, fail_closed, reject
+from egress_guard.addons.connect_guard import Tunnels
+from egress_guard.hosts import Host, HostError, normalize_host, split_host_port
+from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
+from egress_guard.resolve import Refused, Resolver
+
+log = logging.getLogger("egress_guard")
+STREAM_REQUESTS_OVER = 1 << 20  # bodies above 1 MiB (or of unknown length) stream upstream
+
+
+class ByteCounter:
+    """A stream callable that passes chunks through untouched and counts them."""
+
+    __slots__ = ("key", "metadata")
+
+    def __init__(self, metadata: dict, key: str) -> None:
+        self.metadata, self.key = metadata, key
+        metadata[key] = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.metadata[self.key] += len(chunk)
+        return chunk
+
+
+def _deny(flow: http.HTTPFlow, reason: str, rule: str | None = None) -> None:
+    reject(flow, Decision(Verdict.DENY, reason, rule))
+
+
+class RequestGuard:
+    def __init__(self, rules: tuple[Rule, ...], tunnels: Tunnels, resolver: Resolver) -> None:
+        self.rules = rules
+        self.tunnels = tunnels
+        self.resolver = resolver
+
+    def _target(self, flow: http.HTTPFlow) -> tuple[Host, int] | str:
+        """The destination every name in the request must agree on, or why they disagree."""
+        req = flow.request
+        tunnel = self.tunnels.get(flow.client_conn.id)
+        try:
+            host, port = tunnel if tunnel else (normalize_host(req.host), req.port)
+        except HostError as exc:
+            return f"invalid request host: {exc}"
+        where = f"the CONNECT target {host}:{port}" if tunnel else f"the request URL's {host}:{port}"
+        names = req.headers.get_all("host")
+        if req.is_http2 and req.authority:
+            names.append(req.authority)
+        if not names:
+            return "the request has no Host header"
+        default_port = 443 if req.scheme == "https" else 80
+        for name in names:
+            try:
+                h, p = split_host_port(name, default_port)
+                ok = normalize_host(h) == host and p == port
+            except HostError:
+                ok = False
+            if not ok:
+                return f"Host {name!r} does not match {where} (domain fronting or Host smuggling)"
+        if tunnel and req.scheme == "https":
+            sni = flow.client_conn.sni
+            if not sni:
+                return f"the TLS client sent no SNI for {where}"
+            try:
+                ok = normalize_host(sni) == host
+            except HostError:
+                ok = False
+            if not ok:
+                return f"TLS SNI {sni!r} does not match {where} (domain fronting)"
+        return host, port
+
+    @fail_closed("request")
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if answered(flow):
+            return
+        target = self._target(flow)
+        if isinstance(target, str):
+            _deny(flow, target)
+            return
+        host, port = target
+        flow.metadata[TARGET] = target
+        req = flow.request
+        decision = decide(self.rules, Destination(host, port, req.method.upper(), req.path))
+        if not decision.allowed:
+            reject(flow, decision)
+            return
+        try:
+            address = await self.resolver.vet(host, port)
+        except Refused as exc:
+            _deny(flow, str(exc), decision.rule)
+            return
+        if not flow.live:
+            return  # the client went away while we resolved
+        flow.metadata[DECISION] = decision
+        flow.metadata[DIALED] = str(address)
+        # data.host, not .host: the setter would rewrite Host/:authority to the address.
+        req.data.host = str(address)
+        length = req.headers.get("content-length")
+        if length is None or not length.isdigit() or int(length) > STREAM_REQUESTS_OVER:
+            req.stream = ByteCounter(flow.metadata, REQUEST_BYTES)  # used only if a body follows
+
+    def server_connect(self, data: ServerConnectionHookData) -> None:
+        try:
+            address = data.server.address
+            if address is None or address[0] not in self.resolver.vetted:
+                data.server.error = f"egress-guard: refusing to dial {address}, an address it did not vet"
+                log.error("refused to dial unvetted address %s", address)
+                return
+            if data.client.sni:
+                # Verify the upstream certificate against the name the agent used (already
+                # checked equal to the CONNECT target and Host), not the dialled address.
+                data.server.sni = data.client.sni
+        except Exception as exc:
+            data.server.error = f"egress-guard: server_connect failed ({type(exc).__name__})"
+            log.exception("server_connect failed")

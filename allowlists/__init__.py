@@ -1,0 +1,1 @@
+"""Versioned allowlist presets (YAML), shipped as package data of egress_guard.allowlists."""

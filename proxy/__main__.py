@@ -1,0 +1,3 @@
+from egress_guard.cli import main
+
+main()

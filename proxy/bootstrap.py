@@ -1,0 +1,80 @@
+"""`egress-guard init`: the config, the CA and the audit DB, each created only if missing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egress_guard import audit, ca
+from egress_guard.config import DEFAULT_CONFIG_NAME, load_config
+
+DEFAULT_CONFIG = """\
+# egress-guard configuration. Reference: README.md, "Configuration".
+version: 1
+
+# Where agents send their traffic (HTTP_PROXY / HTTPS_PROXY). Loopback by default;
+# bind a bridge address (e.g. 172.17.0.1:8080) only for containers that need it.
+listen: 127.0.0.1:8080
+
+# The proxy's certificate authority (created by `egress-guard init`).
+ca_dir: ./certs
+
+audit:
+  path: ./egress-guard.db   # SQLite, WAL; query it with `egress-guard audit` or sqlite3
+  query_strings: false      # record only the path, never ?query=... (it may carry secrets)
+
+# Default deny: only what these presets and rules allow leaves the machine.
+# Presets: anthropic, github, google-gemini, npm, openai, pypi (see allowlists/).
+allowlists:
+  - openai
+  - anthropic
+  - google-gemini
+  # - github
+  # - pypi
+  # - npm
+
+# Inline rules. host: exact name or a '*.' prefix; ports default to [443, 80];
+# methods and paths (globs, '*' also matches '/') default to any.
+allow: []
+#  - host: api.github.com
+#    methods: [GET]
+#    paths: ["/repos/*"]
+
+network:
+  allow_private: []       # CIDRs exempt from the SSRF guard, e.g. [10.0.0.0/8]
+  hosts: {}               # pinned resolution, operator-trusted: {"llm.internal": ["10.0.0.5"]}
+  upstream_ca: null       # extra PEM CA trusted for upstream TLS (added to the default roots)
+  idle_timeout: 1800      # seconds a silent connection may stay open (long LLM calls)
+"""
+
+
+@dataclass
+class InitReport:
+    created: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def init(directory: Path, config_path: Path | None = None) -> InitReport:
+    """Create whatever of config, CA and audit DB is missing under `directory`."""
+    report = InitReport()
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = config_path or directory / DEFAULT_CONFIG_NAME
+    if config_path.exists():
+        report.kept.append(f"config {config_path}")
+    else:
+        config_path.write_text(DEFAULT_CONFIG)
+        report.created.append(f"config {config_path}")
+    config = load_config(config_path)  # a kept config must still be valid
+    ca_cert = ca.CAFiles(config.ca_dir).cert
+    if ca.create_ca(config.ca_dir):
+        report.created.append(f"CA {ca_cert} (key {ca.CAFiles(config.ca_dir).key_and_cert}, mode 0600)")
+    else:
+        report.kept.append(f"CA {ca_cert}")
+    existed = config.audit_path.exists()
+    applied = audit.migrate(config.audit_path)
+    if existed:
+        note = f" (applied migrations {', '.join(applied)})" if applied else ""
+        report.kept.append(f"audit DB {config.audit_path}{note}")
+    else:
+        report.created.append(f"audit DB {config.audit_path}")
+    return report

@@ -1,0 +1,408 @@
+"""The `egress-guard` command line. Each command's docstring is its --help, with an example.
+
+Library errors become `click.ClickException`s that name the problem and the fix; a bad
+config exits 2 before anything listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import io
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from egress_guard import audit as audit_db
+from egress_guard import ca
+from egress_guard.bootstrap import init as do_init
+from egress_guard.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config, parse_listen
+from egress_guard.envvars import agent_env, render
+
+CONFIG_HELP = f"Config file (default: ./{DEFAULT_CONFIG_NAME}, or $EGRESS_GUARD_CONFIG)."
+
+
+class ConfigProblem(click.ClickException):
+    exit_code = 2
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path or Path(DEFAULT_CONFIG_NAME))
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
+def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="EGRESS_GUARD_CONFIG",
+        help=CONFIG_HELP,
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="egress-guard")
+def main() -> None:
+    """egress-guard: a default-deny, auditing TLS egress proxy for AI agents.
+
+    \b
+    Quick start:
+      egress-guard up                      # creates config, CA, DB if missing; runs the proxy
+      egress-guard run -- python agent.py  # runs an agent through it
+      egress-guard audit --since 1h        # what did it do?
+    """
+
+
+# --- init / up -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    show_default=True,
+    help="Where to put egress-guard.yaml, certs/ and the audit DB.",
+)
+def init(directory: Path) -> None:
+    """Create the config, the CA and the audit DB, keeping any that exist.
+
+    Never overwrites an existing CA, config or database; says what it kept.
+
+    \b
+    Example:
+      egress-guard init --dir ~/.egress-guard
+    """
+    try:
+        report = do_init(directory)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to {directory}: {exc}. Fix: choose a writable --dir") from None
+    for item in report.created:
+        click.echo(f"created {item}")
+    for item in report.kept:
+        click.echo(f"kept    {item}")
+
+
+@main.command()
+@config_option
+@click.option("--listen", help="HOST:PORT to listen on, overriding the config (default 127.0.0.1:8080).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every decision, not only denials and errors.")
+def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
+    """Run the proxy in the foreground until Ctrl-C or SIGTERM.
+
+    With no --config and no ./egress-guard.yaml, it first creates the default config, CA
+    and audit DB in the current directory. A bad config exits with status 2 before
+    listening. On shutdown every pending audit row is written.
+
+    \b
+    Example:
+      egress-guard up --listen 127.0.0.1:8080
+    """
+    if config_path is None and not Path(DEFAULT_CONFIG_NAME).exists():
+        click.echo("no egress-guard.yaml here: creating the defaults", err=True)
+        click.get_current_context().invoke(init, directory=Path("."))
+    config = _load(config_path)
+    address = None
+    if listen:
+        try:
+            address = parse_listen(listen)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
+    if not ca.CAFiles(config.ca_dir).exists():
+        ca.create_ca(config.ca_dir)
+        click.echo(f"created CA {ca.CAFiles(config.ca_dir).cert}", err=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("egress_guard").setLevel(logging.DEBUG if verbose else logging.INFO)
+    sys.exit(asyncio.run(_serve(config, address)))
+
+
+async def _serve(config: Config, listen: tuple[str, int] | None) -> int:
+    from egress_guard.server import EgressProxy, StartupError
+
+    proxy = EgressProxy(config, listen=listen)
+    try:
+        host, port = await proxy.start()
+    except StartupError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    shown_host = f"[{host}]" if ":" in host else host
+    sources = ", ".join(config.presets) or "no presets"
+    click.echo(
+        f"egress-guard listening on http://{shown_host}:{port}\n"
+        f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
+        f"{', inline' if any(r.id.startswith('inline') for r in config.rules) else ''})\n"
+        f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
+        f"  audit DB: {config.audit_path}\n"
+        f'  agents:   eval "$(egress-guard env)"  or  egress-guard run -- CMD',
+        err=False,
+    )
+    sys.stdout.flush()
+    watch = asyncio.create_task(_watch_audit(proxy))
+    await stop.wait()
+    watch.cancel()
+    click.echo("shutting down: closing listener, flushing audit log", err=True)
+    lost = await proxy.stop()
+    click.echo(f"stopped; {proxy.audit.written} audit rows written, {lost} lost", err=True)
+    return 0 if lost == 0 else 1
+
+
+async def _watch_audit(proxy: Any) -> None:
+    """Say on the console when the audit log goes down (requests are then refused) and back."""
+    down = False
+    while True:
+        await asyncio.sleep(0.5)
+        if not proxy.audit.healthy and not down:
+            click.echo(f"egress-guard: REFUSING REQUESTS: {proxy.audit.unhealthy_reason}", err=True)
+            down = True
+        elif proxy.audit.healthy and down:
+            click.echo("egress-guard: audit log recovered; accepting requests", err=True)
+            down = False
+
+
+# --- env / run -----------------------------------------------------------------------------
+
+
+def _agent_env(config_path: Path | None, proxy_host: str | None, no_proxy: str | None) -> dict[str, str]:
+    config = _load(config_path)
+    if not ca.CAFiles(config.ca_dir).exists():
+        raise click.ClickException(f"no CA in {config.ca_dir}. Fix: run 'egress-guard init' (or 'egress-guard up')")
+    bundle = ca.write_bundle(config.ca_dir)
+    return agent_env(config, bundle=bundle, proxy_host=proxy_host, no_proxy=no_proxy)
+
+
+def env_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--no-proxy", help="NO_PROXY value (default: localhost,127.0.0.1,::1).")(fn)
+    fn = click.option("--proxy-host", help="Address agents reach the proxy at (default: the listen host).")(fn)
+    return config_option(fn)
+
+
+@main.command()
+@env_options
+@click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
+def env(config_path: Path | None, proxy_host: str | None, no_proxy: str | None, fmt: str) -> None:
+    """Print the environment an agent process or container needs.
+
+    HTTP(S)_PROXY in both cases, NO_PROXY, and the CA for every common runtime: variables
+    that *replace* the trust store (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, ...)
+    point at a bundle of the system roots plus the egress-guard CA.
+
+    \b
+    Examples:
+      eval "$(egress-guard env)"
+      egress-guard env --format dotenv --proxy-host 172.17.0.1 > agent.env
+    """
+    click.echo(render(_agent_env(config_path, proxy_host, no_proxy), fmt), nl=False)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@env_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(config_path: Path | None, proxy_host: str | None, no_proxy: str | None, command: tuple[str, ...]) -> None:
+    """Run a local command with the agent environment (see `env`).
+
+    \b
+    Example:
+      egress-guard run -- python my_agent.py --task "summarise the repo"
+    """
+    environment = {**os.environ, **_agent_env(config_path, proxy_host, no_proxy)}
+    try:
+        os.execvpe(command[0], list(command), environment)  # noqa: S606 - the user's own command
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot run {command[0]!r}: {exc.strerror}. Fix: check the command and PATH"
+        ) from None
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "jsonl":
+        for row in rows:
+            click.echo(json.dumps(row))
+    elif fmt == "csv":
+        out = io.StringIO()
+        fields = list(rows[0]) if rows else (columns or audit_db.COLUMNS)
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(out.getvalue(), nl=False)
+    else:
+        click.echo(_table(rows, columns or (list(rows[0]) if rows else [])), nl=False)
+
+
+def _table(rows: Iterable[dict[str, Any]], columns: list[str], *, header: bool = True) -> str:
+    cells = [[("" if r.get(c) is None else str(r[c]))[:80] for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = [("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))).rstrip()] if header else []
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _when(value: str | None, param: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return audit_db.parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=param) from None
+
+
+def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters every audit query shares, turned into one `filters` argument."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        agent: str | None,
+        host: str | None,
+        decision: str | None,
+        since: str | None,
+        until: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        filters = audit_db.Filters(
+            agent,
+            host.lower().rstrip(".") if host else None,
+            decision,
+            _when(since, "--since"),
+            _when(until, "--until"),
+        )
+        return fn(*args, filters=filters, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--agent", help="Only this agent."),
+            click.option("--host", help="Only this destination host."),
+            click.option("--decision", type=click.Choice(["allow", "deny", "error"])),
+            click.option("--since", help="From this time: ISO (2026-11-22T09:00, UTC if no zone) or 15m, 2h, 3d ago."),
+            click.option("--until", help="Before this time (same forms as --since)."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return config_option(wrapper)
+
+
+def format_option(*choices: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=choices[0], show_default=True)
+
+
+def _open_db(config_path: Path | None) -> sqlite3.Connection:
+    config = _load(config_path)
+    if not config.audit_path.exists():
+        raise click.ClickException(
+            f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init', or pass the --config that names it"
+        )
+    try:
+        return audit_db.connect(config.audit_path, readonly=True)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot open {config.audit_path}: {exc}") from None
+
+
+class _DefaultQueryGroup(click.Group):
+    """`egress-guard audit --host x` means `egress-guard audit query --host x`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["query", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultQueryGroup)
+def audit() -> None:
+    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`.
+
+    \b
+    Examples:
+      egress-guard audit --agent researcher --since 1d
+      egress-guard audit --decision deny --since 2h --format json
+      egress-guard audit stats --since 1d
+    """
+
+
+@audit.command()
+@filter_options
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="The newest N rows.")
+@format_option("table", "json", "csv")
+def query(config_path: Path | None, filters: audit_db.Filters, limit: int, fmt: str) -> None:
+    """Rows matching the filters, oldest first (the newest --limit of them).
+
+    \b
+    Example:
+      egress-guard audit query --host api.openai.com --since 2026-11-22T00:00 --format csv
+    """
+    with _open_db(config_path) as conn:
+        rows = audit_db.query(conn, filters, limit)
+    _emit(rows, fmt, None if fmt != "table" else TABLE_COLUMNS)
+
+
+@audit.command()
+@filter_options
+@click.option("-n", "--lines", type=click.IntRange(0), default=10, show_default=True, help="Rows to show first.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new rows.")
+@click.option("--interval", type=click.FloatRange(0.05), default=0.5, show_default=True, help="Poll interval, seconds.")
+@format_option("table", "jsonl")
+def tail(
+    config_path: Path | None, filters: audit_db.Filters, lines: int, follow: bool, interval: float, fmt: str
+) -> None:
+    """Show the newest rows, then follow new ones as the proxy writes them (Ctrl-C stops).
+
+    \b
+    Example:
+      egress-guard audit tail --decision deny
+    """
+    with _open_db(config_path) as conn:
+        first = audit_db.query(conn, filters, lines) if lines else []
+        last_id = first[-1]["id"] if first else (conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+        printer = (
+            (lambda rows, header: click.echo(_table(rows, TABLE_COLUMNS, header=header), nl=False))
+            if fmt == "table"
+            else (lambda rows, header: _emit(rows, "jsonl"))
+        )
+        printer(first, True)
+        if not follow:
+            return
+        try:
+            for row in audit_db.follow(conn, filters, last_id, interval):
+                printer([row], False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+@audit.command()
+@filter_options
+@format_option("table", "json", "csv")
+def stats(config_path: Path | None, filters: audit_db.Filters, fmt: str) -> None:
+    """Counts and bytes by host and decision.
+
+    \b
+    Example:
+      egress-guard audit stats --since 1d --agent researcher
+    """
+    with _open_db(config_path) as conn:
+        rows = audit_db.stats(conn, filters)
+    _emit(rows, fmt, ["host", "decision", "requests", "request_bytes", "response_bytes", "first", "last"])

@@ -1,0 +1,372 @@
+"""Configuration: strict YAML wire models, converted into frozen domain objects.
+
+`load_config(path)` is the only way in. Every problem — a YAML syntax error, an unknown
+key, a wildcard in the wrong place, a preset that does not exist — raises one `ConfigError`
+whose text names the file, the key path and the fix. It never returns a partly valid config.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
+from egress_guard.policy import Rule
+from egress_guard.ssrf import Network
+
+DEFAULT_CONFIG_NAME = "egress-guard.yaml"
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the person who has to fix it."""
+
+    def __init__(self, file: Path | str, key: str, problem: str, fix: str = "") -> None:
+        self.file, self.key, self.problem, self.fix = str(file), key, problem, fix
+        text = f"{file}: {key}: {problem}" if key else f"{file}: {problem}"
+        super().__init__(f"{text}. Fix: {fix}" if fix else text)
+
+
+# --- wire models: exactly what the YAML may say --------------------------------------------
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleWire(_Wire):
+    host: str
+    ports: list[int] | None = None
+    methods: list[str] | None = None
+    paths: list[str] | None = None
+    note: str | None = None
+
+
+class PresetWire(_Wire):
+    version: Literal[1]
+    name: str
+    description: str = ""
+    allow: list[RuleWire] = Field(default_factory=list)
+
+
+class AuditWire(_Wire):
+    path: str = "./egress-guard.db"
+    query_strings: bool = False
+
+
+class NetworkWire(_Wire):
+    allow_private: list[str] = Field(default_factory=list)
+    hosts: dict[str, list[str]] = Field(default_factory=dict)
+    upstream_ca: str | None = None
+    idle_timeout: int = Field(default=1800, ge=10, le=86400)
+
+
+class ConfigWire(_Wire):
+    version: Literal[1]
+    listen: str = "127.0.0.1:8080"
+    ca_dir: str = "./certs"
+    audit: AuditWire = Field(default_factory=AuditWire)
+    allowlists: list[str] = Field(default_factory=list)
+    allow: list[RuleWire] = Field(default_factory=list)
+    network: NetworkWire = Field(default_factory=NetworkWire)
+
+
+# --- domain -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listen_host: str
+    listen_port: int
+    ca_dir: Path
+    audit_path: Path
+    audit_query_strings: bool
+    rules: tuple[Rule, ...]
+    allow_private: tuple[Network, ...] = ()
+    pinned_hosts: dict[str, tuple[IPAddress, ...]] = field(default_factory=dict)
+    upstream_ca: Path | None = None
+    idle_timeout: int = 1800
+    presets: tuple[str, ...] = ()
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+def preset_names() -> list[str]:
+    files = resources.files("egress_guard.allowlists").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts at the mapping that holds `loc`'s last key."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        annotation = current.model_fields[part].annotation
+        args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        current = next(
+            (a for a in [annotation, *args] if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _raise_validation(file: Path | str, model: type[BaseModel], err: ValidationError) -> None:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = _key_path(loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(model, loc)) or "none"
+        raise ConfigError(file, key, f"unknown key {loc[-1]!r}", f"remove it or use one of: {allowed}")
+    if kind == "missing" and loc == ("version",):
+        raise ConfigError(file, "version", "missing", "add 'version: 1' as the first line")
+    if kind == "literal_error" and loc == ("version",):
+        raise ConfigError(file, "version", "unsupported version", "this egress-guard reads 'version: 1'")
+    if kind == "missing":
+        raise ConfigError(file, key, "required key is missing", f"add {loc[-1]}:")
+    raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
+
+
+def _read_yaml(file: Path | str, text: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(file, where, f"not valid YAML ({problem})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(file, "", "the file must be a YAML mapping", "start it with 'version: 1'")
+    return data
+
+
+def _rule(file: Path | str, key: str, rule_id: str, wire: RuleWire) -> Rule:
+    raw = wire.host.strip()
+    if "://" in raw or "/" in raw:
+        bare = raw.split("://", 1)[-1].split("/", 1)[0]
+        raise ConfigError(file, f"{key}.host", f"{raw!r} is a URL", f"use the bare host {bare!r}")
+    wildcard = raw.startswith("*.")
+    name = raw[2:] if wildcard else raw
+    if raw == "*" or (wildcard and name in ("", "*")):
+        raise ConfigError(
+            file,
+            f"{key}.host",
+            "a bare '*' would allow every host",
+            "name each host (api.openai.com), or a '*.' prefix (*.githubusercontent.com)",
+        )
+    if "*" in name:
+        raise ConfigError(
+            file,
+            f"{key}.host",
+            f"{raw!r}: wildcards are only allowed as a leading '*.' label",
+            "use api.openai.com, not *.openai.*",
+        )
+    if not name.startswith("[") and name.count(":") == 1:
+        host_part, port_part = name.split(":")
+        raise ConfigError(
+            file,
+            f"{key}.host",
+            f"{raw!r} includes a port",
+            f"write 'host: {host_part}' and 'ports: [{port_part}]'",
+        )
+    try:
+        host = normalize_host(name)
+    except HostError as exc:
+        raise ConfigError(file, f"{key}.host", str(exc), "use a DNS name such as api.openai.com") from None
+    if wildcard and host.ip is not None:
+        raise ConfigError(file, f"{key}.host", "a wildcard cannot prefix an IP address", "name the address alone")
+    if wildcard and "." not in host.name:
+        raise ConfigError(
+            file,
+            f"{key}.host",
+            f"{raw!r} would allow a whole top-level domain",
+            "name a registrable domain, e.g. *.example.com",
+        )
+    ports = frozenset({443, 80})
+    if wire.ports is not None:
+        bad = [p for p in wire.ports if not 0 < p < 65536]
+        if bad or not wire.ports:
+            raise ConfigError(
+                file, f"{key}.ports", f"invalid ports {wire.ports}", "list ports from 1 to 65535, e.g. [443]"
+            )
+        ports = frozenset(wire.ports)
+    methods = None
+    if wire.methods is not None:
+        upper = [m.upper() for m in wire.methods]
+        bad_m = [m for m in upper if m not in _METHODS]
+        if bad_m or not upper:
+            raise ConfigError(
+                file,
+                f"{key}.methods",
+                f"unknown method(s) {bad_m or wire.methods}",
+                f"use some of {sorted(_METHODS)} (CONNECT is implied by the host entry)",
+            )
+        methods = frozenset(upper)
+    paths = None
+    if wire.paths is not None:
+        bad_p = [p for p in wire.paths if not p.startswith("/")]
+        if bad_p or not wire.paths:
+            raise ConfigError(
+                file,
+                f"{key}.paths",
+                f"path globs must start with '/': {bad_p or wire.paths}",
+                "write globs such as '/v1/*' ('*' also matches '/')",
+            )
+        paths = tuple(wire.paths)
+    return Rule(rule_id, host.name, wildcard, ports, methods, paths)
+
+
+def _rules(file: Path | str, key: str, source: str, wires: list[RuleWire]) -> list[Rule]:
+    return [_rule(file, f"{key}[{i}]", f"{source}#{i}", w) for i, w in enumerate(wires)]
+
+
+def load_preset(name_or_path: str, base: Path, config_file: Path, index: int) -> list[Rule]:
+    key = f"allowlists[{index}]"
+    is_name = "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml"))
+    if is_name:
+        names = preset_names()
+        if name_or_path not in names:
+            raise ConfigError(
+                config_file,
+                key,
+                f"no preset named {name_or_path!r}",
+                f"use one of {', '.join(names)}, or a path to a YAML file",
+            )
+        file: Path | str = f"preset {name_or_path}"
+        text = resources.files("egress_guard.allowlists").joinpath(f"{name_or_path}.yaml").read_text()
+        source = name_or_path
+    else:
+        path = (base / name_or_path).resolve()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                config_file,
+                key,
+                f"cannot read {path} ({exc.strerror})",
+                "check the path (relative paths are relative to the config file)",
+            ) from None
+        file, source = path, path.stem
+    data = _read_yaml(file, text)
+    try:
+        preset = PresetWire.model_validate(data)
+    except ValidationError as err:
+        _raise_validation(file, PresetWire, err)
+        raise AssertionError("unreachable") from err
+    return _rules(file, "allow", source, preset.allow)
+
+
+def _network(
+    file: Path, base: Path, wire: NetworkWire
+) -> tuple[tuple[Network, ...], dict[str, tuple[IPAddress, ...]], Path | None]:
+    nets: list[Network] = []
+    for i, cidr in enumerate(wire.allow_private):
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise ConfigError(
+                file,
+                f"network.allow_private[{i}]",
+                f"{cidr!r} is not a CIDR",
+                "write networks such as 10.0.0.0/8 or fd00::/8",
+            ) from None
+    pinned: dict[str, tuple[IPAddress, ...]] = {}
+    for name, addrs in wire.hosts.items():
+        try:
+            host = normalize_host(name)
+        except HostError as exc:
+            raise ConfigError(file, f"network.hosts.{name}", str(exc), "use a DNS name as the key") from None
+        if not addrs:
+            raise ConfigError(file, f"network.hosts.{name}", "no addresses", "list one or more IP addresses")
+        ips: list[IPAddress] = []
+        for addr in addrs:
+            try:
+                ips.append(ipaddress.ip_address(addr))
+            except ValueError:
+                raise ConfigError(
+                    file,
+                    f"network.hosts.{name}",
+                    f"{addr!r} is not an IP address",
+                    "pin names to literal addresses, e.g. ['10.0.0.5']",
+                ) from None
+        pinned[host.name] = tuple(ips)
+    ca = None
+    if wire.upstream_ca:
+        ca = (base / wire.upstream_ca).resolve()
+        if not ca.is_file():
+            raise ConfigError(
+                file,
+                "network.upstream_ca",
+                f"{ca} does not exist",
+                "point it at a PEM file of the CA that signs your internal upstreams, or remove it",
+            )
+    return tuple(nets), pinned, ca
+
+
+def parse_listen(text: str, file: Path | str = "--listen", key: str = "") -> tuple[str, int]:
+    try:
+        host, port = split_host_port(text)
+        if port is None or not host:
+            raise HostError("no port")
+        return host.strip("[]"), port
+    except HostError:
+        raise ConfigError(file, key, f"{text!r} is not HOST:PORT", "use e.g. 127.0.0.1:8080") from None
+
+
+def load_config(path: Path | str) -> Config:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found", "run 'egress-guard init' or pass --config") from None
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read it ({exc.strerror})", "check the file's permissions") from None
+    data = _read_yaml(file, text)
+    try:
+        wire = ConfigWire.model_validate(data)
+    except ValidationError as err:
+        _raise_validation(file, ConfigWire, err)
+        raise AssertionError("unreachable") from err
+    base = file.resolve().parent
+    listen_host, listen_port = parse_listen(wire.listen, file, "listen")
+    rules: list[Rule] = []
+    for i, entry in enumerate(wire.allowlists):
+        rules.extend(load_preset(entry, base, file, i))
+    rules.extend(_rules(file, "allow", "inline", wire.allow))
+    allow_private, pinned, upstream_ca = _network(file, base, wire.network)
+    return Config(
+        path=file.resolve(),
+        listen_host=listen_host,
+        listen_port=listen_port,
+        ca_dir=(base / wire.ca_dir).resolve(),
+        audit_path=(base / wire.audit.path).resolve(),
+        audit_query_strings=wire.audit.query_strings,
+        rules=tuple(rules),
+        allow_private=allow_private,
+        pinned_hosts=pinned,
+        upstream_ca=upstream_ca,
+        idle_timeout=wire.network.idle_timeout,
+        presets=tuple(wire.allowlists),
+    )

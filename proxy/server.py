@@ -1,0 +1,136 @@
+"""The embedded proxy: a lean mitmproxy master with only the addons egress-guard needs.
+
+Not `mitmdump`: that would add ~30 addons every hook walks through, install its own signal
+handlers and logging, and run a second process. `EgressProxy.start()` opens the audit log
+(failing if it cannot be written), brings the listener up and returns the bound address,
+or raises `StartupError` with the reason; `stop()` closes the listener and flushes every
+pending audit row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from mitmproxy import options
+from mitmproxy.addons import next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from egress_guard import addons
+from egress_guard.audit import AuditLog
+from egress_guard.ca import CAFiles, upstream_trust_file
+from egress_guard.config import Config
+from egress_guard.resolve import Resolver
+
+log = logging.getLogger("egress_guard")
+
+
+class StartupError(Exception):
+    """The proxy could not start; the message says why and what to do."""
+
+
+class _Ready:
+    """Tells `start()` that mitmproxy finished bringing its servers up."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def running(self) -> None:
+        self.event.set()
+
+
+class _ErrorCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class EgressProxy:
+    def __init__(self, config: Config, *, listen: tuple[str, int] | None = None) -> None:
+        self.config = config
+        self.listen = listen or (config.listen_host, config.listen_port)
+        self.audit = AuditLog(config.audit_path)
+        self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
+        self.master: Master | None = None
+        self._proxyserver: proxyserver.Proxyserver | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] | None = None
+
+    def options(self) -> dict[str, Any]:
+        host, port = self.listen
+        upstream_ca = upstream_trust_file(self.config.ca_dir, self.config.upstream_ca)
+        return {
+            "mode": [f"regular@{host}:{port}"],
+            "confdir": str(self.config.ca_dir),
+            # No upstream connection before the request is checked and its address vetted.
+            "connection_strategy": "lazy",
+            "upstream_cert": False,
+            # Non-HTTP bytes inside a tunnel are parsed as HTTP and refused, never relayed raw.
+            "rawtcp": False,
+            "http3": False,
+            "ssl_insecure": False,
+            "ssl_verify_upstream_trusted_ca": str(upstream_ca) if upstream_ca else None,
+            "tcp_timeout": self.config.idle_timeout,
+            "websocket": True,
+        }
+
+    async def start(self) -> tuple[str, int]:
+        if not CAFiles(self.config.ca_dir).exists():
+            raise StartupError(f"no CA in {self.config.ca_dir}: run 'egress-guard init'")
+        try:
+            await self.audit.open()
+        except Exception as exc:
+            raise StartupError(
+                f"audit log {self.config.audit_path} cannot be opened for writing ({exc}); "
+                "fix its path or permissions in the config's audit.path"
+            ) from None
+        capture = _ErrorCapture()
+        mitm_log = logging.getLogger("mitmproxy")
+        mitm_log.addHandler(capture)
+        try:
+            self.master = Master(options.Options())
+            ready = _Ready()
+            self._proxyserver = proxyserver.Proxyserver()
+            self.master.addons.add(
+                self._proxyserver,
+                next_layer.NextLayer(),
+                tlsconfig.TlsConfig(),
+                *addons.chain(self.config, self.audit, self.resolver),
+                ready,
+            )
+            self.master.options.update(**self.options())
+            self._task = asyncio.create_task(self.master.run(), name="egress-guard master")
+            waiter = asyncio.create_task(ready.event.wait())
+            await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            addrs = self._proxyserver.listen_addrs()
+            if self._task.done() or not addrs:
+                why = "; ".join(capture.messages) or "mitmproxy did not start a listener"
+                await self.stop()
+                raise StartupError(f"cannot listen on {self.listen[0]}:{self.listen[1]}: {why}")
+        except StartupError:
+            raise
+        except Exception as exc:
+            await self.stop()
+            raise StartupError(f"proxy failed to start: {exc}") from exc
+        finally:
+            mitm_log.removeHandler(capture)
+        self.address = (str(addrs[0][0]), int(addrs[0][1]))
+        return self.address
+
+    async def stop(self) -> int:
+        """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""
+        if self._proxyserver is not None:
+            with contextlib.suppress(Exception):
+                await self._proxyserver.servers.update([])
+        if self.master is not None and self._task is not None:
+            self.master.shutdown()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        self.master = None
+        return await self.audit.close()
