@@ -26,6 +26,7 @@ TARGET = "egress_guard.target"  # (host, port): the destination as the agent nam
 DIALED = "egress_guard.dialed"  # str: the vetted address the proxy connects to
 REQUEST_BYTES = "egress_guard.request_bytes"
 RESPONSE_BYTES = "egress_guard.response_bytes"
+OWN_RESPONSE = "egress_guard.own_response"  # True: the response is a refusal egress-guard made
 STATUS_FOR = {Verdict.DENY: 403, Verdict.ERROR: 502}
 HEADER_SAFE = str.maketrans({c: " " for c in "\r\n\x00"})
 
@@ -57,6 +58,7 @@ def rejection(decision: Decision, request_id: str, status: int | None = None) ->
 
 def reject(flow: http.HTTPFlow, decision: Decision, status: int | None = None) -> None:
     flow.metadata[DECISION] = decision
+    flow.metadata[OWN_RESPONSE] = True
     flow.response = rejection(decision, flow.id, status)
 
 

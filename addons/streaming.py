@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from egress_guard.addons._flow import RESPONSE_BYTES, fail_closed
+from egress_guard.addons._flow import OWN_RESPONSE, RESPONSE_BYTES, fail_closed
 from egress_guard.addons.request_guard import ByteCounter
 
 
 class ResponseStreamer:
     @fail_closed("response")
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and not flow.response.stream:
+        # mitmproxy also calls this hook for responses an addon set (our refusals): leave those.
+        if flow.response is not None and not flow.response.stream and not flow.metadata.get(OWN_RESPONSE):
             flow.response.stream = ByteCounter(flow.metadata, RESPONSE_BYTES)

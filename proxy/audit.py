@@ -64,15 +64,19 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class AuditRow:
+    """One audit row; fields in the table's column order."""
+
     ts: str
     request_id: str
     kind: str
+    agent: str | None = None
+    session: str | None = None
+    client: str | None = None
     decision: str
     reason: str | None = None
     rule: str | None = None
-    client: str | None = None
     method: str | None = None
     scheme: str | None = None
     host: str | None = None
@@ -82,8 +86,6 @@ class AuditRow:
     request_bytes: int | None = None
     response_bytes: int | None = None
     duration_ms: float | None = None
-    agent: str | None = None
-    session: str | None = None
     service: str | None = None
     credential: str | None = None
     model: str | None = None
@@ -93,9 +95,7 @@ class AuditRow:
 
 
 COLUMNS = ["id", *(f.name for f in dataclasses.fields(AuditRow))]
-_INSERT = (
-    f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
-)
+_INSERT = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
 
 
 def now_iso() -> str:

@@ -86,6 +86,10 @@ def init(directory: Path) -> None:
     Example:
       egress-guard init --dir ~/.egress-guard
     """
+    _init(directory, err=False)
+
+
+def _init(directory: Path, *, err: bool) -> None:
     try:
         report = do_init(directory)
     except ConfigError as exc:
@@ -93,9 +97,9 @@ def init(directory: Path) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot write to {directory}: {exc}. Fix: choose a writable --dir") from None
     for item in report.created:
-        click.echo(f"created {item}")
+        click.echo(f"created {item}", err=err)
     for item in report.kept:
-        click.echo(f"kept    {item}")
+        click.echo(f"kept    {item}", err=err)
 
 
 @main.command()
@@ -115,7 +119,7 @@ def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
     """
     if config_path is None and not Path(DEFAULT_CONFIG_NAME).exists():
         click.echo("no egress-guard.yaml here: creating the defaults", err=True)
-        click.get_current_context().invoke(init, directory=Path("."))
+        _init(Path("."), err=True)
     config = _load(config_path)
     address = None
     if listen:

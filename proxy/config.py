@@ -7,6 +7,7 @@ whose text names the file, the key path and the fix. It never returns a partly v
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 from dataclasses import dataclass, field
 from importlib import resources
@@ -133,13 +134,22 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[st
 
 
 def _raise_validation(file: Path | str, model: type[BaseModel], err: ValidationError) -> None:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key also makes the real key "missing": the unknown key is the better clue.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     key = _key_path(loc)
     kind = first["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(model, loc)) or "none"
-        raise ConfigError(file, key, f"unknown key {loc[-1]!r}", f"remove it or use one of: {allowed}")
+        keys = _allowed_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            file,
+            _key_path(loc[:-1]) or key,
+            f"unknown key {loc[-1]!r}",
+            f"{hint}remove it or use one of: {', '.join(keys) or 'none'}",
+        )
     if kind == "missing" and loc == ("version",):
         raise ConfigError(file, "version", "missing", "add 'version: 1' as the first line")
     if kind == "literal_error" and loc == ("version",):

@@ -1,0 +1,406 @@
+"""The CLI with click's CliRunner on real files, and `up` / `run` as real processes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from egress_guard import audit, ca
+from egress_guard.cli import main
+
+EG = [sys.executable, "-m", "egress_guard"]
+
+
+def invoke(*args: str, cwd: Path | None = None):
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_init_creates_everything_and_twice_keeps_the_ca(tmp_path: Path) -> None:
+    first = invoke("init", "--dir", str(tmp_path))
+    assert first.exit_code == 0, first.output
+    assert "created config" in first.output and "created CA" in first.output and "created audit DB" in first.output
+    key = tmp_path / "certs" / "mitmproxy-ca.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    before = key.read_bytes(), (tmp_path / "certs" / "egress-guard-ca.pem").read_bytes()
+    (tmp_path / "egress-guard.yaml").write_text((tmp_path / "egress-guard.yaml").read_text() + "# mine\n")
+    second = invoke("init", "--dir", str(tmp_path))
+    assert second.exit_code == 0
+    assert "created" not in second.output
+    assert second.output.count("kept") == 3
+    assert (key.read_bytes(), (tmp_path / "certs" / "egress-guard-ca.pem").read_bytes()) == before
+    assert (tmp_path / "egress-guard.yaml").read_text().endswith("# mine\n")
+
+
+def test_ca_is_a_proper_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    ca.create_ca(tmp_path)
+    cert = x509.load_pem_x509_certificate((tmp_path / "egress-guard-ca.pem").read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+
+
+def test_init_with_broken_existing_config_says_so(tmp_path: Path) -> None:
+    (tmp_path / "egress-guard.yaml").write_text("version: 1\nallow: [{host: '*'}]\n")
+    result = invoke("init", "--dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert "allow[0].host: a bare '*' would allow every host" in result.output
+
+
+def test_env_formats(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    cfg = str(tmp_path / "egress-guard.yaml")
+    result = invoke("env", "--config", cfg, "--format", "json")
+    env = json.loads(result.output)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://127.0.0.1:8080"
+    assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
+    bundle = Path(env["SSL_CERT_FILE"])
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT", "AWS_CA_BUNDLE"):
+        assert env[var] == str(bundle)
+    assert env["NODE_EXTRA_CA_CERTS"] == str(tmp_path / "certs" / "egress-guard-ca.pem")
+    our_ca = (tmp_path / "certs" / "egress-guard-ca.pem").read_bytes()
+    data = bundle.read_bytes()
+    assert data.endswith(our_ca) and data.count(b"BEGIN CERTIFICATE") > 10  # system roots + ours
+    sh = invoke("env", "--config", cfg, "--proxy-host", "172.17.0.1", "--no-proxy", "").output
+    assert "export HTTPS_PROXY=http://172.17.0.1:8080\n" in sh and "export NO_PROXY=''\n" in sh
+    dotenv = invoke("env", "--config", cfg, "--format", "dotenv").output
+    assert f"SSL_CERT_FILE={bundle}\n" in dotenv
+
+
+def test_env_without_ca_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "egress-guard.yaml").write_text("version: 1\n")
+    result = invoke("env", "--config", str(tmp_path / "egress-guard.yaml"))
+    assert result.exit_code == 1 and "Fix: run 'egress-guard init'" in result.output
+
+
+def test_run_gives_the_command_the_agent_environment(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    out = subprocess.run(
+        [
+            *EG,
+            "run",
+            "--config",
+            str(tmp_path / "egress-guard.yaml"),
+            "--",
+            "sh",
+            "-c",
+            'printf "%s|%s|%s" "$HTTPS_PROXY" "$SSL_CERT_FILE" "$1"; exit 7',
+            "sh",
+            "arg with space",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 7  # the command's own exit status
+    proxy, bundle, arg = out.stdout.split("|")
+    assert proxy == "http://127.0.0.1:8080" and bundle.endswith("ca-bundle.pem") and arg == "arg with space"
+    missing = subprocess.run(
+        [*EG, "run", "--config", str(tmp_path / "egress-guard.yaml"), "--", "no-such-cmd-xyz"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1 and "cannot run 'no-such-cmd-xyz'" in missing.stderr
+
+
+@pytest.fixture
+def audit_db(tmp_path: Path) -> Path:
+    invoke("init", "--dir", str(tmp_path))
+    conn = sqlite3.connect(tmp_path / "egress-guard.db")
+    rows = [
+        (
+            "2026-11-22T08:00:00.000Z",
+            "r1",
+            "connect",
+            None,
+            "allow",
+            "api.openai.com:443 is allowed",
+            "openai#0",
+            "CONNECT",
+            None,
+            "api.openai.com",
+            443,
+            None,
+            200,
+            None,
+            None,
+        ),
+        (
+            "2026-11-22T08:00:01.000Z",
+            "r2",
+            "request",
+            "agent-a",
+            "allow",
+            "POST api.openai.com is allowed",
+            "openai#0",
+            "POST",
+            "https",
+            "api.openai.com",
+            443,
+            "/v1/chat/completions",
+            200,
+            120,
+            900,
+        ),
+        (
+            "2026-11-22T09:00:00.000Z",
+            "r3",
+            "connect",
+            "agent-b",
+            "deny",
+            'host evil.com, "x" is not on the allowlist',
+            None,
+            "CONNECT",
+            None,
+            "evil.com",
+            443,
+            None,
+            403,
+            None,
+            180,
+        ),
+    ]
+    conn.executemany(
+        "INSERT INTO audit (ts, request_id, kind, agent, decision, reason, rule, method, scheme, host, port, path,"
+        " status, request_bytes, response_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    conn.commit()
+    return tmp_path / "egress-guard.yaml"
+
+
+def test_audit_query_json(audit_db: Path) -> None:
+    result = invoke("audit", "--config", str(audit_db), "--format", "json")
+    rows = json.loads(result.output)
+    assert [r["request_id"] for r in rows] == ["r1", "r2", "r3"]
+    assert rows[1] | {"id": 2} == rows[1] and rows[1]["path"] == "/v1/chat/completions"
+    assert rows[1]["response_bytes"] == 900 and rows[1]["agent"] == "agent-a"
+    assert set(rows[0]) == set(audit.COLUMNS)
+    denied = json.loads(
+        invoke("audit", "query", "--config", str(audit_db), "--decision", "deny", "--format", "json").output
+    )
+    assert [r["request_id"] for r in denied] == ["r3"]
+    by_agent = json.loads(invoke("audit", "--agent", "agent-a", "--config", str(audit_db), "--format", "json").output)
+    assert [r["request_id"] for r in by_agent] == ["r2"]
+    timed = json.loads(
+        invoke(
+            "audit",
+            "--config",
+            str(audit_db),
+            "--since",
+            "2026-11-22T08:30",
+            "--until",
+            "2026-11-22T10:00Z",
+            "--format",
+            "json",
+        ).output
+    )
+    assert [r["request_id"] for r in timed] == ["r3"]
+
+
+def test_audit_query_csv(audit_db: Path) -> None:
+    result = invoke("audit", "--config", str(audit_db), "--format", "csv", "--host", "evil.com")
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert len(rows) == 1
+    assert rows[0]["reason"] == 'host evil.com, "x" is not on the allowlist'  # quoting survives
+    assert rows[0]["status"] == "403" and rows[0]["path"] == "" and rows[0]["decision"] == "deny"
+    assert list(rows[0]) == audit.COLUMNS
+    empty = invoke("audit", "--config", str(audit_db), "--format", "csv", "--host", "nowhere")
+    assert empty.output.strip() == ",".join(audit.COLUMNS)
+
+
+def test_audit_table_stats_and_tail(audit_db: Path) -> None:
+    table = invoke("audit", "--config", str(audit_db), "--limit", "2").output.splitlines()
+    assert table[0].split() == ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
+    assert len(table) == 3 and "evil.com" in table[2]
+    stats = json.loads(invoke("audit", "stats", "--config", str(audit_db), "--format", "json").output)
+    assert [(s["host"], s["decision"], s["requests"]) for s in stats] == [
+        ("api.openai.com", "allow", 2),
+        ("evil.com", "deny", 1),
+    ]
+    tail = invoke("audit", "tail", "--config", str(audit_db), "-n", "1", "--no-follow", "--format", "jsonl").output
+    assert [json.loads(line)["request_id"] for line in tail.splitlines()] == ["r3"]
+
+
+def test_audit_tail_follows_new_rows(audit_db: Path) -> None:
+    with subprocess.Popen(
+        [
+            *EG,
+            "audit",
+            "tail",
+            "--config",
+            str(audit_db),
+            "-n",
+            "0",
+            "--interval",
+            "0.1",
+            "--format",
+            "jsonl",
+            "--decision",
+            "deny",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        time.sleep(0.5)
+        conn = sqlite3.connect(audit_db.parent / "egress-guard.db")
+        conn.execute(
+            "INSERT INTO audit (ts, request_id, kind, decision) VALUES ('2026-11-22T10:00:00Z', 'ok', 'request', 'allow')"
+        )
+        conn.execute(
+            "INSERT INTO audit (ts, request_id, kind, decision) VALUES ('2026-11-22T10:00:01Z', 'new', 'request', 'deny')"
+        )
+        conn.commit()
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        proc.terminate()
+    assert json.loads(line)["request_id"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "use an ISO time"),
+        (["--decision", "maybe"], "'maybe' is not one of"),
+        (["--limit", "0"], "0 is not in the range"),
+    ],
+)
+def test_audit_bad_arguments(audit_db: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["audit", "--config", str(audit_db), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_audit_without_db_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "egress-guard.yaml").write_text("version: 1\n")
+    result = invoke("audit", "--config", str(tmp_path / "egress-guard.yaml"))
+    assert result.exit_code == 1 and "no audit DB" in result.output and "egress-guard init" in result.output
+
+
+def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((f"{prefix}{name}", cmd))
+        if isinstance(cmd, click.Group):
+            out.extend(all_commands(cmd, f"{prefix}{name} "))
+    return out
+
+
+@pytest.mark.parametrize(("name", "command"), all_commands(main))
+def test_every_command_has_help_with_an_example_and_is_documented(name: str, command: click.Command) -> None:
+    assert command.help and "Example" in command.help, name
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"egress-guard {name}" in readme, f"`egress-guard {name}` is not documented in README.md"
+
+
+# --- `up` as a real process --------------------------------------------------------------------
+
+
+def test_up_with_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("version: 1\nallow:\n  - host: '*.openai.*'\n")
+    port = free_port()
+    out = subprocess.run(
+        [*EG, "up", "--config", str(tmp_path / "bad.yaml"), "--listen", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert f"{tmp_path / 'bad.yaml'}: allow[0].host:" in out.stderr and "Fix: use api.openai.com" in out.stderr
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_up_with_unwritable_audit_db_exits_with_reason(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    (tmp_path / "blocker").write_text("")
+    cfg = yaml.safe_load((tmp_path / "egress-guard.yaml").read_text())
+    cfg["audit"]["path"] = "blocker/audit.db"
+    (tmp_path / "egress-guard.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(
+        [*EG, "up", "--config", str(tmp_path / "egress-guard.yaml"), "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "audit log" in out.stderr and "blocker/audit.db" in out.stderr and "audit.path" in out.stderr
+
+
+def test_up_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [*EG, "up", "--config", str(tmp_path / "egress-guard.yaml"), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_up_creates_defaults_prints_banner_and_flushes_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*EG, "up", "--listen", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(5)]
+        assert banner[0] == f"egress-guard listening on http://127.0.0.1:{port}\n"
+        assert "egress-guard.yaml (3 allow rules: openai, anthropic, google-gemini)" in banner[1]
+        assert str(tmp_path / "certs" / "egress-guard-ca.pem") in banner[2]
+        assert str(tmp_path / "egress-guard.db") in banner[3]
+        n = 20
+        for i in range(n):  # denied CONNECTs: one audit row each, no upstream needed
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(f"CONNECT blocked-{i}.example:443 HTTP/1.1\r\n\r\n".encode())
+                assert s.recv(100).startswith(b"HTTP/1.1 403")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "no egress-guard.yaml here: creating the defaults" in err
+    assert f"{n} audit rows written, 0 lost" in err
+    conn = sqlite3.connect(tmp_path / "egress-guard.db")
+    assert conn.execute("SELECT COUNT(*) FROM audit WHERE decision = 'deny' AND kind = 'connect'").fetchone()[0] == n

@@ -1,0 +1,124 @@
+"""Config loading: the documented shape loads; every broken file gives one message naming
+the file, the key path and the fix."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from egress_guard.bootstrap import DEFAULT_CONFIG
+from egress_guard.config import ConfigError, load_config, preset_names
+
+BROKEN = [
+    # (yaml, key path in the message, fragment of the problem, fragment of the fix)
+    ("listen: 127.0.0.1:8080\n", "version", "missing", "add 'version: 1'"),
+    ("version: 2\n", "version", "unsupported version", "version: 1"),
+    ("version: 1\nlisten: 127.0.0.1\n", "listen", "is not HOST:PORT", "127.0.0.1:8080"),
+    ("version: 1\nallow: [{host: '*'}]\n", "allow[0].host", "bare '*'", "*.githubusercontent.com"),
+    ("version: 1\nallow: [{host: '*.openai.*'}]\n", "allow[0].host", "only allowed as a leading", "not *.openai.*"),
+    ("version: 1\nallow: [{host: 'api*.openai.com'}]\n", "allow[0].host", "leading '*.'", "api.openai.com"),
+    ("version: 1\nallow: [{host: 'https://api.openai.com/v1'}]\n", "allow[0].host", "is a URL", "'api.openai.com'"),
+    ("version: 1\nallow: [{host: 'api.openai.com:443'}]\n", "allow[0].host", "includes a port", "ports: [443]"),
+    ("version: 1\nallow: [{host: '*.com'}]\n", "allow[0].host", "whole top-level domain", "*.example.com"),
+    ("version: 1\nallow: [{host: '*.10.0.0.1'}]\n", "allow[0].host", "cannot prefix an IP", "address alone"),
+    ("version: 1\nallow: [{host: 'a b'}]\n", "allow[0].host", "not a valid host name", "DNS name"),
+    ("version: 1\nallow: [{host: x.com, ports: [0]}]\n", "allow[0].ports", "invalid ports", "1 to 65535"),
+    ("version: 1\nallow: [{host: x.com, methods: [FETCH]}]\n", "allow[0].methods", "FETCH", "CONNECT is implied"),
+    ("version: 1\nallow: [{host: x.com, paths: ['v1/*']}]\n", "allow[0].paths", "must start with '/'", "/v1/*"),
+    ("version: 1\nallow: [{hots: x.com}]\n", "allow[0]", "unknown key 'hots'", "host, ports, methods, paths"),
+    ("version: 1\nnetwork: {allow_privat: []}\n", "network", "unknown key 'allow_privat'", "allow_private"),
+    ("version: 1\nbogus: 1\n", "bogus", "unknown key 'bogus'", "allowlists"),
+    ("version: 1\nallow: [{hots: x.com}]\n", "allow[0]", "unknown key", "did you mean 'host'?"),
+    ("version: 1\nallowlists: [opnai]\n", "allowlists[0]", "no preset named 'opnai'", "openai"),
+    ("version: 1\nallowlists: [./missing.yaml]\n", "allowlists[0]", "cannot read", "relative to the config file"),
+    ("version: 1\nnetwork: {allow_private: [10.0.0.0/33]}\n", "network.allow_private[0]", "not a CIDR", "10.0.0.0/8"),
+    (
+        "version: 1\nnetwork: {hosts: {llm.internal: [not-an-ip]}}\n",
+        "network.hosts.llm.internal",
+        "not an IP",
+        "literal",
+    ),
+    ("version: 1\nnetwork: {upstream_ca: ./nope.pem}\n", "network.upstream_ca", "does not exist", "PEM file"),
+    ("version: 1\nnetwork: {idle_timeout: 1}\n", "network.idle_timeout", "greater than or equal to 10", "README"),
+    ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "README"),
+    ("version: 1\nallow: [\n", "line", "not valid YAML", "YAML syntax"),
+    ("- just\n- a list\n", "", "must be a YAML mapping", "version: 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem", "fix"), BROKEN)
+def test_broken_configs(tmp_path: Path, text: str, key: str, problem: str, fix: str) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert f": {key}" in message, message
+    assert problem in message, message
+    assert "Fix: " in message and fix in message.split("Fix: ", 1)[1], message
+
+
+def test_broken_preset_file_names_the_preset_file(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("version: 1\nname: mine\nallow: [{host: '*'}]\n")
+    (tmp_path / "egress-guard.yaml").write_text("version: 1\nallowlists: [./mine.yaml]\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: allow\[0\]\.host: a bare"):
+        load_config(tmp_path / "egress-guard.yaml")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match=r"file not found\. Fix: run 'egress-guard init'"):
+        load_config("/nonexistent/egress-guard.yaml")
+
+
+def test_default_config_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(DEFAULT_CONFIG)
+    config = load_config(path)
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 8080)
+    assert config.ca_dir == tmp_path / "certs"
+    assert config.audit_path == tmp_path / "egress-guard.db"
+    assert {r.host for r in config.rules} == {
+        "api.openai.com",
+        "api.anthropic.com",
+        "generativelanguage.googleapis.com",
+    }
+    assert config.audit_query_strings is False
+
+
+def test_full_shape(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(
+        "version: 1\nlisten: '[::1]:9000'\naudit: {path: db/audit.db}\nallowlists: [pypi]\n"
+        "allow:\n  - host: API.GitHub.com.\n    methods: [get]\n    paths: ['/repos/*']\n"
+        "network:\n  allow_private: [10.0.0.0/8]\n  hosts: {LLM.internal: ['10.0.0.5']}\n  upstream_ca: ca.pem\n"
+    )
+    config = load_config(path)
+    assert (config.listen_host, config.listen_port, config.listen) == ("::1", 9000, "[::1]:9000")
+    assert config.audit_path == tmp_path / "db" / "audit.db"
+    inline = next(r for r in config.rules if r.id.startswith("inline"))
+    assert (inline.host, inline.methods, inline.paths, inline.ports) == (
+        "api.github.com",
+        frozenset({"GET"}),
+        ("/repos/*",),
+        frozenset({80, 443}),
+    )
+    assert [r.id for r in config.rules] == ["pypi#0", "pypi#1", "inline#0"]
+    assert config.allow_private == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert config.pinned_hosts == {"llm.internal": (ipaddress.ip_address("10.0.0.5"),)}
+    assert config.upstream_ca == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(f"version: 1\nallowlists: [{name}]\n")
+    rules = load_config(path).rules
+    assert rules and all(r.id.startswith(f"{name}#") for r in rules)
+
+
+def test_presets_cover_the_documented_services() -> None:
+    assert {"openai", "anthropic", "google-gemini", "github", "pypi", "npm"} <= set(preset_names())
