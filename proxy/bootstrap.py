@@ -70,6 +70,7 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
         report.created.append(f"CA {ca_cert} (key {ca.CAFiles(config.ca_dir).key_and_cert}, mode 0600)")
     else:
         report.kept.append(f"CA {ca_cert}")
+    ca.write_bundle(config.ca_dir)  # system roots + our CA, for containers that mount certs/
     existed = config.audit_path.exists()
     applied = audit.migrate(config.audit_path)
     if existed:

@@ -130,6 +130,7 @@ def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
     if not ca.CAFiles(config.ca_dir).exists():
         ca.create_ca(config.ca_dir)
         click.echo(f"created CA {ca.CAFiles(config.ca_dir).cert}", err=True)
+    ca.write_bundle(config.ca_dir)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("egress_guard").setLevel(logging.DEBUG if verbose else logging.INFO)
     sys.exit(asyncio.run(_serve(config, address)))

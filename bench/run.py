@@ -1,0 +1,351 @@
+"""Benchmark: direct vs plain mitmdump vs egress-guard (every addon on), on this machine.
+
+Measures, over keep-alive HTTPS (CONNECT + TLS through the proxies):
+  * small JSON POSTs at concurrency 1 and 8: requests/s, p50/p90/p99 latency;
+  * SSE first-byte time (request sent -> first event received) at p50/p90;
+  * the proxy's resident memory after the run.
+Prints a table and the ratios against the targets (egress-guard >= 1.0x mitmdump
+throughput, <= 1.0x its p50; SSE first byte <= direct + 3 ms at p50).
+
+Everything runs on 127.0.0.1: a local asyncio TLS upstream with its own test CA,
+mitmdump and `egress-guard up` as subprocesses, and the load generator in this process.
+Run: ./dev bench   (options: --seconds N, --sse N)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trustme
+import yaml
+
+HOST = "localhost"  # resolvable without DNS for mitmdump; pinned to 127.0.0.1 for egress-guard
+BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello " * 20}]}).encode()
+REPLY = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"message": {"content": "hi"}}],
+        "usage": {"prompt_tokens": 25, "completion_tokens": 1},
+    }
+).encode()
+SSE_EVENTS, SSE_GAP = 5, 0.02
+
+
+# --- upstream (own process) -----------------------------------------------------------------
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            path = lines[0].split()[1]
+            length = 0
+            for line in lines[1:]:
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            if path.startswith(b"/sse"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
+                for i in range(SSE_EVENTS):
+                    if i:
+                        await asyncio.sleep(SSE_GAP)
+                    data = f'data: {{"i": {i}}}\n\n'.encode()
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(REPLY), REPLY)
+                )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+def _upstream_main(cert_pem: bytes, key_pem: bytes, port_queue: multiprocessing.Queue) -> None:
+    async def main() -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+            f.write(cert_pem + key_pem)
+            f.flush()
+            ctx.load_cert_chain(f.name)
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0, ssl=ctx)
+        port_queue.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# --- load generator -------------------------------------------------------------------------
+
+
+async def _open(proxy_port: int | None, port: int, ctx: ssl.SSLContext):
+    if proxy_port is None:
+        return await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=HOST)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(f"CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0] + b" ":
+        raise RuntimeError(f"CONNECT refused: {head[:200]!r}")
+    await writer.start_tls(ctx, server_hostname=HOST)
+    return reader, writer
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            await reader.readexactly(int(line[15:]))
+    return status
+
+
+async def load(proxy_port: int | None, port: int, ctx: ssl.SSLContext, concurrency: int, seconds: float) -> dict:
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode() + BODY
+    latencies: list[float] = []
+    errors = 0
+    warmup_end = time.perf_counter() + 1.0
+    end = warmup_end + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await _open(proxy_port, port, ctx)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            writer.write(request)
+            status = await _read_response(reader)
+            t1 = time.perf_counter()
+            if status != 200:
+                errors += 1
+            if t0 >= warmup_end:
+                latencies.append(t1 - t0)
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100)
+    return {
+        "rps": len(latencies) / seconds,
+        "p50": q[49] * 1000,
+        "p90": q[89] * 1000,
+        "p99": q[98] * 1000,
+        "n": len(latencies),
+        "errors": errors,
+    }
+
+
+async def sse_first_byte(proxy_port: int | None, port: int, ctx: ssl.SSLContext, samples: int) -> dict:
+    request = f"GET /sse HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    reader, writer = await _open(proxy_port, port, ctx)
+    firsts, totals = [], []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        writer.write(request)
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readuntil(b"data: ")
+        firsts.append(time.perf_counter() - t0)
+        await reader.readuntil(b"0\r\n\r\n")
+        totals.append(time.perf_counter() - t0)
+    writer.close()
+    return {
+        "first_p50": statistics.median(firsts) * 1000,
+        "first_p90": statistics.quantiles(firsts, n=10)[8] * 1000,
+        "total_p50": statistics.median(totals) * 1000,
+    }
+
+
+# --- proxies --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_mitmdump(work: Path, test_ca: Path) -> tuple[subprocess.Popen, int, Path]:
+    port = _free_port()
+    confdir = work / "mitmdump"
+    exe = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or "mitmdump"
+    proc = subprocess.Popen(
+        [
+            exe,
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--set",
+            f"confdir={confdir}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={test_ca}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_port(port, proc)
+    return proc, port, confdir / "mitmproxy-ca-cert.pem"
+
+
+def start_egress_guard(work: Path, test_ca: Path, upstream_port: int) -> tuple[subprocess.Popen, int, Path]:
+    port = _free_port()
+    directory = work / "egress-guard"
+    directory.mkdir()
+    config = {
+        "version": 1,
+        "listen": f"127.0.0.1:{port}",
+        "allow": [{"host": HOST, "ports": [upstream_port], "methods": ["GET", "POST"], "paths": ["/v1/*", "/sse"]}],
+        "network": {"hosts": {HOST: ["127.0.0.1"]}, "upstream_ca": str(test_ca)},
+    }
+    (directory / "egress-guard.yaml").write_text(yaml.safe_dump(config))
+    exe = shutil.which("egress-guard", path=str(Path(sys.executable).parent)) or "egress-guard"
+    subprocess.run([exe, "init", "--dir", str(directory)], check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [exe, "up", "--config", str(directory / "egress-guard.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_port(port, proc)
+    return proc, port, directory / "certs" / "egress-guard-ca.pem"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load run (default 8)")
+    parser.add_argument("--sse", type=int, default=30, help="SSE samples per target (default 30)")
+    args = parser.parse_args()
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert(HOST)
+    work = Path(tempfile.mkdtemp(prefix="egress-guard-bench-"))
+    test_ca = work / "test-ca.pem"
+    ca.cert_pem.write_to_path(str(test_ca))
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    upstream = multiprocessing.Process(
+        target=_upstream_main,
+        args=(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(), ports),
+        daemon=True,
+    )
+    upstream.start()
+    upstream_port = ports.get(timeout=10)
+
+    results: dict[str, dict] = {}
+    procs: list[subprocess.Popen] = []
+    try:
+        targets: list[tuple[str, int | None, Path, subprocess.Popen | None]] = [("direct", None, test_ca, None)]
+        md, md_port, md_ca = start_mitmdump(work, test_ca)
+        procs.append(md)
+        targets.append(("mitmdump", md_port, md_ca, md))
+        eg, eg_port, eg_ca = start_egress_guard(work, test_ca, upstream_port)
+        procs.append(eg)
+        targets.append(("egress-guard", eg_port, eg_ca, eg))
+        for name, proxy_port, cafile, proc in targets:
+            ctx = ssl.create_default_context(cafile=str(cafile))
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            r: dict = {}
+            r["c1"] = asyncio.run(load(proxy_port, upstream_port, ctx, 1, args.seconds / 2))
+            r["c8"] = asyncio.run(load(proxy_port, upstream_port, ctx, 8, args.seconds))
+            r["sse"] = asyncio.run(sse_first_byte(proxy_port, upstream_port, ctx, args.sse))
+            r["rss"] = _rss_mb(proc.pid) if proc else None
+            results[name] = r
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        upstream.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\negress-guard benchmark ({os.cpu_count()} cores, loopback, keep-alive HTTPS, {args.seconds:.0f} s/run)\n")
+    print(f"{'target':<14}{'c':>3}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, r in results.items():
+        for c in ("c1", "c8"):
+            x = r[c]
+            print(
+                f"{name:<14}{c[1:]:>3}{x['rps']:>9.0f}{x['p50']:>9.2f}{x['p90']:>9.2f}{x['p99']:>9.2f}{x['errors']:>8}"
+            )
+    print(f"\n{'target':<14}{'SSE first byte p50':>20}{'p90':>8}{'whole stream p50':>18}{'RSS MB':>8}")
+    for name, r in results.items():
+        s = r["sse"]
+        rss = f"{r['rss']:.0f}" if r["rss"] else "-"
+        print(f"{name:<14}{s['first_p50']:>18.2f}ms{s['first_p90']:>6.2f}ms{s['total_p50']:>16.2f}ms{rss:>8}")
+    eg, md, direct = results["egress-guard"], results["mitmdump"], results["direct"]
+    checks = [
+        (
+            "throughput c=8 vs mitmdump",
+            eg["c8"]["rps"] / md["c8"]["rps"],
+            ">= 1.00x",
+            eg["c8"]["rps"] >= md["c8"]["rps"],
+        ),
+        (
+            "p50 latency c=8 vs mitmdump",
+            eg["c8"]["p50"] / md["c8"]["p50"],
+            "<= 1.00x",
+            eg["c8"]["p50"] <= md["c8"]["p50"],
+        ),
+        ("throughput c=1 vs mitmdump", eg["c1"]["rps"] / md["c1"]["rps"], "(info)", True),
+        (
+            "SSE first byte - direct (ms)",
+            eg["sse"]["first_p50"] - direct["sse"]["first_p50"],
+            "<= 3 ms",
+            eg["sse"]["first_p50"] - direct["sse"]["first_p50"] <= 3.0,
+        ),
+    ]
+    print()
+    for label, value, target, ok in checks:
+        unit = "" if "ms" in label else "x"
+        print(f"{label:<32}{value:>8.2f}{unit:<2} target {target:<10} {'ok' if ok else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
