@@ -1,0 +1,108 @@
+"""The addons on mitmproxy's own test flows (tflow): the guarantees no end-to-end test can
+reach, because a correct chain never gets there."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+from mitmproxy.test import tflow
+
+from egress_guard.addons._flow import DECISION, fail_closed, rejection
+from egress_guard.addons.connect_guard import ConnectGuard
+from egress_guard.addons.recorder import AuditRecorder
+from egress_guard.addons.request_guard import RequestGuard
+from egress_guard.audit import AuditLog
+from egress_guard.policy import Decision, Rule, Verdict
+from egress_guard.resolve import Resolver
+
+
+def test_recorder_refuses_a_request_no_guard_decided_on(tmp_path: Path) -> None:
+    flow = tflow.tflow()
+    AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 502
+    assert flow.response.headers["X-Egress-Guard-Decision"] == "error"
+    assert "no egress-guard decision" in flow.response.headers["X-Egress-Guard-Reason"]
+
+
+def test_recorder_refuses_an_undecided_connect_and_records_it(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.db")
+    flow = tflow.tflow()
+    flow.request.method = "CONNECT"
+    AuditRecorder(log).http_connect(flow)
+    assert flow.response is not None and flow.response.status_code == 502
+    assert [r.decision for r in log._pending] == ["error"]
+
+
+def test_recorder_leaves_a_decided_request_alone(tmp_path: Path) -> None:
+    flow = tflow.tflow()
+    flow.metadata[DECISION] = Decision(Verdict.ALLOW, "ok", "inline#0")
+    AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
+    assert flow.response is None
+
+
+def test_server_connect_refuses_an_address_that_was_not_vetted() -> None:
+    guard = RequestGuard((), {}, Resolver())
+    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
+    data.server.address = ("api.openai.com", 443)  # a name: mitmproxy would resolve it itself
+    guard.server_connect(data)
+    assert data.server.error is not None and "did not vet" in data.server.error
+
+
+def test_server_connect_verifies_against_the_agents_name() -> None:
+    resolver = Resolver()
+    resolver.vetted.add("203.0.113.7")
+    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
+    data.server.address = ("203.0.113.7", 443)
+    data.server.sni = "203.0.113.7"
+    data.client.sni = "api.openai.com"
+    RequestGuard((), {}, resolver).server_connect(data)
+    assert data.server.error is None and data.server.sni == "api.openai.com"
+
+
+async def test_pinned_hosts_skip_dns_and_are_vetted() -> None:
+    from egress_guard.hosts import normalize_host
+
+    resolver = Resolver(pinned={"llm.internal": (ipaddress.ip_address("10.0.0.5"),)})
+    assert str(await resolver.vet(normalize_host("llm.internal"), 443)) == "10.0.0.5"
+    assert "10.0.0.5" in resolver.vetted
+
+
+def test_connect_guard_rejects_unparseable_target() -> None:
+    flow = tflow.tflow()
+    flow.request.method = "CONNECT"
+    flow.request.host = "bad host"
+    ConnectGuard((Rule("r", "api.openai.com"),), {}).http_connect(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert "invalid CONNECT target" in flow.response.headers["X-Egress-Guard-Reason"]
+
+
+def test_response_phase_crash_kills_the_flow() -> None:
+    class Broken:
+        @fail_closed("response")
+        def responseheaders(self, flow):
+            raise ValueError("boom")
+
+    flow = tflow.tflow(resp=True)
+    Broken().responseheaders(flow)
+    assert flow.error is not None and flow.error.msg == "Connection killed."
+    assert flow.metadata[DECISION].verdict is Verdict.ERROR
+
+
+def test_rejection_shape() -> None:
+    response = rejection(Decision(Verdict.DENY, "host x is not on the allowlist\r\nInjected: 1", "inline#3"), "rid-1")
+    assert response.status_code == 403
+    assert json.loads(response.content) == {
+        "error": {
+            "type": "egress_denied",
+            "message": "egress-guard: host x is not on the allowlist\r\nInjected: 1",
+            "rule": "inline#3",
+            "request_id": "rid-1",
+        }
+    }
+    assert response.headers["X-Egress-Guard-Reason"] == "host x is not on the allowlist  Injected: 1"
+    assert "Injected" not in response.headers
+    error = rejection(Decision(Verdict.ERROR, "audit log down"), "rid-2", 503)
+    assert error.status_code == 503 and json.loads(error.content)["error"]["type"] == "egress_error"
