@@ -325,16 +325,21 @@ def test_every_command_has_help_with_an_example_and_is_documented(name: str, com
 # --- `up` as a real process --------------------------------------------------------------------
 
 
-def test_up_with_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
-    (tmp_path / "bad.yaml").write_text("version: 1\nallow:\n  - host: '*.openai.*'\n")
-    port = free_port()
-    out = subprocess.run(
-        [*EG, "up", "--config", str(tmp_path / "bad.yaml"), "--listen", f"127.0.0.1:{port}"],
+def run_up(config: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """`egress-guard up` expected to exit on its own (it fails to start)."""
+    return subprocess.run(
+        [*EG, "up", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_up_with_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("version: 1\nallow:\n  - host: '*.openai.*'\n")
+    port = free_port()
+    out = run_up(tmp_path / "bad.yaml", port)
     assert out.returncode == 2
     assert f"{tmp_path / 'bad.yaml'}: allow[0].host:" in out.stderr and "Fix: use api.openai.com" in out.stderr
     with pytest.raises(ConnectionRefusedError):
@@ -347,13 +352,7 @@ def test_up_with_unwritable_audit_db_exits_with_reason(tmp_path: Path) -> None:
     cfg = yaml.safe_load((tmp_path / "egress-guard.yaml").read_text())
     cfg["audit"]["path"] = "blocker/audit.db"
     (tmp_path / "egress-guard.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run(
-        [*EG, "up", "--config", str(tmp_path / "egress-guard.yaml"), "--listen", f"127.0.0.1:{free_port()}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = run_up(tmp_path / "egress-guard.yaml", free_port())
     assert out.returncode == 1
     assert "audit log" in out.stderr and "blocker/audit.db" in out.stderr and "audit.path" in out.stderr
 
@@ -364,13 +363,7 @@ def test_up_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run(
-            [*EG, "up", "--config", str(tmp_path / "egress-guard.yaml"), "--listen", f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = run_up(tmp_path / "egress-guard.yaml", port)
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 

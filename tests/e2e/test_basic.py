@@ -100,3 +100,19 @@ def test_large_download_and_upload_stream_through(proxy: RunningProxy, upstream:
     rows = [r for r in proxy.rows(expect=3) if r["kind"] == "request"]
     assert rows[0]["response_bytes"] >= size  # chunked framing counted as it passed
     assert rows[1]["request_bytes"] == len(upload)
+
+
+def test_audit_cli_reads_the_live_db_while_the_proxy_runs(proxy: RunningProxy, upstream: Upstream) -> None:
+    from click.testing import CliRunner
+
+    from egress_guard.cli import main
+
+    curl(proxy, f"https://api.test.local:{upstream.port}/json")
+    curl(proxy, f"https://other.test.local:{upstream.port}/json")
+    expected = proxy.rows(expect=3)
+    result = CliRunner().invoke(main, ["audit", "--config", str(proxy.config.path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == expected
+    stats = CliRunner().invoke(main, ["audit", "stats", "--config", str(proxy.config.path), "--format", "json"])
+    counts = {(s["host"], s["decision"]): s["requests"] for s in json.loads(stats.output)}
+    assert counts == {("api.test.local", "allow"): 2, ("other.test.local", "deny"): 1}
