@@ -2,32 +2,65 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from egress_guard.addons import _flow
 from egress_guard.addons.audit_gate import AuditGate
 from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
+from egress_guard.addons.credential_guard import CredentialGuard
+from egress_guard.addons.killswitch import KillSwitch, cut_client
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.audit import AuditLog
 from egress_guard.config import Config
+from egress_guard.keycache import KeyCache
 from egress_guard.resolve import Resolver
+from egress_guard.secrets import SecretStore
 
 
-def chain(config: Config, audit: AuditLog, resolver: Resolver) -> list[Any]:
+@dataclass
+class Runtime:
+    """What the addons share with the server: opened and closed by EgressProxy."""
+
+    config: Config
+    audit: AuditLog
+    resolver: Resolver
+    keys: KeyCache
+    secrets: SecretStore
+    hmac_key: bytes
+    proxyserver: Any
+
+
+def chain(rt: Runtime) -> list[Any]:
     """The addons in the order every hook runs through them:
 
     1. AuditGate        refuse everything while the audit log cannot be written
     2. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
     3. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
-    4. ResponseStreamer stream every response through, chunk by chunk
-    5. AuditRecorder    one row per decision; refuse anything no guard decided on
+    4. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
+    5. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
+    6. AuditRecorder    one row per decision; refuse anything no guard decided on
+    7. KillSwitch       follow revocations; cut the connections of revoked keys
     """
+    _flow.ERROR_STYLES.clear()
+    _flow.ERROR_STYLES.update({host: s.name for s in rt.config.services for host in s.hosts})
     tunnels: Tunnels = {}
+    credentials = CredentialGuard(
+        rt.config.services,
+        rt.config.agents,
+        rt.hmac_key,
+        rt.keys,
+        rt.secrets,
+        lambda client_id: cut_client(rt.proxyserver, client_id),
+    )
     return [
-        AuditGate(audit),
-        ConnectGuard(config.rules, tunnels),
-        RequestGuard(config.rules, tunnels, resolver),
+        AuditGate(rt.audit),
+        ConnectGuard(rt.config.rules, tunnels),
+        RequestGuard(rt.config.rules, tunnels, rt.resolver),
+        credentials,
         ResponseStreamer(),
-        AuditRecorder(audit, query_strings=config.audit_query_strings),
+        AuditRecorder(rt.audit, query_strings=rt.config.audit_query_strings),
+        KillSwitch(rt.keys, credentials.clients, rt.proxyserver),
     ]

@@ -27,24 +27,51 @@ DIALED = "egress_guard.dialed"  # str: the vetted address the proxy connects to
 REQUEST_BYTES = "egress_guard.request_bytes"
 RESPONSE_BYTES = "egress_guard.response_bytes"
 OWN_RESPONSE = "egress_guard.own_response"  # True: the response is a refusal egress-guard made
+AGENT = "egress_guard.agent"  # str: the agent the fake key (or proxy auth) identified
+SESSION = "egress_guard.session"
+SERVICE = "egress_guard.service"  # str: the credentialed service of the target host
+CREDENTIAL = "egress_guard.credential"  # Credential: what happened to the agent's credential
+KEY_ID = "egress_guard.key_id"
+SCRUB = "egress_guard.scrub"  # list[bytes]: real-secret forms to remove from the response
 STATUS_FOR = {Verdict.DENY: 403, Verdict.ERROR: 502}
 HEADER_SAFE = str.maketrans({c: " " for c in "\r\n\x00"})
 
 
-def rejection(decision: Decision, request_id: str, status: int | None = None) -> http.Response:
+# Known APIs get refusals in their own error shape, so their SDKs show egress-guard's reason.
+# host -> service name; filled once by chain() (one master per process).
+ERROR_STYLES: dict[str, str] = {}
+
+
+def _body(style: str | None, kind: str, message: str, rule: str | None, request_id: str, status: int) -> dict:
+    ours = {"type": kind, "message": message, "rule": rule, "request_id": request_id}
+    if style == "anthropic":
+        api_type = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+            status, "api_error"
+        )
+        return {"type": "error", "error": ours | {"type": api_type, "egress_guard": kind}}
+    if style == "google-gemini":
+        status_text = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(
+            status, "UNAVAILABLE"
+        )
+        return {"error": {"code": status, "message": message, "status": status_text, "egress_guard": ours}}
+    if style == "github":
+        return {"message": message, "documentation_url": "https://github.com/egress-guard", "egress_guard": ours}
+    if style == "openai":
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, kind)
+        return {"error": ours | {"code": code, "param": None}}
+    return {"error": ours}
+
+
+def rejection(
+    decision: Decision, request_id: str, status: int | None = None, style: str | None = None
+) -> http.Response:
     """The response for every refusal egress-guard makes, CONNECT and request level alike."""
     kind = "egress_denied" if decision.verdict is Verdict.DENY else "egress_error"
-    body = {
-        "error": {
-            "type": kind,
-            "message": f"egress-guard: {decision.reason}",
-            "rule": decision.rule,
-            "request_id": request_id,
-        }
-    }
+    status = status or STATUS_FOR[decision.verdict]
+    body = _body(style, kind, f"egress-guard: {decision.reason}", decision.rule, request_id, status)
     reason = decision.reason.translate(HEADER_SAFE)[:300]
     return http.Response.make(
-        status or STATUS_FOR[decision.verdict],
+        status,
         json.dumps(body).encode(),
         {
             "Content-Type": "application/json",
@@ -59,7 +86,9 @@ def rejection(decision: Decision, request_id: str, status: int | None = None) ->
 def reject(flow: http.HTTPFlow, decision: Decision, status: int | None = None) -> None:
     flow.metadata[DECISION] = decision
     flow.metadata[OWN_RESPONSE] = True
-    flow.response = rejection(decision, flow.id, status)
+    target = flow.metadata.get(TARGET)
+    style = ERROR_STYLES.get(str(target[0])) if target else None
+    flow.response = rejection(decision, flow.id, status, style)
 
 
 def answered(flow: http.HTTPFlow) -> bool:

@@ -10,9 +10,13 @@ import time
 from mitmproxy import http, tls
 
 from egress_guard.addons._flow import (
+    AGENT,
+    CREDENTIAL,
     DECISION,
     REQUEST_BYTES,
     RESPONSE_BYTES,
+    SERVICE,
+    SESSION,
     TARGET,
     answered,
     fail_closed,
@@ -98,6 +102,10 @@ class AuditRecorder:
             request_bytes=req_bytes,
             response_bytes=resp_bytes,
             duration_ms=round((time.time() - req.timestamp_start) * 1000, 2),
+            agent=flow.metadata.get(AGENT),
+            session=flow.metadata.get(SESSION),
+            service=flow.metadata.get(SERVICE),
+            credential=str(flow.metadata[CREDENTIAL]) if CREDENTIAL in flow.metadata else None,
         )
         self.audit.record(row)
         if decision.verdict is not Verdict.ALLOW:

@@ -61,6 +61,32 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX audit_decision_ts ON audit (decision, ts);
         """,
     ),
+    (
+        "0002_fake_keys",
+        """
+        CREATE TABLE fake_keys (
+            key_id         TEXT PRIMARY KEY,  -- names the key; the key itself is never stored
+            agent          TEXT NOT NULL,
+            session        TEXT NOT NULL,
+            services       TEXT NOT NULL,     -- comma-separated service names
+            created_at     TEXT NOT NULL,
+            expires_at     TEXT NOT NULL,
+            revoked_at     TEXT,
+            revoked_reason TEXT
+        );
+        CREATE INDEX fake_keys_agent ON fake_keys (agent);
+        CREATE INDEX fake_keys_session ON fake_keys (session);
+        CREATE TABLE revocations (           -- the running proxy follows this table (kill switch)
+            id      INTEGER PRIMARY KEY,
+            ts      TEXT NOT NULL,
+            agent   TEXT,
+            session TEXT,
+            key_id  TEXT,
+            reason  TEXT
+        );
+        CREATE INDEX audit_session_ts ON audit (session, ts);
+        """,
+    ),
 ]
 
 
@@ -111,6 +137,18 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _statements(sql: str) -> list[str]:
+    """Split a script into statements (';' inside comments or strings does not split)."""
+    out, buf = [], ""
+    for piece in sql.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n;"):
+                out.append(buf)
+            buf = ""
+    return out
+
+
 def migrate(path: Path) -> list[str]:
     """Create the DB if needed and apply pending named migrations. Returns those applied."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +162,7 @@ def migrate(path: Path) -> list[str]:
             if name in done:
                 continue
             with conn:  # one transaction per migration
-                for statement in filter(str.strip, sql.split(";")):
+                for statement in _statements(sql):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, now_iso()))
             applied.append(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress_guard import audit, ca
+from egress_guard import audit, ca, fakekeys
 from egress_guard.config import DEFAULT_CONFIG_NAME, load_config
 
 DEFAULT_CONFIG = """\
@@ -40,6 +40,31 @@ allow: []
 #    methods: [GET]
 #    paths: ["/repos/*"]
 
+# Credentialed services: agents hold fake keys; egress-guard puts the real secret in, only
+# on the service's own hosts. Presets: openai, anthropic, google-gemini, github (and
+# example.yaml as a template). Override a preset's secret: {preset: openai, secret: vault:…}.
+services:
+  - openai
+  - anthropic
+  - google-gemini
+
+# Where real secrets come from. env (default): egress-guard's own environment, e.g. the
+# OPENAI_API_KEY you export before `egress-guard up`. vault: HashiCorp Vault / OpenBao.
+secrets:
+  backend: env
+  cache_ttl: 300          # seconds a secret read from vault is reused
+  # vault:
+  #   address: https://vault.internal:8200
+  #   auth: {method: token, token_env: VAULT_TOKEN}      # or {method: approle}
+  #   kv_version: 2
+  #   ca_file: null
+  #   namespace: null
+
+# Agents, and the services each may use: `egress-guard run --agent NAME -- CMD`.
+agents:
+  agent:
+    services: [openai, anthropic, google-gemini]
+
 network:
   allow_private: []       # CIDRs exempt from the SSRF guard, e.g. [10.0.0.0/8]
   hosts: {}               # pinned resolution, operator-trusted: {"llm.internal": ["10.0.0.5"]}
@@ -71,6 +96,12 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
     else:
         report.kept.append(f"CA {ca_cert}")
     ca.write_bundle(config.ca_dir)  # system roots + our CA, for containers that mount certs/
+    hmac_file = config.ca_dir / fakekeys.HMAC_KEY_FILE
+    if hmac_file.exists():
+        report.kept.append(f"fake-key HMAC key {hmac_file}")
+    else:
+        fakekeys.load_or_create_hmac_key(config.ca_dir)
+        report.created.append(f"fake-key HMAC key {hmac_file} (mode 0600)")
     existed = config.audit_path.exists()
     applied = audit.migrate(config.audit_path)
     if existed:

@@ -24,6 +24,7 @@ import click
 
 from egress_guard import audit as audit_db
 from egress_guard import ca
+from egress_guard import keys as keys_mod
 from egress_guard.bootstrap import init as do_init
 from egress_guard.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config, parse_listen
 from egress_guard.envvars import agent_env, render
@@ -186,15 +187,45 @@ async def _watch_audit(proxy: Any) -> None:
 # --- env / run -----------------------------------------------------------------------------
 
 
-def _agent_env(config_path: Path | None, proxy_host: str | None, no_proxy: str | None) -> dict[str, str]:
+def _agent_env(
+    config_path: Path | None,
+    proxy_host: str | None,
+    no_proxy: str | None,
+    agent: str | None,
+    ttl: str,
+    services: str | None,
+) -> tuple[dict[str, str], set[str]]:
+    """The agent's variables (with fresh fake keys when `agent` is given), and the names of
+    the host's real-secret variables the agent must not inherit."""
     config = _load(config_path)
     if not ca.CAFiles(config.ca_dir).exists():
         raise click.ClickException(f"no CA in {config.ca_dir}. Fix: run 'egress-guard init' (or 'egress-guard up')")
     bundle = ca.write_bundle(config.ca_dir)
-    return agent_env(config, bundle=bundle, proxy_host=proxy_host, no_proxy=no_proxy)
+    out = agent_env(config, bundle=bundle, proxy_host=proxy_host, no_proxy=no_proxy)
+    if agent:
+        minted = _mint(config, agent, ttl, services, None)
+        out |= minted.env
+        out["EGRESS_GUARD_AGENT"], out["EGRESS_GUARD_SESSION"] = agent, minted.record.session
+    return out, keys_mod.secret_env_names(config) - set(out)
+
+
+def _mint(config: Config, agent: str, ttl: str, services: str | None, session: str | None) -> keys_mod.Minted:
+    try:
+        return keys_mod.mint(
+            config,
+            agent,
+            ttl=ttl,
+            session=session,
+            services=[s.strip() for s in services.split(",") if s.strip()] if services else None,
+        )
+    except keys_mod.KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def env_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--services", help="With --agent: only these services (comma-separated).")(fn)
+    fn = click.option("--ttl", default="8h", show_default=True, help="With --agent: how long the keys live.")(fn)
+    fn = click.option("--agent", help="Mint fake keys for this agent (a new session) and include them.")(fn)
     fn = click.option("--no-proxy", help="NO_PROXY value (default: localhost,127.0.0.1,::1).")(fn)
     fn = click.option("--proxy-host", help="Address agents reach the proxy at (default: the listen host).")(fn)
     return config_option(fn)
@@ -203,32 +234,58 @@ def env_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @env_options
 @click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
-def env(config_path: Path | None, proxy_host: str | None, no_proxy: str | None, fmt: str) -> None:
+def env(
+    config_path: Path | None,
+    proxy_host: str | None,
+    no_proxy: str | None,
+    agent: str | None,
+    ttl: str,
+    services: str | None,
+    fmt: str,
+) -> None:
     """Print the environment an agent process or container needs.
 
     HTTP(S)_PROXY in both cases, NO_PROXY, and the CA for every common runtime: variables
     that *replace* the trust store (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, ...)
-    point at a bundle of the system roots plus the egress-guard CA.
+    point at a bundle of the system roots plus the egress-guard CA. With --agent, also a new
+    session's fake keys (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...); in sh format, `unset`
+    lines for the host's real-secret variables.
 
     \b
     Examples:
-      eval "$(egress-guard env)"
-      egress-guard env --format dotenv --proxy-host 172.17.0.1 > agent.env
+      eval "$(egress-guard env --agent researcher)"
+      egress-guard env --format dotenv --proxy-host 172.17.0.1 --agent ci > agent.env
     """
-    click.echo(render(_agent_env(config_path, proxy_host, no_proxy), fmt), nl=False)
+    variables, hidden = _agent_env(config_path, proxy_host, no_proxy, agent, ttl, services)
+    text = render(variables, fmt)
+    if fmt == "sh" and hidden:
+        text += "".join(f"unset {name}\n" for name in sorted(hidden))
+    click.echo(text, nl=False)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @env_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(config_path: Path | None, proxy_host: str | None, no_proxy: str | None, command: tuple[str, ...]) -> None:
+def run(
+    config_path: Path | None,
+    proxy_host: str | None,
+    no_proxy: str | None,
+    agent: str | None,
+    ttl: str,
+    services: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run a local command with the agent environment (see `env`).
+
+    The command never inherits the host's real secrets (the variables the config's env:
+    secrets and vault credentials name); with --agent it gets fresh fake keys instead.
 
     \b
     Example:
-      egress-guard run -- python my_agent.py --task "summarise the repo"
+      egress-guard run --agent researcher -- python my_agent.py --task "summarise the repo"
     """
-    environment = {**os.environ, **_agent_env(config_path, proxy_host, no_proxy)}
+    variables, hidden = _agent_env(config_path, proxy_host, no_proxy, agent, ttl, services)
+    environment = {k: v for k, v in os.environ.items() if k not in hidden} | variables
     try:
         os.execvpe(command[0], list(command), environment)  # noqa: S606 - the user's own command
     except OSError as exc:
@@ -411,3 +468,125 @@ def stats(config_path: Path | None, filters: audit_db.Filters, fmt: str) -> None
     with _open_db(config_path) as conn:
         rows = audit_db.stats(conn, filters)
     _emit(rows, fmt, ["host", "decision", "requests", "request_bytes", "response_bytes", "first", "last"])
+
+
+# --- keys / kill ---------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Mint, list and revoke agents' fake keys (the only credentials agents hold).
+
+    \b
+    Examples:
+      egress-guard keys mint --agent researcher --ttl 2h --services openai
+      egress-guard keys list --all
+      egress-guard keys revoke 3f2a…
+    """
+
+
+@keys.command("mint")
+@config_option
+@click.option("--agent", required=True, help="The agent (from the config's agents:).")
+@click.option("--ttl", default="8h", show_default=True, help="Lifetime: 90s, 30m, 8h, 7d (at most 90d).")
+@click.option("--services", help="Comma-separated subset of the agent's services (default: all of them).")
+@click.option("--session", help="Session id to mint for (default: a new one).")
+@click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
+def keys_mint(
+    config_path: Path | None, agent: str, ttl: str, services: str | None, session: str | None, fmt: str
+) -> None:
+    """Mint fake keys for an agent's session; prints them once as variables.
+
+    \b
+    Example:
+      eval "$(egress-guard keys mint --agent researcher --ttl 2h)"
+    """
+    minted = _mint(_load(config_path), agent, ttl, services, session)
+    r = minted.record
+    click.echo(
+        f"minted key {r.key_id} for agent {r.agent}, session {r.session}, "
+        f"services {', '.join(r.services)}, expires {r.expires_at}",
+        err=True,
+    )
+    variables = minted.env | {"EGRESS_GUARD_AGENT": r.agent, "EGRESS_GUARD_SESSION": r.session}
+    click.echo(render(variables, fmt), nl=False)
+
+
+@keys.command("list")
+@config_option
+@click.option("--agent", help="Only this agent's keys.")
+@click.option("--all", "include_all", is_flag=True, help="Include expired and revoked keys.")
+@format_option("table", "json", "csv")
+def keys_list(config_path: Path | None, agent: str | None, include_all: bool, fmt: str) -> None:
+    """List keys (ids, agent, session, services, expiry, status) — never the keys themselves.
+
+    \b
+    Example:
+      egress-guard keys list --agent researcher --all
+    """
+    rows = keys_mod.list_keys(_load(config_path), agent, include_all)
+    _emit(rows, fmt, ["key_id", "agent", "session", "services", "expires_at", "status", "revoked_reason"])
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_ids", nargs=-1, required=True)
+@click.option("--reason", default="revoked by operator", show_default=True)
+def keys_revoke(config_path: Path | None, key_ids: tuple[str, ...], reason: str) -> None:
+    """Revoke keys by id (from `keys list`); a running proxy refuses them within a second.
+
+    \b
+    Example:
+      egress-guard keys revoke 3f2a9c01d4e5b6a7c8d9 --reason "leaked in a log"
+    """
+    config = _load(config_path)
+    for key_id in key_ids:
+        n = keys_mod.revoke_keys(config, key_id=key_id, reason=reason)
+        click.echo(f"{'revoked' if n else 'no active key'} {key_id}")
+
+
+@main.command()
+@config_option
+@click.option("--agent", help="Revoke every key of this agent.")
+@click.option("--session", help="Revoke every key of this session.")
+@click.option("--reason", default="kill switch", show_default=True)
+def kill(config_path: Path | None, agent: str | None, session: str | None, reason: str) -> None:
+    """Kill switch: revoke every key of an agent or session at once.
+
+    A running proxy refuses their next request within a second and cuts their open
+    connections, streams included. Revocations are stored and survive restarts.
+
+    \b
+    Example:
+      egress-guard kill --agent researcher --reason "runaway loop"
+    """
+    if bool(agent) == bool(session):
+        raise click.UsageError("name exactly one of --agent or --session")
+    n = keys_mod.revoke_keys(_load(config_path), agent=agent, session=session, reason=reason)
+    click.echo(f"revoked {n} key(s) of {'agent ' + agent if agent else 'session ' + str(session)}")
+
+
+@main.command()
+@config_option
+def doctor(config_path: Path | None) -> None:
+    """Check config, CA, key material, audit DB, secret backend and every service's secret.
+
+    Prints yes/no for each; never a secret value. Exits 1 if anything is wrong.
+
+    \b
+    Example:
+      egress-guard doctor --config /etc/egress-guard/egress-guard.yaml
+    """
+    from egress_guard.doctor import run_checks
+
+    config = _load(config_path)
+    click.echo(
+        f"ok    config {config.path} ({len(config.rules)} rules, {len(config.services)} services, "
+        f"{len(config.agents)} agents)"
+    )
+    failed = 0
+    for ok, text in run_checks(config):
+        click.echo(f"{'ok  ' if ok else 'FAIL'}  {text}")
+        failed += not ok
+    if failed:
+        raise click.ClickException(f"{failed} check(s) failed")

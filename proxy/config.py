@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from egress_guard.credentials import Agent, Service, Slot
+from egress_guard.fakekeys import ALPHABETS, MIN_TAG_BITS, KeyShape
 from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
-from egress_guard.policy import Rule
+from egress_guard.policy import Destination, Rule, decide
+from egress_guard.secrets import SecretRef, VaultSettings
 from egress_guard.ssrf import Network
 
 DEFAULT_CONFIG_NAME = "egress-guard.yaml"
@@ -49,11 +53,70 @@ class RuleWire(_Wire):
     note: str | None = None
 
 
+class SlotWire(_Wire):
+    header: str | None = None
+    scheme: str | None = None
+    query: str | None = None
+    basic_username: str | None = None
+
+
+class FakeKeyWire(_Wire):
+    prefix: str
+    length: int = Field(ge=1, le=512)
+    alphabet: Literal["base62", "base64url", "hex"] = "base62"
+    suffix: str = ""
+
+
+class ServiceWire(_Wire):
+    name: str
+    hosts: list[str]
+    credential: list[SlotWire]
+    fake_key: FakeKeyWire
+    env_var: str
+    secret: str
+    anonymous: bool = False
+
+
+class ServiceRefWire(_Wire):
+    preset: str
+    secret: str | None = None
+    anonymous: bool | None = None
+
+
 class PresetWire(_Wire):
     version: Literal[1]
     name: str
     description: str = ""
     allow: list[RuleWire] = Field(default_factory=list)
+    service: ServiceWire | None = None
+
+
+class VaultAuthWire(_Wire):
+    method: Literal["token", "approle"] = "token"
+    token_env: str = "VAULT_TOKEN"
+    token_file: str | None = None
+    role_id_env: str = "VAULT_ROLE_ID"
+    secret_id_env: str = "VAULT_SECRET_ID"
+    mount: str = "approle"
+
+
+class VaultWire(_Wire):
+    address: str
+    auth: VaultAuthWire = Field(default_factory=VaultAuthWire)
+    namespace: str | None = None
+    ca_file: str | None = None
+    kv_version: Literal[1, 2] = 2
+    timeout: float = Field(default=3.0, gt=0, le=60)
+
+
+class SecretsWire(_Wire):
+    backend: Literal["env", "vault"] = "env"
+    vault: VaultWire | None = None
+    cache_ttl: float = Field(default=300.0, ge=1, le=86400)
+
+
+class AgentWire(_Wire):
+    services: list[str] = Field(default_factory=list)
 
 
 class AuditWire(_Wire):
@@ -76,6 +139,9 @@ class ConfigWire(_Wire):
     allowlists: list[str] = Field(default_factory=list)
     allow: list[RuleWire] = Field(default_factory=list)
     network: NetworkWire = Field(default_factory=NetworkWire)
+    secrets: SecretsWire = Field(default_factory=SecretsWire)
+    services: list[Any] = Field(default_factory=list)  # preset names, {preset: …, secret: …} or full services
+    agents: dict[str, AgentWire] = Field(default_factory=dict)
 
 
 # --- domain -------------------------------------------------------------------------------
@@ -95,6 +161,14 @@ class Config:
     upstream_ca: Path | None = None
     idle_timeout: int = 1800
     presets: tuple[str, ...] = ()
+    services: tuple[Service, ...] = ()
+    agents: dict[str, Agent] = field(default_factory=dict)
+    secrets_backend: Literal["env", "vault"] = "env"
+    vault: VaultSettings | None = None
+    secrets_cache_ttl: float = 300.0
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
 
     @property
     def listen(self) -> str:
@@ -133,15 +207,18 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[st
     return []
 
 
-def _raise_validation(file: Path | str, model: type[BaseModel], err: ValidationError) -> None:
+def _raise_validation(
+    file: Path | str, model: type[BaseModel], err: ValidationError, prefix: tuple[int | str, ...] = ()
+) -> None:
     errors = err.errors()
     # A misspelt key also makes the real key "missing": the unknown key is the better clue.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
+    inner = tuple(first["loc"])
+    loc = prefix + inner
     key = _key_path(loc)
     kind = first["type"]
     if kind == "extra_forbidden":
-        keys = _allowed_keys(model, loc)
+        keys = _allowed_keys(model, inner)
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
@@ -156,6 +233,8 @@ def _raise_validation(file: Path | str, model: type[BaseModel], err: ValidationE
         raise ConfigError(file, "version", "unsupported version", "this egress-guard reads 'version: 1'")
     if kind == "missing":
         raise ConfigError(file, key, "required key is missing", f"add {loc[-1]}:")
+    if kind == "model_type" or kind == "dict_type":
+        raise ConfigError(file, key, "expected a mapping", "see the config reference in README.md")
     raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
 
 
@@ -252,8 +331,9 @@ def _rules(file: Path | str, key: str, source: str, wires: list[RuleWire]) -> li
     return [_rule(file, f"{key}[{i}]", f"{source}#{i}", w) for i, w in enumerate(wires)]
 
 
-def load_preset(name_or_path: str, base: Path, config_file: Path, index: int) -> list[Rule]:
-    key = f"allowlists[{index}]"
+def load_preset(
+    name_or_path: str, base: Path, config_file: Path, key: str
+) -> tuple[list[Rule], PresetWire, Path | str]:
     is_name = "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml"))
     if is_name:
         names = preset_names()
@@ -285,7 +365,7 @@ def load_preset(name_or_path: str, base: Path, config_file: Path, index: int) ->
     except ValidationError as err:
         _raise_validation(file, PresetWire, err)
         raise AssertionError("unreachable") from err
-    return _rules(file, "allow", source, preset.allow)
+    return _rules(file, "allow", source, preset.allow), preset, file
 
 
 def _network(
@@ -363,9 +443,12 @@ def load_config(path: Path | str) -> Config:
     listen_host, listen_port = parse_listen(wire.listen, file, "listen")
     rules: list[Rule] = []
     for i, entry in enumerate(wire.allowlists):
-        rules.extend(load_preset(entry, base, file, i))
+        rules.extend(load_preset(entry, base, file, f"allowlists[{i}]")[0])
     rules.extend(_rules(file, "allow", "inline", wire.allow))
     allow_private, pinned, upstream_ca = _network(file, base, wire.network)
+    vault = _vault(file, base, wire.secrets)
+    services = _services(file, base, wire, tuple(rules))
+    agents = _agents(file, wire, services)
     return Config(
         path=file.resolve(),
         listen_host=listen_host,
@@ -379,4 +462,184 @@ def load_config(path: Path | str) -> Config:
         upstream_ca=upstream_ca,
         idle_timeout=wire.network.idle_timeout,
         presets=tuple(wire.allowlists),
+        services=services,
+        agents=agents,
+        secrets_backend=wire.secrets.backend,
+        vault=vault,
+        secrets_cache_ttl=wire.secrets.cache_ttl,
     )
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _vault(file: Path, base: Path, wire: SecretsWire) -> VaultSettings | None:
+    if wire.backend == "env":
+        return None
+    v = wire.vault
+    if v is None:
+        raise ConfigError(
+            file,
+            "secrets.vault",
+            "backend is vault but there is no vault section",
+            "add secrets.vault.address (e.g. https://vault.internal:8200)",
+        )
+    if not v.address.startswith(("http://", "https://")):
+        raise ConfigError(
+            file, "secrets.vault.address", f"{v.address!r} is not a URL", "write e.g. https://vault.internal:8200"
+        )
+    ca = (base / v.ca_file).resolve() if v.ca_file else None
+    if ca is not None and not ca.is_file():
+        raise ConfigError(file, "secrets.vault.ca_file", f"{ca} does not exist", "point it at the PEM CA of your Vault")
+    return VaultSettings(
+        address=v.address,
+        auth=v.auth.method,
+        token_env=v.auth.token_env,
+        token_file=(base / v.auth.token_file).resolve() if v.auth.token_file else None,
+        role_id_env=v.auth.role_id_env,
+        secret_id_env=v.auth.secret_id_env,
+        approle_mount=v.auth.mount,
+        namespace=v.namespace,
+        ca_file=ca,
+        kv_version=v.kv_version,
+        timeout=v.timeout,
+    )
+
+
+def _service(file: Path | str, key: str, wire: ServiceWire, backend: str, rules: tuple[Rule, ...]) -> Service:
+    if not _NAME.match(wire.name):
+        raise ConfigError(file, f"{key}.name", f"{wire.name!r} is not a valid name", "use letters, digits, '-', '_'")
+    hosts = []
+    for j, raw in enumerate(wire.hosts):
+        try:
+            host = normalize_host(raw)
+        except HostError as exc:
+            raise ConfigError(
+                file, f"{key}.hosts[{j}]", str(exc), "list exact DNS names, e.g. api.openai.com"
+            ) from None
+        if not any(
+            decide(rules, Destination(host, port)).allowed for port in (443, 80, *{p for r in rules for p in r.ports})
+        ):
+            raise ConfigError(
+                file,
+                f"{key}.hosts[{j}]",
+                f"{host} is not on the allowlist, so the service could never be used",
+                f"add the {wire.name} preset to allowlists, or an allow rule for {host}",
+            )
+        hosts.append(host.name)
+    if not hosts:
+        raise ConfigError(file, f"{key}.hosts", "no hosts", "list the hosts the secret may be sent to")
+    slots = []
+    for j, sw in enumerate(wire.credential):
+        given = [k for k in ("header", "query", "basic_username") if getattr(sw, k) is not None]
+        if len(given) != 1 or (sw.scheme is not None and sw.header is None):
+            raise ConfigError(
+                file,
+                f"{key}.credential[{j}]",
+                "name exactly one of header, query, basic_username",
+                "e.g. {header: Authorization, scheme: Bearer} or {query: key}",
+            )
+        if sw.header is not None:
+            slots.append(Slot("header", sw.header.lower(), sw.scheme))
+        elif sw.query is not None:
+            slots.append(Slot("query", sw.query))
+        else:
+            slots.append(Slot("basic", "authorization", username=sw.basic_username or ""))
+    if not slots:
+        raise ConfigError(file, f"{key}.credential", "no credential location", "e.g. [{header: x-api-key}]")
+    shape = KeyShape(wire.fake_key.prefix, wire.fake_key.length, wire.fake_key.alphabet, wire.fake_key.suffix)
+    if shape.tag_bits() < MIN_TAG_BITS:
+        need = shape.id_chars() + 1 + int(MIN_TAG_BITS / __import__("math").log2(len(ALPHABETS[shape.alphabet])))
+        raise ConfigError(
+            file,
+            f"{key}.fake_key.length",
+            f"{shape.length} characters leave too few for the key's tag",
+            f"use at least {need}",
+        )
+    if not _ENV_VAR.match(wire.env_var):
+        raise ConfigError(file, f"{key}.env_var", f"{wire.env_var!r} is not a variable name", "e.g. OPENAI_API_KEY")
+    try:
+        ref = SecretRef.parse(wire.secret)
+    except ValueError as exc:
+        raise ConfigError(
+            file, f"{key}.secret", str(exc), "e.g. env:OPENAI_API_KEY or vault:secret/llm/openai#api_key"
+        ) from None
+    if ref.kind == "vault" and backend != "vault":
+        raise ConfigError(
+            file,
+            f"{key}.secret",
+            f"{ref} needs the vault backend",
+            "set secrets.backend: vault and secrets.vault, or use an env: reference",
+        )
+    return Service(wire.name, frozenset(hosts), tuple(slots), shape, wire.env_var, ref, wire.anonymous)
+
+
+def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...]) -> tuple[Service, ...]:
+    out: list[Service] = []
+    for i, entry in enumerate(wire.services):
+        key = f"services[{i}]"
+        if isinstance(entry, str):
+            entry = {"preset": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                file, key, "expected a preset name or a mapping", "e.g. openai, or {preset: openai, secret: …}"
+            )
+        if "preset" in entry:
+            try:
+                ref = ServiceRefWire.model_validate(entry)
+            except ValidationError as err:
+                _raise_validation(file, ServiceRefWire, err, ("services", i))
+                raise AssertionError("unreachable") from err
+            _, preset, _ = load_preset(ref.preset, base, file, f"{key}.preset")
+            if preset.service is None:
+                raise ConfigError(
+                    file,
+                    f"{key}.preset",
+                    f"preset {ref.preset!r} defines no service",
+                    "use a preset with a service section (openai, anthropic, google-gemini, github)",
+                )
+            overrides = {k: v for k, v in (("secret", ref.secret), ("anonymous", ref.anonymous)) if v is not None}
+            svc_wire = preset.service.model_copy(update=overrides)
+            out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
+        else:
+            try:
+                svc_wire = ServiceWire.model_validate(entry)
+            except ValidationError as err:
+                _raise_validation(file, ServiceWire, err, ("services", i))
+                raise AssertionError("unreachable") from err
+            out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
+    seen: dict[str, str] = {}
+    for i, svc in enumerate(out):
+        if svc.name in {s.name for s in out[:i]}:
+            raise ConfigError(file, f"services[{i}]", f"service {svc.name!r} is listed twice", "keep one entry")
+        for host in svc.hosts:
+            if host in seen:
+                raise ConfigError(
+                    file,
+                    f"services[{i}].hosts",
+                    f"{host} already belongs to service {seen[host]!r}",
+                    "bind each host to one service",
+                )
+            seen[host] = svc.name
+    return tuple(out)
+
+
+def _agents(file: Path, wire: ConfigWire, services: tuple[Service, ...]) -> dict[str, Agent]:
+    names = {s.name for s in services}
+    agents = {}
+    for name, agent in wire.agents.items():
+        if not _NAME.match(name):
+            raise ConfigError(
+                file, f"agents.{name}", f"{name!r} is not a valid agent name", "use letters, digits, '-', '_', '.'"
+            )
+        for j, svc in enumerate(agent.services):
+            if svc not in names:
+                raise ConfigError(
+                    file,
+                    f"agents.{name}.services[{j}]",
+                    f"no service named {svc!r}",
+                    f"use one of {', '.join(sorted(names)) or '(none configured: add services:)'}",
+                )
+        agents[name] = Agent(name, tuple(agent.services))
+    return agents

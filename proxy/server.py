@@ -22,9 +22,19 @@ from egress_guard import addons
 from egress_guard.audit import AuditLog
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
+from egress_guard.fakekeys import load_or_create_hmac_key
+from egress_guard.keycache import KeyCache
 from egress_guard.resolve import Resolver
+from egress_guard.secrets import Backend, EnvBackend, SecretStore, VaultBackend
 
 log = logging.getLogger("egress_guard")
+
+
+def make_backend(config: Config) -> Backend:
+    if config.secrets_backend == "vault":
+        assert config.vault is not None
+        return VaultBackend(config.vault)
+    return EnvBackend()
 
 
 class StartupError(Exception):
@@ -56,6 +66,8 @@ class EgressProxy:
         self.listen = listen or (config.listen_host, config.listen_port)
         self.audit = AuditLog(config.audit_path)
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
+        self.keys = KeyCache(config.audit_path)
+        self.secrets = SecretStore(make_backend(config), ttl=config.secrets_cache_ttl)
         self.master: Master | None = None
         self._proxyserver: proxyserver.Proxyserver | None = None
         self._task: asyncio.Task[None] | None = None
@@ -89,6 +101,8 @@ class EgressProxy:
                 f"audit log {self.config.audit_path} cannot be opened for writing ({exc}); "
                 "fix its path or permissions in the config's audit.path"
             ) from None
+        await self.keys.open()
+        hmac_key = load_or_create_hmac_key(self.config.ca_dir)
         capture = _ErrorCapture()
         mitm_log = logging.getLogger("mitmproxy")
         mitm_log.addHandler(capture)
@@ -96,11 +110,14 @@ class EgressProxy:
             self.master = Master(options.Options())
             ready = _Ready()
             self._proxyserver = proxyserver.Proxyserver()
+            runtime = addons.Runtime(
+                self.config, self.audit, self.resolver, self.keys, self.secrets, hmac_key, self._proxyserver
+            )
             self.master.addons.add(
                 self._proxyserver,
                 next_layer.NextLayer(),
                 tlsconfig.TlsConfig(),
-                *addons.chain(self.config, self.audit, self.resolver),
+                *addons.chain(runtime),
                 ready,
             )
             self.master.options.update(**self.options())
@@ -133,4 +150,6 @@ class EgressProxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
         self.master = None
+        await self.secrets.close()
+        await self.keys.close()
         return await self.audit.close()

@@ -69,3 +69,52 @@ def make_proxy(
 @pytest.fixture
 def proxy(make_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     return make_proxy()
+
+
+@pytest.fixture
+def llm_upstream(test_ca: tuple[trustme.CA, Path]) -> Iterator[Upstream]:
+    from llm_upstream import LLMHandler, SlowStream
+
+    SlowStream.stop.clear()
+    server = Upstream(test_ca[0], LLMHandler)
+    yield server
+    SlowStream.stop.set()
+    server.close()
+
+
+SERVICE_HOSTS = ["api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "api.github.com"]
+
+
+@pytest.fixture
+def cred_config(llm_upstream: Upstream, upstream: Upstream, test_ca: tuple[trustme.CA, Path]) -> dict[str, Any]:
+    """A config with the four credentialed presets pointed at the local LLM upstream, plus
+    api.test.local (an allowed host bound to no service) on the generic upstream."""
+    return {
+        "allowlists": ["openai", "anthropic", "google-gemini", "github"],
+        "allow": [{"host": h, "ports": [llm_upstream.port]} for h in SERVICE_HOSTS]
+        + [{"host": "api.test.local", "ports": [upstream.port]}],
+        "services": ["openai", "anthropic", "google-gemini", "github"],
+        "agents": {
+            "researcher": {"services": ["openai", "anthropic", "google-gemini", "github"]},
+            "writer": {"services": ["anthropic"]},
+        },
+        "network": {
+            "hosts": {h: ["127.0.0.1"] for h in [*SERVICE_HOSTS, "api.test.local"]},
+            "upstream_ca": str(test_ca[1]),
+        },
+    }
+
+
+@pytest.fixture
+def real_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The real keys, in the environment of the (in-process) proxy: the env backend."""
+    from llm_upstream import REAL_ENV
+
+    for name, value in REAL_ENV.items():
+        monkeypatch.setenv(name, value)
+    return REAL_ENV
+
+
+@pytest.fixture
+def cred_proxy(make_proxy: Callable[..., RunningProxy], cred_config: dict[str, Any], real_env) -> RunningProxy:
+    return make_proxy(**cred_config)

@@ -26,7 +26,14 @@ from egress_guard import bootstrap
 from egress_guard.config import Config, load_config
 from egress_guard.server import EgressProxy
 
-UPSTREAM_NAMES = ["api.test.local", "other.test.local"]
+UPSTREAM_NAMES = [
+    "api.test.local",
+    "other.test.local",
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "api.github.com",
+]
 
 
 @dataclass
@@ -39,6 +46,8 @@ class UpstreamState:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """A generic upstream: /json echoes the request, /sse streams behind a gate, /big downloads."""
+
     protocol_version = "HTTP/1.1"
     server: _Server
 
@@ -119,8 +128,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, ssl_context: ssl.SSLContext | None, handler: type[BaseHTTPRequestHandler] = _Handler) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.ssl_context = ssl_context
         self.state = UpstreamState()
 
@@ -138,12 +147,12 @@ class _Server(ThreadingHTTPServer):
 class Upstream:
     """A TLS (or plain) HTTP/1.1 server on 127.0.0.1 with a certificate for UPSTREAM_NAMES."""
 
-    def __init__(self, ca: trustme.CA | None) -> None:
+    def __init__(self, ca: trustme.CA | None, handler: type[BaseHTTPRequestHandler] = _Handler) -> None:
         ctx = None
         if ca is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ca.issue_cert(*UPSTREAM_NAMES).configure_cert(ctx)  # names only: no IP SAN
-        self.server = _Server(ctx)
+        self.server = _Server(ctx, handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

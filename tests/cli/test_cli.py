@@ -55,7 +55,7 @@ def test_init_creates_everything_and_twice_keeps_the_ca(tmp_path: Path) -> None:
     second = invoke("init", "--dir", str(tmp_path))
     assert second.exit_code == 0
     assert "created" not in second.output
-    assert second.output.count("kept") == 3
+    assert second.output.count("kept") == 4  # config, CA, HMAC key, DB
     assert (key.read_bytes(), (tmp_path / "certs" / "egress-guard-ca.pem").read_bytes()) == before
     assert (tmp_path / "egress-guard.yaml").read_text().endswith("# mine\n")
 
@@ -253,6 +253,8 @@ def test_audit_table_stats_and_tail(audit_db: Path) -> None:
 
 
 def test_audit_tail_follows_new_rows(audit_db: Path) -> None:
+    import threading
+
     with subprocess.Popen(
         [
             *EG,
@@ -261,7 +263,7 @@ def test_audit_tail_follows_new_rows(audit_db: Path) -> None:
             "--config",
             str(audit_db),
             "-n",
-            "0",
+            "1",
             "--interval",
             "0.1",
             "--format",
@@ -272,7 +274,14 @@ def test_audit_tail_follows_new_rows(audit_db: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     ) as proc:
-        time.sleep(0.5)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout.readline() for _ in range(2)), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while not lines:  # the newest existing row first: tail is up and following
+            assert time.monotonic() < deadline, "tail printed nothing"
+            time.sleep(0.05)
         conn = sqlite3.connect(audit_db.parent / "egress-guard.db")
         conn.execute(
             "INSERT INTO audit (ts, request_id, kind, decision) VALUES ('2026-11-22T10:00:00Z', 'ok', 'request', 'allow')"
@@ -281,10 +290,9 @@ def test_audit_tail_follows_new_rows(audit_db: Path) -> None:
             "INSERT INTO audit (ts, request_id, kind, decision) VALUES ('2026-11-22T10:00:01Z', 'new', 'request', 'deny')"
         )
         conn.commit()
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+        reader.join(20)
         proc.terminate()
-    assert json.loads(line)["request_id"] == "new"
+    assert [json.loads(line)["request_id"] for line in lines] == ["r3", "new"]
 
 
 @pytest.mark.parametrize(
@@ -397,3 +405,80 @@ def test_up_creates_defaults_prints_banner_and_flushes_on_sigterm(tmp_path: Path
     assert f"{n} audit rows written, 0 lost" in err
     conn = sqlite3.connect(tmp_path / "egress-guard.db")
     assert conn.execute("SELECT COUNT(*) FROM audit WHERE decision = 'deny' AND kind = 'connect'").fetchone()[0] == n
+
+
+# --- fake keys on the command line ---------------------------------------------------------------
+
+
+def test_run_with_agent_gets_fake_keys_and_never_the_real_ones(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    real = "sk-proj-REALkeyOnTheHost0123456789"
+    env = {**os.environ, "OPENAI_API_KEY": real, "ANTHROPIC_API_KEY": "sk-ant-REAL", "GEMINI_API_KEY": "AIzaREAL"}
+    script = (
+        'printf "%s|%s|%s|%s" "$OPENAI_API_KEY" "$ANTHROPIC_API_KEY" "${GEMINI_API_KEY-unset}" "$EGRESS_GUARD_AGENT"'
+    )
+    cfg = str(tmp_path / "egress-guard.yaml")
+    out = subprocess.run(
+        [*EG, "run", "--config", cfg, "--agent", "agent", "--services", "openai,anthropic", "--", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    openai_key, anthropic_key, gemini, agent = out.stdout.split("|")
+    assert openai_key.startswith("sk-proj-") and openai_key != real and anthropic_key.startswith("sk-ant-api03-")
+    assert gemini == "unset" and agent == "agent"  # a real secret not swapped for a fake one is removed
+    plain = subprocess.run(
+        [*EG, "run", "--config", cfg, "--", "sh", "-c", 'printf "%s" "${OPENAI_API_KEY-unset}"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert plain.stdout == "unset"
+    listed = json.loads(invoke("keys", "list", "--config", cfg, "--format", "json").output)
+    assert [(k["agent"], k["services"], k["status"]) for k in listed] == [("agent", "openai,anthropic", "active")]
+
+
+def test_env_with_agent_and_keys_mint(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    cfg = str(tmp_path / "egress-guard.yaml")
+    sh = invoke("env", "--config", cfg, "--agent", "agent", "--services", "openai").output
+    assert "export OPENAI_API_KEY=sk-proj-" in sh and "unset ANTHROPIC_API_KEY\n" in sh
+    assert "unset OPENAI_API_KEY" not in sh
+    minted = CliRunner().invoke(
+        main,
+        ["keys", "mint", "--config", cfg, "--agent", "agent", "--ttl", "2h", "--session", "run-42", "--format", "json"],
+    )
+    assert minted.exit_code == 0
+    data = json.loads(minted.stdout)
+    assert data["EGRESS_GUARD_SESSION"] == "run-42" and data["GEMINI_API_KEY"].startswith("AIza")
+    assert "for agent agent, session run-42" in minted.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--agent", "nobody"], "no agent named 'nobody'"),
+        (["--agent", "agent", "--services", "github"], "may not use github"),
+        (["--agent", "agent", "--ttl", "soon"], "'soon' is not a duration"),
+        (["--agent", "agent", "--ttl", "100d"], "longer than the 90 days"),
+        (["--agent", "agent", "--session", "bad id"], "not a valid session id"),
+    ],
+)
+def test_keys_mint_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    result = CliRunner().invoke(main, ["keys", "mint", "--config", str(tmp_path / "egress-guard.yaml"), *args])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_kill_needs_exactly_one_target_and_is_stored(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    cfg = str(tmp_path / "egress-guard.yaml")
+    assert CliRunner().invoke(main, ["kill", "--config", cfg]).exit_code == 2
+    invoke("keys", "mint", "--config", cfg, "--agent", "agent", "--session", "s1")
+    invoke("keys", "mint", "--config", cfg, "--agent", "agent", "--session", "s2")
+    assert "revoked 1 key(s) of session s1" in invoke("kill", "--config", cfg, "--session", "s1").output
+    assert "revoked 1 key(s) of agent agent" in invoke("kill", "--config", cfg, "--agent", "agent").output
+    rows = json.loads(invoke("keys", "list", "--config", cfg, "--all", "--format", "json").output)
+    assert {r["session"]: r["status"] for r in rows} == {"s1": "revoked", "s2": "revoked"}

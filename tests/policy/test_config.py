@@ -45,6 +45,59 @@ BROKEN = [
     ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "README"),
     ("version: 1\nallow: [\n", "line", "not valid YAML", "YAML syntax"),
     ("- just\n- a list\n", "", "must be a YAML mapping", "version: 1"),
+    (
+        "version: 1\nservices: [openai]\n",
+        "services[0].hosts[0]",
+        "api.openai.com is not on the allowlist",
+        "add the openai preset to allowlists",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, secret: 'vault:secret/x#k'}]\n",
+        "services[0].secret",
+        "needs the vault backend",
+        "secrets.backend: vault",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, secret: OPENAI_KEY}]\n",
+        "services[0].secret",
+        "is not a secret reference",
+        "env:OPENAI_API_KEY",
+    ),
+    ("version: 1\nallowlists: [pypi]\nservices: [pypi]\n", "services[0].preset", "defines no service", "openai"),
+    ("version: 1\nallowlists: [openai]\nservices: [openai, openai]\n", "services[1]", "listed twice", "keep one"),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, secrte: x}]\n",
+        "services[0]",
+        "unknown key 'secrte'",
+        "did you mean 'secret'?",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\nagents: {a: {services: [anthropic]}}\n",
+        "agents.a.services[0]",
+        "no service named 'anthropic'",
+        "openai",
+    ),
+    ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
+    (
+        "version: 1\nsecrets: {backend: vault, vault: {address: vault.local}}\n",
+        "secrets.vault.address",
+        "is not a URL",
+        "https://",
+    ),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, length: 20}, env_var: X, secret: 'env:X'}]\n",
+        "services[0].fake_key.length",
+        "too few for the key's tag",
+        "at least",
+    ),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a, query: b}],"
+        " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X'}]\n",
+        "services[0].credential[0]",
+        "exactly one of",
+        "{query: key}",
+    ),
 ]
 
 

@@ -1,0 +1,285 @@
+"""CredentialGuard: swaps the agent's fake key for the real secret, and refuses every other
+use of a credential.
+
+Runs after RequestGuard, so the CONNECT target, SNI, Host and the vetted dialled address
+already agree. On a service's host: the agent's key must be a genuine, unexpired, unrevoked
+egress-guard key for that service and an agent allowed to use it; then the real secret
+replaces it in the same place, the agent's proxy credentials are stripped, and the secret's
+forms are handed to the response scrubber. Anywhere: an egress-guard key bound to other hosts,
+in a header, the URL or the body, is refused as a possible exfiltration. Every refusal is
+401/403/503 in the provider's error shape, never a forward.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import connection, http
+
+from egress_guard.addons._flow import (
+    AGENT,
+    CREDENTIAL,
+    DECISION,
+    DIALED,
+    KEY_ID,
+    SCRUB,
+    SERVICE,
+    SESSION,
+    TARGET,
+    answered,
+    fail_closed,
+    reject,
+)
+from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
+from egress_guard.fakekeys import iso, looks_like, utcnow
+from egress_guard.keycache import KeyCache
+from egress_guard.policy import Decision, Verdict
+from egress_guard.secrets import SecretStore, SecretUnavailable
+
+log = logging.getLogger("egress_guard")
+FLAG = "; flagged as a possible exfiltration attempt"
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """The byte strings that must never reach the agent: the secret as is, base64 (both
+    alphabets) and percent-encoded."""
+    raw = secret.encode()
+    forms = {
+        raw,
+        base64.b64encode(raw).rstrip(b"="),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+        urllib.parse.quote(secret, safe="").encode(),
+    }
+    return sorted((f for f in forms if len(f) >= 8), key=len, reverse=True)
+
+
+class _Refusal(Exception):
+    def __init__(self, credential: Credential, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.credential, self.reason, self.status = credential, reason, status
+
+
+class StreamScanner:
+    """Wraps a request stream callable: scans the chunks for fake keys bound elsewhere; on a
+    hit, drops that chunk and everything after it and calls `on_hit` (which cuts the
+    connection). Never raises: mitmproxy would drop the chunk and carry on."""
+
+    def __init__(
+        self,
+        inner: Callable[[bytes], Any] | bool,
+        check: Callable[[bytes], str | None],
+        window: int,
+        on_hit: Callable[[str], None],
+    ) -> None:
+        self.inner, self.check, self.window, self.on_hit = inner, check, window, on_hit
+        self.tail = b""
+        self.tripped = False
+
+    def __call__(self, chunk: bytes) -> Any:
+        if self.tripped:
+            return b""
+        try:
+            leak = self.check(self.tail + chunk)
+        except Exception:
+            leak = "the body could not be checked for egress-guard keys"
+        if leak:
+            self.tripped = True
+            self.on_hit(leak)
+            return b""
+        self.tail = (self.tail + chunk)[-self.window :] if self.window else b""
+        return self.inner(chunk) if callable(self.inner) else chunk
+
+
+class CredentialGuard:
+    def __init__(
+        self,
+        services: tuple[Service, ...],
+        agents: dict,
+        hmac_key: bytes,
+        keys: KeyCache,
+        store: SecretStore,
+        cut: Callable[[str], object],
+    ) -> None:
+        self.services = services
+        self.agents = agents
+        self.by_host = {host: s for s in services for host in s.hosts}
+        self.hmac_key = hmac_key
+        self.keys = keys
+        self.store = store
+        self.cut = cut  # closes a client connection by id (the kill switch's tool too)
+        self.scanner = FakeKeyScanner(hmac_key, services)
+        self.clients: dict[str, set[str]] = {}  # key id -> client connection ids that used it
+
+    # --- what is where -------------------------------------------------------------------
+
+    def _leak(self, host: str, data: bytes, where: str) -> str | None:
+        """Why `data` may not go to `host`: it holds an egress-guard key bound elsewhere."""
+        for service, _key_id in self.scanner.scan(data):
+            if host not in service.hosts:
+                return f"an egress-guard key for {service.name} was sent to {host} in {where}{FLAG}"
+        return None
+
+    async def _check(self, service: Service, value: str) -> tuple[str, Any]:
+        hit = identify(self.hmac_key, (service,), value)
+        if hit is None:
+            other = identify(self.hmac_key, self.services, value)
+            if other is not None:
+                raise _Refusal(
+                    Credential.WRONG_SERVICE,
+                    f"this egress-guard key is for {other[0].name}, not {service.name}{FLAG}",
+                    401,
+                )
+            if looks_like(service.shape, value):
+                raise _Refusal(Credential.FORGED, f"forged or altered egress-guard key for {service.name}{FLAG}", 401)
+            raise _Refusal(
+                Credential.FOREIGN,
+                f"the {service.name} credential is not an egress-guard key (a real key smuggled into the agent?)"
+                f"{FLAG}; use the key from 'egress-guard keys mint'",
+                401,
+            )
+        key_id = hit[1]
+        record = await self.keys.lookup(key_id)
+        if record is None:
+            raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} is unknown to this proxy", 401)
+        if record.revoked_at:
+            raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} was revoked ({record.revoked_reason})", 401)
+        if record.expires_at <= iso(utcnow()):
+            raise _Refusal(
+                Credential.EXPIRED, f"egress-guard key {key_id} expired at {record.expires_at}; mint a new one", 401
+            )
+        if service.name not in record.services:
+            raise _Refusal(
+                Credential.WRONG_SERVICE, f"egress-guard key {key_id} was not minted for {service.name}{FLAG}", 401
+            )
+        agent = self.agents.get(record.agent)
+        if agent is None or service.name not in agent.services:
+            raise _Refusal(
+                Credential.NOT_PERMITTED,
+                f"agent {record.agent!r} may not use {service.name} (agents.{record.agent}.services)",
+                403,
+            )
+        return key_id, record
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    @fail_closed("request")
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if answered(flow):
+            return
+        req = flow.request
+        req.headers.pop("proxy-authorization", None)  # the agent's proxy credentials stop here
+        target = flow.metadata.get(TARGET)
+        if target is None or flow.metadata.get(DIALED) is None:
+            reject(flow, Decision(Verdict.ERROR, "request reached the credential guard unvetted; refused"), 502)
+            return
+        host = target[0].name
+        service = self.by_host.get(host)
+        if service is not None:
+            flow.metadata[SERVICE] = service.name
+        try:
+            # The service's own credential slots first (a key there is judged as a credential:
+            # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak.
+            if service is not None:
+                await self._swap(flow, service)
+            for name, value in req.headers.fields:
+                where = f"header {name.decode(errors='replace')}"
+                leak = self._leak(host, value, where)
+                if not leak and value[:6].lower() == b"basic ":
+                    with contextlib.suppress(ValueError):
+                        leak = self._leak(host, base64.b64decode(value[6:].strip()), where)
+                if leak:
+                    raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
+            for form in {req.path.encode(), urllib.parse.unquote_to_bytes(req.path)}:
+                leak = self._leak(host, form, "the URL")
+                if leak:
+                    raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
+        except _Refusal as refusal:
+            self._refuse(flow, refusal)
+            return
+        if req.stream and self.scanner.max_len:
+            req.stream = StreamScanner(
+                req.stream,
+                lambda data: self._leak(host, data, "the body"),
+                self.scanner.max_len,
+                lambda why: self._cut_stream(flow, why),
+            )
+
+    @fail_closed("request")
+    def request(self, flow: http.HTTPFlow) -> None:
+        if answered(flow) or flow.request.stream or not self.scanner.max_len:
+            return
+        body = flow.request.get_content(strict=False) or b""
+        target = flow.metadata.get(TARGET)
+        if body and target is not None:
+            leak = self._leak(target[0].name, body, "the body")
+            if leak:
+                self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        for key_id, clients in list(self.clients.items()):
+            clients.discard(client.id)
+            if not clients:
+                del self.clients[key_id]
+
+    # --- the swap ------------------------------------------------------------------------
+
+    async def _swap(self, flow: http.HTTPFlow, service: Service) -> None:
+        req = flow.request
+        headers: dict[str, list[str]] = {}
+        for name, value in req.headers.fields:
+            headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        query = {k: req.query.get_all(k) for k in req.query}
+        found = find_credentials(service, headers, query)
+        if not found:
+            if service.anonymous:
+                flow.metadata[CREDENTIAL] = Credential.ANONYMOUS
+                return
+            where = " or ".join(s.describe() for s in service.slots)
+            raise _Refusal(
+                Credential.MISSING, f"no {service.name} credential: send the agent's egress-guard key in {where}", 401
+            )
+        checked = [await self._check(service, f.value) for f in found]
+        if len({key_id for key_id, _ in checked}) > 1:
+            raise _Refusal(Credential.FORGED, f"more than one {service.name} credential in one request", 401)
+        key_id, record = checked[0]
+        flow.metadata[AGENT], flow.metadata[SESSION], flow.metadata[KEY_ID] = record.agent, record.session, key_id
+        try:
+            secret = await self.store.get(service.secret)
+        except SecretUnavailable as exc:
+            raise _Refusal(
+                Credential.UNAVAILABLE, f"the {service.name} credential is unavailable: {exc}", 503
+            ) from None
+        real = secret.reveal()
+        for f in found:
+            if f.slot.kind == "query":
+                req.query.set_all(f.slot.name, [real])
+            else:
+                req.headers[f.slot.name] = header_value(f.slot, real, f.scheme)
+        req.headers["accept-encoding"] = "identity"  # so the scrubber can read what comes back
+        flow.metadata[SCRUB] = secret_forms(real)
+        flow.metadata[CREDENTIAL] = Credential.SWAPPED
+        self.clients.setdefault(key_id, set()).add(flow.client_conn.id)
+
+    def _refuse(self, flow: http.HTTPFlow, refusal: _Refusal) -> None:
+        flow.metadata[CREDENTIAL] = refusal.credential
+        verdict = Verdict.ERROR if refusal.status >= 500 else Verdict.DENY
+        if FLAG in refusal.reason:
+            log.warning(
+                "SECURITY %s: %s (client %s, id %s)",
+                refusal.credential.value,
+                refusal.reason,
+                flow.client_conn.peername,
+                flow.id,
+            )
+        reject(flow, Decision(verdict, refusal.reason), refusal.status)
+
+    def _cut_stream(self, flow: http.HTTPFlow, why: str) -> None:
+        flow.metadata[CREDENTIAL] = Credential.UNBOUND_HOST
+        flow.metadata[DECISION] = Decision(Verdict.DENY, why)
+        log.warning("SECURITY %s: %s (id %s); connection cut", Credential.UNBOUND_HOST.value, why, flow.id)
+        self.cut(flow.client_conn.id)

@@ -1,0 +1,140 @@
+"""Minting, listing and revoking fake keys: what the CLI does to the key table.
+
+Never touches a real secret. A minted key is printed once and never stored: the table
+holds only its id and what it grants.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+from egress_guard import audit
+from egress_guard.config import Config
+from egress_guard.fakekeys import (
+    SELECT_KEYS,
+    KeyRecord,
+    insert_key,
+    iso,
+    load_or_create_hmac_key,
+    make_key,
+    revoke,
+    utcnow,
+)
+
+_DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_TTL = 90 * 86400
+
+
+class KeyError_(ValueError):
+    """A mint/revoke request that cannot be honoured; the message names the fix."""
+
+
+def parse_ttl(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise KeyError_(f"{text!r} is not a duration: use e.g. 90s, 30m, 8h, 7d")
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_TTL:
+        raise KeyError_(f"{text!r} is longer than the 90 days a key may live")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Minted:
+    record: KeyRecord
+    env: dict[str, str]  # the agent's variable -> its fake key
+
+
+def connect_rw(config: Config) -> sqlite3.Connection:
+    audit.migrate(config.audit_path)
+    return audit.connect(config.audit_path)
+
+
+def mint(
+    config: Config, agent: str, *, ttl: str = "8h", services: list[str] | None = None, session: str | None = None
+) -> Minted:
+    if agent not in config.agents:
+        known = ", ".join(sorted(config.agents)) or "none: add an agents: section"
+        raise KeyError_(f"no agent named {agent!r} in {config.path} (agents: {known})")
+    allowed = config.agents[agent].services
+    chosen = tuple(services) if services else allowed
+    if not chosen:
+        raise KeyError_(f"agent {agent!r} has no services: list some under agents.{agent}.services")
+    extra = [s for s in chosen if s not in allowed]
+    if extra:
+        raise KeyError_(
+            f"agent {agent!r} may not use {', '.join(extra)} (agents.{agent}.services: {', '.join(allowed)})"
+        )
+    session = session or f"s-{secrets.token_hex(6)}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", session):
+        raise KeyError_(f"{session!r} is not a valid session id (letters, digits, '_', '.', ':', '-')")
+    seconds = parse_ttl(ttl)
+    try:
+        hmac_key = load_or_create_hmac_key(config.ca_dir, create=False)
+    except FileNotFoundError:
+        raise KeyError_(f"no fake-key HMAC key in {config.ca_dir}: run 'egress-guard init'") from None
+    conn = connect_rw(config)
+    try:
+        record = insert_key(conn, agent, session, chosen, seconds)
+    finally:
+        conn.close()
+    env = {}
+    for name in chosen:
+        service = config.service(name)
+        assert service is not None
+        env[service.env_var] = make_key(hmac_key, service.shape, service.name, record.key_id)
+    return Minted(record, env)
+
+
+def list_keys(config: Config, agent: str | None = None, include_inactive: bool = False) -> list[dict]:
+    if not config.audit_path.exists():
+        return []
+    conn = audit.connect(config.audit_path, readonly=True)
+    try:
+        sql, args = SELECT_KEYS, []
+        if agent:
+            sql += " WHERE agent = ?"
+            args.append(agent)
+        rows = [KeyRecord.from_row(r) for r in conn.execute(sql + " ORDER BY created_at", args)]
+    finally:
+        conn.close()
+    now = iso(utcnow())
+    out = []
+    for r in rows:
+        status = r.status(now)
+        if include_inactive or status == "active":
+            out.append(
+                {
+                    "key_id": r.key_id,
+                    "agent": r.agent,
+                    "session": r.session,
+                    "services": ",".join(r.services),
+                    "created_at": r.created_at,
+                    "expires_at": r.expires_at,
+                    "status": status,
+                    "revoked_reason": r.revoked_reason,
+                }
+            )
+    return out
+
+
+def revoke_keys(
+    config: Config, *, agent: str | None = None, session: str | None = None, key_id: str | None = None, reason: str
+) -> int:
+    conn = connect_rw(config)
+    try:
+        return revoke(conn, agent=agent, session=session, key_id=key_id, reason=reason)
+    finally:
+        conn.close()
+
+
+def secret_env_names(config: Config) -> set[str]:
+    """Environment variables that hold real secrets on this host: never hand them to an agent."""
+    names = {s.secret.name for s in config.services if s.secret.kind == "env"}
+    if config.vault is not None:
+        names |= {config.vault.token_env, config.vault.role_id_env, config.vault.secret_id_env}
+    return names

@@ -1,0 +1,232 @@
+"""A local stand-in for the OpenAI, Anthropic, Gemini and GitHub APIs that accepts ONLY the
+real keys (which only egress-guard knows) and answers in each API's own shapes, JSON and
+SSE. `/echo` returns the credentials it received, in the body and in a header: the
+"upstream that echoes the key" the scrubber must defend against."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from helpers import _Handler
+
+REAL = {
+    "openai": "sk-proj-REALopenaiSECRET0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",
+    "anthropic": "sk-ant-api03-REALanthropicSECRET0123456789abcdefghijklmnopqrstuvwxyz-AA",
+    "google-gemini": "AIzaREALgeminiSECRET0123456789abcdefgh",
+    "github": "ghp_REALgithubSECRET0123456789abcdefghijkl",
+}
+REAL_ENV = {
+    "OPENAI_API_KEY": REAL["openai"],
+    "ANTHROPIC_API_KEY": REAL["anthropic"],
+    "GEMINI_API_KEY": REAL["google-gemini"],
+    "GH_TOKEN": REAL["github"],
+}
+
+
+class SlowStream:
+    """Controls /v1/slow: events every `interval` seconds until `stop` is set."""
+
+    stop = threading.Event()
+    interval = 0.1
+
+
+class LLMHandler(_Handler):
+    def _json(self, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _sse_start(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _event(self, data: Any, event: str | None = None) -> None:
+        text = (
+            f"event: {event}\n" if event else ""
+        ) + f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+        self._chunk(text.encode())
+
+    def _end(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def handle_any(self) -> None:
+        raw = self._body()
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        seen = {
+            "method": self.command,
+            "path": url.path,
+            "query": url.query,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": raw.decode(errors="replace"),
+        }
+        with self.server.state.lock:
+            self.server.state.requests.append(seen)
+        body = json.loads(raw) if raw.strip().startswith(b"{") else {}
+        host = (self.headers.get("host") or "").split(":")[0]
+        auth = self.headers.get("authorization", "")
+        if url.path == "/echo":
+            got = {"authorization": auth, "x-api-key": self.headers.get("x-api-key"), "query": url.query}
+            # the key in the body, in a header, split across two chunks, base64'd: all must be scrubbed
+            import base64
+
+            key = REAL["openai"]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Echo-Authorization", auth)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            text = json.dumps({"received": got, "b64": base64.b64encode(key.encode()).decode()})
+            self._chunk(text[: len(text) // 2].encode())
+            time.sleep(0.05)
+            self._chunk(text[len(text) // 2 :].encode())
+            self._end()
+            return
+        if host == "api.openai.com":
+            if auth != f"Bearer {REAL['openai']}":
+                self._json(
+                    401,
+                    {
+                        "error": {
+                            "message": "Incorrect API key provided",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_api_key",
+                        }
+                    },
+                )
+                return
+            if url.path == "/v1/models":
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "openai"}],
+                    },
+                )
+                return
+            if url.path == "/v1/slow":
+                self._sse_start()
+                for i in range(200):
+                    if SlowStream.stop.is_set():
+                        break
+                    self._event({"i": i})
+                    time.sleep(SlowStream.interval)
+                self._end()
+                return
+            model = body.get("model", "gpt-4o-mini")
+            if body.get("stream"):
+                self._sse_start()
+                for piece in ("po", "ng"):
+                    self._event(
+                        {
+                            "id": "chatcmpl-1",
+                            "object": "chat.completion.chunk",
+                            "created": 1,
+                            "model": model,
+                            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                        }
+                    )
+                self._event(
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion.chunk",
+                        "created": 1,
+                        "model": model,
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    }
+                )
+                self._event("[DONE]")
+                self._end()
+                return
+            self._json(
+                200,
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                },
+            )
+            return
+        if host == "api.anthropic.com":
+            if REAL["anthropic"] not in (self.headers.get("x-api-key"), auth.removeprefix("Bearer ")):
+                self._json(
+                    401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+                )
+                return
+            model = body.get("model", "claude-haiku-4-5")
+            message = {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 0},
+            }
+            if body.get("stream"):
+                self._sse_start()
+                self._event({"type": "message_start", "message": message}, "message_start")
+                self._event(
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                    "content_block_start",
+                )
+                self._event(
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "pong"}},
+                    "content_block_delta",
+                )
+                self._event({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                self._event(
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": 1},
+                    },
+                    "message_delta",
+                )
+                self._event({"type": "message_stop"}, "message_stop")
+                self._end()
+                return
+            self._json(
+                200,
+                message
+                | {
+                    "content": [{"type": "text", "text": "pong"}],
+                    "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 5, "output_tokens": 1},
+                },
+            )
+            return
+        if host == "generativelanguage.googleapis.com":
+            if REAL["google-gemini"] not in (self.headers.get("x-goog-api-key"), query.get("key", [None])[0]):
+                self._json(401, {"error": {"code": 401, "message": "API key not valid", "status": "UNAUTHENTICATED"}})
+                return
+            self._json(200, {"candidates": [{"content": {"parts": [{"text": "pong"}], "role": "model"}}]})
+            return
+        if host == "api.github.com":
+            if auth not in (f"Bearer {REAL['github']}", f"token {REAL['github']}"):
+                self._json(401, {"message": "Bad credentials"})
+                return
+            self._json(200, {"login": "octocat"})
+            return
+        self._json(200, seen)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
