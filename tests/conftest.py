@@ -13,6 +13,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import RunningProxy, Upstream, write_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_real_secret_anywhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: no real key in any file the tests left (audit DBs and their
+    WAL, configs, bao logs) nor in the log output of the whole run."""
+    import base64
+    import logging
+
+    from llm_upstream import REAL
+
+    log_file = tmp_path_factory.mktemp("logs") / "suite.log"
+    handler = logging.FileHandler(log_file)
+    handler.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("egress_guard", "mitmproxy")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+    handler.close()
+    forms = [f for v in REAL.values() for f in (v.encode(), base64.b64encode(v.encode()))]
+    leaks = [
+        str(path)
+        for path in tmp_path_factory.getbasetemp().rglob("*")
+        if path.is_file() and any(form in path.read_bytes() for form in forms)
+    ]
+    assert leaks == [], f"real secrets found in {leaks}"
+    assert log_file.stat().st_size > 0  # the run did log: the check above read something
+
+
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
     """The upstreams' own CA: unrelated to egress-guard's, trusted only via network.upstream_ca."""
