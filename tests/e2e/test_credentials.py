@@ -298,3 +298,17 @@ def test_anonymous_access_only_when_configured(make_proxy, cred_config, real_env
         assert r.status_code == 401 and "no openai credential" in r.text
     rows = {r["service"]: r["credential"] for r in proxy.rows(expect=4) if r["kind"] == "request"}
     assert rows == {"github": "anonymous", "openai": "denied-missing"}
+
+
+def test_revocations_survive_a_proxy_restart(make_proxy, cred_config, real_env, llm_upstream: Upstream) -> None:
+    first = make_proxy(**cred_config)
+    revoked, kept = mint(first), mint(first, agent="writer")
+    result = CliRunner().invoke(main, ["kill", "--config", str(first.config.path), "--agent", "researcher"])
+    assert result.exit_code == 0
+    first.stop()
+    second = make_proxy(**cred_config)  # same directory: same DB and HMAC key
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        openai_client(second, llm_upstream.port, revoked.env["OPENAI_API_KEY"]).models.list()
+    msg = anthropic_client(second, llm_upstream.port, kept.env["ANTHROPIC_API_KEY"]).messages.create(
+        model="claude-haiku-4-5", max_tokens=5, messages=[])
+    assert msg.content[0].text == "pong"
