@@ -12,12 +12,14 @@ from egress_guard.addons.credential_guard import CredentialGuard
 from egress_guard.addons.killswitch import KillSwitch, cut_client
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
+from egress_guard.addons.spend_guard import BudgetFollower, SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.audit import AuditLog
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
+from egress_guard.spend import Ledger
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Runtime:
     secrets: SecretStore
     hmac_key: bytes
     proxyserver: Any
+    ledger: Ledger
+    budgets: BudgetFollower
 
 
 def chain(rt: Runtime) -> list[Any]:
@@ -41,8 +45,11 @@ def chain(rt: Runtime) -> list[Any]:
     3. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
     4. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
     5. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
-    6. AuditRecorder    one row per decision; refuse anything no guard decided on
-    7. KillSwitch       follow revocations; cut the connections of revoked keys
+    6. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
+                        (response) tap usage from JSON/SSE, settle to the real cost
+    7. AuditRecorder    one row per decision; refuse anything no guard decided on
+    8. KillSwitch       follow revocations; cut the connections of revoked keys
+    9. BudgetFollower   follow run-time budget changes; publish open reservations
     """
     _flow.ERROR_STYLES.clear()
     _flow.ERROR_STYLES.update({host: s.name for s in rt.config.services for host in s.hosts})
@@ -61,6 +68,8 @@ def chain(rt: Runtime) -> list[Any]:
         RequestGuard(rt.config.rules, tunnels, rt.resolver),
         credentials,
         ResponseStreamer(),
+        SpendGuard(rt.config, rt.ledger),
         AuditRecorder(rt.audit, query_strings=rt.config.audit_query_strings),
         KillSwitch(rt.keys, credentials.clients, rt.proxyserver),
+        rt.budgets,
     ]

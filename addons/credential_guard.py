@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import urllib.parse
 from collections.abc import Callable
@@ -124,10 +125,14 @@ class CredentialGuard:
                 return f"an egress-guard key for {service.name} was sent to {host} in {where}{FLAG}"
         return None
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one guard per proxy; keys repeat on every request
+    def _identify(self, services: tuple[Service, ...], value: str) -> tuple[Service, str] | None:
+        return identify(self.hmac_key, services, value)
+
     async def _check(self, service: Service, value: str) -> tuple[str, Any]:
-        hit = identify(self.hmac_key, (service,), value)
+        hit = self._identify((service,), value)
         if hit is None:
-            other = identify(self.hmac_key, self.services, value)
+            other = self._identify(self.services, value)
             if other is not None:
                 raise _Refusal(
                     Credential.WRONG_SERVICE,

@@ -22,6 +22,7 @@ from egress_guard.addons._flow import (
     fail_closed,
     reject,
 )
+from egress_guard.addons.spend_guard import METERED, USAGE
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.policy import Decision, Verdict
 
@@ -107,6 +108,12 @@ class AuditRecorder:
             service=flow.metadata.get(SERVICE),
             credential=str(flow.metadata[CREDENTIAL]) if CREDENTIAL in flow.metadata else None,
         )
+        cost = flow.metadata.get(USAGE)
+        if cost is not None:
+            row.model, row.input_tokens, row.output_tokens = cost.model, cost.input_tokens, cost.output_tokens
+            row.cached_tokens, row.cost_usd = cost.cached_tokens, f"{cost.usd:f}"
+        elif (metered := flow.metadata.get(METERED)) is not None:
+            row.model = metered.model
         self.audit.record(row)
         if decision.verdict is not Verdict.ALLOW:
             log.info(

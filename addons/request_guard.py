@@ -110,8 +110,14 @@ class RequestGuard:
         # data.host, not .host: the setter would rewrite Host/:authority to the address.
         req.data.host = str(address)
         length = req.headers.get("content-length")
-        if length is None or not length.isdigit() or int(length) > STREAM_REQUESTS_OVER:
-            req.stream = ByteCounter(flow.metadata, REQUEST_BYTES)  # used only if a body follows
+        if length is not None:
+            big = not length.isdigit() or int(length) > STREAM_REQUESTS_OVER
+        else:  # no length: a chunked HTTP/1 body, or an HTTP/2 body of unknown size
+            big = "chunked" in req.headers.get("transfer-encoding", "").lower() or (
+                req.is_http2 and req.method.upper() not in ("GET", "HEAD", "OPTIONS", "DELETE")
+            )
+        if big:
+            req.stream = ByteCounter(flow.metadata, REQUEST_BYTES)
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         try:

@@ -37,6 +37,7 @@ HOST = "localhost"  # resolvable without DNS for mitmdump; pinned to 127.0.0.1 f
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello " * 20}]}).encode()
 REPLY = json.dumps(
     {
+        "model": "gpt-4o-mini",
         "id": "chatcmpl-1",
         "object": "chat.completion",
         "choices": [{"message": {"content": "hi"}}],
@@ -45,6 +46,7 @@ REPLY = json.dumps(
 ).encode()
 SSE_EVENTS, SSE_GAP = 5, 0.02
 FAKE_KEY = "sk-bench-unset"  # minted by start_egress_guard; sent to every target alike
+AUDIT_DBS: list[Path] = []  # egress-guard's audit log: proof that the run went through every addon
 
 
 # --- upstream (own process) -----------------------------------------------------------------
@@ -239,23 +241,74 @@ def start_egress_guard(work: Path, test_ca: Path, upstream_port: int) -> tuple[s
     port = _free_port()
     directory = work / "egress-guard"
     directory.mkdir()
+    # Every addon on: allowlist with method/path rules, SSRF pinning, and a credentialed service
+    # named "openai" so that every request is a fake-key check and swap, every response is
+    # scrubbed, and every POST is priced before (reservation) and after (real usage, via
+    # genai-prices) against the agent's rate limits, model allowlist and budgets.
     config = {
         "version": 1,
         "listen": f"127.0.0.1:{port}",
         "allow": [{"host": HOST, "ports": [upstream_port], "methods": ["GET", "POST"], "paths": ["/v1/*", "/sse"]}],
         "network": {"hosts": {HOST: ["127.0.0.1"]}, "upstream_ca": str(test_ca)},
+        "services": [
+            {
+                "name": "openai",
+                "hosts": [HOST],
+                "credential": [{"header": "Authorization", "scheme": "Bearer"}],
+                "fake_key": {"prefix": "sk-bench-", "length": 48},
+                "env_var": "BENCH_API_KEY",
+                "secret": "env:BENCH_REAL_KEY",
+            }
+        ],
+        "agents": {
+            "bench": {
+                "services": ["openai"],
+                "limits": {
+                    "requests_per_minute": 1_000_000,
+                    "tokens_per_minute": 1_000_000_000,
+                    "concurrent": 64,
+                    "budget_usd": {"session": 1_000_000, "day": 1_000_000, "total": 1_000_000},
+                    "models": {"openai": ["gpt-4o-*"]},
+                },
+            }
+        },
     }
     (directory / "egress-guard.yaml").write_text(yaml.safe_dump(config))
     exe = shutil.which("egress-guard", path=str(Path(sys.executable).parent)) or "egress-guard"
     subprocess.run([exe, "init", "--dir", str(directory)], check=True, capture_output=True)
-    proc = subprocess.Popen(
-        [exe, "up", "--config", str(directory / "egress-guard.yaml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    minted = subprocess.run(
+        [exe, "keys", "mint", "--config", str(directory / "egress-guard.yaml"), "--agent", "bench", "--format", "json"],
+        check=True,
+        capture_output=True,
         text=True,
     )
+    global FAKE_KEY
+    FAKE_KEY = json.loads(minted.stdout)["BENCH_API_KEY"]
+    env = os.environ | {"BENCH_REAL_KEY": "sk-real-bench-secret-0123456789abcdef"}
+    proc = subprocess.Popen(  # its log goes to a file: an unread pipe would fill and stall it
+        [exe, "up", "--config", str(directory / "egress-guard.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=(directory / "egress-guard.log").open("w"),
+        text=True,
+        env=env,
+    )
     _wait_port(port, proc)
+    audit_db = directory / "egress-guard.db"
+    AUDIT_DBS.append(audit_db)
     return proc, port, directory / "certs" / "egress-guard-ca.pem"
+
+
+def _proof() -> str:
+    import sqlite3
+
+    if not AUDIT_DBS or not AUDIT_DBS[0].exists():
+        return "no audit log"
+    conn = sqlite3.connect(AUDIT_DBS[0])
+    total, swapped, priced = conn.execute(
+        "SELECT COUNT(*), SUM(credential = 'swapped'), SUM(cost_usd IS NOT NULL) FROM audit WHERE kind = 'request'"
+    ).fetchone()
+    conn.close()
+    return f"egress-guard audit log: {total} requests, {swapped} with the key swapped, {priced} priced"
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -321,6 +374,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         upstream.terminate()
+        proof = _proof()
         shutil.rmtree(work, ignore_errors=True)
 
     print(
@@ -362,6 +416,7 @@ def main() -> int:
         ),
         ("SSE 1st byte - mitmdump-strm (ms)", eg["sse"]["first_p50"] - ms["sse"]["first_p50"], "(info, ms)", True),
     ]
+    print(f"\n{proof}")
     print()
     for label, value, target, ok in checks:
         unit = "" if "ms" in label else "x"

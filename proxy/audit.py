@@ -87,6 +87,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX audit_session_ts ON audit (session, ts);
         """,
     ),
+    (
+        "0003_spend",
+        """
+        ALTER TABLE audit ADD COLUMN cached_tokens INTEGER;
+        CREATE INDEX audit_agent_cost ON audit (agent, ts) WHERE cost_usd IS NOT NULL;
+        CREATE TABLE budgets (                -- run-time overrides of the config's budgets
+            agent      TEXT NOT NULL,
+            scope      TEXT NOT NULL,         -- session | day | total | session:<id>
+            limit_usd  TEXT NOT NULL,         -- exact decimal
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (agent, scope)
+        );
+        CREATE TABLE budget_reserved (        -- the running proxy's open reservations, for `budget show`
+            key        TEXT PRIMARY KEY,      -- session:<agent>/<id> | day:<agent>/<date> | total:<agent>
+            usd        TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -118,6 +137,7 @@ class AuditRow:
     input_tokens: int | None = None
     output_tokens: int | None = None
     cost_usd: str | None = None
+    cached_tokens: int | None = None
 
 
 COLUMNS = ["id", *(f.name for f in dataclasses.fields(AuditRow))]

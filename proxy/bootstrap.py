@@ -60,10 +60,22 @@ secrets:
   #   ca_file: null
   #   namespace: null
 
-# Agents, and the services each may use: `egress-guard run --agent NAME -- CMD`.
+# Agents, the services each may use, and its limits: `egress-guard run --agent NAME -- CMD`.
 agents:
   agent:
     services: [openai, anthropic, google-gemini]
+    limits:
+      budget_usd: {session: 5, day: 20}   # USD, priced from real token usage (also: total)
+      # requests_per_minute: 60
+      # tokens_per_minute: 200000
+      # concurrent: 4
+      # models: {openai: [gpt-4o-mini], anthropic: ["claude-haiku-*"]}
+
+# How calls are priced (genai-prices' bundled price data; no network).
+spend:
+  timezone: UTC                 # when "day" budgets reset
+  unknown_model: deny           # or fallback, with fallback_price: {input_per_mtok: 10, output_per_mtok: 30}
+  default_max_output_tokens: 4096   # reserved when a request sets no max_tokens
 
 network:
   allow_private: []       # CIDRs exempt from the SSRF guard, e.g. [10.0.0.0/8]

@@ -11,9 +11,11 @@ import difflib
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,6 +25,7 @@ from egress_guard.fakekeys import ALPHABETS, MIN_TAG_BITS, KeyShape
 from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
 from egress_guard.policy import Destination, Rule, decide
 from egress_guard.secrets import SecretRef, VaultSettings
+from egress_guard.spend import Limits, SpendSettings
 from egress_guard.ssrf import Network
 
 DEFAULT_CONFIG_NAME = "egress-guard.yaml"
@@ -115,8 +118,35 @@ class SecretsWire(_Wire):
     cache_ttl: float = Field(default=300.0, ge=1, le=86400)
 
 
+class BudgetWire(_Wire):
+    session: Decimal | None = Field(default=None, ge=0)
+    day: Decimal | None = Field(default=None, ge=0)
+    total: Decimal | None = Field(default=None, ge=0)
+
+
+class LimitsWire(_Wire):
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent: int | None = Field(default=None, ge=1)
+    budget_usd: BudgetWire = Field(default_factory=BudgetWire)
+    models: dict[str, list[str]] = Field(default_factory=dict)
+
+
 class AgentWire(_Wire):
     services: list[str] = Field(default_factory=list)
+    limits: LimitsWire = Field(default_factory=LimitsWire)
+
+
+class FallbackPriceWire(_Wire):
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+
+
+class SpendWire(_Wire):
+    timezone: str = "UTC"
+    unknown_model: Literal["deny", "fallback"] = "deny"
+    fallback_price: FallbackPriceWire | None = None
+    default_max_output_tokens: int = Field(default=4096, ge=1)
 
 
 class AuditWire(_Wire):
@@ -142,6 +172,7 @@ class ConfigWire(_Wire):
     secrets: SecretsWire = Field(default_factory=SecretsWire)
     services: list[Any] = Field(default_factory=list)  # preset names, {preset: …, secret: …} or full services
     agents: dict[str, AgentWire] = Field(default_factory=dict)
+    spend: SpendWire = Field(default_factory=SpendWire)
 
 
 # --- domain -------------------------------------------------------------------------------
@@ -166,6 +197,7 @@ class Config:
     secrets_backend: Literal["env", "vault"] = "env"
     vault: VaultSettings | None = None
     secrets_cache_ttl: float = 300.0
+    spend: SpendSettings = field(default_factory=SpendSettings)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
@@ -449,6 +481,7 @@ def load_config(path: Path | str) -> Config:
     vault = _vault(file, base, wire.secrets)
     services = _services(file, base, wire, tuple(rules))
     agents = _agents(file, wire, services)
+    spend = _spend(file, wire.spend)
     return Config(
         path=file.resolve(),
         listen_host=listen_host,
@@ -467,6 +500,7 @@ def load_config(path: Path | str) -> Config:
         secrets_backend=wire.secrets.backend,
         vault=vault,
         secrets_cache_ttl=wire.secrets.cache_ttl,
+        spend=spend,
     )
 
 
@@ -641,5 +675,50 @@ def _agents(file: Path, wire: ConfigWire, services: tuple[Service, ...]) -> dict
                     f"no service named {svc!r}",
                     f"use one of {', '.join(sorted(names)) or '(none configured: add services:)'}",
                 )
-        agents[name] = Agent(name, tuple(agent.services))
+        lw = agent.limits
+        for svc in lw.models:
+            if svc not in agent.services:
+                raise ConfigError(
+                    file,
+                    f"agents.{name}.limits.models.{svc}",
+                    f"{svc!r} is not one of this agent's services",
+                    f"use one of {', '.join(agent.services) or '(none)'}",
+                )
+        limits = Limits(
+            lw.requests_per_minute,
+            lw.tokens_per_minute,
+            lw.concurrent,
+            lw.budget_usd.session,
+            lw.budget_usd.day,
+            lw.budget_usd.total,
+            {k: tuple(v) for k, v in lw.models.items()},
+        )
+        agents[name] = Agent(name, tuple(agent.services), limits)
     return agents
+
+
+def _spend(file: Path, wire: SpendWire) -> SpendSettings:
+    try:
+        ZoneInfo(wire.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            file,
+            "spend.timezone",
+            f"unknown time zone {wire.timezone!r}",
+            "use an IANA name such as UTC or Europe/Berlin",
+        ) from None
+    if wire.unknown_model == "fallback" and wire.fallback_price is None:
+        raise ConfigError(
+            file,
+            "spend.fallback_price",
+            "unknown_model is fallback but no fallback_price is set",
+            "add fallback_price: {input_per_mtok: 10, output_per_mtok: 30}",
+        )
+    fp = wire.fallback_price
+    return SpendSettings(
+        wire.timezone,
+        wire.unknown_model,
+        fp.input_per_mtok if fp else Decimal(0),
+        fp.output_per_mtok if fp else Decimal(0),
+        wire.default_max_output_tokens,
+    )

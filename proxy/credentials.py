@@ -11,12 +11,13 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
 from egress_guard.fakekeys import KeyShape, parse_key
 from egress_guard.secrets import SecretRef
+from egress_guard.spend import Limits
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Service:
 class Agent:
     name: str
     services: tuple[str, ...]
+    limits: Limits = field(default_factory=Limits)
 
 
 class Credential(StrEnum):

@@ -19,6 +19,7 @@ from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from egress_guard import addons
+from egress_guard.addons.spend_guard import BudgetFollower
 from egress_guard.audit import AuditLog
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
@@ -26,6 +27,7 @@ from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import Backend, EnvBackend, SecretStore, VaultBackend
+from egress_guard.spend import Ledger
 
 log = logging.getLogger("egress_guard")
 
@@ -68,6 +70,8 @@ class EgressProxy:
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
         self.keys = KeyCache(config.audit_path)
         self.secrets = SecretStore(make_backend(config), ttl=config.secrets_cache_ttl)
+        self.ledger = Ledger(config.spend)
+        self.budgets = BudgetFollower(config.audit_path, self.ledger)
         self.master: Master | None = None
         self._proxyserver: proxyserver.Proxyserver | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +106,7 @@ class EgressProxy:
                 "fix its path or permissions in the config's audit.path"
             ) from None
         await self.keys.open()
+        await self.budgets.load_spent()  # spend so far: budgets survive restarts
         hmac_key = load_or_create_hmac_key(self.config.ca_dir)
         capture = _ErrorCapture()
         mitm_log = logging.getLogger("mitmproxy")
@@ -111,7 +116,15 @@ class EgressProxy:
             ready = _Ready()
             self._proxyserver = proxyserver.Proxyserver()
             runtime = addons.Runtime(
-                self.config, self.audit, self.resolver, self.keys, self.secrets, hmac_key, self._proxyserver
+                self.config,
+                self.audit,
+                self.resolver,
+                self.keys,
+                self.secrets,
+                hmac_key,
+                self._proxyserver,
+                self.ledger,
+                self.budgets,
             )
             self.master.addons.add(
                 self._proxyserver,

@@ -127,30 +127,21 @@ class LLMHandler(_Handler):
                 self._end()
                 return
             model = body.get("model", "gpt-4o-mini")
+            # the "model" writes as many tokens as it may (max_tokens): costs are predictable
+            out = body.get("max_completion_tokens") or body.get("max_tokens") or 1
+            usage = {"prompt_tokens": 11, "completion_tokens": out, "total_tokens": 11 + out}
+            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
             if body.get("stream"):
                 self._sse_start()
                 for piece in ("po", "ng"):
-                    self._event(
-                        {
-                            "id": "chatcmpl-1",
-                            "object": "chat.completion.chunk",
-                            "created": 1,
-                            "model": model,
-                            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
-                        }
-                    )
-                self._event(
-                    {
-                        "id": "chatcmpl-1",
-                        "object": "chat.completion.chunk",
-                        "created": 1,
-                        "model": model,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                    }
-                )
+                    self._event(chunk | {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                self._event(chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._event(chunk | {"choices": [], "usage": usage})
                 self._event("[DONE]")
                 self._end()
                 return
+            message = {"role": "assistant", "content": "pong"}
             self._json(
                 200,
                 {
@@ -158,10 +149,8 @@ class LLMHandler(_Handler):
                     "object": "chat.completion",
                     "created": 1,
                     "model": model,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}
-                    ],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": usage,
                 },
             )
             return
@@ -172,6 +161,8 @@ class LLMHandler(_Handler):
                 )
                 return
             model = body.get("model", "claude-haiku-4-5")
+            out = body.get("max_tokens") or 1
+            usage_in = {"input_tokens": 5, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 3}
             message = {
                 "id": "msg_1",
                 "type": "message",
@@ -180,25 +171,21 @@ class LLMHandler(_Handler):
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": 5, "output_tokens": 0},
+                "usage": usage_in | {"output_tokens": 1},
             }
             if body.get("stream"):
                 self._sse_start()
                 self._event({"type": "message_start", "message": message}, "message_start")
-                self._event(
-                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                    "content_block_start",
-                )
-                self._event(
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "pong"}},
-                    "content_block_delta",
-                )
+                block = {"type": "text", "text": ""}
+                self._event({"type": "content_block_start", "index": 0, "content_block": block}, "content_block_start")
+                delta = {"type": "text_delta", "text": "pong"}
+                self._event({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta")
                 self._event({"type": "content_block_stop", "index": 0}, "content_block_stop")
                 self._event(
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": 1},
+                        "usage": {"output_tokens": out},
                     },
                     "message_delta",
                 )
@@ -211,7 +198,7 @@ class LLMHandler(_Handler):
                 | {
                     "content": [{"type": "text", "text": "pong"}],
                     "stop_reason": "end_turn",
-                    "usage": {"input_tokens": 5, "output_tokens": 1},
+                    "usage": usage_in | {"output_tokens": out},
                 },
             )
             return
@@ -219,7 +206,14 @@ class LLMHandler(_Handler):
             if REAL["google-gemini"] not in (self.headers.get("x-goog-api-key"), query.get("key", [None])[0]):
                 self._json(401, {"error": {"code": 401, "message": "API key not valid", "status": "UNAUTHENTICATED"}})
                 return
-            self._json(200, {"candidates": [{"content": {"parts": [{"text": "pong"}], "role": "model"}}]})
+            self._json(
+                200,
+                {
+                    "candidates": [{"content": {"parts": [{"text": "pong"}], "role": "model"}}],
+                    "modelVersion": "gemini-2.5-flash",
+                    "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 3, "totalTokenCount": 10},
+                },
+            )
             return
         if host == "api.github.com":
             if auth not in (f"Bearer {REAL['github']}", f"token {REAL['github']}"):

@@ -310,5 +310,6 @@ def test_revocations_survive_a_proxy_restart(make_proxy, cred_config, real_env, 
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         openai_client(second, llm_upstream.port, revoked.env["OPENAI_API_KEY"]).models.list()
     msg = anthropic_client(second, llm_upstream.port, kept.env["ANTHROPIC_API_KEY"]).messages.create(
-        model="claude-haiku-4-5", max_tokens=5, messages=[])
+        model="claude-haiku-4-5", max_tokens=5, messages=[]
+    )
     assert msg.content[0].text == "pong"

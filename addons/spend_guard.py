@@ -1,0 +1,307 @@
+"""SpendGuard: rate limits, model allowlists and USD budgets for identified agents, priced
+from the real token usage of each response.
+
+Before forwarding (`request`, body buffered): the model must be allowed, and the request's
+worst-case cost is reserved against every budget and rate limit that applies — or it is
+refused with 429 (provider error shape, `Retry-After`). OpenAI chat streams that did not ask
+for usage get `stream_options.include_usage` on the way up, and the extra usage-only chunk is
+dropped on the way back. After the response (JSON, or SSE tapped as it passes without delay)
+the reservation is settled to the real cost; on error it is released, or billed in full if
+the provider may already have charged (see README, "What is billed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from mitmproxy import http
+
+from egress_guard.addons._flow import AGENT, SERVICE, SESSION, answered, fail_closed, reject
+from egress_guard.audit import now_iso
+from egress_guard.config import Config
+from egress_guard.policy import Decision, Verdict
+from egress_guard.spend import (
+    PROVIDER_OF,
+    Cost,
+    Hold,
+    Ledger,
+    Metered,
+    Refusal,
+    SSEEvents,
+    Unpriced,
+    UsageFromStream,
+    cost_of,
+    decode_event,
+    is_usage_only_chunk,
+    meter,
+    model_allowed,
+    reservation,
+)
+
+log = logging.getLogger("egress_guard")
+HOLD = "egress_guard.spend_hold"
+METERED = "egress_guard.metered"
+USAGE = "egress_guard.usage"  # Cost: what the response really cost
+DROP_USAGE_CHUNK = "egress_guard.drop_usage_chunk"
+ACCUMULATE_LIMIT = 16 * 1024 * 1024
+
+
+class StreamTap:
+    """A response stream callable that reads usage from SSE events (or a streamed JSON body)
+    as they pass, drops OpenAI's usage-only chunk when egress-guard asked for it, and hands
+    everything else on unchanged. It never raises."""
+
+    def __init__(
+        self,
+        inner: Callable[[bytes], Any] | bool,
+        m: Metered,
+        sse: bool,
+        drop: bool,
+        done: Callable[[dict | None], None],
+    ) -> None:
+        self.inner, self.m, self.sse, self.drop, self.done = inner, m, sse, drop, done
+        self.events = SSEEvents()
+        self.usage = UsageFromStream(m.provider, m.flavor)
+        self.body = bytearray()
+        self.broken = False
+
+    def _pass(self, data: bytes) -> Any:
+        return self.inner(data) if callable(self.inner) else data
+
+    def __call__(self, chunk: bytes) -> Any:
+        if self.broken:
+            return self._pass(chunk)
+        try:
+            if not self.sse:
+                if len(self.body) < ACCUMULATE_LIMIT:
+                    self.body += chunk
+                if not chunk:
+                    self.done(self._json_usage())
+                return self._pass(chunk)
+            out = bytearray()
+            for raw, _name, data in self.events.feed(chunk):
+                obj = decode_event(data)
+                if obj is not None:
+                    self.usage.observe(obj)
+                    if self.drop and is_usage_only_chunk(obj):
+                        continue
+                out += raw
+            if not chunk:  # end of stream
+                out += self.events.rest()
+                self.done(self.usage.response)
+                head = self._pass(bytes(out)) if out else b""
+                return head + self._pass(b"")
+            return self._pass(bytes(out))
+        except Exception:
+            log.exception("usage tap failed; passing the stream through unparsed")
+            self.broken = True
+            return self._pass(self.events.rest() + chunk)
+
+    def _json_usage(self) -> dict | None:
+        try:
+            value = json.loads(bytes(self.body))
+        except ValueError:
+            return None
+        if isinstance(value, list):  # Gemini's streamGenerateContent without alt=sse: a JSON array
+            for item in value:
+                if isinstance(item, dict):
+                    self.usage.observe(item)
+            return self.usage.response
+        return value if isinstance(value, dict) else None
+
+
+class SpendGuard:
+    def __init__(self, config: Config, ledger: Ledger) -> None:
+        self.agents = config.agents
+        self.settings = config.spend
+        self.ledger = ledger
+        self.providers = {s.name: PROVIDER_OF.get(s.name) for s in config.services}
+
+    def _refuse(self, flow: http.HTTPFlow, reason: str, status: int, retry_after: int | None = None) -> None:
+        reject(flow, Decision(Verdict.DENY, reason), status)
+        if retry_after is not None and flow.response is not None:
+            flow.response.headers["Retry-After"] = str(retry_after)
+
+    @fail_closed("request")
+    def request(self, flow: http.HTTPFlow) -> None:
+        if answered(flow):
+            return
+        agent_name, service = flow.metadata.get(AGENT), flow.metadata.get(SERVICE)
+        if agent_name is None or service is None:
+            return  # no agent identified: nothing to account to
+        agent = self.agents.get(agent_name)
+        if agent is None:
+            self._refuse(flow, f"agent {agent_name!r} is not in the config", 403)
+            return
+        provider = self.providers.get(service)
+        usd, tokens, m = Decimal(0), 0, None
+        if provider is not None and meter(provider, flow.request.path, None, 0) is not None:
+            if flow.request.stream:
+                self._refuse(
+                    flow,
+                    "the request body is too large or of unknown length to meter; send it with a "
+                    "Content-Length of at most 1 MiB",
+                    413,
+                )
+                return
+            raw = flow.request.get_content(strict=False) or b""
+            body: Any = None
+            if raw[:1] in (b"{", b"["):
+                with contextlib.suppress(ValueError):
+                    body = json.loads(raw)
+            m = meter(provider, flow.request.path, body, len(raw))
+            if m is not None:
+                if not model_allowed(agent.limits, service, m.model):
+                    allowed = ", ".join(agent.limits.models.get(service, ()))
+                    self._refuse(
+                        flow,
+                        f"model {m.model!r} is not allowed for agent {agent_name} on {service} (allowed: {allowed})",
+                        403,
+                    )
+                    return
+                try:
+                    usd, tokens = reservation(self.settings, m)
+                except Unpriced as exc:
+                    self._refuse(flow, str(exc), 403)
+                    return
+                if m.provider == "openai" and m.flavor == "chat" and m.stream and isinstance(body, dict):
+                    raw_options = body.get("stream_options")
+                    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
+                    if not options.get("include_usage"):
+                        body["stream_options"] = {**options, "include_usage": True}
+                        flow.request.content = json.dumps(body).encode()
+                        flow.metadata[DROP_USAGE_CHUNK] = True
+                flow.metadata[METERED] = m
+        try:
+            hold = self.ledger.admit(agent.limits, agent_name, flow.metadata.get(SESSION) or "", usd, tokens)
+        except Refusal as refusal:
+            self._refuse(flow, refusal.reason, refusal.status, refusal.retry_after)
+            return
+        flow.metadata[HOLD] = hold
+
+    @fail_closed("response")
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        m: Metered | None = flow.metadata.get(METERED)
+        response = flow.response
+        if m is None or response is None or not response.stream or response.status_code >= 400:
+            return
+        sse = "event-stream" in response.headers.get("content-type", "")
+        response.stream = StreamTap(
+            response.stream, m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj)
+        )
+
+    def _observed(self, flow: http.HTTPFlow, m: Metered, obj: dict | None) -> None:
+        cost = cost_of(self.settings, m.provider, m.flavor, obj) if obj else None
+        if cost is not None:
+            flow.metadata[USAGE] = cost
+
+    @fail_closed("response")
+    def response(self, flow: http.HTTPFlow) -> None:
+        hold: Hold | None = flow.metadata.get(HOLD)
+        if hold is None:
+            return
+        m: Metered | None = flow.metadata.get(METERED)
+        status = flow.response.status_code if flow.response is not None else 0
+        if (
+            m is not None
+            and USAGE not in flow.metadata
+            and status < 400
+            and flow.response is not None
+            and not flow.response.stream
+        ):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(flow.response.get_content(strict=False) or b"")
+                if isinstance(obj, dict):
+                    self._observed(flow, m, obj)
+        cost: Cost | None = flow.metadata.get(USAGE)
+        if m is None or status >= 400:
+            self.ledger.settle(hold, Decimal(0), 0)  # unmetered, or the provider refused: nothing billed
+        elif cost is not None:
+            self.ledger.settle(hold, cost.usd, cost.input_tokens + cost.output_tokens)
+        else:  # a success without usage: bill the worst case rather than nothing
+            log.warning("no usage in %s's %s response for %s; billing the reservation", m.provider, m.model, flow.id)
+            self.ledger.settle(hold, hold.usd, hold.tokens)
+            flow.metadata[USAGE] = Cost(hold.usd, 0, 0, 0, m.model)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        hold: Hold | None = flow.metadata.get(HOLD)
+        if hold is None or hold.settled:
+            return
+        cost: Cost | None = flow.metadata.get(USAGE)
+        if cost is not None:
+            self.ledger.settle(hold, cost.usd, cost.input_tokens + cost.output_tokens)
+        elif flow.response is not None and flow.metadata.get(METERED) is not None:
+            # the upstream answered and the exchange broke off (client gone, stream cut): the
+            # provider may have charged for it, so it is billed at the reservation
+            self.ledger.settle(hold, hold.usd, hold.tokens)
+            flow.metadata[USAGE] = Cost(hold.usd, 0, 0, 0, flow.metadata[METERED].model)
+        else:
+            self.ledger.settle(hold, Decimal(0), 0)  # never reached the provider: released
+
+
+class BudgetFollower:
+    """Keeps the ledger in step with the DB: spend recorded before this start, budget
+    overrides set at run time (`budget set/reset`), and the open reservations for `budget show`."""
+
+    def __init__(self, db_path: Path, ledger: Ledger, interval: float = 0.5) -> None:
+        self.db_path, self.ledger, self.interval = db_path, ledger, interval
+        self._task: asyncio.Task[None] | None = None
+        self._written: dict[str, str] = {}
+
+    async def load_spent(self) -> None:
+        from datetime import datetime
+
+        async with (
+            aiosqlite.connect(f"file:{self.db_path}?mode=ro", uri=True) as db,
+            db.execute(
+                "SELECT agent, session, ts, cost_usd FROM audit WHERE cost_usd IS NOT NULL AND agent IS NOT NULL"
+            ) as cur,
+        ):
+            async for agent, session, ts, cost in cur:
+                day = self.ledger.day(datetime.fromisoformat(ts.replace("Z", "+00:00")))
+                self.ledger.add_spent(agent, session or "", day, Decimal(cost))
+        await self._read_overrides()
+
+    async def _read_overrides(self) -> None:
+        async with (
+            aiosqlite.connect(f"file:{self.db_path}?mode=ro", uri=True) as db,
+            db.execute("SELECT agent, scope, limit_usd FROM budgets") as cur,
+        ):
+            self.ledger.overrides = {(a, s): Decimal(v) async for a, s, v in cur}
+
+    async def _write_reserved(self) -> None:
+        now = {f"{scope}:{key}": str(v) for (scope, key), v in self.ledger.reserved.items()}
+        if now == self._written:
+            return
+        ts = now_iso()
+        async with aiosqlite.connect(self.db_path, timeout=1.0) as db:
+            await db.execute("DELETE FROM budget_reserved")
+            await db.executemany("INSERT INTO budget_reserved VALUES (?, ?, ?)", [(k, v, ts) for k, v in now.items()])
+            await db.commit()
+        self._written = now
+
+    def running(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="egress-guard budget follower")
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._read_overrides()
+                await self._write_reserved()
+            except Exception as exc:
+                log.warning("budget follower: %r", exc)

@@ -1,0 +1,415 @@
+"""Spend and rate accounting: what a request may cost at most, what it did cost, and the
+ledger that keeps every budget and rate limit honest under concurrency.
+
+Pure except for genai-prices' bundled price snapshot (no network). The ledger lives on the
+event loop, so check-and-reserve is atomic: concurrent requests together can overshoot a
+budget by at most what one request's real cost exceeds its reservation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import functools
+import json
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+MTOK = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent: int | None = None
+    budget_session: Decimal | None = None
+    budget_day: Decimal | None = None
+    budget_total: Decimal | None = None
+    models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> globs
+
+
+@dataclass(frozen=True)
+class SpendSettings:
+    timezone: str = "UTC"
+    unknown_model: str = "deny"  # or "fallback"
+    fallback_input_per_mtok: Decimal = Decimal(0)
+    fallback_output_per_mtok: Decimal = Decimal(0)
+    default_max_output_tokens: int = 4096
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+# --- what a request is ---------------------------------------------------------------------
+
+PROVIDER_OF = {"openai": "openai", "anthropic": "anthropic", "google-gemini": "google"}
+_GEMINI_PATH = re.compile(r"^/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent|embedContent)$")
+
+
+@dataclass(frozen=True)
+class Metered:
+    provider: str  # genai-prices provider id
+    flavor: str  # genai-prices api_flavor
+    model: str
+    max_output: int | None  # what the client capped the output at, if it did
+    stream: bool
+    input_bytes: int
+
+
+def meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None:
+    """The metered call a request is, or None for an unmetered endpoint (model lists, files...)."""
+    path = path.split("?", 1)[0]
+    data = body if isinstance(body, dict) else {}
+    if provider == "openai":
+        flavor = {
+            "/v1/chat/completions": "chat",
+            "/v1/completions": "chat",
+            "/v1/responses": "responses",
+            "/v1/embeddings": "embeddings",
+        }.get(path)
+        if flavor is None:
+            return None
+        cap = data.get("max_completion_tokens") or data.get("max_output_tokens") or data.get("max_tokens")
+        return Metered(provider, flavor, str(data.get("model", "")), _int(cap), bool(data.get("stream")), body_len)
+    if provider == "anthropic":
+        if path != "/v1/messages":
+            return None
+        return Metered(
+            provider,
+            "default",
+            str(data.get("model", "")),
+            _int(data.get("max_tokens")),
+            bool(data.get("stream")),
+            body_len,
+        )
+    if provider == "google":
+        m = _GEMINI_PATH.match(path)
+        if not m:
+            return None
+        cap = (data.get("generationConfig") or {}).get("maxOutputTokens")
+        return Metered(provider, "default", m.group(1), _int(cap), m.group(2) == "streamGenerateContent", body_len)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def model_allowed(limits: Limits, service: str, model: str) -> bool:
+    globs = limits.models.get(service)
+    return globs is None or any(fnmatch.fnmatchcase(model, g) for g in globs)
+
+
+# --- prices ------------------------------------------------------------------------------
+
+
+class Unpriced(Exception):
+    """No price is known for the model (and the config says deny)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    usd: Decimal
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    model: str
+
+
+@functools.lru_cache(maxsize=8192)
+def _calc(
+    provider: str, model: str, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int, day: str
+) -> Decimal | None:
+    """genai-prices for one usage, memoised: a pure function of its arguments for a given day
+    (the snapshot is bundled; `day` keeps date-dependent prices right). None: unknown model."""
+    from genai_prices import Usage, calc_price
+
+    usage = Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cache_read or None,
+        cache_write_tokens=cache_write or None,
+    )
+    try:
+        return Decimal(calc_price(usage, model, provider_id=provider).total_price)
+    except LookupError:
+        return None
+
+
+def price(
+    settings: SpendSettings,
+    provider: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read: int = 0,
+    cache_write: int = 0,
+) -> Decimal:
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    usd = _calc(provider, model, input_tokens, output_tokens, cache_read, cache_write, day)
+    if usd is not None:
+        return usd
+    if settings.unknown_model != "fallback":
+        raise Unpriced(f"no price is known for model {model!r} at {provider} (spend.unknown_model: deny)")
+    return (settings.fallback_input_per_mtok * input_tokens + settings.fallback_output_per_mtok * output_tokens) / MTOK
+
+
+def reservation(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
+    """Worst-case cost and tokens of a request before it is sent: the prompt estimated at one
+    token per 3 bytes of body (an overestimate for text), the output at the client's cap or
+    the configured default."""
+    # rounded up to a multiple of 256: an even safer estimate, and one the price cache can reuse
+    input_tokens = math.ceil((m.input_bytes / 3 + 16) / 256) * 256
+    output_tokens = 0 if m.flavor == "embeddings" else (m.max_output or settings.default_max_output_tokens)
+    return price(settings, m.provider, m.model, input_tokens, output_tokens), input_tokens + output_tokens
+
+
+def cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict) -> Cost | None:
+    """The real cost of a provider response (or of the response object a stream assembled)."""
+    from genai_prices import extract_usage
+
+    try:
+        extracted = extract_usage(response, provider_id=provider, api_flavor=flavor)
+    except (ValueError, KeyError, TypeError, LookupError):
+        return None
+    u = extracted.usage
+    tokens = {
+        k: int(getattr(u, k) or 0) for k in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    }
+    model = extracted.model.id if extracted.model is not None else str(response.get("model", ""))
+    pid = extracted.provider.id if extracted.provider is not None else provider
+    usd = price(
+        settings,
+        pid,
+        model,
+        tokens["input_tokens"],
+        tokens["output_tokens"],
+        tokens["cache_read_tokens"],
+        tokens["cache_write_tokens"],
+    )
+    return Cost(
+        usd,
+        tokens["input_tokens"],
+        tokens["output_tokens"],
+        tokens["cache_read_tokens"] + tokens["cache_write_tokens"],
+        model,
+    )
+
+
+# --- streams ------------------------------------------------------------------------------
+
+
+class SSEEvents:
+    """Splits a byte stream into complete SSE events (any of \\n, \\r\\n, \\r line ends;
+    multi-line data joined with \\n). Keeps an incomplete event for the next feed."""
+
+    _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> Iterator[tuple[bytes, str | None, str]]:
+        """(raw event bytes incl. its blank line, event name, data) for each complete event."""
+        self.pending += data
+        while True:
+            m = self._BOUNDARY.search(self.pending)
+            if not m:
+                return
+            raw, self.pending = self.pending[: m.end()], self.pending[m.end() :]
+            name, lines = None, []
+            for line in re.split(rb"\r\n|\n|\r", raw[: m.start()]):
+                key, _, value = line.partition(b":")
+                value = value[1:] if value.startswith(b" ") else value
+                if key == b"data":
+                    lines.append(value.decode("utf-8", "replace"))
+                elif key == b"event":
+                    name = value.decode("utf-8", "replace")
+            yield raw, name, "\n".join(lines)
+
+    def rest(self) -> bytes:
+        out, self.pending = self.pending, b""
+        return out
+
+
+class UsageFromStream:
+    """Assembles, from a provider's stream events, the response object genai-prices reads."""
+
+    def __init__(self, provider: str, flavor: str) -> None:
+        self.provider, self.flavor = provider, flavor
+        self.response: dict[str, Any] | None = None
+
+    def observe(self, data: dict[str, Any]) -> None:
+        p = self.provider
+        if p == "openai" and self.flavor == "responses":
+            if data.get("type") == "response.completed" and isinstance(data.get("response"), dict):
+                self.response = data["response"]
+        elif p == "openai":
+            if data.get("usage"):
+                self.response = {"model": data.get("model", ""), "usage": data["usage"]}
+        elif p == "anthropic":
+            if data.get("type") == "message_start":
+                msg = data.get("message") or {}
+                self.response = {"model": msg.get("model", ""), "usage": dict(msg.get("usage") or {})}
+            elif data.get("type") == "message_delta" and self.response is not None:
+                self.response["usage"].update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
+        elif p == "google" and data.get("usageMetadata"):
+            self.response = {"modelVersion": data.get("modelVersion", ""), "usageMetadata": data["usageMetadata"]}
+
+
+def is_usage_only_chunk(data: dict[str, Any]) -> bool:
+    """OpenAI's extra chunk sent because of stream_options.include_usage."""
+    return bool(data.get("usage")) and data.get("choices") == []
+
+
+def decode_event(text: str) -> dict[str, Any] | None:
+    if not text or text == "[DONE]":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# --- the ledger --------------------------------------------------------------------------
+
+
+@dataclass
+class Hold:
+    """One admitted request: what it reserved, against which budgets."""
+
+    agent: str
+    session: str
+    day: str
+    usd: Decimal
+    tokens: int
+    settled: bool = False
+
+
+class Refusal(Exception):
+    def __init__(self, reason: str, retry_after: int, status: int = 429) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after, self.status = reason, retry_after, status
+
+
+@dataclass
+class Ledger:
+    settings: SpendSettings
+    spent: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # ("session"|"day"|"total", key)
+    reserved: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    overrides: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # (agent, scope[:session]) -> limit
+    _requests: dict[str, deque[float]] = field(default_factory=dict)
+    _tokens: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    _inflight: dict[str, int] = field(default_factory=dict)
+
+    def day(self, when: datetime.datetime | None = None) -> str:
+        when = when or datetime.datetime.now(datetime.UTC)
+        return when.astimezone(self.settings.zone).date().isoformat()
+
+    def next_day_start(self) -> datetime.datetime:
+        now = datetime.datetime.now(self.settings.zone)
+        start = datetime.datetime.combine(now.date() + datetime.timedelta(days=1), datetime.time(), now.tzinfo)
+        return start.astimezone(datetime.UTC)
+
+    @staticmethod
+    def keys(agent: str, session: str, day: str) -> list[tuple[str, tuple[str, str]]]:
+        return [
+            ("session", ("session", f"{agent}/{session}")),
+            ("day", ("day", f"{agent}/{day}")),
+            ("total", ("total", agent)),
+        ]
+
+    def limit(self, limits: Limits, agent: str, scope: str, session: str) -> Decimal | None:
+        for key in ((agent, f"session:{session}"), (agent, scope)) if scope == "session" else ((agent, scope),):
+            if key in self.overrides:
+                return self.overrides[key]
+        return {"session": limits.budget_session, "day": limits.budget_day, "total": limits.budget_total}[scope]
+
+    def admit(self, limits: Limits, agent: str, session: str, usd: Decimal, tokens: int) -> Hold:
+        """Check every rate limit and budget for one more request; reserve or raise Refusal."""
+        now = time.monotonic()
+        window = self._requests.setdefault(agent, deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if limits.requests_per_minute is not None and len(window) >= limits.requests_per_minute:
+            raise Refusal(
+                f"rate limit: {limits.requests_per_minute} requests per minute for agent {agent}",
+                max(1, math.ceil(window[0] + 60 - now)),
+            )
+        tok = self._tokens.setdefault(agent, deque())
+        while tok and tok[0][0] <= now - 60:
+            tok.popleft()
+        used = sum(t for _, t in tok)
+        if limits.tokens_per_minute is not None and used + tokens > limits.tokens_per_minute:
+            wait = 60 - (now - tok[0][0]) if tok else 60
+            raise Refusal(
+                f"rate limit: {limits.tokens_per_minute} tokens per minute for agent {agent} "
+                f"({used} used, this request may use {tokens})",
+                max(1, math.ceil(wait)),
+            )
+        inflight = self._inflight.get(agent, 0)
+        if limits.concurrent is not None and inflight >= limits.concurrent:
+            raise Refusal(f"concurrency limit: {limits.concurrent} requests at a time for agent {agent}", 1)
+        day = self.day()
+        for scope, key in self.keys(agent, session, day):
+            cap = self.limit(limits, agent, scope, session)
+            if cap is None:
+                continue
+            spent, held = self.spent.get(key, Decimal(0)), self.reserved.get(key, Decimal(0))
+            if spent + held + usd > cap:
+                resets = {
+                    "session": "when a new session starts",
+                    "total": "never (raise it with budget set)",
+                    "day": f"at {self.next_day_start().isoformat(timespec='seconds')}",
+                }[scope]
+                retry = (
+                    math.ceil((self.next_day_start() - datetime.datetime.now(datetime.UTC)).total_seconds())
+                    if scope == "day"
+                    else 3600
+                )
+                raise Refusal(
+                    f"budget: {scope} budget of ${cap} for agent {agent} would be exceeded "
+                    f"(spent ${_fmt(spent)}, reserved ${_fmt(held)}, this request may cost up to ${_fmt(usd)}); "
+                    f"resets {resets}",
+                    max(1, retry),
+                )
+        for _, key in self.keys(agent, session, day):
+            self.reserved[key] = self.reserved.get(key, Decimal(0)) + usd
+        window.append(now)
+        tok.append((now, tokens))
+        self._inflight[agent] = inflight + 1
+        return Hold(agent, session, day, usd, tokens)
+
+    def settle(self, hold: Hold, usd: Decimal, tokens: int | None) -> None:
+        """Replace the reservation by the real cost (and the token estimate by the real count)."""
+        if hold.settled:
+            return
+        hold.settled = True
+        for _, key in self.keys(hold.agent, hold.session, hold.day):
+            self.reserved[key] = self.reserved.get(key, Decimal(0)) - hold.usd
+            self.spent[key] = self.spent.get(key, Decimal(0)) + usd
+        self._inflight[hold.agent] = max(0, self._inflight.get(hold.agent, 1) - 1)
+        if tokens is not None:
+            tok = self._tokens.get(hold.agent)
+            if tok:
+                for i, (ts, t) in enumerate(tok):
+                    if t == hold.tokens:
+                        tok[i] = (ts, tokens)
+                        break
+
+    def add_spent(self, agent: str, session: str, day: str, usd: Decimal) -> None:
+        for _, key in self.keys(agent, session, day):
+            self.spent[key] = self.spent.get(key, Decimal(0)) + usd
+
+
+def _fmt(value: Decimal) -> str:
+    return f"{value.quantize(Decimal('0.000001')).normalize():f}"

@@ -1,0 +1,168 @@
+"""Usage accounting pieces on their own: SSE framing, usage assembly per provider, the
+metering table, pricing and the ledger's arithmetic."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from decimal import Decimal
+
+import pytest
+from genai_prices import Usage, calc_price
+from mitmproxy.test import tflow
+
+from egress_guard.addons.request_guard import ByteCounter
+from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, SpendGuard, StreamTap
+from egress_guard.spend import (
+    Ledger,
+    Limits,
+    Refusal,
+    SpendSettings,
+    SSEEvents,
+    Unpriced,
+    UsageFromStream,
+    meter,
+    price,
+    reservation,
+)
+
+SETTINGS = SpendSettings()
+
+
+@pytest.mark.parametrize("sep", [b"\n", b"\r\n", b"\r"])
+def test_sse_events_any_line_ending_split_anywhere_multiline_data(sep: bytes) -> None:
+    stream = (
+        b"event: a"
+        + sep
+        + b'data: {"x":'
+        + sep
+        + b"data: 1}"
+        + sep
+        + sep
+        + b": comment"
+        + sep
+        + b"data: [DONE]"
+        + sep
+        + sep
+    )
+    parser = SSEEvents()
+    events = []
+    for i in range(len(stream)):  # one byte at a time: events split at every possible point
+        events.extend(parser.feed(stream[i : i + 1]))
+    assert [(name, data) for _, name, data in events] == [("a", '{"x":\n1}'), (None, "[DONE]")]
+    assert b"".join(raw for raw, _, _ in events) == stream
+
+
+def test_usage_from_streams() -> None:
+    anthropic = UsageFromStream("anthropic", "default")
+    anthropic.observe(
+        {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 4, "output_tokens": 1}}}
+    )
+    anthropic.observe({"type": "message_delta", "usage": {"output_tokens": 9}})
+    assert anthropic.response == {"model": "m", "usage": {"input_tokens": 4, "output_tokens": 9}}
+    responses = UsageFromStream("openai", "responses")
+    responses.observe({"type": "response.output_text.delta", "delta": "x"})
+    responses.observe({"type": "response.completed", "response": {"model": "gpt-4o", "usage": {"input_tokens": 1}}})
+    assert responses.response == {"model": "gpt-4o", "usage": {"input_tokens": 1}}
+    gemini = UsageFromStream("google", "default")
+    gemini.observe({"usageMetadata": {"promptTokenCount": 1}, "modelVersion": "g"})
+    gemini.observe({"usageMetadata": {"promptTokenCount": 2}, "modelVersion": "g"})
+    assert gemini.response == {"modelVersion": "g", "usageMetadata": {"promptTokenCount": 2}}
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "body", "expected"),
+    [
+        (
+            "openai",
+            "/v1/chat/completions",
+            {"model": "gpt-4o", "max_tokens": 5, "stream": True},
+            ("chat", "gpt-4o", 5, True),
+        ),
+        ("openai", "/v1/responses", {"model": "gpt-4o", "max_output_tokens": 7}, ("responses", "gpt-4o", 7, False)),
+        (
+            "openai",
+            "/v1/embeddings?x=1",
+            {"model": "text-embedding-3-small"},
+            ("embeddings", "text-embedding-3-small", None, False),
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            {"model": "claude-haiku-4-5", "max_tokens": 9},
+            ("default", "claude-haiku-4-5", 9, False),
+        ),
+        (
+            "google",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            {"generationConfig": {"maxOutputTokens": 3}},
+            ("default", "gemini-2.5-flash", 3, True),
+        ),
+        ("openai", "/v1/models", None, None),
+        ("anthropic", "/v1/messages/count_tokens", {}, None),
+    ],
+)
+def test_meter(provider, path, body, expected) -> None:
+    m = meter(provider, path, body, 100)
+    assert (None if m is None else (m.flavor, m.model, m.max_output, m.stream)) == expected
+
+
+def test_prices_come_from_genai_prices_and_unknown_models_follow_the_config() -> None:
+    assert price(SETTINGS, "openai", "gpt-4o-mini", 1000, 10) == Decimal(
+        calc_price(Usage(input_tokens=1000, output_tokens=10), "gpt-4o-mini", provider_id="openai").total_price
+    )
+    with pytest.raises(Unpriced, match="no price is known for model 'my-model'"):
+        price(SETTINGS, "openai", "my-model", 1, 1)
+    fallback = SpendSettings(
+        unknown_model="fallback", fallback_input_per_mtok=Decimal(2), fallback_output_per_mtok=Decimal(8)
+    )
+    assert price(fallback, "openai", "my-model", 500_000, 250_000) == Decimal(3)
+
+
+def test_ledger_reserves_settles_and_refuses_with_the_numbers() -> None:
+    ledger = Ledger(SETTINGS)
+    limits = Limits(budget_session=Decimal("1.00"), concurrent=2)
+    a = ledger.admit(limits, "ag", "s", Decimal("0.40"), 10)
+    b = ledger.admit(limits, "ag", "s", Decimal("0.40"), 10)
+    with pytest.raises(Refusal, match="concurrency limit: 2"):
+        ledger.admit(limits, "ag", "s", Decimal("0.01"), 1)
+    ledger.settle(a, Decimal("0.10"), 5)
+    with pytest.raises(Refusal) as info:
+        ledger.admit(limits, "ag", "s", Decimal("0.60"), 1)
+    assert "session budget of $1.00" in info.value.reason and "spent $0.1" in info.value.reason
+    assert "reserved $0.4" in info.value.reason
+    ledger.settle(b, Decimal("0.20"), 5)
+    ledger.admit(limits, "ag", "s", Decimal("0.60"), 1)  # 0.30 spent + 0.60 fits in 1.00
+    assert ledger.spent[("session", "ag/s")] == Decimal("0.30")
+
+
+def test_stream_tap_drops_only_the_usage_chunk_it_asked_for() -> None:
+    m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, 10)
+    assert m is not None
+    seen: list[dict | None] = []
+    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=True, done=seen.append)
+    content = b'data: {"choices":[{"delta":{"content":"x"}}],"model":"gpt-4o-mini"}\r\n\r\n'
+    usage = b'data: {"choices":[],"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":2}}\r\n\r\n'
+    out = tap(content + usage[:20]) + tap(usage[20:] + b"data: [DONE]\r\n\r\n") + tap(b"")
+    assert out == content + b"data: [DONE]\r\n\r\n"
+    assert seen == [{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
+
+
+def test_compressed_json_response_is_priced() -> None:
+    flow = tflow.tflow(resp=True)
+    body = {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 100, "completion_tokens": 20}}
+    flow.response.headers["content-encoding"] = "gzip"
+    flow.response.raw_content = gzip.compress(json.dumps(body).encode())
+    ledger = Ledger(SETTINGS)
+    m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 10)
+    usd, tokens = reservation(SETTINGS, m)
+    flow.metadata[HOLD] = ledger.admit(Limits(), "ag", "s", usd, tokens)
+    flow.metadata[METERED] = m
+    spend = SpendGuard.__new__(SpendGuard)
+    spend.settings, spend.ledger = SETTINGS, ledger
+    spend.response(flow)
+    expected = Decimal(
+        calc_price(Usage(input_tokens=100, output_tokens=20), "gpt-4o-mini", provider_id="openai").total_price
+    )
+    assert flow.metadata[USAGE].usd == expected
+    assert ledger.spent[("total", "ag")] == expected and ledger.reserved[("total", "ag")] == 0

@@ -1,0 +1,251 @@
+"""Rate limits and USD budgets end to end: the real SDKs through the real proxy; every cost
+compared with genai-prices applied to what the upstream reported."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from decimal import Decimal
+
+import openai
+import pytest
+from click.testing import CliRunner
+from genai_prices import Usage, calc_price
+from helpers import RunningProxy, Upstream
+from llm_upstream import SlowStream
+from test_credentials import anthropic_client, http_client, mint, openai_client
+
+from egress_guard.cli import main
+
+
+def price(model: str, provider: str, **usage: int) -> Decimal:
+    return Decimal(calc_price(Usage(**usage), model, provider_id=provider).total_price)
+
+
+def rows(proxy: RunningProxy, n: int) -> list[dict]:
+    return [r for r in proxy.rows(expect=n) if r["kind"] == "request"]
+
+
+@pytest.fixture
+def spend_config(cred_config: dict) -> dict:
+    cred_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": 100}}
+    cred_config["agents"]["writer"]["limits"] = {"models": {"anthropic": ["claude-haiku-*"]}}
+    return cred_config
+
+
+@pytest.fixture
+def spend_proxy(make_proxy, spend_config, real_env) -> RunningProxy:
+    return make_proxy(**spend_config)
+
+
+def test_openai_json_and_stream_costs_are_exact(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    client = openai_client(spend_proxy, llm_upstream.port, mint(spend_proxy).env["OPENAI_API_KEY"])
+    client.chat.completions.create(model="gpt-4o-mini", max_tokens=7, messages=[{"role": "user", "content": "hi"}])
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=9, stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
+    )
+    # the client did not ask for usage: it sees exactly the stream it asked for...
+    assert all(c.usage is None and c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "pong"
+    # ...although egress-guard asked the upstream for it
+    sent = json.loads(llm_upstream.state.requests[-1]["body"])
+    assert sent["stream_options"] == {"include_usage": True}
+    json_row, stream_row = rows(spend_proxy, 4)
+    assert (json_row["model"], json_row["input_tokens"], json_row["output_tokens"]) == ("gpt-4o-mini", 11, 7)
+    assert Decimal(json_row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=7)
+    assert (stream_row["input_tokens"], stream_row["output_tokens"]) == (11, 9)
+    assert Decimal(stream_row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=9)
+
+
+def test_usage_chunk_the_client_asked_for_is_kept(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    client = openai_client(spend_proxy, llm_upstream.port, mint(spend_proxy).env["OPENAI_API_KEY"])
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=3, stream=True, messages=[], stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert rows(spend_proxy, 2)[0]["output_tokens"] == 3
+
+
+def test_anthropic_json_and_stream_costs_include_cache_tokens(
+    spend_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    client = anthropic_client(spend_proxy, llm_upstream.port, mint(spend_proxy).env["ANTHROPIC_API_KEY"])
+    client.messages.create(model="claude-haiku-4-5", max_tokens=6, messages=[{"role": "user", "content": "x"}])
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=8, messages=[]) as stream:
+        assert "".join(stream.text_stream) == "pong"
+    expected = [
+        price(
+            "claude-haiku-4-5",
+            "anthropic",
+            input_tokens=10,
+            output_tokens=out,
+            cache_read_tokens=2,
+            cache_write_tokens=3,
+        )
+        for out in (6, 8)
+    ]
+    got = rows(spend_proxy, 4)
+    assert [Decimal(r["cost_usd"]) for r in got] == expected
+    assert [(r["input_tokens"], r["output_tokens"], r["cached_tokens"]) for r in got] == [(10, 6, 5), (10, 8, 5)]
+
+
+def test_gemini_cost_from_json(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    key = mint(spend_proxy).env["GEMINI_API_KEY"]
+    url = (
+        f"https://generativelanguage.googleapis.com:{llm_upstream.port}/v1beta/models/gemini-2.5-flash:generateContent"
+    )
+    with http_client(spend_proxy) as client:
+        assert client.post(url, headers={"x-goog-api-key": key}, json={"contents": []}).status_code == 200
+    row = rows(spend_proxy, 2)[0]
+    assert Decimal(row["cost_usd"]) == price("gemini-2.5-flash", "google", input_tokens=7, output_tokens=3)
+
+
+def test_model_allowlist(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    client = anthropic_client(
+        spend_proxy, llm_upstream.port, mint(spend_proxy, agent="writer").env["ANTHROPIC_API_KEY"]
+    )
+    assert client.messages.create(model="claude-haiku-4-5", max_tokens=2, messages=[]).content
+    with pytest.raises(anthropic_permission_error()) as info:
+        client.messages.create(model="claude-opus-4-1", max_tokens=2, messages=[])
+    assert "model 'claude-opus-4-1' is not allowed for agent writer on anthropic (allowed: claude-haiku-*)" in str(
+        info.value
+    )
+    assert len(llm_upstream.state.requests) == 1
+
+
+def anthropic_permission_error() -> type[Exception]:
+    import anthropic
+
+    return anthropic.PermissionDeniedError
+
+
+def test_rate_limit_returns_429_with_retry_after(make_proxy, spend_config, real_env, llm_upstream: Upstream) -> None:
+    spend_config["agents"]["researcher"]["limits"] = {"requests_per_minute": 3}
+    proxy = make_proxy(**spend_config)
+    key = mint(proxy).env["OPENAI_API_KEY"]
+    with http_client(proxy) as client:
+        url = f"https://api.openai.com:{llm_upstream.port}/v1/models"
+        assert [client.get(url, headers={"Authorization": f"Bearer {key}"}).status_code for _ in range(3)] == [200] * 3
+        r = client.get(url, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 429
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "3 requests per minute" in r.json()["error"]["message"]
+
+
+def test_concurrent_requests_cannot_overshoot_the_budget(
+    make_proxy, spend_config, real_env, llm_upstream: Upstream
+) -> None:
+    one = price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=2000)  # what each call really costs
+    spend_config["agents"]["researcher"]["limits"] = {"budget_usd": {"session": str(one * 10)}}
+    proxy = make_proxy(**spend_config)
+    key = mint(proxy).env["OPENAI_API_KEY"]
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        with http_client(proxy) as client:
+            r = client.post(
+                f"https://api.openai.com:{llm_upstream.port}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "gpt-4o-mini", "max_tokens": 2000, "messages": []},
+            )
+        with lock:
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert "session budget" in r.text and "would be exceeded" in r.text
+
+    threads = [threading.Thread(target=call) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(statuses) == 64 and set(statuses) <= {200, 429}
+    ok = statuses.count(200)
+    spent = sum(Decimal(r["cost_usd"]) for r in rows(proxy, 64 + ok) if r["cost_usd"])
+    reservation_bound = price("gpt-4o-mini", "openai", input_tokens=200, output_tokens=2000)
+    assert spent <= one * 10 + reservation_bound
+    assert 1 <= ok <= 10 and statuses.count(429) >= 54
+
+
+def test_budget_survives_restart_and_budget_set_applies_at_once(
+    make_proxy, spend_config, real_env, llm_upstream: Upstream
+) -> None:
+    one = price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=100)  # a call's real cost
+    held = price("gpt-4o-mini", "openai", input_tokens=256, output_tokens=100)  # its reservation
+    # room for one reservation, but not for a second one on top of the first call's real cost
+    spend_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": str(held + one / 2)}}
+    first = make_proxy(**spend_config)
+    key = mint(first).env["OPENAI_API_KEY"]
+    body = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": []}
+    assert openai_client(first, llm_upstream.port, key).chat.completions.create(**body).choices
+    first.stop()
+    second = make_proxy(**spend_config)  # same DB: the day's spend is remembered
+    client = openai_client(second, llm_upstream.port, key)
+    with pytest.raises(openai.RateLimitError, match="day budget"):
+        client.chat.completions.create(**body)
+    result = CliRunner().invoke(
+        main,
+        ["budget", "set", "--config", str(second.config.path), "--agent", "researcher", "--scope", "day", "--usd", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    time.sleep(1.0)  # the proxy follows budget changes every 0.5 s
+    assert client.chat.completions.create(**body).choices
+    shown = json.loads(
+        CliRunner()
+        .invoke(
+            main, ["budget", "show", "--config", str(second.config.path), "--agent", "researcher", "--format", "json"]
+        )
+        .output
+    )
+    day = next(r for r in shown if r["scope"] == "day")
+    assert day["limit_usd"] == "1" and Decimal(day["spent_usd"]) == one * 2
+    assert Decimal(day["remaining_usd"]) == Decimal(1) - one * 2
+
+
+def test_aborted_stream_is_billed_at_its_reservation(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    key = mint(spend_proxy).env["OPENAI_API_KEY"]
+    with (
+        http_client(spend_proxy) as client,
+        client.stream(
+            "POST",
+            f"https://api.openai.com:{llm_upstream.port}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "gpt-4o-mini", "max_tokens": 50, "stream": True, "messages": []},
+        ) as r,
+    ):
+        assert r.status_code == 200
+        # read nothing: close at once (the client aborts)
+    row = rows(spend_proxy, 2)[0]
+    assert row["cost_usd"] is not None and Decimal(row["cost_usd"]) > 0
+
+
+def test_audit_spend_report(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    env = mint(spend_proxy).env
+    openai_client(spend_proxy, llm_upstream.port, env["OPENAI_API_KEY"]).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=4, messages=[]
+    )
+    anthropic_client(spend_proxy, llm_upstream.port, env["ANTHROPIC_API_KEY"]).messages.create(
+        model="claude-haiku-4-5", max_tokens=4, messages=[]
+    )
+    rows(spend_proxy, 4)
+    out = CliRunner().invoke(
+        main, ["audit", "spend", "--config", str(spend_proxy.config.path), "--by", "model", "--format", "json"]
+    )
+    by_model = {r["model"]: r for r in json.loads(out.output)}
+    assert set(by_model) == {"gpt-4o-mini", "claude-haiku-4-5"}
+    assert Decimal(by_model["gpt-4o-mini"]["cost_usd"]) == price(
+        "gpt-4o-mini", "openai", input_tokens=11, output_tokens=4
+    )
+    by_agent = json.loads(
+        CliRunner()
+        .invoke(main, ["audit", "spend", "--config", str(spend_proxy.config.path), "--format", "json"])
+        .output
+    )
+    assert by_agent[0]["agent"] == "researcher" and by_agent[0]["requests"] == 2
+    SlowStream.stop.set()
