@@ -37,8 +37,8 @@ class Runtime:
     budgets: BudgetFollower
 
 
-def chain(rt: Runtime) -> list[Any]:
-    """The addons in the order every hook runs through them:
+def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
+    """The addons in the order every hook runs through them, and the background tasks.
 
     1. AuditGate        refuse everything while the audit log cannot be written
     2. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
@@ -48,8 +48,9 @@ def chain(rt: Runtime) -> list[Any]:
     6. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
                         (response) tap usage from JSON/SSE, settle to the real cost
     7. AuditRecorder    one row per decision; refuse anything no guard decided on
-    8. KillSwitch       follow revocations; cut the connections of revoked keys
-    9. BudgetFollower   follow run-time budget changes; publish open reservations
+    Background (not addons: every hook walks every addon, so those with no flow hooks
+    stay out of the chain): KillSwitch follows revocations and cuts the connections of
+    revoked keys; BudgetFollower follows run-time budget changes.
     """
     _flow.ERROR_STYLES.clear()
     _flow.ERROR_STYLES.update({host: s.name for s in rt.config.services for host in s.hosts})
@@ -70,6 +71,4 @@ def chain(rt: Runtime) -> list[Any]:
         ResponseStreamer(),
         SpendGuard(rt.config, rt.ledger),
         AuditRecorder(rt.audit, query_strings=rt.config.audit_query_strings),
-        KillSwitch(rt.keys, credentials.clients, rt.proxyserver),
-        rt.budgets,
-    ]
+    ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver), rt.budgets]

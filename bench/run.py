@@ -237,7 +237,9 @@ def start_mitmdump(work: Path, test_ca: Path, *extra: str) -> tuple[subprocess.P
     return proc, port, confdir / "mitmproxy-ca-cert.pem"
 
 
-def start_egress_guard(work: Path, test_ca: Path, upstream_port: int) -> tuple[subprocess.Popen, int, Path]:
+def start_egress_guard(
+    work: Path, test_ca: Path, upstream_port: int, spend: bool = True
+) -> tuple[subprocess.Popen, int, Path]:
     port = _free_port()
     directory = work / "egress-guard"
     directory.mkdir()
@@ -252,7 +254,7 @@ def start_egress_guard(work: Path, test_ca: Path, upstream_port: int) -> tuple[s
         "network": {"hosts": {HOST: ["127.0.0.1"]}, "upstream_ca": str(test_ca)},
         "services": [
             {
-                "name": "openai",
+                "name": "openai" if spend else "bench",  # only known providers are metered
                 "hosts": [HOST],
                 "credential": [{"header": "Authorization", "scheme": "Bearer"}],
                 "fake_key": {"prefix": "sk-bench-", "length": 48},
@@ -262,13 +264,13 @@ def start_egress_guard(work: Path, test_ca: Path, upstream_port: int) -> tuple[s
         ],
         "agents": {
             "bench": {
-                "services": ["openai"],
+                "services": ["openai" if spend else "bench"],
                 "limits": {
                     "requests_per_minute": 1_000_000,
                     "tokens_per_minute": 1_000_000_000,
                     "concurrent": 64,
                     "budget_usd": {"session": 1_000_000, "day": 1_000_000, "total": 1_000_000},
-                    "models": {"openai": ["gpt-4o-*"]},
+                    "models": {"openai": ["gpt-4o-*"]} if spend else {},
                 },
             }
         },
@@ -321,6 +323,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per c=8 run (default 5)")
     parser.add_argument("--sse", type=int, default=30, help="SSE samples per target (default 30)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per target (default 3)")
+    parser.add_argument(
+        "--no-spend",
+        action="store_true",
+        help="egress-guard without usage accounting (credential swap and the rest stay on)",
+    )
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -348,7 +355,7 @@ def main() -> int:
         ms, ms_port, ms_ca = start_mitmdump(work, test_ca, "--set", "stream_large_bodies=1")
         procs.append(ms)
         targets.append(("mitmdump-strm", ms_port, ms_ca, ms))
-        eg, eg_port, eg_ca = start_egress_guard(work, test_ca, upstream_port)
+        eg, eg_port, eg_ca = start_egress_guard(work, test_ca, upstream_port, spend=not args.no_spend)
         procs.append(eg)
         targets.append(("egress-guard", eg_port, eg_ca, eg))
         # Rounds alternate between the targets so that drift on a shared machine hits all alike;

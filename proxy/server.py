@@ -75,6 +75,7 @@ class EgressProxy:
         self.master: Master | None = None
         self._proxyserver: proxyserver.Proxyserver | None = None
         self._task: asyncio.Task[None] | None = None
+        self._background: list[Any] = []
         self.address: tuple[str, int] | None = None
 
     def options(self) -> dict[str, Any]:
@@ -126,11 +127,12 @@ class EgressProxy:
                 self.ledger,
                 self.budgets,
             )
+            flow_addons, self._background = addons.chain(runtime)
             self.master.addons.add(
                 self._proxyserver,
                 next_layer.NextLayer(),
                 tlsconfig.TlsConfig(),
-                *addons.chain(runtime),
+                *flow_addons,
                 ready,
             )
             self.master.options.update(**self.options())
@@ -150,11 +152,16 @@ class EgressProxy:
             raise StartupError(f"proxy failed to start: {exc}") from exc
         finally:
             mitm_log.removeHandler(capture)
+        self.master.addons.remove(ready)  # only needed for startup; every hook walks every addon
+        for task in self._background:
+            task.running()
         self.address = (str(addrs[0][0]), int(addrs[0][1]))
         return self.address
 
     async def stop(self) -> int:
         """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""
+        for task in self._background:
+            await task.done()
         if self._proxyserver is not None:
             with contextlib.suppress(Exception):
                 await self._proxyserver.servers.update([])

@@ -293,6 +293,7 @@ class Hold:
     usd: Decimal
     tokens: int
     settled: bool = False
+    window_entry: list[float] | None = None  # [time, tokens] in the agent's tokens-per-minute window
 
 
 class Refusal(Exception):
@@ -308,7 +309,8 @@ class Ledger:
     reserved: dict[tuple[str, str], Decimal] = field(default_factory=dict)
     overrides: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # (agent, scope[:session]) -> limit
     _requests: dict[str, deque[float]] = field(default_factory=dict)
-    _tokens: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    _tokens: dict[str, deque[list[float]]] = field(default_factory=dict)  # [time, tokens], oldest first
+    _token_sums: dict[str, float] = field(default_factory=dict)  # running sum of each window
     _inflight: dict[str, int] = field(default_factory=dict)
 
     def day(self, when: datetime.datetime | None = None) -> str:
@@ -346,14 +348,15 @@ class Ledger:
                 max(1, math.ceil(window[0] + 60 - now)),
             )
         tok = self._tokens.setdefault(agent, deque())
+        used = self._token_sums.get(agent, 0.0)
         while tok and tok[0][0] <= now - 60:
-            tok.popleft()
-        used = sum(t for _, t in tok)
+            used -= tok.popleft()[1]
+        self._token_sums[agent] = used
         if limits.tokens_per_minute is not None and used + tokens > limits.tokens_per_minute:
             wait = 60 - (now - tok[0][0]) if tok else 60
             raise Refusal(
                 f"rate limit: {limits.tokens_per_minute} tokens per minute for agent {agent} "
-                f"({used} used, this request may use {tokens})",
+                f"({int(used)} used, this request may use {tokens})",
                 max(1, math.ceil(wait)),
             )
         inflight = self._inflight.get(agent, 0)
@@ -385,9 +388,11 @@ class Ledger:
         for _, key in self.keys(agent, session, day):
             self.reserved[key] = self.reserved.get(key, Decimal(0)) + usd
         window.append(now)
-        tok.append((now, tokens))
+        entry = [now, float(tokens)]
+        tok.append(entry)
+        self._token_sums[agent] = used + tokens
         self._inflight[agent] = inflight + 1
-        return Hold(agent, session, day, usd, tokens)
+        return Hold(agent, session, day, usd, tokens, window_entry=entry)
 
     def settle(self, hold: Hold, usd: Decimal, tokens: int | None) -> None:
         """Replace the reservation by the real cost (and the token estimate by the real count)."""
@@ -398,13 +403,10 @@ class Ledger:
             self.reserved[key] = self.reserved.get(key, Decimal(0)) - hold.usd
             self.spent[key] = self.spent.get(key, Decimal(0)) + usd
         self._inflight[hold.agent] = max(0, self._inflight.get(hold.agent, 1) - 1)
-        if tokens is not None:
-            tok = self._tokens.get(hold.agent)
-            if tok:
-                for i, (ts, t) in enumerate(tok):
-                    if t == hold.tokens:
-                        tok[i] = (ts, tokens)
-                        break
+        entry = hold.window_entry
+        if tokens is not None and entry is not None and entry[0] > time.monotonic() - 60:  # still in the window
+            self._token_sums[hold.agent] = self._token_sums.get(hold.agent, 0.0) + tokens - entry[1]
+            entry[1] = float(tokens)
 
     def add_spent(self, agent: str, session: str, day: str, usd: Decimal) -> None:
         for _, key in self.keys(agent, session, day):

@@ -166,3 +166,16 @@ def test_compressed_json_response_is_priced() -> None:
     )
     assert flow.metadata[USAGE].usd == expected
     assert ledger.spent[("total", "ag")] == expected and ledger.reserved[("total", "ag")] == 0
+
+
+def test_tokens_per_minute_counts_real_tokens_after_settling() -> None:
+    ledger = Ledger(SETTINGS)
+    limits = Limits(tokens_per_minute=1000)
+    a = ledger.admit(limits, "ag", "s", Decimal(0), 900)  # estimated 900
+    with pytest.raises(Refusal, match="1000 tokens per minute"):
+        ledger.admit(limits, "ag", "s", Decimal(0), 200)
+    ledger.settle(a, Decimal(0), 100)  # really used 100
+    ledger.admit(limits, "ag", "s", Decimal(0), 850)  # 100 + 850 fits
+    with pytest.raises(Refusal) as info:
+        ledger.admit(limits, "ag", "s", Decimal(0), 100)
+    assert "(950 used" in info.value.reason and 1 <= info.value.retry_after <= 60
