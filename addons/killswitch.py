@@ -8,11 +8,10 @@ included (mitmproxy cannot kill a flow in transit, so the transport itself is ab
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
+from egress_guard.addons._background import Poller
 from egress_guard.keycache import KeyCache
 
 log = logging.getLogger("egress_guard")
@@ -32,35 +31,16 @@ def cut_client(proxyserver: Any, client_id: str) -> bool:
     return True
 
 
-class KillSwitch:
+class KillSwitch(Poller):
+    name = "kill switch"
+
     def __init__(self, keys: KeyCache, clients: dict[str, set[str]], proxyserver: Any, interval: float = 0.25) -> None:
+        super().__init__(interval)
         self.keys = keys
         self.clients = clients  # key id -> client connection ids (kept by CredentialGuard)
         self.proxyserver = proxyserver
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    def running(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="egress-guard kill switch")
-
-    async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                revoked = await self.keys.poll()
-            except Exception as exc:
-                if not failing:
-                    log.error("kill switch cannot read revocations: %r", exc)
-                failing = True
-                continue
-            failing = False
-            for key_id in revoked:
-                cut = [c for c in self.clients.pop(key_id, set()) if cut_client(self.proxyserver, c)]
-                log.warning("key %s revoked: refusing its requests; cut %d open connection(s)", key_id, len(cut))
+    async def poll(self) -> None:
+        for key_id in await self.keys.poll():
+            cut = [c for c in self.clients.pop(key_id, set()) if cut_client(self.proxyserver, c)]
+            log.warning("key %s revoked: refusing its requests; cut %d open connection(s)", key_id, len(cut))

@@ -12,7 +12,6 @@ the provider may already have charged (see README, "What is billed").
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 import aiosqlite
 from mitmproxy import http
 
+from egress_guard.addons._background import Poller
 from egress_guard.addons._flow import AGENT, SERVICE, SESSION, answered, fail_closed, reject
 from egress_guard.audit import now_iso
 from egress_guard.config import Config
@@ -247,13 +247,15 @@ class SpendGuard:
             self.ledger.settle(hold, Decimal(0), 0)  # never reached the provider: released
 
 
-class BudgetFollower:
+class BudgetFollower(Poller):
     """Keeps the ledger in step with the DB: spend recorded before this start, budget
     overrides set at run time (`budget set/reset`), and the open reservations for `budget show`."""
 
+    name = "budget follower"
+
     def __init__(self, db_path: Path, ledger: Ledger, interval: float = 0.5) -> None:
-        self.db_path, self.ledger, self.interval = db_path, ledger, interval
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(interval)
+        self.db_path, self.ledger = db_path, ledger
         self._written: dict[str, str] = {}
 
     async def load_spent(self) -> None:
@@ -288,20 +290,6 @@ class BudgetFollower:
             await db.commit()
         self._written = now
 
-    def running(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="egress-guard budget follower")
-
-    async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._read_overrides()
-                await self._write_reserved()
-            except Exception as exc:
-                log.warning("budget follower: %r", exc)
+    async def poll(self) -> None:
+        await self._read_overrides()
+        await self._write_reserved()
