@@ -196,6 +196,10 @@ def test_budget_survives_restart_and_budget_set_applies_at_once(
     assert result.exit_code == 0, result.output
     time.sleep(1.0)  # the proxy follows budget changes every 0.5 s
     assert client.chat.completions.create(**body).choices
+    deadline = time.monotonic() + 5
+    while sum(1 for r in second.rows() if r["cost_usd"]) < 2:  # let the audit writer flush the second call
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     shown = json.loads(
         CliRunner()
         .invoke(
