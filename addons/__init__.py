@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,55 @@ from egress_guard.keycache import KeyCache
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
 from egress_guard.spend import Ledger
+
+
+class Chain:
+    """The egress-guard addons as ONE mitmproxy addon.
+
+    mitmproxy calls every hook on every addon in its chain (a context manager, a coroutine
+    and a getattr each), and that dispatch, not the checks, is most of what egress-guard
+    costs per request. This addon holds the real ones, in order, and calls only those that
+    define the hook. Each of them still guards itself (`fail_closed`), so one that raises
+    cannot stop the others from seeing the flow.
+    """
+
+    HOOKS = (
+        "http_connect",
+        "requestheaders",
+        "request",
+        "responseheaders",
+        "response",
+        "error",
+        "server_connect",
+        "client_disconnected",
+        "tls_failed_client",
+    )
+
+    def __init__(self, addons: list[Any]) -> None:
+        # not named `addons`: mitmproxy would treat those as child addons and call them twice
+        self._members = addons
+        for hook in self.HOOKS:
+            fns = [getattr(a, hook) for a in addons if callable(getattr(a, hook, None))]
+            if fns:
+                setattr(self, hook, self._sequence(fns))
+
+    @staticmethod
+    def _sequence(fns: list[Any]) -> Any:
+        if any(inspect.iscoroutinefunction(fn) for fn in fns):
+
+            async def run_async(*args: Any) -> None:
+                for fn in fns:
+                    result = fn(*args)
+                    if inspect.isawaitable(result):
+                        await result
+
+            return run_async
+
+        def run(*args: Any) -> None:
+            for fn in fns:
+                fn(*args)
+
+        return run
 
 
 @dataclass

@@ -132,7 +132,7 @@ class EgressProxy:
                 self._proxyserver,
                 next_layer.NextLayer(),
                 tlsconfig.TlsConfig(),
-                *flow_addons,
+                addons.Chain(flow_addons),
                 ready,
             )
             self.master.options.update(**self.options())
