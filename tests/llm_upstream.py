@@ -126,6 +126,55 @@ class LLMHandler(_Handler):
                     time.sleep(SlowStream.interval)
                 self._end()
                 return
+            if url.path == "/v1/embeddings":
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "model": body.get("model"),
+                        "usage": {"prompt_tokens": 8, "total_tokens": 8},
+                        "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                    },
+                )
+                return
+            if url.path == "/v1/responses":
+                out = body.get("max_output_tokens") or 1
+                response = {
+                    "id": "resp_1",
+                    "object": "response",
+                    "created_at": 1,
+                    "status": "completed",
+                    "model": body.get("model"),
+                    "output": [
+                        {
+                            "type": "message",
+                            "id": "msg_1",
+                            "role": "assistant",
+                            "status": "completed",
+                            "content": [{"type": "output_text", "text": "pong", "annotations": []}],
+                        }
+                    ],
+                    "usage": {
+                        "input_tokens": 13,
+                        "output_tokens": out,
+                        "total_tokens": 13 + out,
+                        "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens_details": {"reasoning_tokens": 0},
+                    },
+                }
+                if body.get("stream"):
+                    self._sse_start()
+                    started = response | {"status": "in_progress", "output": [], "usage": None}
+                    self._event(
+                        {"type": "response.created", "sequence_number": 0, "response": started}, "response.created"
+                    )
+                    self._event(
+                        {"type": "response.completed", "sequence_number": 1, "response": response}, "response.completed"
+                    )
+                    self._end()
+                    return
+                self._json(200, response)
+                return
             model = body.get("model", "gpt-4o-mini")
             # the "model" writes as many tokens as it may (max_tokens): costs are predictable
             out = body.get("max_completion_tokens") or body.get("max_tokens") or 1
@@ -205,6 +254,22 @@ class LLMHandler(_Handler):
         if host == "generativelanguage.googleapis.com":
             if REAL["google-gemini"] not in (self.headers.get("x-goog-api-key"), query.get("key", [None])[0]):
                 self._json(401, {"error": {"code": 401, "message": "API key not valid", "status": "UNAUTHENTICATED"}})
+                return
+            if url.path.endswith(":streamGenerateContent"):
+                self._sse_start()
+                for n in (1, 2, 3):
+                    self._event(
+                        {
+                            "candidates": [{"content": {"parts": [{"text": "po"}], "role": "model"}}],
+                            "modelVersion": "gemini-2.5-flash",
+                            "usageMetadata": {
+                                "promptTokenCount": 7,
+                                "candidatesTokenCount": n,
+                                "totalTokenCount": 7 + n,
+                            },
+                        }
+                    )
+                self._end()
                 return
             self._json(
                 200,

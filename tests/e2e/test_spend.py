@@ -253,3 +253,32 @@ def test_audit_spend_report(spend_proxy: RunningProxy, llm_upstream: Upstream) -
     )
     assert by_agent[0]["agent"] == "researcher" and by_agent[0]["requests"] == 2
     SlowStream.stop.set()
+
+
+def test_responses_api_embeddings_and_gemini_stream_are_priced(
+    spend_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    env = mint(spend_proxy).env
+    client = openai_client(spend_proxy, llm_upstream.port, env["OPENAI_API_KEY"])
+    assert client.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=5).output_text == "pong"
+    with client.responses.stream(model="gpt-4o-mini", input="hi", max_output_tokens=6) as stream:
+        assert stream.get_final_response().usage.output_tokens == 6
+    assert client.embeddings.create(model="text-embedding-3-small", input="hi").data
+    url = (
+        f"https://generativelanguage.googleapis.com:{llm_upstream.port}/v1beta/models/gemini-2.5-flash"
+        ":streamGenerateContent"
+    )
+    with http_client(spend_proxy) as h:
+        r = h.post(url, params={"alt": "sse"}, headers={"x-goog-api-key": env["GEMINI_API_KEY"]}, json={})
+        assert r.status_code == 200 and r.text.count("data:") == 3
+    deadline = time.monotonic() + 5
+    while sum(1 for r in spend_proxy.rows() if r["cost_usd"]) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    costs = [Decimal(r["cost_usd"]) for r in spend_proxy.rows() if r["cost_usd"]]
+    assert costs == [
+        price("gpt-4o-mini", "openai", input_tokens=13, output_tokens=5),
+        price("gpt-4o-mini", "openai", input_tokens=13, output_tokens=6),
+        price("text-embedding-3-small", "openai", input_tokens=8),
+        price("gemini-2.5-flash", "google", input_tokens=7, output_tokens=3),  # the last usageMetadata
+    ]
