@@ -48,6 +48,15 @@ class Chain:
     def __init__(self, addons: list[Any]) -> None:
         # not named `addons`: mitmproxy would treat those as child addons and call them twice
         self._members = addons
+        # A hook a member defines but the chain does not relay would silently never run (a
+        # guard skipped = fail open): refuse to build such a chain.
+        import mitmproxy.addons.proxyserver  # noqa: F401 - registers the proxy's hook names
+        from mitmproxy import hooks
+
+        for a in addons:
+            dropped = [h for h in hooks.all_hooks if h not in self.HOOKS and callable(getattr(a, h, None))]
+            if dropped:
+                raise TypeError(f"{type(a).__name__} defines {dropped}, which Chain does not relay: add to HOOKS")
         for hook in self.HOOKS:
             fns = [getattr(a, hook) for a in addons if callable(getattr(a, hook, None))]
             if fns:

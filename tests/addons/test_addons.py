@@ -7,6 +7,7 @@ import ipaddress
 import json
 from pathlib import Path
 
+import pytest
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
@@ -106,3 +107,31 @@ def test_rejection_shape() -> None:
     assert "Injected" not in response.headers
     error = rejection(Decision(Verdict.ERROR, "audit log down"), "rid-2", 503)
     assert error.status_code == 503 and json.loads(error.content)["error"]["type"] == "egress_error"
+
+
+def test_chain_refuses_a_member_whose_hook_it_would_not_relay() -> None:
+    from egress_guard.addons import Chain
+
+    class Member:
+        def websocket_message(self, flow):  # a hook Chain does not relay
+            pass
+
+    with pytest.raises(TypeError, match=r"Member defines \['websocket_message'\]"):
+        Chain([Member()])
+
+
+def test_chain_relays_hooks_in_member_order() -> None:
+    from egress_guard.addons import Chain
+
+    calls: list[str] = []
+
+    class A:
+        def response(self, flow):
+            calls.append("a")
+
+    class B:
+        def response(self, flow):
+            calls.append("b")
+
+    Chain([A(), B()]).response(None)  # type: ignore[attr-defined]
+    assert calls == ["a", "b"] and not hasattr(Chain([A()]), "request")
