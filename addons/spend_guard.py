@@ -38,6 +38,7 @@ from egress_guard.spend import (
     SSEEvents,
     Unpriced,
     UsageFromStream,
+    allowed_models,
     cost_of,
     decode_event,
     is_usage_only_chunk,
@@ -159,8 +160,9 @@ class SpendGuard:
                     body = json.loads(raw)
             m = meter(provider, flow.request.path, body, len(raw))
             if m is not None:
-                if not model_allowed(agent.limits, service, m.model):
-                    allowed = ", ".join(agent.limits.models.get(service, ()))
+                session = flow.metadata.get(SESSION) or ""
+                if not model_allowed(agent.limits, service, m.model, session):
+                    allowed = ", ".join(allowed_models(agent.limits, service, session) or ())
                     self._refuse(
                         flow,
                         f"model {m.model!r} is not allowed for agent {agent_name} on {service} (allowed: {allowed})",

@@ -25,7 +25,7 @@ from egress_guard.fakekeys import ALPHABETS, MIN_TAG_BITS, KeyShape
 from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
 from egress_guard.policy import Destination, Rule, decide
 from egress_guard.secrets import SecretRef, VaultSettings
-from egress_guard.spend import Limits, SpendSettings
+from egress_guard.spend import Limits, SessionLimits, SpendSettings
 from egress_guard.ssrf import Network
 
 DEFAULT_CONFIG_NAME = "egress-guard.yaml"
@@ -124,12 +124,18 @@ class BudgetWire(_Wire):
     total: Decimal | None = Field(default=None, ge=0)
 
 
+class SessionLimitsWire(_Wire):
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    models: dict[str, list[str]] = Field(default_factory=dict)
+
+
 class LimitsWire(_Wire):
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     concurrent: int | None = Field(default=None, ge=1)
     budget_usd: BudgetWire = Field(default_factory=BudgetWire)
     models: dict[str, list[str]] = Field(default_factory=dict)
+    sessions: dict[str, SessionLimitsWire] = Field(default_factory=dict)  # session id or glob -> overrides
 
 
 class AgentWire(_Wire):
@@ -676,14 +682,23 @@ def _agents(file: Path, wire: ConfigWire, services: tuple[Service, ...]) -> dict
                     f"use one of {', '.join(sorted(names)) or '(none configured: add services:)'}",
                 )
         lw = agent.limits
-        for svc in lw.models:
-            if svc not in agent.services:
+        _check_model_services(file, f"agents.{name}.limits.models", lw.models, agent.services)
+        sessions = []
+        for glob, sw in lw.sessions.items():
+            where = f"agents.{name}.limits.sessions.{glob}"
+            if not _SESSION_GLOB.match(glob):
                 raise ConfigError(
                     file,
-                    f"agents.{name}.limits.models.{svc}",
-                    f"{svc!r} is not one of this agent's services",
-                    f"use one of {', '.join(agent.services) or '(none)'}",
+                    where,
+                    f"{glob!r} is not a session id or glob",
+                    "use letters, digits, '_', '.', ':', '-' and the glob characters * ? [ ]",
                 )
+            if sw.budget_usd is None and not sw.models:
+                raise ConfigError(
+                    file, where, "this override changes nothing", "set budget_usd: N and/or models: {service: [globs]}"
+                )
+            _check_model_services(file, f"{where}.models", sw.models, agent.services)
+            sessions.append(SessionLimits(glob, sw.budget_usd, {k: tuple(v) for k, v in sw.models.items()}))
         limits = Limits(
             lw.requests_per_minute,
             lw.tokens_per_minute,
@@ -692,9 +707,24 @@ def _agents(file: Path, wire: ConfigWire, services: tuple[Service, ...]) -> dict
             lw.budget_usd.day,
             lw.budget_usd.total,
             {k: tuple(v) for k, v in lw.models.items()},
+            tuple(sessions),
         )
         agents[name] = Agent(name, tuple(agent.services), limits)
     return agents
+
+
+_SESSION_GLOB = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]{1,100}$")
+
+
+def _check_model_services(file: Path, where: str, models: dict[str, list[str]], services: list[str]) -> None:
+    for svc in models:
+        if svc not in services:
+            raise ConfigError(
+                file,
+                f"{where}.{svc}",
+                f"{svc!r} is not one of this agent's services",
+                f"use one of {', '.join(services) or '(none)'}",
+            )
 
 
 def _spend(file: Path, wire: SpendWire) -> SpendSettings:

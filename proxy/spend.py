@@ -26,6 +26,16 @@ MTOK = Decimal(1_000_000)
 
 
 @dataclass(frozen=True)
+class SessionLimits:
+    """A config override for the sessions whose id matches `glob`: their session budget
+    and/or their model allowlists (per service) replace the agent's."""
+
+    glob: str
+    budget_usd: Decimal | None = None
+    models: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
@@ -34,6 +44,11 @@ class Limits:
     budget_day: Decimal | None = None
     budget_total: Decimal | None = None
     models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> globs
+    sessions: tuple[SessionLimits, ...] = ()  # first match wins
+
+    def session(self, session: str) -> SessionLimits | None:
+        """The config override for this session id, if one matches."""
+        return next((s for s in self.sessions if fnmatch.fnmatchcase(session, s.glob)), None)
 
 
 @dataclass(frozen=True)
@@ -104,8 +119,16 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def model_allowed(limits: Limits, service: str, model: str) -> bool:
-    globs = limits.models.get(service)
+def allowed_models(limits: Limits, service: str, session: str) -> tuple[str, ...] | None:
+    """The model globs that apply to this service and session (None: any model)."""
+    override = limits.session(session)
+    if override is not None and service in override.models:
+        return override.models[service]
+    return limits.models.get(service)
+
+
+def model_allowed(limits: Limits, service: str, model: str, session: str = "") -> bool:
+    globs = allowed_models(limits, service, session)
     return globs is None or any(fnmatch.fnmatchcase(model, g) for g in globs)
 
 
@@ -331,9 +354,17 @@ class Ledger:
         ]
 
     def limit(self, limits: Limits, agent: str, scope: str, session: str) -> Decimal | None:
-        for key in ((agent, f"session:{session}"), (agent, scope)) if scope == "session" else ((agent, scope),):
-            if key in self.overrides:
-                return self.overrides[key]
+        """The budget in force; the most specific wins, and at equal specificity a run-time
+        override (`budget set`) beats the config: this session's run-time override, the
+        config's `sessions` entry matching it, the agent's run-time override, the config."""
+        if scope == "session":
+            if (agent, f"session:{session}") in self.overrides:
+                return self.overrides[(agent, f"session:{session}")]
+            override = limits.session(session)
+            if override is not None and override.budget_usd is not None:
+                return override.budget_usd
+        if (agent, scope) in self.overrides:
+            return self.overrides[(agent, scope)]
         return {"session": limits.budget_session, "day": limits.budget_day, "total": limits.budget_total}[scope]
 
     def admit(self, limits: Limits, agent: str, session: str, usd: Decimal, tokens: int) -> Hold:

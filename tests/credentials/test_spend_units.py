@@ -17,11 +17,13 @@ from egress_guard.spend import (
     Ledger,
     Limits,
     Refusal,
+    SessionLimits,
     SpendSettings,
     SSEEvents,
     Unpriced,
     UsageFromStream,
     meter,
+    model_allowed,
     price,
     reservation,
 )
@@ -179,3 +181,33 @@ def test_tokens_per_minute_counts_real_tokens_after_settling() -> None:
     with pytest.raises(Refusal) as info:
         ledger.admit(limits, "ag", "s", Decimal(0), 100)
     assert "(950 used" in info.value.reason and 1 <= info.value.retry_after <= 60
+
+
+def test_session_budget_precedence_most_specific_wins_and_run_time_beats_config() -> None:
+    limits = Limits(
+        budget_session=Decimal(1),
+        models={"openai": ("gpt-4o-mini",)},
+        sessions=(
+            SessionLimits("ci-nightly", Decimal(9), {"openai": ("gpt-4o",)}),
+            SessionLimits("ci-*", Decimal(3)),
+        ),
+    )
+    ledger = Ledger(SETTINGS)
+    assert ledger.limit(limits, "ag", "session", "dev") == 1
+    assert ledger.limit(limits, "ag", "session", "ci-nightly") == 9  # first match wins
+    assert ledger.limit(limits, "ag", "session", "ci-7") == 3
+    ledger.overrides = {("ag", "session"): Decimal(5)}  # run time, agent-wide: below a session's config entry
+    assert ledger.limit(limits, "ag", "session", "dev") == 5
+    assert ledger.limit(limits, "ag", "session", "ci-7") == 3
+    ledger.overrides[("ag", "session:ci-7")] = Decimal("0.5")  # run time, this session: above everything
+    assert ledger.limit(limits, "ag", "session", "ci-7") == Decimal("0.5")
+    assert ledger.limit(limits, "ag", "day", "ci-7") is None  # other scopes are untouched
+    with pytest.raises(Refusal, match=r"session budget of \$0.5"):
+        ledger.admit(limits, "ag", "ci-7", Decimal("0.6"), 1)
+    ledger.admit(limits, "ag", "ci-nightly", Decimal("8"), 1)
+    # a session's model allowlist replaces the agent's for that service only
+    assert model_allowed(limits, "openai", "gpt-4o", "ci-nightly")
+    assert not model_allowed(limits, "openai", "gpt-4o-mini", "ci-nightly")
+    assert model_allowed(limits, "openai", "gpt-4o-mini", "ci-7") and not model_allowed(
+        limits, "openai", "gpt-4o", "ci-7"
+    )

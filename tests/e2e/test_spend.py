@@ -212,6 +212,27 @@ def test_budget_survives_restart_and_budget_set_applies_at_once(
     assert Decimal(day["remaining_usd"]) == Decimal(1) - one * 2
 
 
+def test_config_session_override_beats_the_agent_budget(
+    make_proxy, spend_config, real_env, llm_upstream: Upstream
+) -> None:
+    spend_config["agents"]["researcher"]["limits"] = {
+        "budget_usd": {"session": "0.000001"},  # too little for any call
+        "sessions": {"batch-*": {"budget_usd": "0.50"}},
+    }
+    proxy = make_proxy(**spend_config)
+    body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}
+    plain = openai_client(proxy, llm_upstream.port, mint(proxy, session="dev-1").env["OPENAI_API_KEY"])
+    with pytest.raises(openai.RateLimitError, match=r"session budget of \$0.000001"):
+        plain.chat.completions.create(**body)
+    batch = openai_client(proxy, llm_upstream.port, mint(proxy, session="batch-7").env["OPENAI_API_KEY"])
+    assert batch.chat.completions.create(**body).choices
+    shown = CliRunner().invoke(
+        main, ["budget", "show", "--config", str(proxy.config.path), "--agent", "researcher", "--format", "json"]
+    )
+    limits = {r["key"]: r["limit_usd"] for r in json.loads(shown.output) if r["scope"] == "session"}
+    assert limits == {"dev-1": "0.000001", "batch-7": "0.50"}
+
+
 def test_aborted_stream_is_billed_at_its_reservation(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
     key = mint(spend_proxy).env["OPENAI_API_KEY"]
     with (

@@ -4,6 +4,7 @@ the file, the key path and the fix."""
 from __future__ import annotations
 
 import ipaddress
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,34 @@ BROKEN = [
         "agents.a.services[0]",
         "no service named 'anthropic'",
         "openai",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\n"
+        "agents: {a: {services: [openai], limits: {sessions: {'nightly/*': {budget_usd: 1}}}}}\n",
+        "agents.a.limits.sessions.nightly/*",
+        "is not a session id or glob",
+        "glob characters",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\n"
+        "agents: {a: {services: [openai], limits: {sessions: {'ci-*': {}}}}}\n",
+        "agents.a.limits.sessions.ci-*",
+        "changes nothing",
+        "budget_usd: N",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\n"
+        "agents: {a: {services: [openai], limits: {sessions: {'ci-*': {models: {anthropic: [x]}}}}}}\n",
+        "agents.a.limits.sessions.ci-*.models.anthropic",
+        "not one of this agent's services",
+        "openai",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\n"
+        "agents: {a: {services: [openai], limits: {sessions: {'ci-*': {budget_usd: -1}}}}}\n",
+        "agents.a.limits.sessions.ci-*.budget_usd",
+        "greater than or equal to 0",
+        "README",
     ),
     ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
     (
@@ -175,3 +204,26 @@ def test_every_preset_loads(tmp_path: Path, name: str) -> None:
 
 def test_presets_cover_the_documented_services() -> None:
     assert {"openai", "anthropic", "google-gemini", "github", "pypi", "npm"} <= set(preset_names())
+
+
+def test_session_overrides_load_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(
+        "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  a:\n    services: [openai]\n"
+        "    limits:\n      budget_usd: {session: 1}\n      sessions:\n"
+        "        ci-nightly: {budget_usd: '7.50', models: {openai: [gpt-4o]}}\n        'ci-*': {budget_usd: 2}\n"
+    )
+    limits = load_config(path).agents["a"].limits
+    assert [(s.glob, s.budget_usd) for s in limits.sessions] == [("ci-nightly", Decimal("7.50")), ("ci-*", 2)]
+    assert limits.session("ci-nightly").models == {"openai": ("gpt-4o",)}
+    assert limits.session("ci-7").budget_usd == 2 and limits.session("dev-1") is None
+
+
+def test_readme_limits_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Rate limits and spend caps", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text("version: 1\nallowlists: [openai, anthropic]\nservices: [openai, anthropic]\n" + example)
+    limits = load_config(path).agents["researcher"].limits
+    assert limits.budget_day == 20 and limits.session("ci-3").budget_usd == 1
