@@ -10,7 +10,7 @@ from egress_guard.addons import _flow
 from egress_guard.addons.audit_gate import AuditGate
 from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
 from egress_guard.addons.credential_guard import CredentialGuard
-from egress_guard.addons.killswitch import KillSwitch, cut_client
+from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.spend_guard import BudgetFollower, SpendGuard
@@ -128,6 +128,10 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         RequestGuard(rt.config.rules, tunnels, rt.resolver),
         credentials,
         ResponseStreamer(),
-        SpendGuard(rt.config, rt.ledger),
+        SpendGuard(
+            rt.config,
+            rt.ledger,
+            lambda flow: cut_server(rt.proxyserver, flow.client_conn.id, flow.server_conn),
+        ),
         AuditRecorder(rt.audit, query_strings=rt.config.audit_query_strings),
     ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver), rt.budgets]

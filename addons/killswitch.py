@@ -31,6 +31,17 @@ def cut_client(proxyserver: Any, client_id: str) -> bool:
     return True
 
 
+def cut_server(proxyserver: Any, client_id: str, server: Any) -> bool:
+    """Abort one upstream connection of an agent's connection. True if it was open."""
+    handler = proxyserver.connections.get(client_id)
+    io = handler.transports.get(server) if handler is not None else None
+    transport = getattr(io.writer, "transport", None) if io is not None else None
+    if transport is None:
+        return False
+    transport.abort()
+    return True
+
+
 class KillSwitch(Poller):
     name = "kill switch"
 

@@ -22,7 +22,7 @@ from egress_guard.addons._flow import (
     fail_closed,
     reject,
 )
-from egress_guard.addons.spend_guard import METERED, USAGE
+from egress_guard.addons.spend_guard import CUT, METERED, USAGE
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.policy import Decision, Verdict
 
@@ -72,7 +72,10 @@ class AuditRecorder:
         req = flow.request
         decision: Decision = flow.metadata.get(DECISION) or NO_DECISION
         reason = decision.reason
-        if flow.error is not None and decision.allowed:
+        if CUT in flow.metadata:
+            reason = f"{reason}; {flow.metadata[CUT]}: the stream was ended"
+            status = flow.response.status_code if flow.response is not None else status
+        elif flow.error is not None and decision.allowed:
             reason = f"{reason}; upstream: {flow.error.msg}"
         target = flow.metadata.get(TARGET)
         host, port = (str(target[0]), target[1]) if target else (req.host[:255], req.port)

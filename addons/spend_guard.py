@@ -12,10 +12,12 @@ the provider may already have charged (see README, "What is billed").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ from egress_guard.spend import (
     Ledger,
     Metered,
     Refusal,
+    RunningCost,
     SSEEvents,
+    StreamEnd,
     Unpriced,
     UsageFromStream,
     allowed_models,
@@ -52,13 +56,26 @@ HOLD = "egress_guard.spend_hold"
 METERED = "egress_guard.metered"
 USAGE = "egress_guard.usage"  # Cost: what the response really cost
 DROP_USAGE_CHUNK = "egress_guard.drop_usage_chunk"
+CUT = "egress_guard.cut"  # str: why the stream was ended mid-flight (spend.on_overrun: cut)
 ACCUMULATE_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass
+class Overrun:
+    """What a tap needs to end an SSE stream that crosses a budget (`spend.on_overrun: cut`)."""
+
+    running: RunningCost
+    end: StreamEnd
+    over: Callable[[Decimal], str | None]  # the budget a stream costing this much breaks, if any
+    cut: Callable[[str, Cost], None]  # called once, when the stream is ended
 
 
 class StreamTap:
     """A response stream callable that reads usage from SSE events (or a streamed JSON body)
     as they pass, drops OpenAI's usage-only chunk when egress-guard asked for it, and hands
-    everything else on unchanged. It never raises."""
+    everything else on unchanged. With an `Overrun`, an SSE stream whose running cost breaks
+    a budget is ended after the event that broke it, with the provider's own closing events;
+    what the upstream sends after that is dropped. It never raises."""
 
     def __init__(
         self,
@@ -67,17 +84,22 @@ class StreamTap:
         sse: bool,
         drop: bool,
         done: Callable[[dict | None], None],
+        overrun: Overrun | None = None,
     ) -> None:
         self.inner, self.m, self.sse, self.drop, self.done = inner, m, sse, drop, done
+        self.overrun = overrun if sse else None
         self.events = SSEEvents()
         self.usage = UsageFromStream(m.provider, m.flavor)
         self.body = bytearray()
         self.broken = False
+        self.ended = False
 
     def _pass(self, data: bytes) -> Any:
         return self.inner(data) if callable(self.inner) else data
 
     def __call__(self, chunk: bytes) -> Any:
+        if self.ended:
+            return b""
         if self.broken:
             return self._pass(chunk)
         try:
@@ -91,9 +113,11 @@ class StreamTap:
             for raw, _name, data in self.events.feed(chunk):
                 obj = decode_event(data)
                 if obj is not None:
-                    self.usage.observe(obj)
+                    reported = self.usage.observe(obj)
                     if self.drop and is_usage_only_chunk(obj):
                         continue
+                    if self.overrun is not None and self._crossed(obj, reported, out, raw):
+                        return self._pass(bytes(out)) + self._pass(b"")
                 out += raw
             if not chunk:  # end of stream
                 out += self.events.rest()
@@ -105,6 +129,20 @@ class StreamTap:
             log.exception("usage tap failed; passing the stream through unparsed")
             self.broken = True
             return self._pass(self.events.rest() + chunk)
+
+    def _crossed(self, obj: dict, reported: bool, out: bytearray, raw: bytes) -> bool:
+        """Follow the running cost; if this event breaks a budget, end the stream after it."""
+        o = self.overrun
+        assert o is not None
+        o.end.observe(obj)
+        o.running.observe(obj, self.usage.response if reported else None)
+        reason = o.over(o.running.usd)
+        if reason is None:
+            return False
+        self.ended = True
+        out += raw + o.end.events(f"stream ended: {reason}", o.running.output_tokens)
+        o.cut(reason, o.running.cost())
+        return True
 
     def _json_usage(self) -> dict | None:
         try:
@@ -120,10 +158,13 @@ class StreamTap:
 
 
 class SpendGuard:
-    def __init__(self, config: Config, ledger: Ledger) -> None:
+    def __init__(
+        self, config: Config, ledger: Ledger, cut_upstream: Callable[[http.HTTPFlow], object] | None = None
+    ) -> None:
         self.agents = config.agents
         self.settings = config.spend
         self.ledger = ledger
+        self.cut_upstream = cut_upstream  # aborts a flow's upstream connection
         self.providers = {s.name: PROVIDER_OF.get(s.name) for s in config.services}
 
     def _refuse(self, flow: http.HTTPFlow, reason: str, status: int, retry_after: int | None = None) -> None:
@@ -196,8 +237,43 @@ class SpendGuard:
         if m is None or response is None or not response.stream or response.status_code >= 400:
             return
         sse = "event-stream" in response.headers.get("content-type", "")
+        overrun = self._overrun(flow, m) if sse and self.settings.on_overrun == "cut" else None
+        if overrun is not None and not flow.request.is_http2:
+            # The stream may be ended before the upstream ends it: the agent's response is
+            # then delimited by the connection's close (HTTP/1.1 without chunked framing),
+            # which is a clean end, rather than a chunked body cut short.
+            response.headers.pop("transfer-encoding", None)
+            response.headers.pop("content-length", None)
+            response.headers["connection"] = "close"
         response.stream = StreamTap(
-            response.stream, m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj)
+            response.stream,
+            m,
+            sse,
+            bool(flow.metadata.get(DROP_USAGE_CHUNK)),
+            lambda obj: self._observed(flow, m, obj),
+            overrun,
+        )
+
+    def _overrun(self, flow: http.HTTPFlow, m: Metered) -> Overrun | None:
+        hold: Hold | None = flow.metadata.get(HOLD)
+        agent = self.agents.get(flow.metadata.get(AGENT) or "")
+        if hold is None or agent is None:
+            return None
+        limits = agent.limits
+
+        def cut(reason: str, cost: Cost) -> None:
+            flow.metadata[USAGE] = cost
+            flow.metadata[CUT] = reason
+            log.warning("%s's %s stream %s: %s; ending it", hold.agent, m.model, flow.id, reason)
+            if self.cut_upstream is not None:
+                # after the closing events are on their way to the agent
+                asyncio.get_running_loop().call_soon(self.cut_upstream, flow)
+
+        return Overrun(
+            RunningCost(self.settings, m),
+            StreamEnd(m.provider, m.flavor),
+            lambda usd: self.ledger.overrun(limits, hold, usd),
+            cut,
         )
 
     def _observed(self, flow: http.HTTPFlow, m: Metered, obj: dict | None) -> None:

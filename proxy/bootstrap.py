@@ -70,12 +70,14 @@ agents:
       # tokens_per_minute: 200000
       # concurrent: 4
       # models: {openai: [gpt-4o-mini], anthropic: ["claude-haiku-*"]}
+      # sessions: {"nightly-*": {budget_usd: 25}}   # per-session overrides (session id or glob)
 
 # How calls are priced (genai-prices' bundled price data; no network).
 spend:
   timezone: UTC                 # when "day" budgets reset
   unknown_model: deny           # or fallback, with fallback_price: {input_per_mtok: 10, output_per_mtok: 30}
   default_max_output_tokens: 4096   # reserved when a request sets no max_tokens
+  on_overrun: finish            # or cut: end a stream cleanly when it crosses a budget
 
 network:
   allow_private: []       # CIDRs exempt from the SSRF guard, e.g. [10.0.0.0/8]

@@ -153,6 +153,7 @@ class SpendWire(_Wire):
     unknown_model: Literal["deny", "fallback"] = "deny"
     fallback_price: FallbackPriceWire | None = None
     default_max_output_tokens: int = Field(default=4096, ge=1)
+    on_overrun: Literal["finish", "cut"] = "finish"
 
 
 class AuditWire(_Wire):
@@ -751,4 +752,5 @@ def _spend(file: Path, wire: SpendWire) -> SpendSettings:
         fp.input_per_mtok if fp else Decimal(0),
         fp.output_per_mtok if fp else Decimal(0),
         wire.default_max_output_tokens,
+        wire.on_overrun,
     )

@@ -58,6 +58,7 @@ class SpendSettings:
     fallback_input_per_mtok: Decimal = Decimal(0)
     fallback_output_per_mtok: Decimal = Decimal(0)
     default_max_output_tokens: int = 4096
+    on_overrun: str = "finish"  # or "cut": end an SSE stream cleanly when it crosses a budget
 
     @property
     def zone(self) -> ZoneInfo:
@@ -186,12 +187,17 @@ def price(
     return (settings.fallback_input_per_mtok * input_tokens + settings.fallback_output_per_mtok * output_tokens) / MTOK
 
 
+def input_estimate(m: Metered) -> int:
+    """The prompt's tokens at most: one per 3 bytes of body (an overestimate for text),
+    rounded up to a multiple of 256 (even safer, and the price cache can reuse it)."""
+    return math.ceil((m.input_bytes / 3 + 16) / 256) * 256
+
+
 def reservation(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
     """Worst-case cost and tokens of a request before it is sent: the prompt estimated at one
     token per 3 bytes of body (an overestimate for text), the output at the client's cap or
     the configured default."""
-    # rounded up to a multiple of 256: an even safer estimate, and one the price cache can reuse
-    input_tokens = math.ceil((m.input_bytes / 3 + 16) / 256) * 256
+    input_tokens = input_estimate(m)
     output_tokens = 0 if m.flavor == "embeddings" else (m.max_output or settings.default_max_output_tokens)
     return price(settings, m.provider, m.model, input_tokens, output_tokens), input_tokens + output_tokens
 
@@ -270,22 +276,168 @@ class UsageFromStream:
         self.provider, self.flavor = provider, flavor
         self.response: dict[str, Any] | None = None
 
-    def observe(self, data: dict[str, Any]) -> None:
+    def observe(self, data: dict[str, Any]) -> bool:
+        """Take one event; True if it reported usage."""
         p = self.provider
         if p == "openai" and self.flavor == "responses":
             if data.get("type") == "response.completed" and isinstance(data.get("response"), dict):
                 self.response = data["response"]
+                return True
         elif p == "openai":
             if data.get("usage"):
                 self.response = {"model": data.get("model", ""), "usage": data["usage"]}
+                return True
         elif p == "anthropic":
             if data.get("type") == "message_start":
                 msg = data.get("message") or {}
                 self.response = {"model": msg.get("model", ""), "usage": dict(msg.get("usage") or {})}
-            elif data.get("type") == "message_delta" and self.response is not None:
+                return True
+            if data.get("type") == "message_delta" and self.response is not None:
                 self.response["usage"].update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
+                return True
         elif p == "google" and data.get("usageMetadata"):
             self.response = {"modelVersion": data.get("modelVersion", ""), "usageMetadata": data["usageMetadata"]}
+            return True
+        return False
+
+
+def streamed_text(provider: str, flavor: str, data: dict[str, Any]) -> int:
+    """Characters of generated output (text, tool arguments, thinking) in one stream event."""
+    n = 0
+    if provider == "openai" and flavor == "responses":
+        delta = data.get("delta")
+        return len(delta) if isinstance(delta, str) and str(data.get("type", "")).endswith(".delta") else 0
+    if provider == "openai":
+        for choice in data.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            n += sum(
+                len(delta[k]) for k in ("content", "refusal", "reasoning_content") if isinstance(delta.get(k), str)
+            )
+            for call in delta.get("tool_calls") or ():
+                args = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                n += len(args) if isinstance(args, str) else 0
+    elif provider == "anthropic":
+        delta = data.get("delta") if data.get("type") == "content_block_delta" else None
+        if isinstance(delta, dict):
+            n += sum(len(delta[k]) for k in ("text", "partial_json", "thinking") if isinstance(delta.get(k), str))
+    elif provider == "google":
+        for cand in data.get("candidates") or ():
+            parts = ((cand.get("content") or {}).get("parts") or ()) if isinstance(cand, dict) else ()
+            n += sum(len(p["text"]) for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return n
+
+
+class RunningCost:
+    """What a stream has cost so far, while it runs: the last usage the provider reported
+    (Anthropic's message_start, every Gemini chunk), else the reservation's prompt estimate,
+    plus the output streamed since, at one token per 4 characters (at least one per event).
+    An estimate, used only to decide whether to cut the stream; the bill uses the real usage."""
+
+    def __init__(self, settings: SpendSettings, m: Metered) -> None:
+        self.settings, self.m = settings, m
+        self.input_tokens = input_estimate(m)
+        self.base = price(settings, m.provider, m.model, self.input_tokens, 0)
+        self.per_output = (price(settings, m.provider, m.model, self.input_tokens, 1_000_000) - self.base) / MTOK
+        self.reported: Cost | None = None
+        self.output_since = 0  # tokens streamed since the last usage report
+
+    def observe(self, data: dict[str, Any], usage: dict[str, Any] | None) -> None:
+        """One event; `usage` is the response object if this event reported usage."""
+        chars = streamed_text(self.m.provider, self.m.flavor, data)
+        if chars:
+            self.output_since += max(1, math.ceil(chars / 4))
+        if usage is not None:
+            cost = cost_of(self.settings, self.m.provider, self.m.flavor, usage)
+            if cost is not None:
+                self.reported, self.output_since = cost, 0
+
+    @property
+    def output_tokens(self) -> int:
+        return (self.reported.output_tokens if self.reported else 0) + self.output_since
+
+    @property
+    def usd(self) -> Decimal:
+        return (self.reported.usd if self.reported else self.base) + self.per_output * self.output_since
+
+    def cost(self) -> Cost:
+        r = self.reported
+        return Cost(
+            self.usd,
+            r.input_tokens if r else self.input_tokens,
+            self.output_tokens,
+            r.cached_tokens if r else 0,
+            r.model if r else self.m.model,
+        )
+
+
+class StreamEnd:
+    """Follows a provider's SSE stream so that it can be ended cleanly at any point: the
+    closing events the provider itself sends when a response hits its output limit."""
+
+    def __init__(self, provider: str, flavor: str) -> None:
+        self.provider, self.flavor = provider, flavor
+        self.last: dict[str, Any] = {}  # OpenAI chat: id/created/model of the last chunk
+        self.response: dict[str, Any] | None = None  # Responses API: the response.created object
+        self.sequence = 0
+        self.open_block: int | None = None  # Anthropic: the content block being streamed
+
+    def observe(self, data: dict[str, Any]) -> None:
+        kind = data.get("type")
+        if self.provider == "openai" and self.flavor == "responses":
+            if isinstance(data.get("sequence_number"), int):
+                self.sequence = data["sequence_number"]
+            if kind == "response.created" and isinstance(data.get("response"), dict):
+                self.response = data["response"]
+        elif self.provider == "openai":
+            self.last = {k: data[k] for k in ("id", "created", "model") if k in data}
+        elif self.provider == "anthropic":
+            if kind == "content_block_start":
+                self.open_block = data.get("index")
+            elif kind == "content_block_stop":
+                self.open_block = None
+        elif self.provider == "google" and data.get("modelVersion"):
+            self.last = {"modelVersion": data["modelVersion"]}
+
+    def events(self, note: str, output_tokens: int) -> bytes:
+        """A comment naming why, then the provider's own end-of-output events."""
+        out = [f": egress-guard: {note}"]
+
+        def event(obj: Any, name: str | None = None) -> None:
+            out.append((f"event: {name}\n" if name else "") + f"data: {json.dumps(obj, separators=(',', ':'))}")
+
+        if self.provider == "openai" and self.flavor == "responses":
+            response = dict(self.response or {"object": "response", "output": []})
+            response.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+            event(
+                {"type": "response.incomplete", "sequence_number": self.sequence + 1, "response": response},
+                "response.incomplete",
+            )
+        elif self.provider == "openai":
+            chunk = {"object": "chat.completion.chunk", **self.last}
+            event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            out.append("data: [DONE]")
+        elif self.provider == "anthropic":
+            if self.open_block is not None:
+                event({"type": "content_block_stop", "index": self.open_block}, "content_block_stop")
+            event(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                    "usage": {"output_tokens": output_tokens},
+                },
+                "message_delta",
+            )
+            event({"type": "message_stop"}, "message_stop")
+        elif self.provider == "google":
+            candidate = {
+                "content": {"parts": [{"text": ""}], "role": "model"},
+                "finishReason": "MAX_TOKENS",
+                "index": 0,
+            }
+            event({"candidates": [candidate], **self.last})
+        return "".join(line + "\n\n" for line in out).encode()
 
 
 def is_usage_only_chunk(data: dict[str, Any]) -> bool:
@@ -424,6 +576,22 @@ class Ledger:
         self._token_sums[agent] = used + tokens
         self._inflight[agent] = inflight + 1
         return Hold(agent, session, day, usd, tokens, window_entry=entry)
+
+    def overrun(self, limits: Limits, hold: Hold, usd: Decimal) -> str | None:
+        """Which budget an admitted request would break if it cost `usd` (rather than what it
+        reserved), given what is spent and held by the others now; None if all still fit."""
+        for scope, key in self.keys(hold.agent, hold.session, hold.day):
+            cap = self.limit(limits, hold.agent, scope, hold.session)
+            if cap is None:
+                continue
+            spent = self.spent.get(key, Decimal(0))
+            others = self.reserved.get(key, Decimal(0)) - (Decimal(0) if hold.settled else hold.usd)
+            if spent + others + usd > cap:
+                return (
+                    f"{scope} budget of ${cap} for agent {hold.agent} reached mid-stream "
+                    f"(spent ${_fmt(spent)}, reserved by others ${_fmt(others)}, this stream about ${_fmt(usd)})"
+                )
+        return None
 
     def settle(self, hold: Hold, usd: Decimal, tokens: int | None) -> None:
         """Replace the reservation by the real cost (and the token estimate by the real count)."""

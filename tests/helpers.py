@@ -42,6 +42,7 @@ class UpstreamState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     sse_gate: threading.Event = field(default_factory=threading.Event)
     sse_gate_timed_out: bool = False
+    runaway: list[int] = field(default_factory=list)  # text events each runaway stream wrote
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

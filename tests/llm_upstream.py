@@ -61,6 +61,22 @@ class LLMHandler(_Handler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def _runaway(self, n: int, event: Any) -> bool:
+        """A model that writes `n` text events ("tok ", one token each), whatever max_tokens
+        said, until the reader goes away. Records how many it wrote; True if it wrote all."""
+        written = 0
+        try:
+            for _ in range(n):
+                event("tok ")
+                written += 1
+                time.sleep(0.003)
+            return True
+        except OSError:  # the proxy cut the connection
+            return False
+        finally:
+            with self.server.state.lock:
+                self.server.state.runaway.append(written)
+
     def handle_any(self) -> None:
         raw = self._body()
         url = urlsplit(self.path)
@@ -182,6 +198,14 @@ class LLMHandler(_Handler):
             chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
             if body.get("stream"):
                 self._sse_start()
+                if body.get("x_runaway"):
+                    text = lambda t: self._event(  # noqa: E731
+                        chunk | {"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+                    )
+                    if not self._runaway(body["x_runaway"], text):
+                        return
+                    out = body["x_runaway"]
+                    usage = {"prompt_tokens": 11, "completion_tokens": out, "total_tokens": 11 + out}
                 for piece in ("po", "ng"):
                     self._event(chunk | {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
                 self._event(chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
@@ -227,6 +251,14 @@ class LLMHandler(_Handler):
                 self._event({"type": "message_start", "message": message}, "message_start")
                 block = {"type": "text", "text": ""}
                 self._event({"type": "content_block_start", "index": 0, "content_block": block}, "content_block_start")
+                if body.get("x_runaway"):
+                    text = lambda t: self._event(  # noqa: E731
+                        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}},
+                        "content_block_delta",
+                    )
+                    if not self._runaway(body["x_runaway"], text):
+                        return
+                    out = body["x_runaway"]
                 delta = {"type": "text_delta", "text": "pong"}
                 self._event({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta")
                 self._event({"type": "content_block_stop", "index": 0}, "content_block_stop")

@@ -12,14 +12,17 @@ from genai_prices import Usage, calc_price
 from mitmproxy.test import tflow
 
 from egress_guard.addons.request_guard import ByteCounter
-from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, SpendGuard, StreamTap
+from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, Overrun, SpendGuard, StreamTap
 from egress_guard.spend import (
+    Cost,
     Ledger,
     Limits,
     Refusal,
+    RunningCost,
     SessionLimits,
     SpendSettings,
     SSEEvents,
+    StreamEnd,
     Unpriced,
     UsageFromStream,
     meter,
@@ -211,3 +214,100 @@ def test_session_budget_precedence_most_specific_wins_and_run_time_beats_config(
     assert model_allowed(limits, "openai", "gpt-4o-mini", "ci-7") and not model_allowed(
         limits, "openai", "gpt-4o", "ci-7"
     )
+
+
+def _sse(obj: dict, event: str | None = None) -> bytes:
+    return ((f"event: {event}\n" if event else "") + f"data: {json.dumps(obj)}\n\n").encode()
+
+
+STREAMS = {
+    # (provider, path, request body, events before the text, one text event, closing event types)
+    "openai-chat": (
+        "openai",
+        "/v1/chat/completions",
+        {"model": "gpt-4o-mini", "stream": True},
+        [],
+        _sse(
+            {"id": "c1", "created": 1, "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "abcd"}}]}
+        ),
+        ["chat.completion.chunk", "[DONE]"],
+    ),
+    "openai-responses": (
+        "openai",
+        "/v1/responses",
+        {"model": "gpt-4o-mini", "stream": True},
+        [_sse({"type": "response.created", "sequence_number": 0, "response": {"id": "r1", "status": "in_progress"}})],
+        _sse({"type": "response.output_text.delta", "sequence_number": 1, "delta": "abcd"}),
+        ["response.incomplete"],
+    ),
+    "anthropic": (
+        "anthropic",
+        "/v1/messages",
+        {"model": "claude-haiku-4-5", "stream": True},
+        [
+            _sse({"type": "message_start", "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ],
+        _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcd"}}),
+        ["content_block_stop", "message_delta", "message_stop"],
+    ),
+    "gemini": (
+        "google",
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        {},
+        [],
+        _sse({"candidates": [{"content": {"parts": [{"text": "abcd"}]}}], "modelVersion": "gemini-2.5-flash"}),
+        ["MAX_TOKENS"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_stream_over_the_budget_ends_with_the_providers_own_closing_events(name: str) -> None:
+    provider, path, body, head, text, closing = STREAMS[name]
+    m = meter(provider, path, body, 10)
+    assert m is not None
+    ledger = Ledger(SETTINGS)
+    limits = Limits(budget_total=Decimal(1))
+    hold = ledger.admit(limits, "ag", "s", Decimal("0.001"), 10)
+    cuts: list[tuple[str, Cost]] = []
+    running = RunningCost(SETTINGS, m)
+    over = Overrun(
+        running,
+        StreamEnd(m.provider, m.flavor),
+        lambda usd: ledger.overrun(limits, hold, usd),
+        lambda *a: cuts.append(a),
+    )
+    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=False, done=lambda _: None, overrun=over)
+    out = b"".join(tap(e) for e in head) + tap(text * 3)
+    assert not cuts and out == b"".join(head) + text * 3  # within the budget: untouched
+    ledger.overrides[("ag", "total")] = running.usd + running.per_output / 2  # `budget set` lowers it mid-stream
+    out = tap(text + text)  # the first event crosses: it is delivered, the stream ends after it
+    assert out.startswith(text) and text not in out[len(text) :]
+    assert tap(text) == b"" and tap(b"") == b""  # what the upstream sends after the end is dropped
+    ((reason, cost),) = cuts
+    assert reason.startswith("total budget of $") and "reached mid-stream" in reason
+    assert cost.output_tokens == (5 if provider == "anthropic" else 4) and cost.usd == running.usd
+    events = [e for e in out[len(text) :].split(b"\n\n") if e]
+    assert events[0].startswith(b": egress-guard: stream ended: total budget")
+    kinds = []
+    for event in events[1:]:
+        data = event.split(b"data: ", 1)[1]
+        if data == b"[DONE]":
+            kinds.append("[DONE]")
+            continue
+        obj = json.loads(data)
+        kinds.append(obj.get("type") or obj.get("object") or obj["candidates"][0]["finishReason"])
+    assert kinds == closing
+
+
+def test_overrun_counts_what_others_hold_and_spent() -> None:
+    ledger = Ledger(SETTINGS)
+    limits = Limits(budget_day=Decimal("1.00"))
+    a = ledger.admit(limits, "ag", "s", Decimal("0.30"), 1)
+    b = ledger.admit(limits, "ag", "s", Decimal("0.30"), 1)
+    assert ledger.overrun(limits, a, Decimal("0.70")) is None  # 0.70 + b's 0.30 = 1.00
+    assert "day budget of $1.00" in (ledger.overrun(limits, a, Decimal("0.71")) or "")
+    ledger.settle(b, Decimal("0.10"), 1)
+    assert ledger.overrun(limits, a, Decimal("0.90")) is None
+    assert ledger.overrun(Limits(), a, Decimal("100")) is None  # no budget: nothing to cut at

@@ -303,3 +303,88 @@ def test_responses_api_embeddings_and_gemini_stream_are_priced(
         price("text-embedding-3-small", "openai", input_tokens=8),
         price("gemini-2.5-flash", "google", input_tokens=7, output_tokens=3),  # the last usageMetadata
     ]
+
+
+def wait_for(predicate, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def cut_proxy(make_proxy, spend_config, real_env) -> RunningProxy:
+    # The client sets no max_tokens, so 50 are reserved; the "model" then writes 3000 (one per
+    # event). The session budget fits the reservation with room for a few hundred tokens.
+    spend_config["spend"] = {"on_overrun": "cut", "default_max_output_tokens": 50}
+    spend_config["agents"]["researcher"]["limits"] = {"budget_usd": {"session": "0.0004"}}
+    return make_proxy(**spend_config)
+
+
+RUNAWAY = 3000
+
+
+def test_stream_crossing_the_budget_is_ended_cleanly_and_the_upstream_stopped(
+    cut_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    client = openai_client(cut_proxy, llm_upstream.port, mint(cut_proxy, session="s-cut").env["OPENAI_API_KEY"])
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o-mini", stream=True, messages=[], extra_body={"x_runaway": RUNAWAY})
+    )  # no exception: the SDK saw a complete stream
+    assert chunks[-1].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    streamed = text.count("tok ")
+    assert text == "tok " * streamed and 100 < streamed < RUNAWAY
+    wait_for(lambda: len(llm_upstream.state.runaway) == 1)
+    assert llm_upstream.state.runaway[0] < RUNAWAY  # the upstream connection was cut: generation stopped
+    row = rows(cut_proxy, 2)[0]
+    assert row["status"] == 200 and "session budget of $0.0004" in row["reason"]
+    assert "reached mid-stream" in row["reason"] and "the stream was ended" in row["reason"]
+    # billed what was streamed (prompt at its estimate, one token per event), within the budget
+    assert (row["input_tokens"], row["output_tokens"]) == (256, streamed)
+    assert Decimal(row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=256, output_tokens=streamed)
+    # ended at the first event past the budget: over it by that one event at most
+    one_token = price("gpt-4o-mini", "openai", output_tokens=1)
+    assert Decimal("0.0004") < Decimal(row["cost_usd"]) <= Decimal("0.0004") + one_token
+    # the session's budget is spent: the next call is refused before it goes upstream
+    with pytest.raises(openai.RateLimitError, match="session budget"):
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=[])
+
+
+def test_anthropic_stream_crossing_the_budget_ends_with_max_tokens(
+    cut_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    client = anthropic_client(cut_proxy, llm_upstream.port, mint(cut_proxy).env["ANTHROPIC_API_KEY"])
+    with client.messages.stream(
+        model="claude-haiku-4-5", max_tokens=10, messages=[], extra_body={"x_runaway": RUNAWAY}
+    ) as stream:
+        message = stream.get_final_message()
+    assert message.stop_reason == "max_tokens"
+    streamed = message.content[0].text.count("tok ")
+    # message_start reported 1 output token; one per event streamed after it
+    assert 10 < streamed < RUNAWAY and message.usage.output_tokens == streamed + 1
+    wait_for(lambda: len(llm_upstream.state.runaway) == 1)
+    assert llm_upstream.state.runaway[0] < RUNAWAY
+    row = rows(cut_proxy, 2)[0]
+    assert "reached mid-stream" in row["reason"] and row["output_tokens"] == streamed + 1
+    # the prompt is priced from the usage Anthropic reported at the start (message_start)
+    assert Decimal(row["cost_usd"]) == price(
+        "claude-haiku-4-5",
+        "anthropic",
+        input_tokens=10,  # genai-prices counts cache reads and writes in the input
+        output_tokens=streamed + 1,
+        cache_read_tokens=2,
+        cache_write_tokens=3,
+    )
+
+
+def test_streams_within_the_budget_are_untouched_when_cutting_is_on(
+    cut_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    client = openai_client(cut_proxy, llm_upstream.port, mint(cut_proxy).env["OPENAI_API_KEY"])
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", max_tokens=9, stream=True, messages=[]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "pong"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    row = rows(cut_proxy, 2)[0]
+    assert "mid-stream" not in row["reason"]
+    assert Decimal(row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=9)
