@@ -245,7 +245,12 @@ STREAMS = {
         "/v1/messages",
         {"model": "claude-haiku-4-5", "stream": True},
         [
-            _sse({"type": "message_start", "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            _sse(
+                {
+                    "type": "message_start",
+                    "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 9, "output_tokens": 1}},
+                }
+            ),
             _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ],
         _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcd"}}),
