@@ -36,8 +36,9 @@ from egress_guard.addons._flow import (
     fail_closed,
     reject,
 )
+from egress_guard.audit import now_iso
 from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
-from egress_guard.fakekeys import iso, looks_like, utcnow
+from egress_guard.fakekeys import looks_like
 from egress_guard.keycache import KeyCache
 from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
@@ -115,6 +116,7 @@ class CredentialGuard:
         self.cut = cut  # closes a client connection by id (the kill switch's tool too)
         self.scanner = FakeKeyScanner(hmac_key, services)
         self.clients: dict[str, set[str]] = {}  # key id -> client connection ids that used it
+        self._forms: dict[str, tuple[str, list[bytes]]] = {}  # service -> (its secret, secret_forms)
 
     # --- what is where -------------------------------------------------------------------
 
@@ -126,13 +128,15 @@ class CredentialGuard:
         return None
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one guard per proxy; keys repeat on every request
-    def _identify(self, services: tuple[Service, ...], value: str) -> tuple[Service, str] | None:
+    def _identify(self, service: str | None, value: str) -> tuple[Service, str] | None:
+        """The key's service and id if `value` is a genuine key of `service` (None: of any)."""
+        services = self.services if service is None else tuple(s for s in self.services if s.name == service)
         return identify(self.hmac_key, services, value)
 
     async def _check(self, service: Service, value: str) -> tuple[str, Any]:
-        hit = self._identify((service,), value)
+        hit = self._identify(service.name, value)  # cached by name: hashing a Service costs more than this
         if hit is None:
-            other = self._identify(self.services, value)
+            other = self._identify(None, value)
             if other is not None:
                 raise _Refusal(
                     Credential.WRONG_SERVICE,
@@ -153,7 +157,7 @@ class CredentialGuard:
             raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} is unknown to this proxy", 401)
         if record.revoked_at:
             raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} was revoked ({record.revoked_reason})", 401)
-        if record.expires_at <= iso(utcnow()):
+        if record.expires_at <= now_iso():
             raise _Refusal(
                 Credential.EXPIRED, f"egress-guard key {key_id} expired at {record.expires_at}; mint a new one", 401
             )
@@ -177,7 +181,8 @@ class CredentialGuard:
         if answered(flow):
             return
         req = flow.request
-        req.headers.pop("proxy-authorization", None)  # the agent's proxy credentials stop here
+        if "proxy-authorization" in req.headers:  # the agent's proxy credentials stop here
+            del req.headers["proxy-authorization"]
         target = flow.metadata.get(TARGET)
         if target is None or flow.metadata.get(DIALED) is None:
             reject(flow, Decision(Verdict.ERROR, "request reached the credential guard unvetted; refused"), 502)
@@ -238,7 +243,7 @@ class CredentialGuard:
         headers: dict[str, list[str]] = {}
         for name, value in req.headers.fields:
             headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
-        query = {k: req.query.get_all(k) for k in req.query}
+        query = {k: req.query.get_all(k) for k in req.query} if "?" in req.path else {}
         found = find_credentials(service, headers, query)
         if not found:
             if service.anonymous:
@@ -266,7 +271,10 @@ class CredentialGuard:
             else:
                 req.headers[f.slot.name] = header_value(f.slot, real, f.scheme)
         req.headers["accept-encoding"] = "identity"  # so the scrubber can read what comes back
-        flow.metadata[SCRUB] = secret_forms(real)
+        cached = self._forms.get(service.name)
+        if cached is None or cached[0] != real:  # first use, or the secret was rotated
+            cached = self._forms[service.name] = (real, secret_forms(real))
+        flow.metadata[SCRUB] = cached[1]
         flow.metadata[CREDENTIAL] = Credential.SWAPPED
         self.clients.setdefault(key_id, set()).add(flow.client_conn.id)
 

@@ -107,5 +107,7 @@ class ResponseStreamer:
     def response(self, flow: http.HTTPFlow) -> None:
         if not flow.metadata.get(SCRUB_BUFFERED) or flow.response is None:
             return
-        content = flow.response.get_content(strict=True)  # undecodable -> exception -> killed
-        flow.response.content = scrub(content or b"", flow.metadata[SCRUB])
+        content = flow.response.get_content(strict=True) or b""  # undecodable -> exception -> killed
+        scrubbed = scrub(content, flow.metadata[SCRUB])
+        if scrubbed is not content:  # re-encoding costs: only when a secret was found
+            flow.response.content = scrubbed

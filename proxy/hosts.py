@@ -11,6 +11,7 @@ and callers deny.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def parse_ipv4_any_form(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and called for every request (Host, SNI, CONNECT)
 def normalize_host(raw: str) -> Host:
     """Normalise a host as written in a URL, CONNECT line, Host header or SNI (no port).
 

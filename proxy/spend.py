@@ -202,8 +202,47 @@ def reservation(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
     return price(settings, m.provider, m.model, input_tokens, output_tokens), input_tokens + output_tokens
 
 
+@functools.lru_cache(maxsize=64)
+def _usage_keys(provider: str, flavor: str) -> tuple[str, ...] | None:
+    """The top-level keys of a response that genai-prices' extractor reads (its usage root and
+    model path), or None if it has no extractor for this flavor."""
+    from genai_prices import data_snapshot
+
+    found = data_snapshot.get_snapshot().find_provider(None, provider, None)
+    for e in found.extractors or ():
+        if e.api_flavor == flavor:
+            root = e.root if isinstance(e.root, str) else e.root[0]
+            model = e.model_path if isinstance(e.model_path, str) else e.model_path[0]
+            return (root, model) if isinstance(root, str) and isinstance(model, str) else None
+    return None
+
+
 def cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict) -> Cost | None:
-    """The real cost of a provider response (or of the response object a stream assembled)."""
+    """The real cost of a provider response (or of the response object a stream assembled).
+
+    Memoised on the part of the response genai-prices reads: usage blocks repeat (the same
+    model, the same token counts), and extraction is most of what pricing a call costs."""
+    keys = _usage_keys(provider, flavor)
+    if keys is None:
+        return _cost_of(settings, provider, flavor, response)
+    try:
+        seen = json.dumps([response.get(k) for k in keys], sort_keys=True)
+    except (TypeError, ValueError):
+        return _cost_of(settings, provider, flavor, response)
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    return _cost_of_seen(settings, provider, flavor, seen, day)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cost_of_seen(settings: SpendSettings, provider: str, flavor: str, seen: str, day: str) -> Cost | None:
+    keys = _usage_keys(provider, flavor)
+    assert keys is not None
+    return _cost_of(
+        settings, provider, flavor, {k: v for k, v in zip(keys, json.loads(seen), strict=True) if v is not None}
+    )
+
+
+def _cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict) -> Cost | None:
     from genai_prices import extract_usage
 
     try:
@@ -487,9 +526,17 @@ class Ledger:
     _tokens: dict[str, deque[list[float]]] = field(default_factory=dict)  # [time, tokens], oldest first
     _token_sums: dict[str, float] = field(default_factory=dict)  # running sum of each window
     _inflight: dict[str, int] = field(default_factory=dict)
+    _today: tuple[float, str] = (0.0, "")  # (valid until, day): `day()` for now, cached
 
     def day(self, when: datetime.datetime | None = None) -> str:
-        when = when or datetime.datetime.now(datetime.UTC)
+        """The budget day (in the configured time zone) of `when`, or of now."""
+        if when is None:
+            until, today = self._today
+            if time.time() < until:
+                return today
+            today = datetime.datetime.now(self.settings.zone).date().isoformat()
+            self._today = (self.next_day_start().timestamp(), today)
+            return today
         return when.astimezone(self.settings.zone).date().isoformat()
 
     def next_day_start(self) -> datetime.datetime:
