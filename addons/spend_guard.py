@@ -135,7 +135,11 @@ class StreamTap:
         o = self.overrun
         assert o is not None
         o.end.observe(obj)
-        o.running.observe(obj, self.usage.response if reported else None)
+        # Only an event with output is checked: the usage reported at the end (OpenAI's usage
+        # chunk, Anthropic's message_delta, response.completed) comes when nothing is left to
+        # save, and ending the stream after it would send the agent a second end.
+        if not o.running.observe(obj, self.usage.response if reported else None):
+            return False
         reason = o.over(o.running.usd)
         if reason is None:
             return False

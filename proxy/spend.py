@@ -382,8 +382,9 @@ class RunningCost:
         self.reported: Cost | None = None
         self.output_since = 0  # tokens streamed since the last usage report
 
-    def observe(self, data: dict[str, Any], usage: dict[str, Any] | None) -> None:
-        """One event; `usage` is the response object if this event reported usage."""
+    def observe(self, data: dict[str, Any], usage: dict[str, Any] | None) -> bool:
+        """One event; `usage` is the response object if this event reported usage. True if
+        the event carried generated output (only those can be followed by more)."""
         chars = streamed_text(self.m.provider, self.m.flavor, data)
         if chars:
             self.output_since += max(1, math.ceil(chars / 4))
@@ -391,6 +392,7 @@ class RunningCost:
             cost = cost_of(self.settings, self.m.provider, self.m.flavor, usage)
             if cost is not None:
                 self.reported, self.output_since = cost, 0
+        return chars > 0
 
     @property
     def output_tokens(self) -> int:

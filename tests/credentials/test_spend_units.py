@@ -316,3 +316,32 @@ def test_overrun_counts_what_others_hold_and_spent() -> None:
     ledger.settle(b, Decimal("0.10"), 1)
     assert ledger.overrun(limits, a, Decimal("0.90")) is None
     assert ledger.overrun(Limits(), a, Decimal("100")) is None  # no budget: nothing to cut at
+
+
+def test_usage_reported_at_the_end_never_ends_a_stream_twice() -> None:
+    m = meter("anthropic", "/v1/messages", {"model": "claude-haiku-4-5", "stream": True}, 10)
+    assert m is not None
+    ledger = Ledger(SETTINGS)
+    limits = Limits(budget_total=Decimal("0.001"))
+    hold = ledger.admit(limits, "ag", "s", Decimal("0.0005"), 10)
+    cuts: list = []
+    running = RunningCost(SETTINGS, m)
+    over = Overrun(
+        running,
+        StreamEnd(m.provider, m.flavor),
+        lambda usd: ledger.overrun(limits, hold, usd),
+        lambda *a: cuts.append(a),
+    )
+    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=False, done=lambda _: None, overrun=over)
+    start = _sse(
+        {
+            "type": "message_start",
+            "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 9, "output_tokens": 1}},
+        }
+    )
+    text = _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcd"}})
+    # the provider's final count is far over the budget: the output is complete, so it passes
+    end = _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 100000}})
+    stop = _sse({"type": "message_stop"})
+    assert tap(start + text + end + stop) + tap(b"") == start + text + end + stop
+    assert not cuts
