@@ -131,18 +131,19 @@ async def load(proxy_port: int | None, port: int, ctx: ssl.SSLContext, concurren
         f"Authorization: Bearer {FAKE_KEY}\r\nContent-Length: {len(BODY)}\r\n\r\n"
     ).encode() + BODY
     latencies: list[float] = []
-    errors = 0
+    errors = requests = 0
     warmup_end = time.perf_counter() + 1.0
     end = warmup_end + seconds
 
     async def worker() -> None:
-        nonlocal errors
+        nonlocal errors, requests
         reader, writer = await _open(proxy_port, port, ctx)
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             writer.write(request)
             status = await _read_response(reader)
             t1 = time.perf_counter()
+            requests += 1
             if status != 200:
                 errors += 1
             if t0 >= warmup_end:
@@ -158,6 +159,7 @@ async def load(proxy_port: int | None, port: int, ctx: ssl.SSLContext, concurren
         "p90": q[89] * 1000,
         "p99": q[98] * 1000,
         "n": len(latencies),
+        "requests": requests,  # warm-up included
         "errors": errors,
     }
 
@@ -209,6 +211,12 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_mitmdump(work: Path, test_ca: Path, *extra: str) -> tuple[subprocess.Popen, int, Path]:
@@ -313,6 +321,11 @@ def _proof() -> str:
     return f"egress-guard audit log: {total} requests, {swapped} with the key swapped, {priced} priced"
 
 
+def _median_cpu(rounds: dict[str, list[dict]]) -> float:
+    """The median of a target's CPU ms per request over its c=8 rounds."""
+    return statistics.median(r["cpu_ms"] for r in rounds["c8"])
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median throughput (its latencies belong to it)."""
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
@@ -363,11 +376,16 @@ def main() -> int:
         contexts = {name: ssl.create_default_context(cafile=str(cafile)) for name, _, cafile, _ in targets}
         rounds: dict[str, dict[str, list[dict]]] = {name: {"c1": [], "c8": []} for name, *_ in targets}
         for i in range(args.rounds):
-            for name, proxy_port, _, _ in targets:
+            for name, proxy_port, _, proc in targets:
                 print(f"round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 ctx = contexts[name]
                 rounds[name]["c1"].append(asyncio.run(load(proxy_port, upstream_port, ctx, 1, args.seconds / 2)))
-                rounds[name]["c8"].append(asyncio.run(load(proxy_port, upstream_port, ctx, 8, args.seconds)))
+                cpu = _cpu_seconds(proc.pid) if proc else 0.0
+                run = asyncio.run(load(proxy_port, upstream_port, ctx, 8, args.seconds))
+                # CPU per request (warm-up included on both sides): steadier than req/s when the
+                # machine's speed drifts, since it does not depend on who else gets the cores
+                run["cpu_ms"] = (_cpu_seconds(proc.pid) - cpu) * 1000 / max(run["requests"], 1) if proc else None
+                rounds[name]["c8"].append(run)
         for name, proxy_port, _, proc in targets:
             r: dict = {c: _median_run(rounds[name][c]) for c in ("c1", "c8")}
             r["sse"] = asyncio.run(sse_first_byte(proxy_port, upstream_port, contexts[name], args.sse))
@@ -388,12 +406,14 @@ def main() -> int:
         f"\negress-guard benchmark ({os.cpu_count()} cores, loopback, keep-alive HTTPS, median of {args.rounds} "
         f"alternating rounds of {args.seconds:.0f} s)\n"
     )
-    print(f"{'target':<14}{'c':>3}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'target':<14}{'c':>3}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'CPU ms/req':>12}")
     for name, r in results.items():
         for c in ("c1", "c8"):
             x = r[c]
+            cpu = f"{x['cpu_ms']:.2f}" if x.get("cpu_ms") is not None else "-"
             print(
                 f"{name:<14}{c[1:]:>3}{x['rps']:>9.0f}{x['p50']:>9.2f}{x['p90']:>9.2f}{x['p99']:>9.2f}{x['errors']:>8}"
+                f"{cpu:>12}"
             )
     print(f"\n{'target':<14}{'SSE first byte p50':>20}{'p90':>8}{'whole stream p50':>18}{'RSS MB':>8}")
     for name, r in results.items():
@@ -415,6 +435,12 @@ def main() -> int:
             eg["c8"]["p50"] <= md["c8"]["p50"],
         ),
         ("throughput c=1 vs mitmdump", eg["c1"]["rps"] / md["c1"]["rps"], "(info)", True),
+        (
+            "proxy CPU per request vs mitmdump",
+            _median_cpu(rounds["egress-guard"]) / _median_cpu(rounds["mitmdump"]),
+            "(info)",
+            True,
+        ),
         (
             "SSE first byte - direct (ms)",
             eg["sse"]["first_p50"] - direct["sse"]["first_p50"],
