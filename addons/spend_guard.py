@@ -98,7 +98,14 @@ class StreamTap:
         return self.inner(data) if callable(self.inner) else data
 
     def __call__(self, chunk: bytes) -> Any:
-        if self.ended:
+        if self.ended:  # nothing more reaches the agent; usage is still read, to bill it if it comes
+            with contextlib.suppress(Exception):
+                for _raw, _name, data in self.events.feed(chunk):
+                    obj = decode_event(data)
+                    if obj is not None:
+                        self.usage.observe(obj)
+                if not chunk:  # the upstream finished after all (it was not cut): its usage is real
+                    self.done(self.usage.response)
             return b""
         if self.broken:
             return self._pass(chunk)
@@ -269,7 +276,11 @@ class SpendGuard:
             flow.metadata[USAGE] = cost
             flow.metadata[CUT] = reason
             log.warning("%s's %s stream %s: %s; ending it", hold.agent, m.model, flow.id, reason)
-            if self.cut_upstream is not None:
+            if flow.server_conn.alpn == b"h2":
+                # other streams may share this upstream connection: leave it to finish; what it
+                # reports at the end is billed
+                log.warning("%s: HTTP/2 upstream, not cut; the rest of the stream is dropped", flow.id)
+            elif self.cut_upstream is not None:
                 # after the closing events are on their way to the agent
                 asyncio.get_running_loop().call_soon(self.cut_upstream, flow)
 

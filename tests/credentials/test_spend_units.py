@@ -345,3 +345,26 @@ def test_usage_reported_at_the_end_never_ends_a_stream_twice() -> None:
     stop = _sse({"type": "message_stop"})
     assert tap(start + text + end + stop) + tap(b"") == start + text + end + stop
     assert not cuts
+
+
+def test_after_the_end_the_usage_the_upstream_still_reports_is_billed() -> None:
+    # an upstream that is not cut (HTTP/2: shared connection) finishes: its real usage counts
+    m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, 10)
+    assert m is not None
+    ledger = Ledger(SETTINGS)
+    limits = Limits(budget_total=Decimal("0.0002"))
+    hold = ledger.admit(limits, "ag", "s", Decimal("0.0001"), 10)
+    done: list = []
+    over = Overrun(
+        RunningCost(SETTINGS, m),
+        StreamEnd("openai", "chat"),
+        lambda usd: ledger.overrun(limits, hold, usd),
+        lambda *a: None,
+    )
+    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=True, done=done.append, overrun=over)
+    text = _sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "abcd"}}]})
+    out = b"".join(tap(text) for _ in range(400))
+    assert b"[DONE]" in out and not done
+    usage = _sse({"model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 500}})
+    assert tap(text + usage + b"data: [DONE]\n\n") == b"" and tap(b"") == b""
+    assert done == [{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 11, "completion_tokens": 500}}]
