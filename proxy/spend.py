@@ -12,6 +12,7 @@ import datetime
 import fnmatch
 import functools
 import json
+import logging
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+log = logging.getLogger("egress_guard")
 MTOK = Decimal(1_000_000)
 
 
@@ -169,6 +171,9 @@ def _calc(
         return None
 
 
+_FALLBACK_LOGGED: set[tuple[str, str]] = set()
+
+
 def price(
     settings: SpendSettings,
     provider: str,
@@ -184,6 +189,15 @@ def price(
         return usd
     if settings.unknown_model != "fallback":
         raise Unpriced(f"no price is known for model {model!r} at {provider} (spend.unknown_model: deny)")
+    if (provider, model) not in _FALLBACK_LOGGED:  # once per model: it repeats on every call
+        _FALLBACK_LOGGED.add((provider, model))
+        log.warning(
+            "no price is known for model %r at %s: pricing it at spend.fallback_price (%s in, %s out per MTok)",
+            model,
+            provider,
+            settings.fallback_input_per_mtok,
+            settings.fallback_output_per_mtok,
+        )
     return (settings.fallback_input_per_mtok * input_tokens + settings.fallback_output_per_mtok * output_tokens) / MTOK
 
 

@@ -112,7 +112,7 @@ def test_meter(provider, path, body, expected) -> None:
     assert (None if m is None else (m.flavor, m.model, m.max_output, m.stream)) == expected
 
 
-def test_prices_come_from_genai_prices_and_unknown_models_follow_the_config() -> None:
+def test_prices_come_from_genai_prices_and_unknown_models_follow_the_config(caplog) -> None:
     assert price(SETTINGS, "openai", "gpt-4o-mini", 1000, 10) == Decimal(
         calc_price(Usage(input_tokens=1000, output_tokens=10), "gpt-4o-mini", provider_id="openai").total_price
     )
@@ -122,6 +122,11 @@ def test_prices_come_from_genai_prices_and_unknown_models_follow_the_config() ->
         unknown_model="fallback", fallback_input_per_mtok=Decimal(2), fallback_output_per_mtok=Decimal(8)
     )
     assert price(fallback, "openai", "my-model", 500_000, 250_000) == Decimal(3)
+    assert price(fallback, "openai", "my-model", 1_000_000, 0) == Decimal(2)
+    logged = [r.getMessage() for r in caplog.records if "fallback_price" in r.getMessage()]
+    assert logged == [
+        "no price is known for model 'my-model' at openai: pricing it at spend.fallback_price (2 in, 8 out per MTok)"
+    ]
 
 
 def test_ledger_reserves_settles_and_refuses_with_the_numbers() -> None:
