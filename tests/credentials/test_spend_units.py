@@ -272,14 +272,15 @@ STREAMS = {
 }
 
 
-@pytest.mark.parametrize("name", STREAMS)
-def test_stream_over_the_budget_ends_with_the_providers_own_closing_events(name: str) -> None:
-    provider, path, body, head, text, closing = STREAMS[name]
+def _cutting_tap(
+    provider: str, path: str, body: dict, budget: str, held: str, done=lambda _: None
+) -> tuple[StreamTap, Ledger, RunningCost, list]:
+    """A tap that ends the stream over a total budget of `budget`, with `held` reserved."""
     m = meter(provider, path, body, 10)
     assert m is not None
     ledger = Ledger(SETTINGS)
-    limits = Limits(budget_total=Decimal(1))
-    hold = ledger.admit(limits, "ag", "s", Decimal("0.001"), 10)
+    limits = Limits(budget_total=Decimal(budget))
+    hold = ledger.admit(limits, "ag", "s", Decimal(held), 10)
     cuts: list[tuple[str, Cost]] = []
     running = RunningCost(SETTINGS, m)
     over = Overrun(
@@ -288,7 +289,14 @@ def test_stream_over_the_budget_ends_with_the_providers_own_closing_events(name:
         lambda usd: ledger.overrun(limits, hold, usd),
         lambda *a: cuts.append(a),
     )
-    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=False, done=lambda _: None, overrun=over)
+    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=provider == "openai", done=done, overrun=over)
+    return tap, ledger, running, cuts
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_stream_over_the_budget_ends_with_the_providers_own_closing_events(name: str) -> None:
+    provider, path, body, head, text, closing = STREAMS[name]
+    tap, ledger, running, cuts = _cutting_tap(provider, path, body, "1", "0.001")
     out = b"".join(tap(e) for e in head) + tap(text * 3)
     assert not cuts and out == b"".join(head) + text * 3  # within the budget: untouched
     ledger.overrides[("ag", "total")] = running.usd + running.per_output / 2  # `budget set` lowers it mid-stream
@@ -324,20 +332,9 @@ def test_overrun_counts_what_others_hold_and_spent() -> None:
 
 
 def test_usage_reported_at_the_end_never_ends_a_stream_twice() -> None:
-    m = meter("anthropic", "/v1/messages", {"model": "claude-haiku-4-5", "stream": True}, 10)
-    assert m is not None
-    ledger = Ledger(SETTINGS)
-    limits = Limits(budget_total=Decimal("0.001"))
-    hold = ledger.admit(limits, "ag", "s", Decimal("0.0005"), 10)
-    cuts: list = []
-    running = RunningCost(SETTINGS, m)
-    over = Overrun(
-        running,
-        StreamEnd(m.provider, m.flavor),
-        lambda usd: ledger.overrun(limits, hold, usd),
-        lambda *a: cuts.append(a),
+    tap, _, _, cuts = _cutting_tap(
+        "anthropic", "/v1/messages", {"model": "claude-haiku-4-5", "stream": True}, "0.001", "0.0005"
     )
-    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=False, done=lambda _: None, overrun=over)
     start = _sse(
         {
             "type": "message_start",
@@ -354,19 +351,10 @@ def test_usage_reported_at_the_end_never_ends_a_stream_twice() -> None:
 
 def test_after_the_end_the_usage_the_upstream_still_reports_is_billed() -> None:
     # an upstream that is not cut (HTTP/2: shared connection) finishes: its real usage counts
-    m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, 10)
-    assert m is not None
-    ledger = Ledger(SETTINGS)
-    limits = Limits(budget_total=Decimal("0.0002"))
-    hold = ledger.admit(limits, "ag", "s", Decimal("0.0001"), 10)
     done: list = []
-    over = Overrun(
-        RunningCost(SETTINGS, m),
-        StreamEnd("openai", "chat"),
-        lambda usd: ledger.overrun(limits, hold, usd),
-        lambda *a: None,
+    tap, *_ = _cutting_tap(
+        "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, "0.0002", "0.0001", done.append
     )
-    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=True, done=done.append, overrun=over)
     text = _sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "abcd"}}]})
     out = b"".join(tap(text) for _ in range(400))
     assert b"[DONE]" in out and not done
