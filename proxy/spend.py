@@ -386,7 +386,8 @@ class RunningCost:
     """What a stream has cost so far, while it runs: the last usage the provider reported
     (Anthropic's message_start, every Gemini chunk), else the reservation's prompt estimate,
     plus the output streamed since, at one token per 4 characters (at least one per event).
-    An estimate, used only to decide whether to cut the stream; the bill uses the real usage."""
+    An estimate: it decides when a stream is ended (`spend.on_overrun: cut`), and is what
+    such a stream is billed unless the upstream still reports its usage."""
 
     def __init__(self, settings: SpendSettings, m: Metered) -> None:
         self.settings, self.m = settings, m
