@@ -105,7 +105,8 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     4. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
     5. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
     6. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
-                        (response) tap usage from JSON/SSE, settle to the real cost
+                        (response) tap usage from JSON/SSE, settle to the real cost;
+                        with on_overrun: cut, end a stream that crosses a budget
     7. AuditRecorder    one row per decision; refuse anything no guard decided on
     Background (not addons: every hook walks every addon, so those with no flow hooks
     stay out of the chain): KillSwitch follows revocations and cuts the connections of

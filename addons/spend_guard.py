@@ -7,7 +7,9 @@ refused with 429 (provider error shape, `Retry-After`). OpenAI chat streams that
 for usage get `stream_options.include_usage` on the way up, and the extra usage-only chunk is
 dropped on the way back. After the response (JSON, or SSE tapped as it passes without delay)
 the reservation is settled to the real cost; on error it is released, or billed in full if
-the provider may already have charged (see README, "What is billed").
+the provider may already have charged (see README, "What is billed"). With
+`spend.on_overrun: cut`, an SSE stream whose running cost crosses a budget is ended with the
+provider's own closing events, and its upstream connection is cut.
 """
 
 from __future__ import annotations
