@@ -33,7 +33,7 @@ from egress_guard.audit import now_iso
 from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
 from egress_guard.spend import (
-    PROVIDER_OF,
+    METER_OF,
     Cost,
     Hold,
     Ledger,
@@ -178,7 +178,7 @@ class SpendGuard:
         self.settings = config.spend
         self.ledger = ledger
         self.cut_upstream = cut_upstream  # aborts a flow's upstream connection
-        self.providers = {s.name: PROVIDER_OF.get(s.name) for s in config.services}
+        self.meters = {s.name: s.meter or METER_OF.get(s.name) for s in config.services}
 
     def _refuse(self, flow: http.HTTPFlow, reason: str, status: int, retry_after: int | None = None) -> None:
         reject(flow, Decision(Verdict.DENY, reason), status)
@@ -196,9 +196,10 @@ class SpendGuard:
         if agent is None:
             self._refuse(flow, f"agent {agent_name!r} is not in the config", 403)
             return
-        provider = self.providers.get(service)
+        how = self.meters.get(service)
         usd, tokens, m = Decimal(0), 0, None
-        if provider is not None and meter(provider, flow.request.path, None, 0) is not None:
+        # only a POST is a call that costs (a GET of /v1/chat/completions lists stored ones)
+        if how is not None and flow.request.method == "POST" and meter(how.api, flow.request.path, None, 0):
             if flow.request.stream:
                 self._refuse(
                     flow,
@@ -212,7 +213,7 @@ class SpendGuard:
             if raw[:1] in (b"{", b"["):
                 with contextlib.suppress(ValueError):
                     body = json.loads(raw)
-            m = meter(provider, flow.request.path, body, len(raw))
+            m = meter(how.api, flow.request.path, body, len(raw), how.provider)
             if m is not None:
                 session = flow.metadata.get(SESSION) or ""
                 if not model_allowed(agent.limits, service, m.model, session):
@@ -294,7 +295,7 @@ class SpendGuard:
         )
 
     def _observed(self, flow: http.HTTPFlow, m: Metered, obj: dict | None) -> None:
-        cost = cost_of(self.settings, m.provider, m.flavor, obj) if obj else None
+        cost = cost_of(self.settings, m.provider, m.flavor, obj, m.price_as) if obj else None
         if cost is not None:
             flow.metadata[USAGE] = cost
 

@@ -262,23 +262,24 @@ def start_egress_guard(
         "network": {"hosts": {HOST: ["127.0.0.1"]}, "upstream_ca": str(test_ca)},
         "services": [
             {
-                "name": "openai" if spend else "bench",  # only known providers are metered
+                "name": "bench",
                 "hosts": [HOST],
                 "credential": [{"header": "Authorization", "scheme": "Bearer"}],
                 "fake_key": {"prefix": "sk-bench-", "length": 48},
                 "env_var": "BENCH_API_KEY",
                 "secret": "env:BENCH_REAL_KEY",
+                **({"meter": {"api": "openai"}} if spend else {}),
             }
         ],
         "agents": {
             "bench": {
-                "services": ["openai" if spend else "bench"],
+                "services": ["bench"],
                 "limits": {
                     "requests_per_minute": 1_000_000,
                     "tokens_per_minute": 1_000_000_000,
                     "concurrent": 64,
                     "budget_usd": {"session": 1_000_000, "day": 1_000_000, "total": 1_000_000},
-                    "models": {"openai": ["gpt-4o-*"]} if spend else {},
+                    "models": {"bench": ["gpt-4o-*"]} if spend else {},
                 },
             }
         },

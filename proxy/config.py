@@ -25,7 +25,7 @@ from egress_guard.fakekeys import ALPHABETS, MIN_TAG_BITS, KeyShape
 from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
 from egress_guard.policy import Destination, Rule, decide
 from egress_guard.secrets import SecretRef, VaultSettings
-from egress_guard.spend import Limits, SessionLimits, SpendSettings
+from egress_guard.spend import Limits, Meter, SessionLimits, SpendSettings
 from egress_guard.ssrf import Network
 
 DEFAULT_CONFIG_NAME = "egress-guard.yaml"
@@ -70,6 +70,11 @@ class FakeKeyWire(_Wire):
     suffix: str = ""
 
 
+class MeterWire(_Wire):
+    api: Literal["openai", "anthropic", "google"]
+    provider: str | None = None  # genai-prices provider id; default: the api's own
+
+
 class ServiceWire(_Wire):
     name: str
     hosts: list[str]
@@ -78,6 +83,7 @@ class ServiceWire(_Wire):
     env_var: str
     secret: str
     anonymous: bool = False
+    meter: MeterWire | None = None
 
 
 class ServiceRefWire(_Wire):
@@ -489,6 +495,16 @@ def load_config(path: Path | str) -> Config:
     services = _services(file, base, wire, tuple(rules))
     agents = _agents(file, wire, services)
     spend = _spend(file, wire.spend)
+    for i, svc in enumerate(services):
+        if svc.meter is not None and spend.unknown_model == "deny" and svc.meter.provider not in _genai_provider_ids():
+            raise ConfigError(
+                file,
+                f"services[{i}].meter.provider",
+                f"genai-prices knows no provider {svc.meter.provider!r}, so every metered call of {svc.name} "
+                "would be refused (spend.unknown_model: deny)",
+                f"use one of {', '.join(sorted(_genai_provider_ids()))}; or price it at spend.fallback_price "
+                "with spend.unknown_model: fallback",
+            )
     return Config(
         path=file.resolve(),
         listen_host=listen_host,
@@ -613,7 +629,14 @@ def _service(file: Path | str, key: str, wire: ServiceWire, backend: str, rules:
             f"{ref} needs the vault backend",
             "set secrets.backend: vault and secrets.vault, or use an env: reference",
         )
-    return Service(wire.name, frozenset(hosts), tuple(slots), shape, wire.env_var, ref, wire.anonymous)
+    meter = Meter(wire.meter.api, wire.meter.provider or wire.meter.api) if wire.meter is not None else None
+    return Service(wire.name, frozenset(hosts), tuple(slots), shape, wire.env_var, ref, wire.anonymous, meter)
+
+
+def _genai_provider_ids() -> frozenset[str]:
+    from genai_prices import data_snapshot
+
+    return frozenset(p.id for p in data_snapshot.get_snapshot().providers)
 
 
 def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...]) -> tuple[Service, ...]:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from egress_guard.fakekeys import KeyShape, parse_key
 from egress_guard.secrets import SecretRef
-from egress_guard.spend import Limits
+from egress_guard.spend import Limits, Meter
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Service:
     env_var: str
     secret: SecretRef
     anonymous: bool = False
+    meter: Meter | None = None  # how its calls are priced (None: not metered)
 
 
 @dataclass(frozen=True)

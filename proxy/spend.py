@@ -8,6 +8,7 @@ budget by at most what one request's real cost exceeds its reservation.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import functools
@@ -18,7 +19,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -69,37 +70,65 @@ class SpendSettings:
 
 # --- what a request is ---------------------------------------------------------------------
 
-PROVIDER_OF = {"openai": "openai", "anthropic": "anthropic", "google-gemini": "google"}
-_GEMINI_PATH = re.compile(r"^/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent|embedContent)$")
+APIS = ("openai", "anthropic", "google")  # the request/response shapes egress-guard meters
+
+
+@dataclass(frozen=True)
+class Meter:
+    """How a service's calls are metered: its API's shape (which endpoints, where usage is)
+    and the genai-prices provider id that prices them (an OpenAI-compatible API can be priced
+    as groq, deepseek, azure, ...)."""
+
+    api: str
+    provider: str
+
+
+# services of these names are metered even where the config predates `meter:`
+METER_OF = {"openai": Meter("openai", "openai"), "anthropic": Meter("anthropic", "anthropic")}
+METER_OF["google-gemini"] = Meter("google", "google")
+_GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent|embedContent)$")
+_OPENAI_ENDS = (
+    ("/chat/completions", "chat"),
+    ("/completions", "chat"),
+    ("/responses", "responses"),
+    ("/embeddings", "embeddings"),
+)
 
 
 @dataclass(frozen=True)
 class Metered:
-    provider: str  # genai-prices provider id
+    provider: str  # the API's shape: openai, anthropic or google (also how usage is extracted)
     flavor: str  # genai-prices api_flavor
     model: str
     max_output: int | None  # what the client capped the output at, if it did
     stream: bool
     input_bytes: int
+    price_as: str = ""  # the genai-prices provider id that prices it ("": the API's own)
+
+    @property
+    def pricing(self) -> str:
+        return self.price_as or self.provider
 
 
-def meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None:
+def meter(provider: str, path: str, body: Any, body_len: int, price_as: str = "") -> Metered | None:
     """The metered call a request is, or None for an unmetered endpoint (model lists, files...)."""
+    m = _meter(provider, path, body, body_len)
+    return m if m is None or not price_as or price_as == provider else replace(m, price_as=price_as)
+
+
+def _meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None:
     path = path.split("?", 1)[0]
     data = body if isinstance(body, dict) else {}
+    # matched by their end: OpenAI-compatible APIs put their own prefix before /v1 or instead
+    # of it (Groq: /openai/v1/chat/completions; OpenRouter: /api/v1/...)
     if provider == "openai":
-        flavor = {
-            "/v1/chat/completions": "chat",
-            "/v1/completions": "chat",
-            "/v1/responses": "responses",
-            "/v1/embeddings": "embeddings",
-        }.get(path)
+        flavor = next((f for end, f in _OPENAI_ENDS if path.endswith(end)), None)
         if flavor is None:
             return None
         cap = data.get("max_completion_tokens") or data.get("max_output_tokens") or data.get("max_tokens")
         return Metered(provider, flavor, str(data.get("model", "")), _int(cap), bool(data.get("stream")), body_len)
     if provider == "anthropic":
-        if path != "/v1/messages":
+        if not path.endswith("/messages"):
             return None
         return Metered(
             provider,
@@ -110,7 +139,7 @@ def meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None:
             body_len,
         )
     if provider == "google":
-        m = _GEMINI_PATH.match(path)
+        m = _GEMINI_PATH.search(path)
         if not m:
             return None
         cap = (data.get("generationConfig") or {}).get("maxOutputTokens")
@@ -213,7 +242,7 @@ def reservation(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
     the configured default."""
     input_tokens = input_estimate(m)
     output_tokens = 0 if m.flavor == "embeddings" else (m.max_output or settings.default_max_output_tokens)
-    return price(settings, m.provider, m.model, input_tokens, output_tokens), input_tokens + output_tokens
+    return price(settings, m.pricing, m.model, input_tokens, output_tokens), input_tokens + output_tokens
 
 
 @functools.lru_cache(maxsize=64)
@@ -231,53 +260,61 @@ def _usage_keys(provider: str, flavor: str) -> tuple[str, ...] | None:
     return None
 
 
-def cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict) -> Cost | None:
-    """The real cost of a provider response (or of the response object a stream assembled).
+def cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict, price_as: str = "") -> Cost | None:
+    """The real cost of a provider response (or of the response object a stream assembled):
+    usage read as `provider`'s API shape, priced as `price_as` (default: that provider).
 
     Memoised on the part of the response genai-prices reads: usage blocks repeat (the same
     model, the same token counts), and extraction is most of what pricing a call costs."""
     keys = _usage_keys(provider, flavor)
     if keys is None:
-        return _cost_of(settings, provider, flavor, response)
+        return _cost_of(settings, provider, flavor, response, price_as)
     try:
         seen = json.dumps([response.get(k) for k in keys], sort_keys=True)
     except (TypeError, ValueError):
-        return _cost_of(settings, provider, flavor, response)
+        return _cost_of(settings, provider, flavor, response, price_as)
     day = datetime.datetime.now(datetime.UTC).date().isoformat()
-    return _cost_of_seen(settings, provider, flavor, seen, day)
+    return _cost_of_seen(settings, provider, flavor, seen, price_as, day)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cost_of_seen(settings: SpendSettings, provider: str, flavor: str, seen: str, day: str) -> Cost | None:
+def _cost_of_seen(
+    settings: SpendSettings, provider: str, flavor: str, seen: str, price_as: str, day: str
+) -> Cost | None:
     keys = _usage_keys(provider, flavor)
     assert keys is not None
-    return _cost_of(
-        settings, provider, flavor, {k: v for k, v in zip(keys, json.loads(seen), strict=True) if v is not None}
-    )
+    response = {k: v for k, v in zip(keys, json.loads(seen), strict=True) if v is not None}
+    return _cost_of(settings, provider, flavor, response, price_as)
 
 
-def _cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict) -> Cost | None:
-    from genai_prices import extract_usage
+def _cost_of(settings: SpendSettings, provider: str, flavor: str, response: dict, price_as: str) -> Cost | None:
+    from genai_prices import data_snapshot
 
+    snapshot = data_snapshot.get_snapshot()
     try:
-        extracted = extract_usage(response, provider_id=provider, api_flavor=flavor)
+        # the provider's extractor alone: it reads the usage even of a model it does not list
+        model_ref, u = snapshot.find_provider(None, provider, None).extract_usage(response, api_flavor=flavor)
     except (ValueError, KeyError, TypeError, LookupError):
         return None
-    u = extracted.usage
     tokens = {
         k: int(getattr(u, k) or 0) for k in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
     }
-    model = extracted.model.id if extracted.model is not None else str(response.get("model", ""))
-    pid = extracted.provider.id if extracted.provider is not None else provider
-    usd = price(
-        settings,
-        pid,
-        model,
-        tokens["input_tokens"],
-        tokens["output_tokens"],
-        tokens["cache_read_tokens"],
-        tokens["cache_write_tokens"],
-    )
+    pid = price_as or provider
+    model = model_ref or str(response.get("model") or response.get("modelVersion") or "")
+    with contextlib.suppress(LookupError, ValueError):  # the model's id as the price list names it
+        model = snapshot.find_provider_model(model, None, pid, None)[1].id
+    try:
+        usd = price(
+            settings,
+            pid,
+            model,
+            tokens["input_tokens"],
+            tokens["output_tokens"],
+            tokens["cache_read_tokens"],
+            tokens["cache_write_tokens"],
+        )
+    except Unpriced:
+        return None  # the response names a model with no price: billed at its reservation
     return Cost(
         usd,
         tokens["input_tokens"],
@@ -392,8 +429,8 @@ class RunningCost:
     def __init__(self, settings: SpendSettings, m: Metered) -> None:
         self.settings, self.m = settings, m
         self.input_tokens = input_estimate(m)
-        self.base = price(settings, m.provider, m.model, self.input_tokens, 0)
-        self.per_output = (price(settings, m.provider, m.model, self.input_tokens, 1_000_000) - self.base) / MTOK
+        self.base = price(settings, m.pricing, m.model, self.input_tokens, 0)
+        self.per_output = (price(settings, m.pricing, m.model, self.input_tokens, 1_000_000) - self.base) / MTOK
         self.reported: Cost | None = None
         self.output_since = 0  # tokens streamed since the last usage report
 
@@ -404,7 +441,7 @@ class RunningCost:
         if chars:
             self.output_since += max(1, math.ceil(chars / 4))
         if usage is not None:
-            cost = cost_of(self.settings, self.m.provider, self.m.flavor, usage)
+            cost = cost_of(self.settings, self.m.provider, self.m.flavor, usage, self.m.price_as)
             if cost is not None:
                 self.reported, self.output_since = cost, 0
         return chars > 0

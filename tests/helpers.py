@@ -33,6 +33,7 @@ UPSTREAM_NAMES = [
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "api.github.com",
+    "api.groq.com",
 ]
 
 

@@ -110,7 +110,7 @@ class LLMHandler(_Handler):
             self._chunk(text[len(text) // 2 :].encode())
             self._end()
             return
-        if host == "api.openai.com":
+        if host in ("api.openai.com", "api.groq.com"):  # Groq: OpenAI's API under /openai/v1
             if auth != f"Bearer {REAL['openai']}":
                 self._json(
                     401,

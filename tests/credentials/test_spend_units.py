@@ -25,6 +25,7 @@ from egress_guard.spend import (
     StreamEnd,
     Unpriced,
     UsageFromStream,
+    cost_of,
     meter,
     model_allowed,
     price,
@@ -103,8 +104,24 @@ def test_usage_from_streams() -> None:
             {"generationConfig": {"maxOutputTokens": 3}},
             ("default", "gemini-2.5-flash", 3, True),
         ),
+        # OpenAI-compatible and other hosts' prefixes (Groq, OpenRouter, Vertex AI)
+        (
+            "openai",
+            "/openai/v1/chat/completions",
+            {"model": "llama-3.1-8b-instant"},
+            ("chat", "llama-3.1-8b-instant", None, False),
+        ),
+        ("openai", "/api/v1/embeddings", {"model": "x"}, ("embeddings", "x", None, False)),
+        (
+            "google",
+            "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-flash:generateContent",
+            {},
+            ("default", "gemini-2.5-flash", None, False),
+        ),
         ("openai", "/v1/models", None, None),
+        ("openai", "/v1/chat/completions/chatcmpl-1/messages", None, None),
         ("anthropic", "/v1/messages/count_tokens", {}, None),
+        ("anthropic", "/v1/messages/batches", {}, None),
     ],
 )
 def test_meter(provider, path, body, expected) -> None:
@@ -361,3 +378,18 @@ def test_after_the_end_the_usage_the_upstream_still_reports_is_billed() -> None:
     usage = _sse({"model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 500}})
     assert tap(text + usage + b"data: [DONE]\n\n") == b"" and tap(b"") == b""
     assert done == [{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 11, "completion_tokens": 500}}]
+
+
+def test_an_openai_compatible_api_is_priced_as_its_own_provider() -> None:
+    m = meter("openai", "/openai/v1/chat/completions", {"model": "llama-3.1-8b-instant", "max_tokens": 10}, 300, "groq")
+    assert m is not None and (m.provider, m.pricing) == ("openai", "groq")
+    groq = lambda i, o: Decimal(  # noqa: E731
+        calc_price(Usage(input_tokens=i, output_tokens=o), "llama-3.1-8b-instant", provider_id="groq").total_price
+    )
+    assert reservation(SETTINGS, m) == (groq(256, 10), 266)
+    response = {"model": "llama-3.1-8b-instant", "usage": {"prompt_tokens": 40, "completion_tokens": 9}}
+    cost = cost_of(SETTINGS, "openai", "chat", response, "groq")
+    assert cost is not None and (cost.usd, cost.input_tokens, cost.output_tokens) == (groq(40, 9), 40, 9)
+    assert cost.model == "llama-3.1-8b-instant"
+    with pytest.raises(Unpriced, match="at groq"):  # a model groq does not list
+        reservation(SETTINGS, meter("openai", "/v1/chat/completions", {"model": "gpt-4o"}, 10, "groq"))

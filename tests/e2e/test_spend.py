@@ -388,3 +388,40 @@ def test_streams_within_the_budget_are_untouched_when_cutting_is_on(
     row = rows(cut_proxy, 2)[0]
     assert "mid-stream" not in row["reason"]
     assert Decimal(row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=9)
+
+
+def test_a_custom_openai_compatible_service_is_metered_and_priced_as_its_provider(
+    make_proxy, spend_config, real_env, llm_upstream: Upstream
+) -> None:
+    spend_config["allow"].append({"host": "api.groq.com", "ports": [llm_upstream.port]})
+    spend_config["network"]["hosts"]["api.groq.com"] = ["127.0.0.1"]
+    spend_config["services"].append(
+        {
+            "name": "groq",
+            "hosts": ["api.groq.com"],
+            "credential": [{"header": "Authorization", "scheme": "Bearer"}],
+            "fake_key": {"prefix": "gsk_", "length": 56},
+            "env_var": "GROQ_API_KEY",
+            "secret": "env:OPENAI_API_KEY",  # the test upstream takes the same real key
+            "meter": {"api": "openai", "provider": "groq"},
+        }
+    )
+    spend_config["agents"]["researcher"]["services"].append("groq")
+    spend_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": 100}, "models": {"groq": ["llama-*"]}}
+    proxy = make_proxy(**spend_config)
+    key = mint(proxy).env["GROQ_API_KEY"]
+    client = openai.OpenAI(
+        api_key=key,
+        base_url=f"https://api.groq.com:{llm_upstream.port}/openai/v1",
+        max_retries=0,
+        http_client=http_client(proxy),
+    )
+    client.chat.completions.create(model="llama-3.1-8b-instant", max_tokens=7, messages=[])
+    chunks = list(client.chat.completions.create(model="llama-3.1-8b-instant", max_tokens=9, stream=True, messages=[]))
+    assert all(c.usage is None for c in chunks)  # include_usage was added and its chunk dropped here too
+    with pytest.raises(openai.PermissionDeniedError, match="not allowed for agent researcher on groq"):
+        client.chat.completions.create(model="gpt-4o", max_tokens=5, messages=[])
+    json_row, stream_row = rows(proxy, 5)[:2]
+    for row, out in ((json_row, 7), (stream_row, 9)):
+        assert (row["model"], row["input_tokens"], row["output_tokens"]) == ("llama-3.1-8b-instant", 11, out)
+        assert Decimal(row["cost_usd"]) == price("llama-3.1-8b-instant", "groq", input_tokens=11, output_tokens=out)

@@ -11,6 +11,7 @@ import pytest
 
 from egress_guard.bootstrap import DEFAULT_CONFIG
 from egress_guard.config import ConfigError, load_config, preset_names
+from egress_guard.spend import Meter
 
 BROKEN = [
     # (yaml, key path in the message, fragment of the problem, fragment of the fix)
@@ -104,6 +105,20 @@ BROKEN = [
         "agents: {a: {services: [openai], limits: {sessions: {'ci-*': {budget_usd: -1}}}}}\n",
         "agents.a.limits.sessions.ci-*.budget_usd",
         "greater than or equal to 0",
+        "README",
+    ),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X', meter: {api: openai, provider: groqq}}]\n",
+        "services[0].meter.provider",
+        "genai-prices knows no provider 'groqq'",
+        "groq",
+    ),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X', meter: {api: cohere}}]\n",
+        "services[0].meter.api",
+        "'openai', 'anthropic' or 'google'",
         "README",
     ),
     ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
@@ -227,3 +242,25 @@ def test_readme_limits_example_loads(tmp_path: Path) -> None:
     path.write_text("version: 1\nallowlists: [openai, anthropic]\nservices: [openai, anthropic]\n" + example)
     limits = load_config(path).agents["researcher"].limits
     assert limits.budget_day == 20 and limits.session("ci-3").budget_usd == 1
+
+
+def test_services_say_how_they_are_metered(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(
+        "version: 1\nallowlists: [openai, anthropic, google-gemini, github]\n"
+        "services: [openai, anthropic, google-gemini, github]\n"
+    )
+    meters = {s.name: s.meter for s in load_config(path).services}
+    assert meters == {
+        "openai": Meter("openai", "openai"),
+        "anthropic": Meter("anthropic", "anthropic"),
+        "google-gemini": Meter("google", "google"),
+        "github": None,
+    }
+    # an unknown provider is no mistake when unknown models are priced at the fallback price
+    path.write_text(
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X', meter: {api: openai, provider: mine}}]\n"
+        "spend: {unknown_model: fallback, fallback_price: {input_per_mtok: 1, output_per_mtok: 2}}\n"
+    )
+    assert load_config(path).services[0].meter == Meter("openai", "mine")
