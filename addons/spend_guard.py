@@ -34,6 +34,7 @@ from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
 from egress_guard.spend import (
     METER_OF,
+    SCOPES,
     Cost,
     Hold,
     Ledger,
@@ -274,6 +275,8 @@ class SpendGuard:
         if hold is None or agent is None:
             return None
         limits = agent.limits
+        if all(self.ledger.limit(limits, hold.agent, scope, hold.session) is None for scope in SCOPES):
+            return None  # no budget to cross: the stream keeps its usual framing
 
         def cut(reason: str, cost: Cost) -> None:
             flow.metadata[USAGE] = cost

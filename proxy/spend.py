@@ -551,6 +551,9 @@ def decode_event(text: str) -> dict[str, Any] | None:
 # --- the ledger --------------------------------------------------------------------------
 
 
+SCOPES = ("session", "day", "total")  # the budgets every call counts against
+
+
 @dataclass
 class Hold:
     """One admitted request: what it reserved, against which budgets."""
@@ -600,6 +603,7 @@ class Ledger:
 
     @staticmethod
     def keys(agent: str, session: str, day: str) -> list[tuple[str, tuple[str, str]]]:
+        """Each budget scope and its key in `spent` / `reserved` (in SCOPES' order)."""
         return [
             ("session", ("session", f"{agent}/{session}")),
             ("day", ("day", f"{agent}/{day}")),

@@ -388,6 +388,28 @@ def test_streams_within_the_budget_are_untouched_when_cutting_is_on(
     row = rows(cut_proxy, 2)[0]
     assert "mid-stream" not in row["reason"]
     assert Decimal(row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=9)
+    # a stream that may be ended early is delimited by the connection's close; one of an agent
+    # with no budget to cross (writer) keeps its chunked framing and its connection
+    framing = {}
+    for agent, service, path, header in (
+        ("researcher", "openai", "/v1/chat/completions", "OPENAI_API_KEY"),
+        ("writer", "anthropic", "/v1/messages", "ANTHROPIC_API_KEY"),
+    ):
+        key = mint(cut_proxy, agent).env[header]
+        host = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}[service]
+        with http_client(cut_proxy) as h:
+            r = h.post(
+                f"https://{host}:{llm_upstream.port}{path}",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "model": "claude-haiku-4-5" if agent == "writer" else "gpt-4o-mini",
+                    "stream": True,
+                    "max_tokens": 3,
+                },
+            )
+            assert r.status_code == 200 and "data:" in r.text
+            framing[agent] = (r.headers.get("transfer-encoding"), r.headers.get("connection"))
+    assert framing == {"researcher": (None, "close"), "writer": ("chunked", None)}
 
 
 def test_a_custom_openai_compatible_service_is_metered_and_priced_as_its_provider(
