@@ -316,10 +316,18 @@ class SpendGuard:
             and flow.response is not None
             and not flow.response.stream
         ):
-            with contextlib.suppress(ValueError):
-                obj = json.loads(flow.response.get_content(strict=False) or b"")
-                if isinstance(obj, dict):
-                    self._observed(flow, m, obj)
+            # A buffered response (small, or compressed): read it as the tap reads a stream —
+            # JSON, a JSON array (Gemini), or SSE, whose usage-only chunk egress-guard asked
+            # for is taken out here too.
+            response = flow.response
+            content = response.get_content(strict=False) or b""
+            sse = "event-stream" in response.headers.get("content-type", "")
+            tap = StreamTap(
+                False, m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj)
+            )
+            out = tap(content) + tap(b"")
+            if sse and out != content:
+                response.content = out
         cost: Cost | None = flow.metadata.get(USAGE)
         if m is None or status >= 400:
             self.ledger.settle(hold, Decimal(0), 0)  # unmetered, or the provider refused: nothing billed

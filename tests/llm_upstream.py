@@ -45,11 +45,24 @@ class LLMHandler(_Handler):
         self.end_headers()
         self.wfile.write(body)
 
+    compress: str | None = None  # X-Test-Compress: gzip, br or deflate: the stream is sent compressed, whole
+    buffer: bytearray
+
     def _sse_start(self) -> None:
+        self.compress = self.headers.get("x-test-compress")
+        if self.compress:
+            self.buffer = bytearray()
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        if self.compress:
+            self.buffer += data
+        else:
+            super()._chunk(data)
 
     def _event(self, data: Any, event: str | None = None) -> None:
         text = (
@@ -58,6 +71,22 @@ class LLMHandler(_Handler):
         self._chunk(text.encode())
 
     def _end(self) -> None:
+        if self.compress:
+            import gzip
+            import zlib
+
+            import brotli
+
+            encode = {"gzip": gzip.compress, "br": brotli.compress, "deflate": zlib.compress}[self.compress]
+            body = encode(bytes(self.buffer))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Encoding", self.compress)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+            return
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -288,19 +317,20 @@ class LLMHandler(_Handler):
                 self._json(401, {"error": {"code": 401, "message": "API key not valid", "status": "UNAUTHENTICATED"}})
                 return
             if url.path.endswith(":streamGenerateContent"):
+                parts = [
+                    {
+                        "candidates": [{"content": {"parts": [{"text": "po"}], "role": "model"}}],
+                        "modelVersion": "gemini-2.5-flash",
+                        "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": n, "totalTokenCount": 7 + n},
+                    }
+                    for n in (1, 2, 3)
+                ]
+                if query.get("alt") != ["sse"]:  # without alt=sse: one JSON array
+                    self._json(200, parts)  # type: ignore[arg-type]
+                    return
                 self._sse_start()
-                for n in (1, 2, 3):
-                    self._event(
-                        {
-                            "candidates": [{"content": {"parts": [{"text": "po"}], "role": "model"}}],
-                            "modelVersion": "gemini-2.5-flash",
-                            "usageMetadata": {
-                                "promptTokenCount": 7,
-                                "candidatesTokenCount": n,
-                                "totalTokenCount": 7 + n,
-                            },
-                        }
-                    )
+                for part in parts:
+                    self._event(part)
                 self._end()
                 return
             self._json(

@@ -447,3 +447,48 @@ def test_a_custom_openai_compatible_service_is_metered_and_priced_as_its_provide
     for row, out in ((json_row, 7), (stream_row, 9)):
         assert (row["model"], row["input_tokens"], row["output_tokens"]) == ("llama-3.1-8b-instant", 11, out)
         assert Decimal(row["cost_usd"]) == price("llama-3.1-8b-instant", "groq", input_tokens=11, output_tokens=out)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_compressed_streams_are_priced_and_keep_their_shape(
+    spend_proxy: RunningProxy, llm_upstream: Upstream, encoding: str
+) -> None:
+    # an upstream that compresses although egress-guard asked for identity: the body is
+    # buffered (to be scrubbed), decoded, priced, and the usage chunk it asked for taken out
+    env = mint(spend_proxy).env
+    openai_sdk = openai_client(spend_proxy, llm_upstream.port, env["OPENAI_API_KEY"])
+    chunks = list(
+        openai_sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            max_tokens=9,
+            stream=True,
+            messages=[],
+            extra_headers={"X-Test-Compress": encoding},
+        )
+    )
+    assert all(c.usage is None and c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "pong"
+    anthropic_sdk = anthropic_client(spend_proxy, llm_upstream.port, env["ANTHROPIC_API_KEY"])
+    with anthropic_sdk.messages.stream(
+        model="claude-haiku-4-5", max_tokens=8, messages=[], extra_headers={"X-Test-Compress": encoding}
+    ) as stream:
+        assert "".join(stream.text_stream) == "pong"
+    openai_row, anthropic_row = rows(spend_proxy, 4)
+    assert Decimal(openai_row["cost_usd"]) == price("gpt-4o-mini", "openai", input_tokens=11, output_tokens=9)
+    assert Decimal(anthropic_row["cost_usd"]) == price(
+        "claude-haiku-4-5", "anthropic", input_tokens=10, output_tokens=8, cache_read_tokens=2, cache_write_tokens=3
+    )
+
+
+def test_gemini_json_array_stream_is_priced(spend_proxy: RunningProxy, llm_upstream: Upstream) -> None:
+    # streamGenerateContent without alt=sse answers one JSON array (buffered when small)
+    env = mint(spend_proxy).env
+    url = (
+        f"https://generativelanguage.googleapis.com:{llm_upstream.port}/v1beta/models/gemini-2.5-flash"
+        ":streamGenerateContent"
+    )
+    with http_client(spend_proxy) as h:
+        r = h.post(url, headers={"x-goog-api-key": env["GEMINI_API_KEY"]}, json={})
+        assert r.status_code == 200 and isinstance(r.json(), list)
+    (row,) = rows(spend_proxy, 2)
+    assert Decimal(row["cost_usd"]) == price("gemini-2.5-flash", "google", input_tokens=7, output_tokens=3)
