@@ -104,6 +104,7 @@ class Metered:
     stream: bool
     input_bytes: int
     price_as: str = ""  # the genai-prices provider id that prices it ("": the API's own)
+    choices: int = 1  # completions asked for (OpenAI n / best_of, Gemini candidateCount)
 
     @property
     def pricing(self) -> str:
@@ -126,7 +127,10 @@ def _meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None
         if flavor is None:
             return None
         cap = data.get("max_completion_tokens") or data.get("max_output_tokens") or data.get("max_tokens")
-        return Metered(provider, flavor, str(data.get("model", "")), _int(cap), bool(data.get("stream")), body_len)
+        choices = max(_int(data.get("n")) or 1, _int(data.get("best_of")) or 1)  # each one writes up to cap
+        return Metered(
+            provider, flavor, str(data.get("model", "")), _int(cap), bool(data.get("stream")), body_len, choices=choices
+        )
     if provider == "anthropic":
         if not path.endswith("/messages"):
             return None
@@ -142,8 +146,17 @@ def _meter(provider: str, path: str, body: Any, body_len: int) -> Metered | None
         m = _GEMINI_PATH.search(path)
         if not m:
             return None
-        cap = (data.get("generationConfig") or {}).get("maxOutputTokens")
-        return Metered(provider, "default", m.group(1), _int(cap), m.group(2) == "streamGenerateContent", body_len)
+        config = data.get("generationConfig") or {}
+        config = config if isinstance(config, dict) else {}
+        return Metered(
+            provider,
+            "default",
+            m.group(1),
+            _int(config.get("maxOutputTokens")),
+            m.group(2) == "streamGenerateContent",
+            body_len,
+            choices=_int(config.get("candidateCount")) or 1,
+        )
     return None
 
 
@@ -239,9 +252,9 @@ def input_estimate(m: Metered) -> int:
 def reservation(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
     """Worst-case cost and tokens of a request before it is sent: the prompt estimated at one
     token per 3 bytes of body (an overestimate for text), the output at the client's cap or
-    the configured default."""
+    the configured default, for each of the completions it asks for."""
     input_tokens = input_estimate(m)
-    output_tokens = 0 if m.flavor == "embeddings" else (m.max_output or settings.default_max_output_tokens)
+    output_tokens = 0 if m.flavor == "embeddings" else (m.max_output or settings.default_max_output_tokens) * m.choices
     return price(settings, m.pricing, m.model, input_tokens, output_tokens), input_tokens + output_tokens
 
 

@@ -393,3 +393,18 @@ def test_an_openai_compatible_api_is_priced_as_its_own_provider() -> None:
     assert cost.model == "llama-3.1-8b-instant"
     with pytest.raises(Unpriced, match="at groq"):  # a model groq does not list
         reservation(SETTINGS, meter("openai", "/v1/chat/completions", {"model": "gpt-4o"}, 10, "groq"))
+
+
+def test_reservation_covers_every_completion_asked_for() -> None:
+    one = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 100}, 300)
+    four = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 100, "n": 4}, 300)
+    gemini = meter(
+        "google",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        {"generationConfig": {"maxOutputTokens": 50, "candidateCount": 3}},
+        300,
+    )
+    assert one is not None and four is not None and gemini is not None
+    assert reservation(SETTINGS, one)[1] == 256 + 100 and reservation(SETTINGS, four)[1] == 256 + 400
+    assert reservation(SETTINGS, four)[0] == price(SETTINGS, "openai", "gpt-4o-mini", 256, 400)
+    assert reservation(SETTINGS, gemini)[1] == 256 + 150
