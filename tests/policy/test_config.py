@@ -264,3 +264,18 @@ def test_services_say_how_they_are_metered(tmp_path: Path) -> None:
         "spend: {unknown_model: fallback, fallback_price: {input_per_mtok: 1, output_per_mtok: 2}}\n"
     )
     assert load_config(path).services[0].meter == Meter("openai", "mine")
+
+
+def test_readme_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: Path) -> None:
+    from egress_guard.hosts import normalize_host
+    from egress_guard.policy import Destination, decide
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("Other endpoints of these services", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text("version: 1\n" + example)
+    config = load_config(path)
+    host = normalize_host("api.openai.com")
+    assert decide(config.rules, Destination(host, 443, "POST", "/v1/chat/completions")).allowed
+    assert not decide(config.rules, Destination(host, 443, "POST", "/v1/images/generations")).allowed
+    assert config.services[0].meter == Meter("openai", "openai")
