@@ -252,9 +252,9 @@ def start_egress_guard(
     directory = work / "egress-guard"
     directory.mkdir()
     # Every addon on: allowlist with method/path rules, SSRF pinning, and a credentialed service
-    # named "openai" so that every request is a fake-key check and swap, every response is
-    # scrubbed, and every POST is priced before (reservation) and after (real usage, via
-    # genai-prices) against the agent's rate limits, model allowlist and budgets.
+    # metered as OpenAI (`meter: {api: openai}`), so that every request is a fake-key check and
+    # swap, every response is scrubbed, and every POST is priced before (reservation) and after
+    # (real usage, via genai-prices) against the agent's rate limits, model allowlist and budgets.
     config = {
         "version": 1,
         "listen": f"127.0.0.1:{port}",
