@@ -120,8 +120,9 @@ class CredentialGuard:
 
     # --- what is where -------------------------------------------------------------------
 
-    def _leak(self, host: str, data: bytes, where: str) -> str | None:
-        """Why `data` may not go to `host`: it holds an egress-guard key bound elsewhere."""
+    def leak(self, host: str, data: bytes, where: str) -> str | None:
+        """Why `data` may not go to `host`: it holds an egress-guard key bound elsewhere
+        (in any encoding egress-guard recognises). The WebSocket guard uses it too."""
         for service, _key_id in self.scanner.scan(data):
             if host not in service.hosts:
                 return f"an egress-guard key for {service.name} was sent to {host} in {where}{FLAG}"
@@ -198,14 +199,14 @@ class CredentialGuard:
                 await self._swap(flow, service)
             for name, value in req.headers.fields:
                 where = f"header {name.decode(errors='replace')}"
-                leak = self._leak(host, value, where)
+                leak = self.leak(host, value, where)
                 if not leak and value[:6].lower() == b"basic ":
                     with contextlib.suppress(ValueError):
-                        leak = self._leak(host, base64.b64decode(value[6:].strip()), where)
+                        leak = self.leak(host, base64.b64decode(value[6:].strip()), where)
                 if leak:
                     raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
             for form in {req.path.encode(), urllib.parse.unquote_to_bytes(req.path)}:
-                leak = self._leak(host, form, "the URL")
+                leak = self.leak(host, form, "the URL")
                 if leak:
                     raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
         except _Refusal as refusal:
@@ -214,7 +215,7 @@ class CredentialGuard:
         if req.stream and self.scanner.max_len:
             req.stream = StreamScanner(
                 req.stream,
-                lambda data: self._leak(host, data, "the body"),
+                lambda data: self.leak(host, data, "the body"),
                 self.scanner.max_len,
                 lambda why: self._cut_stream(flow, why),
             )
@@ -226,7 +227,7 @@ class CredentialGuard:
         body = flow.request.get_content(strict=False) or b""
         target = flow.metadata.get(TARGET)
         if body and target is not None:
-            leak = self._leak(target[0].name, body, "the body")
+            leak = self.leak(target[0].name, body, "the body")
             if leak:
                 self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
 

@@ -48,6 +48,7 @@ class Service:
     secret: SecretRef
     anonymous: bool = False
     meter: Meter | None = None  # how its calls are priced (None: not metered)
+    websocket: bool = True  # False: WebSocket upgrades to its hosts are refused
 
 
 @dataclass(frozen=True)
