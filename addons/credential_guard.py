@@ -12,11 +12,8 @@ in a header, the URL or the body, is refused as a possible exfiltration. Every r
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import functools
 import logging
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -36,28 +33,18 @@ from egress_guard.addons._flow import (
     fail_closed,
     reject,
 )
+from egress_guard.addons.bodies import body_stream
 from egress_guard.audit import now_iso
 from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
+from egress_guard.decoding import StreamDecoder
 from egress_guard.fakekeys import looks_like
+from egress_guard.forms import SecretForms
 from egress_guard.keycache import KeyCache
 from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
 
 log = logging.getLogger("egress_guard")
 FLAG = "; flagged as a possible exfiltration attempt"
-
-
-def secret_forms(secret: str) -> list[bytes]:
-    """The byte strings that must never reach the agent: the secret as is, base64 (both
-    alphabets) and percent-encoded."""
-    raw = secret.encode()
-    forms = {
-        raw,
-        base64.b64encode(raw).rstrip(b"="),
-        base64.urlsafe_b64encode(raw).rstrip(b"="),
-        urllib.parse.quote(secret, safe="").encode(),
-    }
-    return sorted((f for f in forms if len(f) >= 8), key=len, reverse=True)
 
 
 class _Refusal(Exception):
@@ -67,34 +54,43 @@ class _Refusal(Exception):
 
 
 class StreamScanner:
-    """Wraps a request stream callable: scans the chunks for fake keys bound elsewhere; on a
-    hit, drops that chunk and everything after it and calls `on_hit` (which cuts the
-    connection). Never raises: mitmproxy would drop the chunk and carry on."""
+    """A request BodyStream stage: scans the body, decoded as its Content-Encoding says, for
+    egress-guard keys bound elsewhere. On a hit — or a body it cannot decode — it drops
+    that piece and everything after it and calls `on_hit`, which aborts the connection
+    before the body's end is sent: the upstream never sees a complete request."""
+
+    __slots__ = ("check", "decoder", "on_hit", "tail", "tripped", "window")
 
     def __init__(
-        self,
-        inner: Callable[[bytes], Any] | bool,
-        check: Callable[[bytes], str | None],
-        window: int,
-        on_hit: Callable[[str], None],
+        self, check: Callable[[bytes], str | None], window: int, on_hit: Callable[[str], None], encoding: str
     ) -> None:
-        self.inner, self.check, self.window, self.on_hit = inner, check, window, on_hit
+        self.check, self.window, self.on_hit = check, window, on_hit
         self.tail = b""
         self.tripped = False
+        self.decoder: StreamDecoder | None = None
+        if encoding:
+            try:
+                self.decoder = StreamDecoder(encoding)
+            except ValueError as exc:
+                self._trip(f"the body cannot be checked for egress-guard keys: {exc}; refused")
 
-    def __call__(self, chunk: bytes) -> Any:
+    def _trip(self, why: str) -> None:
+        self.tripped = True
+        self.on_hit(why)
+
+    def __call__(self, data: bytes, end: bool) -> bytes:
         if self.tripped:
             return b""
         try:
-            leak = self.check(self.tail + chunk)
-        except Exception:
-            leak = "the body could not be checked for egress-guard keys"
+            plain = self.decoder.feed(data) if self.decoder is not None else data
+            leak = self.check(self.tail + plain)
+        except ValueError as exc:
+            leak = f"the body cannot be checked for egress-guard keys: {exc}; refused"
         if leak:
-            self.tripped = True
-            self.on_hit(leak)
+            self._trip(leak)
             return b""
-        self.tail = (self.tail + chunk)[-self.window :] if self.window else b""
-        return self.inner(chunk) if callable(self.inner) else chunk
+        self.tail = (self.tail + plain)[-self.window :]
+        return data
 
 
 class CredentialGuard:
@@ -116,7 +112,7 @@ class CredentialGuard:
         self.cut = cut  # closes a client connection by id (the kill switch's tool too)
         self.scanner = FakeKeyScanner(hmac_key, services)
         self.clients: dict[str, set[str]] = {}  # key id -> client connection ids that used it
-        self._forms: dict[str, tuple[str, list[bytes]]] = {}  # service -> (its secret, secret_forms)
+        self._forms: dict[str, tuple[str, SecretForms]] = {}  # service -> (its secret, its forms)
 
     # --- what is where -------------------------------------------------------------------
 
@@ -197,39 +193,48 @@ class CredentialGuard:
             # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak.
             if service is not None:
                 await self._swap(flow, service)
+            # every header and the URL, in every encoding forms.views decodes (basic auth's
+            # base64 and the URL's percent-encoding included)
             for name, value in req.headers.fields:
-                where = f"header {name.decode(errors='replace')}"
-                leak = self.leak(host, value, where)
-                if not leak and value[:6].lower() == b"basic ":
-                    with contextlib.suppress(ValueError):
-                        leak = self.leak(host, base64.b64decode(value[6:].strip()), where)
+                leak = self.leak(host, value, f"header {name.decode(errors='replace')}")
                 if leak:
                     raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
-            for form in {req.path.encode(), urllib.parse.unquote_to_bytes(req.path)}:
-                leak = self.leak(host, form, "the URL")
-                if leak:
-                    raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
+            leak = self.leak(host, req.path.encode(), "the URL")
+            if leak:
+                raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
         except _Refusal as refusal:
             self._refuse(flow, refusal)
             return
         if req.stream and self.scanner.max_len:
-            req.stream = StreamScanner(
-                req.stream,
-                lambda data: self.leak(host, data, "the body"),
-                self.scanner.max_len,
-                lambda why: self._cut_stream(flow, why),
+            body_stream(flow, req).add(
+                StreamScanner(
+                    lambda data: self.leak(host, data, "the body"),
+                    self.scanner.window,
+                    lambda why: self._cut_stream(flow, why),
+                    req.headers.get("content-encoding", ""),
+                )
             )
 
     @fail_closed("request")
     def request(self, flow: http.HTTPFlow) -> None:
         if answered(flow) or flow.request.stream or not self.scanner.max_len:
             return
-        body = flow.request.get_content(strict=False) or b""
         target = flow.metadata.get(TARGET)
-        if body and target is not None:
-            leak = self.leak(target[0].name, body, "the body")
-            if leak:
-                self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
+        if target is None or not flow.request.raw_content:
+            return
+        try:  # decoded as its Content-Encoding says: a key inside gzip is still a key
+            body = flow.request.get_content(strict=True) or b""
+        except ValueError:
+            encoding = flow.request.headers.get("content-encoding", "")
+            why = (
+                f"the body's Content-Encoding {encoding!r} cannot be decoded, so it cannot be checked "
+                "for egress-guard keys; send it unencoded or validly encoded"
+            )
+            self._refuse(flow, _Refusal(Credential.UNREADABLE, why, 400))
+            return
+        leak = self.leak(target[0].name, body, "the body")
+        if leak:
+            self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
 
     def client_disconnected(self, client: connection.Client) -> None:
         for key_id, clients in list(self.clients.items()):
@@ -259,6 +264,16 @@ class CredentialGuard:
             raise _Refusal(Credential.FORGED, f"more than one {service.name} credential in one request", 401)
         key_id, record = checked[0]
         flow.metadata[AGENT], flow.metadata[SESSION], flow.metadata[KEY_ID] = record.agent, record.session, key_id
+        if req.scheme != "https":
+            # The real secret only ever travels inside TLS that mitmproxy verifies
+            # (ssl_insecure is off): a plain-HTTP request, even to a port a rule allows,
+            # would carry it in cleartext.
+            raise _Refusal(
+                Credential.CLEARTEXT,
+                f"the {service.name} credential is only sent over HTTPS, and this request is plain HTTP "
+                f"(http://{req.pretty_host}); use https://",
+                403,
+            )
         try:
             secret = await self.store.get(service.secret)
         except SecretUnavailable as exc:
@@ -274,7 +289,7 @@ class CredentialGuard:
         req.headers["accept-encoding"] = "identity"  # so the scrubber can read what comes back
         cached = self._forms.get(service.name)
         if cached is None or cached[0] != real:  # first use, or the secret was rotated
-            cached = self._forms[service.name] = (real, secret_forms(real))
+            cached = self._forms[service.name] = (real, SecretForms(real))
         flow.metadata[SCRUB] = cached[1]
         flow.metadata[CREDENTIAL] = Credential.SWAPPED
         self.clients.setdefault(key_id, set()).add(flow.client_conn.id)

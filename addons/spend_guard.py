@@ -29,6 +29,7 @@ from mitmproxy import http
 
 from egress_guard.addons._background import Poller
 from egress_guard.addons._flow import AGENT, SERVICE, SESSION, answered, fail_closed, reject
+from egress_guard.addons.bodies import body_stream
 from egress_guard.audit import now_iso
 from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
@@ -74,22 +75,23 @@ class Overrun:
 
 
 class StreamTap:
-    """A response stream callable that reads usage from SSE events (or a streamed JSON body)
+    """A response BodyStream stage that reads usage from SSE events (or a streamed JSON body)
     as they pass, drops OpenAI's usage-only chunk when egress-guard asked for it, and hands
     everything else on unchanged. With an `Overrun`, an SSE stream whose running cost breaks
     a budget is ended after the event that broke it, with the provider's own closing events;
-    what the upstream sends after that is dropped. It never raises."""
+    what the upstream sends after that is dropped. An event split across pieces is held
+    until it is complete (so a piece may come out empty: BodyStream sends nothing for it).
+    It never raises."""
 
     def __init__(
         self,
-        inner: Callable[[bytes], Any] | bool,
         m: Metered,
         sse: bool,
         drop: bool,
         done: Callable[[dict | None], None],
         overrun: Overrun | None = None,
     ) -> None:
-        self.inner, self.m, self.sse, self.drop, self.done = inner, m, sse, drop, done
+        self.m, self.sse, self.drop, self.done = m, sse, drop, done
         self.overrun = overrun if sse else None
         self.events = SSEEvents()
         self.usage = UsageFromStream(m.provider, m.flavor)
@@ -97,28 +99,25 @@ class StreamTap:
         self.broken = False
         self.ended = False
 
-    def _pass(self, data: bytes) -> Any:
-        return self.inner(data) if callable(self.inner) else data
-
-    def __call__(self, chunk: bytes) -> Any:
+    def __call__(self, chunk: bytes, end: bool) -> bytes:
         if self.ended:  # nothing more reaches the agent; usage is still read, to bill it if it comes
             with contextlib.suppress(Exception):
                 for _raw, _name, data in self.events.feed(chunk):
                     obj = decode_event(data)
                     if obj is not None:
                         self.usage.observe(obj)
-                if not chunk:  # the upstream finished after all (it was not cut): its usage is real
+                if end:  # the upstream finished after all (it was not cut): its usage is real
                     self.done(self.usage.response)
             return b""
         if self.broken:
-            return self._pass(chunk)
+            return chunk
         try:
             if not self.sse:
                 if len(self.body) < ACCUMULATE_LIMIT:
                     self.body += chunk
-                if not chunk:
+                if end:
                     self.done(self._json_usage())
-                return self._pass(chunk)
+                return chunk
             out = bytearray()
             for raw, _name, data in self.events.feed(chunk):
                 obj = decode_event(data)
@@ -127,18 +126,16 @@ class StreamTap:
                     if self.drop and is_usage_only_chunk(obj):
                         continue
                     if self.overrun is not None and self._crossed(obj, reported, out, raw):
-                        return self._pass(bytes(out)) + self._pass(b"")
+                        return bytes(out)
                 out += raw
-            if not chunk:  # end of stream
+            if end:
                 out += self.events.rest()
                 self.done(self.usage.response)
-                head = self._pass(bytes(out)) if out else b""
-                return head + self._pass(b"")
-            return self._pass(bytes(out))
+            return bytes(out)
         except Exception:
             log.exception("usage tap failed; passing the stream through unparsed")
             self.broken = True
-            return self._pass(self.events.rest() + chunk)
+            return self.events.rest() + chunk
 
     def _crossed(self, obj: dict, reported: bool, out: bytearray, raw: bytes) -> bool:
         """Follow the running cost; if this event breaks a budget, end the stream after it."""
@@ -260,14 +257,10 @@ class SpendGuard:
             response.headers.pop("transfer-encoding", None)
             response.headers.pop("content-length", None)
             response.headers["connection"] = "close"
-        response.stream = StreamTap(
-            response.stream,
-            m,
-            sse,
-            bool(flow.metadata.get(DROP_USAGE_CHUNK)),
-            lambda obj: self._observed(flow, m, obj),
-            overrun,
+        tap = StreamTap(
+            m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj), overrun
         )
+        body_stream(flow, response).add(tap, first=True)  # it reads what the upstream sent
 
     def _overrun(self, flow: http.HTTPFlow, m: Metered) -> Overrun | None:
         hold: Hold | None = flow.metadata.get(HOLD)
@@ -322,10 +315,8 @@ class SpendGuard:
             response = flow.response
             content = response.get_content(strict=False) or b""
             sse = "event-stream" in response.headers.get("content-type", "")
-            tap = StreamTap(
-                False, m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj)
-            )
-            out = tap(content) + tap(b"")
+            tap = StreamTap(m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj))
+            out = tap(content, True)
             if sse and out != content:
                 response.content = out
         cost: Cost | None = flow.metadata.get(USAGE)

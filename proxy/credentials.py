@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Literal
 
 from egress_guard.fakekeys import KeyShape, parse_key
+from egress_guard.forms import views
 from egress_guard.secrets import SecretRef
 from egress_guard.spend import Limits, Meter
 
@@ -71,6 +72,8 @@ class Credential(StrEnum):
     NOT_PERMITTED = "denied-agent-not-permitted"
     FOREIGN = "denied-foreign-key"
     UNBOUND_HOST = "denied-unbound-host"
+    CLEARTEXT = "denied-cleartext"
+    UNREADABLE = "denied-unreadable-body"
     UNAVAILABLE = "error-secret-unavailable"
 
 
@@ -133,23 +136,28 @@ def identify(hmac_key: bytes, services: Iterable[Service], value: str) -> tuple[
 
 
 class FakeKeyScanner:
-    """Finds genuine fake keys of any service inside arbitrary text (headers, URLs, bodies)."""
+    """Finds genuine fake keys of any service inside arbitrary bytes (headers, URLs, bodies),
+    also percent-encoded, JSON-escaped, hex or base64 (egress_guard.forms.views)."""
 
     def __init__(self, hmac_key: bytes, services: Iterable[Service]) -> None:
         self.hmac_key = hmac_key
         self.services = tuple(services)
         patterns = sorted({s.shape.pattern() for s in self.services}, key=len, reverse=True)
         self._regex = re.compile("|".join(f"(?:{p})" for p in patterns).encode()) if patterns else None
-        self.max_len = max(
-            (len(s.shape.prefix) + s.shape.length + len(s.shape.suffix) for s in self.services), default=0
-        )
+        lengths = [len(s.shape.prefix) + s.shape.length + len(s.shape.suffix) for s in self.services]
+        self.max_len = max(lengths, default=0)
+        self.min_len = min(lengths, default=0)
+        # how much of a body's tail to keep between streamed pieces: a key in its longest
+        # encoding (JSON \u00XX escapes: 6 bytes a character) may straddle two pieces
+        self.window = 6 * self.max_len
 
     def scan(self, data: bytes) -> list[tuple[Service, str]]:
         if self._regex is None or not data:
             return []
         hits = []
-        for match in self._regex.finditer(data):
-            hit = identify(self.hmac_key, self.services, match.group().decode())
-            if hit is not None:
-                hits.append(hit)
+        for view in views(data, self.min_len):
+            for match in self._regex.finditer(view):
+                hit = identify(self.hmac_key, self.services, match.group().decode("latin-1"))
+                if hit is not None:
+                    hits.append(hit)
         return hits

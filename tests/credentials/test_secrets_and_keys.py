@@ -9,11 +9,10 @@ import pickle
 
 import pytest
 
-from egress_guard.addons.credential_guard import secret_forms
-from egress_guard.addons.request_guard import ByteCounter
-from egress_guard.addons.streaming import Scrubber, mask
+from egress_guard.addons.streaming import Counter, Scrubber
 from egress_guard.credentials import FakeKeyScanner, Service, Slot, find_credentials, header_value
 from egress_guard.fakekeys import KeyShape, looks_like, make_key, new_key_id, parse_key
+from egress_guard.forms import SecretForms, mask
 from egress_guard.secrets import EnvBackend, Secret, SecretRef, SecretUnavailable
 
 HMAC = b"k" * 32
@@ -108,22 +107,22 @@ def test_find_credentials_in_each_slot_kind() -> None:
 
 def test_scrubber_catches_a_secret_split_across_chunks_and_keeps_length() -> None:
     secret = "sk-proj-REALsecretVALUE_0123456789"
-    forms = secret_forms(secret)
     meta: dict = {}
-    scrub = Scrubber(forms, ByteCounter(meta, "n"))
+    scrub, count = Scrubber(SecretForms(secret)), Counter(meta, "n")
     stream = [
         b'data: {"echo": "' + secret[:10].encode(),
         secret[10:].encode() + b'"}\n\n',
         b"b64: " + base64.b64encode(secret.encode()) + b"\n",
         b"",
     ]
-    out = b"".join(scrub(chunk) for chunk in stream)
+    out = b"".join(count(scrub(chunk, chunk == b""), chunk == b"") for chunk in stream)
     assert secret.encode() not in out and base64.b64encode(secret.encode()) not in out
     assert mask(len(secret)) in out
     assert len(out) == sum(len(c) for c in stream) == meta["n"]  # framing intact
 
 
 def test_scrubber_does_not_hold_back_sse_events() -> None:
-    scrub = Scrubber(secret_forms("sk-proj-REALsecretVALUE_0123456789"), ByteCounter({}, "n"))
+    scrub = Scrubber(SecretForms("sk-proj-REALsecretVALUE_0123456789"))
     event = b'data: {"x": 1}\n\n'
-    assert scrub(event) == event  # delivered at once, nothing held for the next chunk
+    assert scrub(event, False) == event  # delivered at once, nothing held for the next chunk
+

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
 from genai_prices import Usage, calc_price
 from mitmproxy.test import tflow
 
-from egress_guard.addons.request_guard import ByteCounter
 from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, Overrun, SpendGuard, StreamTap
 from egress_guard.spend import (
     Cost,
@@ -163,11 +163,16 @@ def test_ledger_reserves_settles_and_refuses_with_the_numbers() -> None:
     assert ledger.spent[("session", "ag/s")] == Decimal("0.30")
 
 
+def _as_stream(tap: StreamTap) -> Callable[[bytes], bytes]:
+    """The tap as mitmproxy's stream sees it: b"" is the end."""
+    return lambda data: tap(data, data == b"")
+
+
 def test_stream_tap_drops_only_the_usage_chunk_it_asked_for() -> None:
     m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, 10)
     assert m is not None
     seen: list[dict | None] = []
-    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=True, done=seen.append)
+    tap = _as_stream(StreamTap(m, sse=True, drop=True, done=seen.append))
     content = b'data: {"choices":[{"delta":{"content":"x"}}],"model":"gpt-4o-mini"}\r\n\r\n'
     usage = b'data: {"choices":[],"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":2}}\r\n\r\n'
     out = tap(content + usage[:20]) + tap(usage[20:] + b"data: [DONE]\r\n\r\n") + tap(b"")
@@ -291,7 +296,7 @@ STREAMS = {
 
 def _cutting_tap(
     provider: str, path: str, body: dict, budget: str, held: str, done=lambda _: None
-) -> tuple[StreamTap, Ledger, RunningCost, list]:
+) -> tuple[Callable[[bytes], bytes], Ledger, RunningCost, list]:
     """A tap that ends the stream over a total budget of `budget`, with `held` reserved."""
     m = meter(provider, path, body, 10)
     assert m is not None
@@ -306,7 +311,7 @@ def _cutting_tap(
         lambda usd: ledger.overrun(limits, hold, usd),
         lambda *a: cuts.append(a),
     )
-    tap = StreamTap(ByteCounter({}, "n"), m, sse=True, drop=provider == "openai", done=done, overrun=over)
+    tap = _as_stream(StreamTap(m, sse=True, drop=provider == "openai", done=done, overrun=over))
     return tap, ledger, running, cuts
 
 
