@@ -28,7 +28,7 @@ class Rule:
     id: str
     host: str
     wildcard: bool = False
-    ports: frozenset[int] = frozenset({443, 80})
+    ports: frozenset[int] = frozenset({443})  # plain HTTP (80) only where a rule lists it
     methods: frozenset[str] | None = None  # None: any method
     paths: tuple[str, ...] | None = None  # None: any path
 

@@ -11,7 +11,8 @@ RULES = (
     Rule("openai#0", "api.openai.com", ports=frozenset({443}), methods=frozenset({"GET", "POST"}), paths=("/v1/*",)),
     Rule("gh#0", "githubusercontent.com", wildcard=True, ports=frozenset({443}), methods=frozenset({"GET"})),
     Rule("inline#0", "10.0.0.5", ports=frozenset({8080})),
-    Rule("inline#1", "api.github.com"),
+    Rule("inline#1", "api.github.com"),  # no ports given: 443 only
+    Rule("inline#2", "plain.example", ports=frozenset({80, 443})),
 )
 
 CASES = [
@@ -35,7 +36,16 @@ CASES = [
     ("167772165", 8080, "GET", "/", Verdict.ALLOW, "inline#0", "is allowed"),  # 10.0.0.5 in decimal
     ("10.0.0.6", 8080, None, None, Verdict.DENY, None, "IP address 10.0.0.6 is not on the allowlist"),
     ("api.github.com", 443, "PATCH", "/repos/x", Verdict.ALLOW, "inline#1", "is allowed"),
-    ("api.github.com", 80, "GET", "/", Verdict.ALLOW, "inline#1", "is allowed"),
+    (
+        "api.github.com",
+        80,
+        "GET",
+        "/",
+        Verdict.DENY,
+        "inline#1",
+        "port 80 is not allowed for api.github.com (allowed: [443])",
+    ),
+    ("plain.example", 80, "GET", "/", Verdict.ALLOW, "inline#2", "is allowed"),
     ("api.github.com", 8443, None, None, Verdict.DENY, "inline#1", "port 8443"),
 ]
 
