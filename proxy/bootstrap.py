@@ -33,8 +33,10 @@ allowlists:
   # - pypi
   # - npm
 
-# Inline rules. host: exact name or a '*.' prefix; ports default to [443, 80];
-# methods and paths (globs, '*' also matches '/') default to any.
+# Inline rules. host: exact name or a '*.' prefix under a registered domain (never right
+# under a public suffix such as *.co.uk or *.github.io); ports default to [443] (list 80
+# for plain HTTP: credentialed services never send their secret over it); methods and
+# paths (globs, '*' also matches '/') default to any.
 allow: []
 #  - host: api.github.com
 #    methods: [GET]
@@ -48,8 +50,9 @@ services:
   - anthropic
   - google-gemini
 
-# Where real secrets come from. env (default): egress-guard's own environment, e.g. the
-# OPENAI_API_KEY you export before `egress-guard up`. vault: HashiCorp Vault / OpenBao.
+# Where real secrets come from. env (default): egress-guard's own environment: export
+# OPENAI_API_KEY etc. BEFORE `egress-guard up` (`up` warns about each one it cannot read).
+# vault: HashiCorp Vault / OpenBao.
 secrets:
   backend: env
   cache_ttl: 300          # seconds a secret read from vault is reused
@@ -82,8 +85,12 @@ spend:
 network:
   allow_private: []       # CIDRs exempt from the SSRF guard, e.g. [10.0.0.0/8]
   hosts: {}               # pinned resolution, operator-trusted: {"llm.internal": ["10.0.0.5"]}
-  upstream_ca: null       # extra PEM CA trusted for upstream TLS (added to the default roots)
+  upstream_ca: null       # extra PEM CA for upstream TLS (certifi and the OS trust store are always trusted)
   idle_timeout: 1800      # seconds a silent connection may stay open (long LLM calls)
+  connect_timeout: 10     # seconds to connect to an upstream
+  tls_timeout: 10         # seconds for the upstream TLS handshake
+  response_timeout: 300   # seconds from sending a request to the upstream's response headers
+  header_timeout: 30      # seconds an agent may take to send its request headers
 """
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
@@ -22,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from egress_guard.credentials import Agent, Service, Slot
 from egress_guard.fakekeys import ALPHABETS, MIN_TAG_BITS, KeyShape
-from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
+from egress_guard.hosts import (
+    HostError,
+    IPAddress,
+    is_public_suffix,
+    normalize_host,
+    public_suffix_below,
+    split_host_port,
+)
 from egress_guard.policy import Destination, Rule, decide
 from egress_guard.secrets import SecretRef, VaultSettings
 from egress_guard.spend import Limits, Meter, SessionLimits, SpendSettings
@@ -33,12 +42,94 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class ConfigError(Exception):
-    """A config problem, phrased for the person who has to fix it."""
+    """A config problem, phrased for the person who has to fix it: the file, the line, the
+    key path, the problem and the fix. `at` is the key path whose line to report when it is
+    not `key` itself (an unknown key is reported on its parent, located on itself)."""
 
-    def __init__(self, file: Path | str, key: str, problem: str, fix: str = "") -> None:
+    def __init__(
+        self, file: Path | str, key: str, problem: str, fix: str = "", *, line: int | None = None, at: str | None = None
+    ) -> None:
         self.file, self.key, self.problem, self.fix = str(file), key, problem, fix
-        text = f"{file}: {key}: {problem}" if key else f"{file}: {problem}"
-        super().__init__(f"{text}. Fix: {fix}" if fix else text)
+        self.line, self.at = line, at
+        super().__init__(file, key, problem, fix)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        text = f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+class _Lines:
+    """Where each key path of one YAML file is (1-based lines), read from ruamel.yaml's
+    node positions. Key paths are spelt as in ConfigError (`agents.bot.limits`,
+    `allow[0].host`). ruamel also refuses duplicate keys, which PyYAML silently merges."""
+
+    def __init__(self, file: Path | str, text: str) -> None:
+        from ruamel.yaml import YAML
+        from ruamel.yaml.constructor import DuplicateKeyError
+        from ruamel.yaml.error import MarkedYAMLError
+
+        self.file = str(file)
+        self.lines: dict[str, int] = {}
+        try:
+            root = YAML(typ="rt").load(text)
+        except DuplicateKeyError as exc:
+            name = re.search(r'duplicate key "(.*?)" with value', str(exc.problem))
+            first = exc.context_mark.line + 1 if exc.context_mark is not None else None
+            line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+            raise ConfigError(
+                file,
+                "",
+                f"key {name.group(1) if name else '?'!r} appears twice in one mapping (this mapping starts on line "
+                f"{first}); YAML would silently keep only the last",
+                "keep one of them (merge their contents)",
+                line=line,
+            ) from None
+        except MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            raise ConfigError(
+                file,
+                "",
+                f"not valid YAML ({exc.problem or exc.context})",
+                "fix the YAML syntax",
+                line=mark.line + 1 if mark is not None else None,
+            ) from None
+        except Exception as exc:  # ruamel's other errors (e.g. a bad tag) are still the file's fault
+            raise ConfigError(file, "", f"not valid YAML ({type(exc).__name__})", "fix the YAML syntax") from None
+        self._walk(root, "")
+
+    def _walk(self, node: Any, path: str) -> None:
+        from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+        if isinstance(node, CommentedMap):
+            for k, value in node.items():
+                child = f"{path}.{k}" if path else str(k)
+                self.lines.setdefault(child, node.lc.key(k)[0] + 1)
+                self._walk(value, child)
+        elif isinstance(node, CommentedSeq):
+            for i, value in enumerate(node):
+                child = f"{path}[{i}]"
+                self.lines.setdefault(child, node.lc.item(i)[0] + 1)
+                self._walk(value, child)
+
+    def line(self, key: str) -> int:
+        """The line of `key`, else of its nearest enclosing key that is in the file, else 1."""
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            shorter = _PARENT.sub("", key)
+            if shorter == key:
+                break
+            key = shorter
+        return 1
+
+    def locate(self, err: ConfigError) -> ConfigError:
+        if err.line is None and err.file == self.file:
+            err.line = self.line(err.at if err.at is not None else err.key)
+        return err
+
+
+_PARENT = re.compile(r"(\.[^.\[\]]*|\[\d+\])$")
 
 
 # --- wire models: exactly what the YAML may say --------------------------------------------
@@ -81,15 +172,19 @@ class ServiceWire(_Wire):
     credential: list[SlotWire]
     fake_key: FakeKeyWire
     env_var: str
+    env_vars: list[str] = Field(default_factory=list)  # more variables agents' tools read the key from
     secret: str
     anonymous: bool = False
     meter: MeterWire | None = None
+    websocket: bool = True  # False: WebSocket upgrades to its hosts are refused
 
 
 class ServiceRefWire(_Wire):
     preset: str
     secret: str | None = None
     anonymous: bool | None = None
+    env_vars: list[str] | None = None
+    websocket: bool | None = None
 
 
 class PresetWire(_Wire):
@@ -172,6 +267,10 @@ class NetworkWire(_Wire):
     hosts: dict[str, list[str]] = Field(default_factory=dict)
     upstream_ca: str | None = None
     idle_timeout: int = Field(default=1800, ge=10, le=86400)
+    connect_timeout: float = Field(default=10.0, gt=0, le=3600)  # TCP connect to an upstream
+    tls_timeout: float = Field(default=10.0, gt=0, le=3600)  # TLS handshake with an upstream
+    response_timeout: float = Field(default=300.0, gt=0, le=86400)  # request sent -> response headers
+    header_timeout: float = Field(default=30.0, gt=0, le=3600)  # a client's request headers (slowloris)
 
 
 class ConfigWire(_Wire):
@@ -204,8 +303,13 @@ class Config:
     pinned_hosts: dict[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     upstream_ca: Path | None = None
     idle_timeout: int = 1800
+    connect_timeout: float = 10.0
+    tls_timeout: float = 10.0
+    response_timeout: float = 300.0
+    header_timeout: float = 30.0
     presets: tuple[str, ...] = ()
     services: tuple[Service, ...] = ()
+    service_env_vars: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> every agent variable
     agents: dict[str, Agent] = field(default_factory=dict)
     secrets_backend: Literal["env", "vault"] = "env"
     vault: VaultSettings | None = None
@@ -214,6 +318,11 @@ class Config:
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def env_vars(self, service: Service) -> tuple[str, ...]:
+        """Every variable an agent gets this service's fake key in: env_var first, then the
+        names other tools read (CODEX_API_KEY, GOOGLE_API_KEY, GITHUB_TOKEN, ...)."""
+        return self.service_env_vars.get(service.name, (service.env_var,))
 
     @property
     def listen(self) -> str:
@@ -233,23 +342,36 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The wire model of the mapping at `loc`, walking fields, list items and the values of
+    dict-valued fields (`agents: {NAME: AgentWire}`), or None where no model applies."""
+    current: Any = model
+    for part in loc:
+        current = _without_none(current)
+        origin = typing.get_origin(current)
+        if origin is list:
+            current = typing.get_args(current)[0]
+        elif origin is dict:
+            current = typing.get_args(current)[1]
+        elif isinstance(current, type) and issubclass(current, BaseModel) and str(part) in current.model_fields:
+            current = current.model_fields[str(part)].annotation
+        else:
+            return None
+    current = _without_none(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The keys the model accepts at the mapping that holds `loc`'s last key."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        annotation = current.model_fields[part].annotation
-        args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-        current = next(
-            (a for a in [annotation, *args] if isinstance(a, type) and issubclass(a, BaseModel)),
-            None,
-        )
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+    holder = _model_at(model, loc[:-1])
+    return list(holder.model_fields) if holder is not None else []
 
 
 def _raise_validation(
@@ -271,9 +393,10 @@ def _raise_validation(
             _key_path(loc[:-1]) or key,
             f"unknown key {loc[-1]!r}",
             f"{hint}remove it or use one of: {', '.join(keys) or 'none'}",
+            at=key,
         )
     if kind == "missing" and loc == ("version",):
-        raise ConfigError(file, "version", "missing", "add 'version: 1' as the first line")
+        raise ConfigError(file, "version", "missing", "add 'version: 1' as the first line", line=1)
     if kind == "literal_error" and loc == ("version",):
         raise ConfigError(file, "version", "unsupported version", "this egress-guard reads 'version: 1'")
     if kind == "missing":
@@ -283,17 +406,20 @@ def _raise_validation(
     raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
 
 
-def _read_yaml(file: Path | str, text: str) -> dict[str, Any]:
+def _read_yaml(file: Path | str, text: str) -> tuple[dict[str, Any], _Lines]:
+    """The file's data (PyYAML, as always) and where each key is (ruamel.yaml)."""
+    lines = _Lines(file, text)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "YAML"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(file, where, f"not valid YAML ({problem})", "fix the YAML syntax") from None
+        raise ConfigError(
+            file, "", f"not valid YAML ({problem})", "fix the YAML syntax", line=mark.line + 1 if mark else None
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(file, "", "the file must be a YAML mapping", "start it with 'version: 1'")
-    return data
+        raise ConfigError(file, "", "the file must be a YAML mapping", "start it with 'version: 1'", line=1)
+    return data, lines
 
 
 def _rule(file: Path | str, key: str, rule_id: str, wire: RuleWire) -> Rule:
@@ -308,7 +434,7 @@ def _rule(file: Path | str, key: str, rule_id: str, wire: RuleWire) -> Rule:
             file,
             f"{key}.host",
             "a bare '*' would allow every host",
-            "name each host (api.openai.com), or a '*.' prefix (*.githubusercontent.com)",
+            "name each host (api.openai.com), or a '*.' prefix under your own domain (*.example.com)",
         )
     if "*" in name:
         raise ConfigError(
@@ -338,7 +464,9 @@ def _rule(file: Path | str, key: str, rule_id: str, wire: RuleWire) -> Rule:
             f"{raw!r} would allow a whole top-level domain",
             "name a registrable domain, e.g. *.example.com",
         )
-    ports = frozenset({443, 80})
+    if wildcard:
+        _check_wildcard_suffix(file, f"{key}.host", raw, host.name)
+    ports = frozenset({443})  # plain HTTP (80) only where a rule lists it
     if wire.ports is not None:
         bad = [p for p in wire.ports if not 0 < p < 65536]
         if bad or not wire.ports:
@@ -370,6 +498,30 @@ def _rule(file: Path | str, key: str, rule_id: str, wire: RuleWire) -> Rule:
             )
         paths = tuple(wire.paths)
     return Rule(rule_id, host.name, wildcard, ports, methods, paths)
+
+
+def _check_wildcard_suffix(file: Path | str, key: str, raw: str, name: str) -> None:
+    """Refuse `*.X` when X is a public suffix or holds one: it would match hosts of owners
+    who have nothing to do with each other (every bucket on S3, every site on github.io)."""
+    if is_public_suffix(name):
+        raise ConfigError(
+            file,
+            key,
+            f"{raw!r} would allow every domain registered under the public suffix {name} (Public Suffix List), "
+            "whoever owns them",
+            f"name the exact hosts, or a wildcard under one registered domain, e.g. *.example.{name}",
+        )
+    below = public_suffix_below(name)
+    if below is not None:
+        example = below.removeprefix("*.")
+        raise ConfigError(
+            file,
+            key,
+            f"{raw!r} spans public suffixes such as {below} (Public Suffix List): names under them belong to "
+            "other owners",
+            f"name the exact hosts (e.g. example.{example}), or a wildcard under one registered name, "
+            f"e.g. *.example.{example}",
+        )
 
 
 def _rules(file: Path | str, key: str, source: str, wires: list[RuleWire]) -> list[Rule]:
@@ -404,13 +556,16 @@ def load_preset(
                 "check the path (relative paths are relative to the config file)",
             ) from None
         file, source = path, path.stem
-    data = _read_yaml(file, text)
+    data, lines = _read_yaml(file, text)
     try:
-        preset = PresetWire.model_validate(data)
-    except ValidationError as err:
-        _raise_validation(file, PresetWire, err)
-        raise AssertionError("unreachable") from err
-    return _rules(file, "allow", source, preset.allow), preset, file
+        try:
+            preset = PresetWire.model_validate(data)
+        except ValidationError as err:
+            _raise_validation(file, PresetWire, err)
+            raise AssertionError("unreachable") from err
+        return _rules(file, "allow", source, preset.allow), preset, file
+    except ConfigError as err:
+        raise lines.locate(err) from None
 
 
 def _network(
@@ -478,7 +633,14 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(file, "", "file not found", "run 'egress-guard init' or pass --config") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read it ({exc.strerror})", "check the file's permissions") from None
-    data = _read_yaml(file, text)
+    data, lines = _read_yaml(file, text)
+    try:
+        return _load(file, data)
+    except ConfigError as err:
+        raise lines.locate(err) from None
+
+
+def _load(file: Path, data: dict[str, Any]) -> Config:
     try:
         wire = ConfigWire.model_validate(data)
     except ValidationError as err:
@@ -492,7 +654,7 @@ def load_config(path: Path | str) -> Config:
     rules.extend(_rules(file, "allow", "inline", wire.allow))
     allow_private, pinned, upstream_ca = _network(file, base, wire.network)
     vault = _vault(file, base, wire.secrets)
-    services = _services(file, base, wire, tuple(rules))
+    services, env_vars = _services(file, base, wire, tuple(rules))
     agents = _agents(file, wire, services)
     spend = _spend(file, wire.spend)
     for i, svc in enumerate(services):
@@ -505,6 +667,7 @@ def load_config(path: Path | str) -> Config:
                 f"use one of {', '.join(sorted(_genai_provider_ids()))}; or price it at spend.fallback_price "
                 "with spend.unknown_model: fallback",
             )
+    net = wire.network
     return Config(
         path=file.resolve(),
         listen_host=listen_host,
@@ -516,9 +679,14 @@ def load_config(path: Path | str) -> Config:
         allow_private=allow_private,
         pinned_hosts=pinned,
         upstream_ca=upstream_ca,
-        idle_timeout=wire.network.idle_timeout,
+        idle_timeout=net.idle_timeout,
+        connect_timeout=net.connect_timeout,
+        tls_timeout=net.tls_timeout,
+        response_timeout=net.response_timeout,
+        header_timeout=net.header_timeout,
         presets=tuple(wire.allowlists),
         services=services,
+        service_env_vars=env_vars,
         agents=agents,
         secrets_backend=wire.secrets.backend,
         vault=vault,
@@ -616,6 +784,11 @@ def _service(file: Path | str, key: str, wire: ServiceWire, backend: str, rules:
         )
     if not _ENV_VAR.match(wire.env_var):
         raise ConfigError(file, f"{key}.env_var", f"{wire.env_var!r} is not a variable name", "e.g. OPENAI_API_KEY")
+    for j, name in enumerate(wire.env_vars):
+        if not _ENV_VAR.match(name):
+            raise ConfigError(file, f"{key}.env_vars[{j}]", f"{name!r} is not a variable name", "e.g. CODEX_API_KEY")
+        if name == wire.env_var or name in wire.env_vars[:j]:
+            raise ConfigError(file, f"{key}.env_vars[{j}]", f"{name} is listed twice", "list each variable once")
     try:
         ref = SecretRef.parse(wire.secret)
     except ValueError as exc:
@@ -630,7 +803,17 @@ def _service(file: Path | str, key: str, wire: ServiceWire, backend: str, rules:
             "set secrets.backend: vault and secrets.vault, or use an env: reference",
         )
     meter = Meter(wire.meter.api, wire.meter.provider or wire.meter.api) if wire.meter is not None else None
-    return Service(wire.name, frozenset(hosts), tuple(slots), shape, wire.env_var, ref, wire.anonymous, meter)
+    return Service(
+        wire.name,
+        frozenset(hosts),
+        tuple(slots),
+        shape,
+        wire.env_var,
+        ref,
+        wire.anonymous,
+        meter,
+        websocket=wire.websocket,
+    )
 
 
 def _genai_provider_ids() -> frozenset[str]:
@@ -639,8 +822,11 @@ def _genai_provider_ids() -> frozenset[str]:
     return frozenset(p.id for p in data_snapshot.get_snapshot().providers)
 
 
-def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...]) -> tuple[Service, ...]:
+def _services(
+    file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...]
+) -> tuple[tuple[Service, ...], dict[str, tuple[str, ...]]]:
     out: list[Service] = []
+    env_vars: list[tuple[str, ...]] = []
     for i, entry in enumerate(wire.services):
         key = f"services[{i}]"
         if isinstance(entry, str):
@@ -663,7 +849,9 @@ def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...])
                     f"preset {ref.preset!r} defines no service",
                     "use a preset with a service section (openai, anthropic, google-gemini, github)",
                 )
-            overrides = {k: v for k, v in (("secret", ref.secret), ("anonymous", ref.anonymous)) if v is not None}
+            given = {"secret": ref.secret, "anonymous": ref.anonymous, "env_vars": ref.env_vars}
+            given["websocket"] = ref.websocket
+            overrides = {k: v for k, v in given.items() if v is not None}
             svc_wire = preset.service.model_copy(update=overrides)
             out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
         else:
@@ -673,7 +861,9 @@ def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...])
                 _raise_validation(file, ServiceWire, err, ("services", i))
                 raise AssertionError("unreachable") from err
             out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
+        env_vars.append((svc_wire.env_var, *svc_wire.env_vars))
     seen: dict[str, str] = {}
+    owner: dict[str, str] = {}
     for i, svc in enumerate(out):
         if svc.name in {s.name for s in out[:i]}:
             raise ConfigError(file, f"services[{i}]", f"service {svc.name!r} is listed twice", "keep one entry")
@@ -686,7 +876,16 @@ def _services(file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...])
                     "bind each host to one service",
                 )
             seen[host] = svc.name
-    return tuple(out)
+        for name in env_vars[i]:
+            if name in owner:
+                raise ConfigError(
+                    file,
+                    f"services[{i}]",
+                    f"variable {name} already carries the fake key of service {owner[name]!r}",
+                    "give each service its own env_var and env_vars",
+                )
+            owner[name] = svc.name
+    return tuple(out), {svc.name: names for svc, names in zip(out, env_vars, strict=True)}
 
 
 def _agents(file: Path, wire: ConfigWire, services: tuple[Service, ...]) -> dict[str, Agent]:

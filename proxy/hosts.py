@@ -134,3 +134,71 @@ def split_host_port(authority: str, default_port: int | None = None) -> tuple[st
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise HostError(f"{authority!r}: port must be a number from 1 to 65535")
     return host, int(port_text)
+
+
+# --- the Public Suffix List -----------------------------------------------------------------
+# A wildcard rule directly under a public suffix (`*.co.uk`, `*.github.io`), or above one
+# (`*.amazonaws.com` spans s3.amazonaws.com, whose names belong to every AWS customer),
+# matches hosts of many unrelated owners. The list is the one publicsuffix2 ships (a
+# mitmproxy dependency). Its own lookup counts every intermediate label of a rule as a
+# suffix, so the rules are read here and applied as publicsuffix.org specifies.
+
+
+@dataclass(frozen=True, slots=True)
+class _SuffixList:
+    rules: frozenset[str]  # exact suffixes: co.uk, github.io, s3.amazonaws.com
+    wildcard_parents: frozenset[str]  # "*.ck": every label directly under ck is a suffix
+    exceptions: frozenset[str]  # "!www.ck": registrable after all
+    above: dict[str, str]  # a name -> one suffix strictly below it (the shortest)
+
+
+@functools.cache
+def _suffix_list() -> _SuffixList:
+    from importlib import resources
+
+    text = resources.files("publicsuffix2").joinpath("public_suffix_list.dat").read_text(encoding="utf-8")
+    rules: set[str] = set()
+    wild: set[str] = set()
+    exceptions: set[str] = set()
+    above: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip().split(" ", 1)[0]
+        if not line or line.startswith("//"):
+            continue
+        try:
+            line = line.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            continue
+        if line.startswith("!"):
+            exceptions.add(line[1:])
+            continue
+        if line.startswith("*."):
+            base = line[2:]
+            wild.add(base)
+            suffix, ancestors = f"*.{base}", [base, *_ancestors(base)]
+        else:
+            rules.add(line)
+            suffix, ancestors = line, _ancestors(line)
+        for name in ancestors:
+            if name not in above or len(suffix) < len(above[name]):
+                above[name] = suffix
+    return _SuffixList(frozenset(rules), frozenset(wild), frozenset(exceptions), above)
+
+
+def _ancestors(name: str) -> list[str]:
+    labels = name.split(".")
+    return [".".join(labels[i:]) for i in range(1, len(labels))]
+
+
+def is_public_suffix(name: str) -> bool:
+    """True if `name` (normalised) is on the Public Suffix List: names directly under it
+    are registered by different owners."""
+    psl = _suffix_list()
+    if name in psl.exceptions:
+        return False
+    return name in psl.rules or name.partition(".")[2] in psl.wildcard_parents
+
+
+def public_suffix_below(name: str) -> str | None:
+    """A public suffix strictly below `name` (`s3.amazonaws.com` for `amazonaws.com`), or None."""
+    return _suffix_list().above.get(name)

@@ -349,7 +349,7 @@ def test_up_with_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
     port = free_port()
     out = run_up(tmp_path / "bad.yaml", port)
     assert out.returncode == 2
-    assert f"{tmp_path / 'bad.yaml'}: allow[0].host:" in out.stderr and "Fix: use api.openai.com" in out.stderr
+    assert f"{tmp_path / 'bad.yaml'}:3: allow[0].host:" in out.stderr and "Fix: use api.openai.com" in out.stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
 

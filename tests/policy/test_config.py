@@ -4,6 +4,7 @@ the file, the key path and the fix."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,7 +19,7 @@ BROKEN = [
     ("listen: 127.0.0.1:8080\n", "version", "missing", "add 'version: 1'"),
     ("version: 2\n", "version", "unsupported version", "version: 1"),
     ("version: 1\nlisten: 127.0.0.1\n", "listen", "is not HOST:PORT", "127.0.0.1:8080"),
-    ("version: 1\nallow: [{host: '*'}]\n", "allow[0].host", "bare '*'", "*.githubusercontent.com"),
+    ("version: 1\nallow: [{host: '*'}]\n", "allow[0].host", "bare '*'", "*.example.com"),
     ("version: 1\nallow: [{host: '*.openai.*'}]\n", "allow[0].host", "only allowed as a leading", "not *.openai.*"),
     ("version: 1\nallow: [{host: 'api*.openai.com'}]\n", "allow[0].host", "leading '*.'", "api.openai.com"),
     ("version: 1\nallow: [{host: 'https://api.openai.com/v1'}]\n", "allow[0].host", "is a URL", "'api.openai.com'"),
@@ -45,7 +46,8 @@ BROKEN = [
     ("version: 1\nnetwork: {upstream_ca: ./nope.pem}\n", "network.upstream_ca", "does not exist", "PEM file"),
     ("version: 1\nnetwork: {idle_timeout: 1}\n", "network.idle_timeout", "greater than or equal to 10", "README"),
     ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "README"),
-    ("version: 1\nallow: [\n", "line", "not valid YAML", "YAML syntax"),
+    ("version: 1\nallow: [\n", "", "not valid YAML", "YAML syntax"),
+    ("version: 1\nallow: []\nallow: [{host: x.com}]\n", "", "key 'allow' appears twice", "keep one"),
     ("- just\n- a list\n", "", "must be a YAML mapping", "version: 1"),
     (
         "version: 1\nservices: [openai]\n",
@@ -122,6 +124,89 @@ BROKEN = [
         "README",
     ),
     ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
+    # a typo under a dict-valued section (agents: {NAME: ...}, sessions: {GLOB: ...}) is a
+    # ConfigError naming the key, like any other typo, not a crash
+    ("version: 1\nagents: {bot: {servics: [x]}}\n", "agents.bot", "unknown key 'servics'", "did you mean 'services'?"),
+    (
+        "version: 1\nagents: {bot: {limits: {budget_usd: {sesion: 5}}}}\n",
+        "agents.bot.limits.budget_usd",
+        "unknown key 'sesion'",
+        "did you mean 'session'?",
+    ),
+    (
+        "version: 1\nagents: {bot: {limits: {requests_per_minut: 5}}}\n",
+        "agents.bot.limits",
+        "unknown key 'requests_per_minut'",
+        "did you mean 'requests_per_minute'?",
+    ),
+    (
+        "version: 1\nagents: {bot: {limits: {sessions: {'ci-*': {budget: 1}}}}}\n",
+        "agents.bot.limits.sessions.ci-*",
+        "unknown key 'budget'",
+        "budget_usd, models",
+    ),
+    ("version: 1\nagents: {bot: [openai]}\n", "agents.bot", "expected a mapping", "README"),
+    (
+        "version: 1\nspend: {unknown_model: fallback, fallback_price: {input_per_mtk: 1}}\n",
+        "spend.fallback_price",
+        "unknown key 'input_per_mtk'",
+        "did you mean 'input_per_mtok'?",
+    ),
+    (
+        "version: 1\nsecrets: {backend: vault, vault: {address: 'https://v:8200', auth: {metod: token}}}\n",
+        "secrets.vault.auth",
+        "unknown key 'metod'",
+        "did you mean 'method'?",
+    ),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X', meter: {apii: openai}}]\n",
+        "services[0].meter",
+        "unknown key 'apii'",
+        "did you mean 'api'?",
+    ),
+    # wildcards directly under (or above) a public suffix match hosts of unrelated owners
+    ("version: 1\nallow: [{host: '*.co.uk'}]\n", "allow[0].host", "public suffix co.uk", "*.example.co.uk"),
+    ("version: 1\nallow: [{host: '*.github.io'}]\n", "allow[0].host", "public suffix github.io", "*.example.github.io"),
+    (
+        "version: 1\nallow: [{host: '*.amazonaws.com'}]\n",
+        "allow[0].host",
+        "spans public suffixes such as s3.amazonaws.com",
+        "*.example.s3.amazonaws.com",
+    ),
+    (
+        "version: 1\nallow: [{host: '*.s3.amazonaws.com'}]\n",
+        "allow[0].host",
+        "public suffix s3.amazonaws.com",
+        "exact hosts",
+    ),
+    ("version: 1\nnetwork: {connect_timeout: 0}\n", "network.connect_timeout", "greater than 0", "README"),
+    ("version: 1\nnetwork: {tls_timout: 5}\n", "network", "unknown key 'tls_timout'", "'tls_timeout'"),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, websocket: maybe}]\n",
+        "services[0].websocket",
+        "valid boolean",
+        "README",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, env_vars: [OPENAI_API_KEY]}]\n",
+        "services[0].env_vars[0]",
+        "listed twice",
+        "each variable once",
+    ),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: openai, env_vars: ['9X']}]\n",
+        "services[0].env_vars[0]",
+        "not a variable name",
+        "CODEX_API_KEY",
+    ),
+    (
+        "version: 1\nallowlists: [openai, anthropic]\n"
+        "services: [openai, {preset: anthropic, env_vars: [CODEX_API_KEY]}]\n",
+        "services[1]",
+        "CODEX_API_KEY already carries the fake key of service 'openai'",
+        "its own env_var",
+    ),
     (
         "version: 1\nsecrets: {backend: vault, vault: {address: vault.local}}\n",
         "secrets.vault.address",
@@ -152,7 +237,7 @@ def test_broken_configs(tmp_path: Path, text: str, key: str, problem: str, fix: 
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
-    assert message.startswith(str(path)), message
+    assert re.match(rf"{re.escape(str(path))}:\d+: ", message), message  # file:LINE: first
     assert f": {key}" in message, message
     assert problem in message, message
     assert "Fix: " in message and fix in message.split("Fix: ", 1)[1], message
@@ -161,7 +246,7 @@ def test_broken_configs(tmp_path: Path, text: str, key: str, problem: str, fix: 
 def test_broken_preset_file_names_the_preset_file(tmp_path: Path) -> None:
     (tmp_path / "mine.yaml").write_text("version: 1\nname: mine\nallow: [{host: '*'}]\n")
     (tmp_path / "egress-guard.yaml").write_text("version: 1\nallowlists: [./mine.yaml]\n")
-    with pytest.raises(ConfigError, match=r"mine\.yaml: allow\[0\]\.host: a bare"):
+    with pytest.raises(ConfigError, match=r"mine\.yaml:3: allow\[0\]\.host: a bare"):
         load_config(tmp_path / "egress-guard.yaml")
 
 
@@ -201,7 +286,7 @@ def test_full_shape(tmp_path: Path) -> None:
         "api.github.com",
         frozenset({"GET"}),
         ("/repos/*",),
-        frozenset({80, 443}),
+        frozenset({443}),  # plain HTTP only where a rule lists port 80
     )
     assert [r.id for r in config.rules] == ["pypi#0", "pypi#1", "inline#0"]
     assert config.allow_private == (ipaddress.ip_network("10.0.0.0/8"),)
@@ -279,3 +364,208 @@ def test_readme_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: 
     assert decide(config.rules, Destination(host, 443, "POST", "/v1/chat/completions")).allowed
     assert not decide(config.rules, Destination(host, 443, "POST", "/v1/images/generations")).allowed
     assert config.services[0].meter == Meter("openai", "openai")
+
+
+# --- every error names its line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        (
+            "version: 1\nallowlists: [openai]\nagents:\n  bot:\n    services: [openai]\n    limits:\n"
+            "      budget_usd:\n        sesion: 5\n",
+            8,
+            "agents.bot.limits.budget_usd",
+        ),
+        ("version: 1\nallow:\n  - host: a.example\n  - ports: [443]\n    host: '*.co.uk'\n", 5, "allow[1].host"),
+        ("version: 1\n\nallowlists:\n  - openai\n  - opnai\n", 5, "allowlists[1]"),
+        (
+            "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  bot:\n    services:\n"
+            "      - openai\n      - anthropic\n",
+            8,
+            "agents.bot.services[1]",
+        ),
+        # a required key that is not there: the line of the mapping that lacks it
+        ("version: 1\nallow:\n  - host: x.example\nservices:\n  - name: x\n    hosts: [x.example]\n", 5, "services[0]"),
+        ("# a comment\nlisten: 127.0.0.1:8080\n", 1, "version"),
+        ("version: 1\nnetwork:\n  hosts:\n    llm.internal: [not-an-ip]\n", 4, "network.hosts.llm.internal"),
+        ("version: 1\nallow:\n  - host: a.example\nallow: []\n", 4, ""),
+    ],
+)
+def test_errors_name_the_line(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.line == line, str(info.value)
+    assert str(info.value).startswith(f"{path}:{line}: {key}"), str(info.value)
+
+
+def test_a_preset_files_error_names_its_own_line(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text(
+        "version: 1\nname: mine\nallow:\n  - host: ok.example\n  - host: '*.github.io'\n"
+    )
+    (tmp_path / "egress-guard.yaml").write_text("version: 1\nallowlists: [./mine.yaml]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "egress-guard.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'mine.yaml'}:5: allow[1].host: '*.github.io'"), str(info.value)
+
+
+FULL = """\
+version: 1
+listen: 127.0.0.1:8080
+audit:
+  path: ./db.sqlite
+  query_strings: false
+allowlists: [openai]
+allow:
+  - host: x.example
+    ports: [443]
+    methods: [GET]
+    paths: ["/v1/*"]
+network:
+  allow_private: [10.0.0.0/8]
+  hosts: {llm.internal: [10.0.0.5]}
+  connect_timeout: 5
+secrets:
+  backend: vault
+  vault:
+    address: https://vault.internal:8200
+    auth: {method: token, token_env: VT}
+services:
+  - {preset: openai, secret: "vault:secret/x#k"}
+  - name: x
+    hosts: [x.example]
+    credential: [{header: authorization, scheme: Bearer}]
+    fake_key: {prefix: x_, length: 40}
+    env_var: X_KEY
+    secret: env:X_KEY
+    meter: {api: openai, provider: openai}
+agents:
+  bot:
+    services: [openai, x]
+    limits:
+      requests_per_minute: 5
+      budget_usd: {session: 1}
+      models: {openai: [gpt-4o]}
+      sessions:
+        "ci-*": {budget_usd: 2, models: {openai: [gpt-4o]}}
+spend:
+  unknown_model: fallback
+  fallback_price: {input_per_mtok: 1, output_per_mtok: 2}
+"""
+# mappings whose keys are names the operator chooses, not fields
+FREE_KEYS = {
+    "network.hosts",
+    "agents",
+    "agents.bot.limits.models",
+    "agents.bot.limits.sessions",
+    "agents.bot.limits.sessions.ci-*.models",
+}
+
+
+def _mappings(node: object, path: str = "") -> list[str]:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    out = []
+    if isinstance(node, CommentedMap):
+        out.append(path)
+        for k, v in node.items():
+            out += _mappings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, CommentedSeq):
+        for i, v in enumerate(node):
+            out += _mappings(v, f"{path}[{i}]")
+    return out
+
+
+def test_an_unknown_key_in_every_mapping_is_a_config_error_on_its_line(tmp_path: Path) -> None:
+    """Walks every mapping of a config that uses every section (dict-valued ones included)
+    and adds a misspelt key there: always a ConfigError naming that mapping and the line."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(FULL)
+    load_config(path)  # the unmodified file is valid
+    rt = YAML(typ="rt")
+    paths = _mappings(rt.load(FULL))
+    assert len(paths) >= 20 and "agents.bot.limits.sessions.ci-*" in paths
+    for where in paths:
+        doc = rt.load(FULL)
+        node = doc
+        for part in re_parts(where):
+            node = node[part]
+        node["bogus_key"] = [1]
+        out = io.StringIO()
+        rt.dump(doc, out)
+        text = out.getvalue()
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        line = next(i for i, t in enumerate(text.splitlines(), 1) if "bogus_key" in t)
+        message = str(info.value)
+        assert info.value.line == line, (where, message)
+        if where in FREE_KEYS:
+            assert info.value.key.startswith(f"{where}.bogus_key"), (where, message)
+        else:
+            assert info.value.key == (where or "bogus_key"), (where, message)
+            assert "unknown key 'bogus_key'" in message, (where, message)
+
+
+def re_parts(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"([^.\[\]]+(?:\*[^.\[\]]*)?)|\[(\d+)\]", path):
+        parts.append(int(index) if index else name)
+    return parts
+
+
+# --- rules, wildcards, ports ----------------------------------------------------------------------
+
+
+def test_rules_allow_port_443_unless_they_list_others(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text("version: 1\nallow: [{host: a.example}, {host: b.example, ports: [80, 443]}]\n")
+    a, b = load_config(path).rules
+    assert a.ports == frozenset({443}) and b.ports == frozenset({80, 443})
+
+
+@pytest.mark.parametrize(
+    "host", ["*.example.co.uk", "*.mybucket.s3.amazonaws.com", "*.corp.internal", "*.example.com", "*.openai.com"]
+)
+def test_wildcards_under_a_registered_name_load(tmp_path: Path, host: str) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(f"version: 1\nallow: [{{host: '{host}'}}]\n")
+    assert load_config(path).rules[0].wildcard
+
+
+def test_network_timeouts_websocket_and_env_vars(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(
+        "version: 1\nallowlists: [openai, anthropic, google-gemini, github]\n"
+        "services: [{preset: openai, websocket: false}, anthropic, google-gemini, {preset: github, env_vars: []}]\n"
+    )
+    config = load_config(path)
+    assert (config.connect_timeout, config.tls_timeout, config.response_timeout, config.header_timeout) == (
+        10,
+        10,
+        300,
+        30,
+    )
+    openai, anthropic, gemini, github = config.services
+    assert openai.websocket is False and anthropic.websocket is True
+    assert config.env_vars(openai) == ("OPENAI_API_KEY", "CODEX_API_KEY")
+    assert config.env_vars(anthropic) == ("ANTHROPIC_API_KEY",)
+    assert config.env_vars(gemini) == ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    assert config.env_vars(github) == ("GH_TOKEN",)  # the override dropped GITHUB_TOKEN
+    path.write_text(
+        "version: 1\nnetwork: {connect_timeout: 2.5, tls_timeout: 3, response_timeout: 600, header_timeout: 15}\n"
+    )
+    config = load_config(path)
+    assert (config.connect_timeout, config.tls_timeout, config.response_timeout, config.header_timeout) == (
+        2.5,
+        3,
+        600,
+        15,
+    )

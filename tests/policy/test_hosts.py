@@ -75,3 +75,24 @@ def test_split_host_port(authority: str, expected: tuple[str, int]) -> None:
 def test_split_host_port_rejects(authority: str) -> None:
     with pytest.raises(HostError):
         split_host_port(authority)
+
+
+@pytest.mark.parametrize(
+    ("name", "suffix", "below"),
+    [
+        ("co.uk", True, "barsy.co.uk"),  # (and below it: a private-section entry)
+        ("github.io", True, None),
+        ("s3.amazonaws.com", True, None),
+        ("x.ck", True, None),  # "*.ck": every name directly under ck
+        ("www.ck", False, None),  # "!www.ck": the exception
+        ("amazonaws.com", False, "s3.amazonaws.com"),  # not a suffix, but holds some
+        ("compute.amazonaws.com", False, "*.compute.amazonaws.com"),
+        ("openai.com", False, None),
+        ("mybucket.s3.amazonaws.com", False, None),
+    ],
+)
+def test_public_suffix_list(name: str, suffix: bool, below: str | None) -> None:
+    from egress_guard.hosts import is_public_suffix, public_suffix_below
+
+    assert is_public_suffix(name) is suffix
+    assert public_suffix_below(name) == below
