@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,16 +134,43 @@ def write_bundle(ca_dir: Path) -> Path:
     return files.bundle
 
 
-def upstream_trust_file(ca_dir: Path, extra_ca: Path | None) -> Path | None:
-    """mitmproxy's ssl_verify_upstream_trusted_ca *replaces* certifi: when the operator
-    trusts an extra CA upstream, hand mitmproxy certifi + that CA in one file."""
-    if extra_ca is None:
-        return None
+def os_trust_bundles(candidates: Sequence[str] | None = None) -> list[Path]:
+    """The operating system's CA bundle files that exist here (each file once, however
+    many of the usual paths link to it). `candidates` defaults to SYSTEM_BUNDLES, read at
+    call time so a test can point it elsewhere."""
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for candidate in SYSTEM_BUNDLES if candidates is None else candidates:
+        path = Path(candidate)
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            continue
+        if real not in seen and real.is_file():
+            seen.add(real)
+            found.append(path)
+    return found
+
+
+def upstream_trust_file(ca_dir: Path, extra_ca: Path | None, system_bundles: Sequence[str] | None = None) -> Path:
+    """The roots egress-guard trusts for upstream TLS, in one file: certifi (mitmproxy's
+    default), the operating system's store (where an internal or corporate CA is installed
+    with update-ca-certificates / update-ca-trust) and network.upstream_ca if set.
+    mitmproxy's ssl_verify_upstream_trusted_ca *replaces* certifi, hence all of them here.
+    Written on every start, so a CA added to the OS store is trusted after a restart."""
     import certifi
 
+    parts = [Path(certifi.where()).read_bytes()]
+    for bundle in os_trust_bundles(system_bundles):
+        try:
+            parts.append(bundle.read_bytes())
+        except OSError:
+            continue
+    if extra_ca is not None:
+        parts.append(extra_ca.read_bytes())
     path = ca_dir / "upstream-trust.pem"
-    data = Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n" + extra_ca.read_bytes()
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
+    tmp.write_bytes(b"".join(p.rstrip(b"\n") + b"\n" for p in parts))
+    tmp.chmod(0o644)
     tmp.replace(path)
     return path
