@@ -7,15 +7,20 @@ config exits 2 before anything listens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sqlite3
 import sys
+import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from egress_guard import audit as audit_db
 from egress_guard import ca
 from egress_guard import keys as keys_mod
 from egress_guard import spend_report as spend_mod
+from egress_guard import status as status_mod
 from egress_guard.bootstrap import init as do_init
 from egress_guard.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config, parse_listen
 from egress_guard.envvars import agent_env, render
@@ -113,7 +119,10 @@ def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
 
     With no --config and no ./egress-guard.yaml, it first creates the default config, CA
     and audit DB in the current directory. A bad config exits with status 2 before
-    listening. On shutdown every pending audit row is written.
+    listening. Real secrets come from this shell's environment (env backend): export them
+    first; `up` warns about each service whose secret does not resolve. It keeps a status
+    file next to the audit DB (pid, address, secrets resolve yes/no; never a value) that
+    `doctor`, `env` and `run` read. On shutdown every pending audit row is written.
 
     \b
     Example:
@@ -158,31 +167,117 @@ async def _serve(config: Config, listen: tuple[str, int] | None) -> int:
         f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
         f"{', inline' if any(r.id.startswith('inline') for r in config.rules) else ''})\n"
         f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
-        f"  audit DB: {config.audit_path}\n"
-        f'  agents:   eval "$(egress-guard env)"  or  egress-guard run -- CMD',
+        f"  audit DB: {config.audit_path}\n" + _next_steps(config),
         err=False,
     )
     sys.stdout.flush()
-    watch = asyncio.create_task(_watch_audit(proxy))
+    status = status_mod.Status(
+        pid=os.getpid(),
+        started_at=status_mod.now(),
+        listen=f"{shown_host}:{port}",
+        config=str(config.path),
+        checked_at=status_mod.now(),
+    )
+    watch = asyncio.create_task(_watch(proxy, config, status))
     await stop.wait()
     watch.cancel()
+    status_mod.remove(status_mod.status_path(config), status.pid)
     click.echo("shutting down: closing listener, flushing audit log", err=True)
     lost = await proxy.stop()
     click.echo(f"stopped; {proxy.audit.written} audit rows written, {lost} lost", err=True)
     return 0 if lost == 0 else 1
 
 
-async def _watch_audit(proxy: Any) -> None:
-    """Say on the console when the audit log goes down (requests are then refused) and back."""
+def _prog() -> str:
+    """How the user can run egress-guard from another shell: `./dev eg` when `./dev` says so
+    (EGRESS_GUARD_PROG), `egress-guard` when that is this program on PATH, else its path."""
+    given = os.environ.get("EGRESS_GUARD_PROG", "").strip()
+    if given:
+        return given
+    argv0 = sys.argv[0]
+    if argv0.endswith("__main__.py") or argv0 == "-m":
+        return f"{shlex.quote(sys.executable)} -m egress_guard"
+    on_path = shutil.which("egress-guard")
+    with contextlib.suppress(OSError):
+        if on_path and os.path.samefile(on_path, argv0):
+            return "egress-guard"
+    return shlex.quote(os.path.abspath(argv0))
+
+
+def _next_steps(config: Config) -> str:
+    """The banner's commands for agents, as they work when pasted into another shell."""
+    prog = _prog()
+    default = (Path.cwd() / DEFAULT_CONFIG_NAME).resolve()
+    # ./dev runs egress-guard from the directory it lives in, so it finds the default config;
+    # anywhere else the other shell may be in another directory (the agent's own).
+    config_arg = ""
+    if not (os.environ.get("EGRESS_GUARD_PROG") and config.path == default):
+        config_arg = f" --config {shlex.quote(str(config.path))}"
+    if not config.agents:
+        return (
+            "  agents:   none configured: add an agents: section to give agents fake keys\n"
+            f"  run:      {prog} run{config_arg} -- CMD        (proxy and CA only, no keys)\n"
+        )
+    names = ", ".join(f"{name} ({', '.join(a.services) or 'no services'})" for name, a in config.agents.items())
+    first = next(iter(config.agents))
+    return (
+        f"  agents:   {names}\n"
+        f"  run:      {prog} run{config_arg} --agent {first} -- CMD\n"
+        f'  or:       eval "$({prog} env{config_arg} --agent {first})"   (then start the agent in that shell)\n'
+    )
+
+
+async def _watch(proxy: Any, config: Config, status: status_mod.Status) -> None:
+    """Say on the console when a service's secret does not resolve (and when that changes),
+    keep the status file `doctor` reads current, and say when the audit log goes down
+    (requests are then refused) and back."""
+    path = status_mod.status_path(config)
+    secrets: dict[str, status_mod.SecretStatus] = {}
     down = False
+    last_check = -1e9
     while True:
-        await asyncio.sleep(0.5)
+        if loop_time() - last_check >= SECRET_RECHECK:
+            last_check = loop_time()
+            now = await status_mod.check_secrets(config, proxy.secrets)
+            for name, st in now.items():
+                before = secrets.get(name)
+                if not st.resolves and (before is None or before.resolves):
+                    click.echo(_secret_warning(config, name, st), err=True)
+                elif st.resolves and before is not None and not before.resolves:
+                    click.echo(f"egress-guard: service {name}: its secret {st.secret} resolves now", err=True)
+            if now != secrets or not path.exists():
+                secrets = now
+                status = dataclasses.replace(status, services=secrets, checked_at=status_mod.now())
+                try:
+                    status_mod.write(path, status)
+                except OSError as exc:
+                    click.echo(f"egress-guard: cannot write {path} ({exc.strerror}): doctor will not see it", err=True)
         if not proxy.audit.healthy and not down:
             click.echo(f"egress-guard: REFUSING REQUESTS: {proxy.audit.unhealthy_reason}", err=True)
             down = True
         elif proxy.audit.healthy and down:
             click.echo("egress-guard: audit log recovered; accepting requests", err=True)
             down = False
+        await asyncio.sleep(0.5)
+
+
+SECRET_RECHECK = 15.0  # seconds; a cached secret answers at once, so this costs nothing
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _secret_warning(config: Config, name: str, st: status_mod.SecretStatus) -> str:
+    if st.secret.startswith("env:"):
+        var = st.secret.removeprefix("env:")
+        fix = f"export {var} in the shell you start 'up' from, then restart it"
+    else:
+        fix = "check that secret in vault and the token's policy; egress-guard retries by itself"
+    return (
+        f"egress-guard: WARNING: service {name}: its secret {st.secret} does not resolve ({st.problem}); "
+        f"its requests get 503 until it does. Fix: {fix}"
+    )
 
 
 # --- env / run -----------------------------------------------------------------------------
@@ -202,8 +297,18 @@ def _agent_env(
     if not ca.CAFiles(config.ca_dir).exists():
         raise click.ClickException(f"no CA in {config.ca_dir}. Fix: run 'egress-guard init' (or 'egress-guard up')")
     bundle = ca.write_bundle(config.ca_dir)
-    out = agent_env(config, bundle=bundle, proxy_host=proxy_host, no_proxy=no_proxy)
-    if agent:
+    running = status_mod.read(config)  # `up --listen` may listen elsewhere than the config says
+    listen = running.listen_host_port if running is not None else None
+    out = agent_env(config, bundle=bundle, proxy_host=proxy_host, no_proxy=no_proxy, listen=listen)
+    if agent and agent in config.agents and not config.agents[agent].services and not services:
+        # Still the proxy variables: without them `eval` would leave the agent going direct.
+        click.echo(
+            f"egress-guard: agent {agent!r} has no credentialed services (agents.{agent}.services): "
+            "no keys minted; proxy and CA variables only",
+            err=True,
+        )
+        out["EGRESS_GUARD_AGENT"] = agent
+    elif agent:
         minted = _mint(config, agent, ttl, services, None)
         out |= minted.env
         out["EGRESS_GUARD_AGENT"], out["EGRESS_GUARD_SESSION"] = agent, minted.record.session
@@ -249,8 +354,10 @@ def env(
     HTTP(S)_PROXY in both cases, NO_PROXY, and the CA for every common runtime: variables
     that *replace* the trust store (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, ...)
     point at a bundle of the system roots plus the egress-guard CA. With --agent, also a new
-    session's fake keys (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...); in sh format, `unset`
-    lines for the host's real-secret variables.
+    session's fake keys, in every variable popular agent CLIs read (OPENAI_API_KEY and
+    CODEX_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY and GOOGLE_API_KEY, GH_TOKEN and
+    GITHUB_TOKEN); an agent with no services gets the proxy variables alone. In sh format,
+    `unset` lines for the host's real-secret variables. When `up` runs, its real address.
 
     \b
     Examples:
@@ -317,11 +424,36 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None
         click.echo(_table(rows, columns or (list(rows[0]) if rows else [])), nl=False)
 
 
+CELL_MAX = 80  # a column other than the last is cut here (with …)
+LAST_MIN = 30  # the last column (reason) wraps beside the others if it gets this much room
+
+
 def _table(rows: Iterable[dict[str, Any]], columns: list[str], *, header: bool = True) -> str:
-    cells = [[("" if r.get(c) is None else str(r[c]))[:80] for c in columns] for r in rows]
+    """Columns padded to their widest cell; the last one (the reason, which says what to
+    fix) is never cut: it wraps within the terminal's width, continuing under itself, or
+    on indented lines below its row when the terminal is too narrow for that."""
+
+    def cell(value: Any, last: bool) -> str:
+        text = "" if value is None else " ".join(str(value).split())
+        return text if last or len(text) <= CELL_MAX else text[: CELL_MAX - 1] + "…"
+
+    cells = [[cell(r.get(c), i == len(columns) - 1) for i, c in enumerate(columns)] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    total = shutil.get_terminal_size().columns
+    indent = sum(widths[:-1]) + 2 * (len(columns) - 1)
+    beside = total - indent >= min(LAST_MIN, widths[-1])
+    room = total - indent if beside else max(total - 4, LAST_MIN)
+    if beside:
+        widths[-1] = min(widths[-1], room)
     lines = [("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))).rstrip()] if header else []
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    for row in cells:
+        last = textwrap.wrap(row[-1], room, break_on_hyphens=False) or [""]
+        if beside:
+            lines.append("  ".join(v.ljust(w) for v, w in zip([*row[:-1], last[0]], widths, strict=True)).rstrip())
+            lines += [" " * indent + more for more in last[1:]]
+        else:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths, strict=False)).rstrip())
+            lines += ["    " + more for more in last if more]
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -572,7 +704,9 @@ def kill(config_path: Path | None, agent: str | None, session: str | None, reaso
 def doctor(config_path: Path | None) -> None:
     """Check config, CA, key material, audit DB, secret backend and every service's secret.
 
-    Prints yes/no for each; never a secret value. Exits 1 if anything is wrong.
+    Prints yes/no for each; never a secret value. Exits 1 if anything is wrong. Secrets
+    are checked where `up` reads them: while a proxy for this config runs, its own answers
+    (from its status file); otherwise in this shell's environment, and it says which.
 
     \b
     Example:

@@ -31,13 +31,21 @@ DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1"
 
 
 def agent_env(
-    config: Config, *, bundle: Path, proxy_host: str | None = None, no_proxy: str | None = None
+    config: Config,
+    *,
+    bundle: Path,
+    proxy_host: str | None = None,
+    no_proxy: str | None = None,
+    listen: tuple[str, int] | None = None,
 ) -> dict[str, str]:
-    host = proxy_host or config.listen_host
+    """`listen`: where the running proxy really listens (`up --listen` may differ from
+    the config's); the config's listen address otherwise."""
+    listen_host, listen_port = listen or (config.listen_host, config.listen_port)
+    host = proxy_host or listen_host
     if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listen address is not dialable
         host = "127.0.0.1"
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{config.listen_port}"
+    url = f"http://{shown}:{listen_port}"
     cert = CAFiles(config.ca_dir).cert
     out = {
         "HTTP_PROXY": url,

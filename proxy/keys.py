@@ -82,11 +82,12 @@ def mint(
         record = insert_key(conn, agent, session, chosen, seconds)
     finally:
         conn.close()
-    env = {}
+    env: dict[str, str] = {}
     for name in chosen:
         service = config.service(name)
         assert service is not None
-        env[service.env_var] = make_key(hmac_key, service.shape, service.name, record.key_id)
+        key = make_key(hmac_key, service.shape, service.name, record.key_id)
+        env |= dict.fromkeys(config.env_vars(service), key)  # OPENAI_API_KEY and CODEX_API_KEY alike
     return Minted(record, env)
 
 
@@ -133,8 +134,12 @@ def revoke_keys(
 
 
 def secret_env_names(config: Config) -> set[str]:
-    """Environment variables that hold real secrets on this host: never hand them to an agent."""
+    """Environment variables that may hold real secrets on this host: the env: secrets, the
+    vault credentials, and every variable a service's key travels in to agents (a real
+    GITHUB_TOKEN on the host must not reach an agent that got no fake one). Never hand
+    them to an agent."""
     names = {s.secret.name for s in config.services if s.secret.kind == "env"}
+    names |= {name for s in config.services for name in config.env_vars(s)}
     if config.vault is not None:
         names |= {config.vault.token_env, config.vault.role_id_env, config.vault.secret_id_env}
     return names

@@ -239,7 +239,8 @@ def test_audit_query_csv(audit_db: Path) -> None:
     assert empty.output.strip() == ",".join(audit.COLUMNS)
 
 
-def test_audit_table_stats_and_tail(audit_db: Path) -> None:
+def test_audit_table_stats_and_tail(audit_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
     table = invoke("audit", "--config", str(audit_db), "--limit", "2").output.splitlines()
     assert table[0].split() == ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
     assert len(table) == 3 and "evil.com" in table[2]
@@ -386,11 +387,14 @@ def test_up_creates_defaults_prints_banner_and_flushes_on_sigterm(tmp_path: Path
     )
     try:
         assert proc.stdout is not None
-        banner = [proc.stdout.readline() for _ in range(5)]
+        banner = [proc.stdout.readline() for _ in range(7)]
         assert banner[0] == f"egress-guard listening on http://127.0.0.1:{port}\n"
         assert "egress-guard.yaml (3 allow rules: openai, anthropic, google-gemini)" in banner[1]
         assert str(tmp_path / "certs" / "egress-guard-ca.pem") in banner[2]
         assert str(tmp_path / "egress-guard.db") in banner[3]
+        assert banner[4] == "  agents:   agent (openai, anthropic, google-gemini)\n"
+        assert " run --config " in banner[5] and banner[5].endswith(" --agent agent -- CMD\n")
+        assert banner[6].startswith('  or:       eval "$(') and " env --config " in banner[6]
         n = 20
         for i in range(n):  # denied CONNECTs: one audit row each, no upstream needed
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -482,3 +486,187 @@ def test_kill_needs_exactly_one_target_and_is_stored(tmp_path: Path) -> None:
     assert "revoked 1 key(s) of agent agent" in invoke("kill", "--config", cfg, "--agent", "agent").output
     rows = json.loads(invoke("keys", "list", "--config", cfg, "--all", "--format", "json").output)
     assert {r["session"]: r["status"] for r in rows} == {"s1": "revoked", "s2": "revoked"}
+
+
+# --- what a new user tripped over ------------------------------------------------------------------
+
+HOST_SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-hostREALvalue-0042", "GEMINI_API_KEY": "AIzaHostREALvalue-0043"}
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    drop = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GH_TOKEN", "EGRESS_GUARD_PROG", "COLUMNS"}
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("EGRESS_GUARD_")} | extra
+
+
+def test_up_warns_keeps_a_status_doctor_reads_and_prints_commands_that_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up` started without OPENAI_API_KEY: it says so (per service, never a value); doctor,
+    run from a shell that HAS the variable, reports the running proxy's view; the banner's
+    commands work as printed from another directory, and find the port `--listen` chose."""
+    invoke("init", "--dir", str(tmp_path))
+    cfg = tmp_path / "egress-guard.yaml"
+    port = free_port()  # not the config's 8080: env must learn it from the running proxy
+    env = _clean_env(**HOST_SECRETS)
+    proc = subprocess.Popen(
+        [*EG, "up", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status_file = tmp_path / "egress-guard.status.json"
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(7)]
+        deadline = time.monotonic() + 30
+        while not status_file.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no status file"
+            time.sleep(0.05)
+        status = json.loads(status_file.read_text())
+        assert status["pid"] == proc.pid and status["listen"] == f"127.0.0.1:{port}"
+        assert status["services"]["openai"] == {
+            "secret": "env:OPENAI_API_KEY",
+            "resolves": False,
+            "problem": "environment variable OPENAI_API_KEY is not set where egress-guard runs",
+        }
+        assert status["services"]["anthropic"]["resolves"] is True
+
+        # doctor asks the running proxy, not this shell (which has the variable)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-proj-onlyInDoctorsShell")
+        doctor = CliRunner().invoke(main, ["doctor", "--config", str(cfg)])
+        assert doctor.exit_code == 1, doctor.output
+        assert f"running proxy: pid {proc.pid}" in doctor.output
+        assert (
+            "service openai: secret env:OPENAI_API_KEY resolves: no (in the running proxy: environment variable"
+            in doctor.output
+        )
+        assert "Fix: export OPENAI_API_KEY in the shell that runs 'up'" in doctor.output
+        assert "service anthropic: secret env:ANTHROPIC_API_KEY resolves: yes (in the running proxy)" in doctor.output
+
+        # the banner's commands, pasted into a shell somewhere else
+        elsewhere = tmp_path / "agent-project"
+        elsewhere.mkdir()
+        run_line = (
+            banner[5]
+            .split("run:", 1)[1]
+            .strip()
+            .replace("-- CMD", "-- sh -c 'printf %s \"$HTTPS_PROXY|$CODEX_API_KEY|$OPENAI_API_KEY\"'")
+        )
+        ran = subprocess.run(["sh", "-c", run_line], cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+        proxy_url, codex_key, openai_key = ran.stdout.split("|")
+        assert proxy_url == f"http://127.0.0.1:{port}"
+        assert openai_key.startswith("sk-proj-") and codex_key == openai_key  # Codex CLI reads CODEX_API_KEY
+        env_cmd = banner[6].split('eval "$(', 1)[1].split(')"', 1)[0]
+        printed = subprocess.run(
+            ["sh", "-c", env_cmd], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+        )
+        assert f"export HTTPS_PROXY=http://127.0.0.1:{port}\n" in printed.stdout
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "WARNING: service openai: its secret env:OPENAI_API_KEY does not resolve" in err
+    assert "Fix: export OPENAI_API_KEY in the shell you start 'up' from" in err
+    assert "service anthropic" not in err and "service google-gemini" not in err
+    for value in HOST_SECRETS.values():
+        assert value not in out + err + "".join(banner)
+    assert not status_file.exists()  # removed on shutdown: doctor then checks its own shell, and says so
+    doctor = CliRunner().invoke(main, ["doctor", "--config", str(cfg)])
+    assert "no running proxy found for this config" in doctor.output
+    assert "service openai: secret env:OPENAI_API_KEY resolves: yes (in this shell)" in doctor.output
+
+
+def test_banner_commands_in_the_dev_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from egress_guard.cli import _load, _next_steps
+
+    invoke("init", "--dir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EGRESS_GUARD_PROG", "./dev eg")  # ./dev sets it; ./dev eg runs where ./dev up did
+    steps = _next_steps(_load(None))
+    assert "  run:      ./dev eg run --agent agent -- CMD\n" in steps
+    assert '  or:       eval "$(./dev eg env --agent agent)"' in steps
+    cfg = tmp_path / "egress-guard.yaml"
+    cfg.write_text(cfg.read_text().split("\nagents:", 1)[0] + "\n")  # no agents
+    steps = _next_steps(_load(None))
+    assert "none configured" in steps and "./dev eg run -- CMD" in steps
+
+
+def test_env_for_an_agent_without_services_still_sets_the_proxy(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    cfg = tmp_path / "egress-guard.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["agents"]["browser"] = {"services": []}
+    cfg.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["env", "--config", str(cfg), "--agent", "browser"])
+    assert result.exit_code == 0, result.output
+    assert "export HTTPS_PROXY=http://127.0.0.1:8080\n" in result.stdout
+    assert "export SSL_CERT_FILE=" in result.stdout and "export EGRESS_GUARD_AGENT=browser\n" in result.stdout
+    assert "_API_KEY=" not in result.stdout.replace("unset", "")  # no keys minted...
+    assert "unset OPENAI_API_KEY\n" in result.stdout  # ...and the host's real ones withheld
+    assert "agent 'browser' has no credentialed services" in result.stderr and "no keys minted" in result.stderr
+    unknown = CliRunner().invoke(main, ["env", "--config", str(cfg), "--agent", "nobody"])
+    assert unknown.exit_code == 1 and "no agent named 'nobody'" in unknown.output  # a typo still fails
+
+
+def test_agents_get_the_variables_popular_clis_read_and_never_the_hosts(tmp_path: Path) -> None:
+    invoke("init", "--dir", str(tmp_path))
+    cfg = tmp_path / "egress-guard.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["allowlists"].append("github")
+    data["services"].append("github")
+    data["agents"]["agent"]["services"].append("github")
+    cfg.write_text(yaml.safe_dump(data))
+    env = json.loads(invoke("env", "--config", str(cfg), "--agent", "agent", "--format", "json").output)
+    assert env["CODEX_API_KEY"] == env["OPENAI_API_KEY"] and env["OPENAI_API_KEY"].startswith("sk-proj-")
+    assert env["GOOGLE_API_KEY"] == env["GEMINI_API_KEY"] and env["GITHUB_TOKEN"] == env["GH_TOKEN"]
+    host = _clean_env(GITHUB_TOKEN="ghp_hostREALtoken0044", CODEX_API_KEY="sk-hostREAL0045", GOOGLE_API_KEY="AIzaHost")
+    ran = subprocess.run(
+        [
+            *EG,
+            "run",
+            "--config",
+            str(cfg),
+            "--",
+            "sh",
+            "-c",
+            'printf "%s|%s|%s" "${GITHUB_TOKEN-unset}" "${CODEX_API_KEY-unset}" "${GOOGLE_API_KEY-unset}"',
+        ],
+        env=host,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ran.stdout == "unset|unset|unset"
+
+
+def test_audit_table_wraps_the_reason(audit_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = (
+        "credential denied-foreign-key: the Authorization header holds something that is not an egress-guard key "
+        "(a real key smuggled in?). Fix: give the agent its fake key with 'egress-guard env --agent NAME' and "
+        "never a real one"
+    )
+    conn = sqlite3.connect(audit_db.parent / "egress-guard.db")
+    conn.execute(
+        "INSERT INTO audit (ts, request_id, kind, decision, host, reason) VALUES (?, 'long', 'request', 'deny', ?, ?)",
+        ("2026-11-22T11:00:00.000Z", "api.openai.com", reason),
+    )
+    conn.commit()
+    for columns in (160, 80):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        lines = invoke("audit", "--config", str(audit_db), "--host", "api.openai.com").output.splitlines()
+        row = next(i for i, line in enumerate(lines) if "2026-11-22T11" in line)
+        # the other columns may be wider than a narrow terminal; the reason's lines never are
+        assert all(len(line) <= columns for line in lines[row + 1 :]), "\n".join(lines)
+        if columns == 160:
+            assert all(len(line) <= columns for line in lines), "\n".join(lines)
+        if columns == 160:  # beside the other columns, continuing under itself
+            start = lines[0].index("reason")
+            assert all(line[:start].strip() == "" for line in lines[row + 1 :])
+            wrapped = [line[start:] for line in lines[row:]]
+        else:  # too narrow for that: on indented lines below its row
+            wrapped = [line.strip() for line in lines[row + 1 :]]
+        assert " ".join(wrapped) == reason and len(wrapped) >= 2, "\n".join(lines)
