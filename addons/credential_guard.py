@@ -45,6 +45,7 @@ from egress_guard.secrets import SecretStore, SecretUnavailable
 
 log = logging.getLogger("egress_guard")
 FLAG = "; flagged as a possible exfiltration attempt"
+UPLOAD_CUT = "egress_guard.upload_cut"  # True: a streamed body was refused midway and its connection cut
 
 
 class _Refusal(Exception):
@@ -62,7 +63,11 @@ class StreamScanner:
     __slots__ = ("check", "decoder", "on_hit", "tail", "tripped", "window")
 
     def __init__(
-        self, check: Callable[[bytes], str | None], window: int, on_hit: Callable[[str], None], encoding: str
+        self,
+        check: Callable[[bytes], str | None],
+        window: int,
+        on_hit: Callable[[Credential, str], None],
+        encoding: str,
     ) -> None:
         self.check, self.window, self.on_hit = check, window, on_hit
         self.tail = b""
@@ -72,22 +77,23 @@ class StreamScanner:
             try:
                 self.decoder = StreamDecoder(encoding)
             except ValueError as exc:
-                self._trip(f"the body cannot be checked for egress-guard keys: {exc}; refused")
+                self._trip(Credential.UNREADABLE, f"the body cannot be checked for egress-guard keys: {exc}")
 
-    def _trip(self, why: str) -> None:
+    def _trip(self, credential: Credential, why: str) -> None:
         self.tripped = True
-        self.on_hit(why)
+        self.on_hit(credential, why)
 
     def __call__(self, data: bytes, end: bool) -> bytes:
         if self.tripped:
             return b""
         try:
             plain = self.decoder.feed(data) if self.decoder is not None else data
-            leak = self.check(self.tail + plain)
         except ValueError as exc:
-            leak = f"the body cannot be checked for egress-guard keys: {exc}; refused"
+            self._trip(Credential.UNREADABLE, f"the body cannot be checked for egress-guard keys: {exc}")
+            return b""
+        leak = self.check(self.tail + plain)
         if leak:
-            self._trip(leak)
+            self._trip(Credential.UNBOUND_HOST, leak)
             return b""
         self.tail = (self.tail + plain)[-self.window :]
         return data
@@ -210,13 +216,19 @@ class CredentialGuard:
                 StreamScanner(
                     lambda data: self.leak(host, data, "the body"),
                     self.scanner.window,
-                    lambda why: self._cut_stream(flow, why),
+                    lambda credential, why: self._cut_stream(flow, credential, why),
                     req.headers.get("content-encoding", ""),
                 )
             )
 
     @fail_closed("request")
     def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(UPLOAD_CUT):
+            # the body's end is sent upstream right after this hook: whatever upstream
+            # connection opened since the cut (it may still have been connecting) goes too,
+            # so the upstream never sees a complete request
+            self.cut(flow.client_conn.id)
+            return
         if answered(flow) or flow.request.stream or not self.scanner.max_len:
             return
         target = flow.metadata.get(TARGET)
@@ -307,8 +319,9 @@ class CredentialGuard:
             )
         reject(flow, Decision(verdict, refusal.reason), refusal.status)
 
-    def _cut_stream(self, flow: http.HTTPFlow, why: str) -> None:
-        flow.metadata[CREDENTIAL] = Credential.UNBOUND_HOST
+    def _cut_stream(self, flow: http.HTTPFlow, credential: Credential, why: str) -> None:
+        flow.metadata[CREDENTIAL] = credential
         flow.metadata[DECISION] = Decision(Verdict.DENY, why)
-        log.warning("SECURITY %s: %s (id %s); connection cut", Credential.UNBOUND_HOST.value, why, flow.id)
+        flow.metadata[UPLOAD_CUT] = True
+        log.warning("SECURITY %s: %s (id %s); connection cut", credential.value, why, flow.id)
         self.cut(flow.client_conn.id)

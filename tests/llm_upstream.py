@@ -50,6 +50,7 @@ class LLMHandler(_Handler):
 
     def _sse_start(self) -> None:
         self.compress = self.headers.get("x-test-compress")
+        self.split = bool(self.headers.get("x-test-split"))
         if self.compress:
             self.buffer = bytearray()
             return
@@ -58,9 +59,14 @@ class LLMHandler(_Handler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
 
+    split = False  # X-Test-Split: every byte of the stream goes out as its own HTTP chunk
+
     def _chunk(self, data: bytes) -> None:
         if self.compress:
             self.buffer += data
+        elif self.split:
+            for i in range(len(data)):
+                super()._chunk(data[i : i + 1])
         else:
             super()._chunk(data)
 
@@ -122,6 +128,35 @@ class LLMHandler(_Handler):
         body = json.loads(raw) if raw.strip().startswith(b"{") else {}
         host = (self.headers.get("host") or "").split(":")[0]
         auth = self.headers.get("authorization", "")
+        if url.path == "/echo-forms":
+            # a hostile upstream: the injected key sent back in every encoding egress-guard
+            # knows, in pieces of 1 to 7 bytes so that every form straddles pieces
+            import base64
+            import random
+
+            key = REAL["openai"].encode()
+            forms = [
+                base64.b64encode(b"Bearer " + key),
+                base64.b64encode(b"x" + key),
+                base64.urlsafe_b64encode(b"xy" + key),
+                key.hex().encode(),
+                key.hex().upper().encode(),
+                "".join(f"%{b:02X}" for b in key).encode(),
+                "".join(f"\\u{b:04x}" if i % 2 else chr(b) for i, b in enumerate(key)).encode(),
+                "".join(f"%{b:02x}" if i % 3 else chr(b) for i, b in enumerate(key)).encode(),
+            ]
+            text = b"data: " + b" | ".join(forms) + b"\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            rng, i = random.Random(7), 0
+            while i < len(text):
+                n = rng.randint(1, 7)
+                super()._chunk(text[i : i + n])
+                i += n
+            self._end()
+            return
         if url.path == "/echo":
             got = {"authorization": auth, "x-api-key": self.headers.get("x-api-key"), "query": url.query}
             # the key in the body, in a header, split across two chunks, base64'd: all must be scrubbed
