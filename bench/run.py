@@ -3,13 +3,15 @@
 Measures, over keep-alive HTTPS (CONNECT + TLS through the proxies):
   * small JSON POSTs at concurrency 1 and 8: requests/s, p50/p90/p99 latency;
   * SSE first-byte time (request sent -> first event received) at p50/p90;
+  * metered OpenAI chat streams as the SDKs send them by default, 8 kept-alive connections,
+    each event split across HTTP chunks: how many broke (target 0), first byte p50;
   * the proxy's resident memory after the run.
 Prints a table and the ratios against the targets (egress-guard >= 1.0x mitmdump
 throughput, <= 1.0x its p50; SSE first byte <= direct + 3 ms at p50).
 
 Everything runs on 127.0.0.1: a local asyncio TLS upstream with its own test CA,
 mitmdump and `egress-guard up` as subprocesses, and the load generator in this process.
-Run: ./dev bench   (options: --seconds N, --sse N)
+Run: ./dev bench   (options: --seconds N, --sse N, --streams N, --rounds N)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,9 +65,10 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             for line in lines[1:]:
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            if path.startswith(b"/sse"):
+            body = await reader.readexactly(length) if length else b""
+            if path == b"/v1/chat/completions" and b'"stream": true' in body:
+                await _chat_stream(writer, b'"include_usage": true' in body)
+            elif path.startswith(b"/sse"):
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                 )
@@ -85,6 +89,29 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         pass
     finally:
         writer.close()
+
+
+async def _chat_stream(writer: asyncio.StreamWriter, usage: bool) -> None:
+    """An OpenAI chat stream, each event split in two HTTP chunks at a random offset (real
+    providers' TCP segments split events all the time), with the usage-only chunk only if
+    the request asked for it."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    base = '"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini"'
+    events = [
+        f'{{{base},"choices":[{{"index":0,"delta":{{"content":"{piece}"}},"finish_reason":null}}]}}'
+        for piece in ("hel", "lo ", "there")
+    ]
+    events.append(f'{{{base},"choices":[{{"index":0,"delta":{{}},"finish_reason":"stop"}}]}}')
+    if usage:
+        events.append(f'{{{base},"choices":[],"usage":{{"prompt_tokens":25,"completion_tokens":3}}}}')
+    events.append("[DONE]")
+    for event in events:
+        data = f"data: {event}\n\n".encode()
+        cut = random.randint(1, len(data) - 1)
+        for piece in (data[:cut], data[cut:]):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
 
 
 def _upstream_main(cert_pem: bytes, key_pem: bytes, port_queue: multiprocessing.Queue) -> None:
@@ -162,6 +189,61 @@ async def load(proxy_port: int | None, port: int, ctx: ssl.SSLContext, concurren
         "requests": requests,  # warm-up included
         "errors": errors,
     }
+
+
+STREAM_BODY = json.dumps(
+    {"model": "gpt-4o-mini", "stream": True, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            return body
+        body += data[:-2]
+
+
+async def metered_streams(proxy_port: int | None, port: int, ctx: ssl.SSLContext, concurrency: int, n: int) -> dict:
+    """`n` metered OpenAI chat streams as the SDKs send them by default (no include_usage:
+    egress-guard adds it and drops the usage chunk on the way back), `concurrency` kept-alive
+    connections. A stream is broken if its body does not end with `data: [DONE]`, carries a
+    usage chunk the client did not ask for, or its framing fails (then the connection is
+    replaced)."""
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {FAKE_KEY}\r\nContent-Length: {len(STREAM_BODY)}\r\n\r\n"
+    ).encode() + STREAM_BODY
+    firsts: list[float] = []
+    broken = 0
+    left = n
+
+    async def worker() -> None:
+        nonlocal broken, left
+        reader, writer = await _open(proxy_port, port, ctx)
+        while left > 0:
+            left -= 1
+            t0 = time.perf_counter()
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                first = await reader.readuntil(b"\r\n")  # the first chunk's size line: bytes are here
+                firsts.append(time.perf_counter() - t0)
+                size = int(first.strip(), 16)
+                body = (await reader.readexactly(size + 2))[:-2] + await _read_chunked(reader)
+                ok = head.startswith(b"HTTP/1.1 200") and body.endswith(b"data: [DONE]\n\n") and b'"usage"' not in body
+            except (ValueError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                ok = False
+            if not ok:
+                broken += 1
+                writer.close()
+                reader, writer = await _open(proxy_port, port, ctx)
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"n": n, "broken": broken, "first_p50": statistics.median(firsts) * 1000 if firsts else float("nan")}
 
 
 async def sse_first_byte(proxy_port: int | None, port: int, ctx: ssl.SSLContext, samples: int) -> dict:
@@ -336,6 +418,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per c=8 run (default 5)")
     parser.add_argument("--sse", type=int, default=30, help="SSE samples per target (default 30)")
+    parser.add_argument("--streams", type=int, default=250, help="metered SSE streams at c=8 (default 250)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per target (default 3)")
     parser.add_argument(
         "--no-spend",
@@ -390,6 +473,7 @@ def main() -> int:
         for name, proxy_port, _, proc in targets:
             r: dict = {c: _median_run(rounds[name][c]) for c in ("c1", "c8")}
             r["sse"] = asyncio.run(sse_first_byte(proxy_port, upstream_port, contexts[name], args.sse))
+            r["metered"] = asyncio.run(metered_streams(proxy_port, upstream_port, contexts[name], 8, args.streams))
             r["rss"] = _rss_mb(proc.pid) if proc else None
             results[name] = r
     finally:
@@ -421,6 +505,10 @@ def main() -> int:
         s = r["sse"]
         rss = f"{r['rss']:.0f}" if r["rss"] else "-"
         print(f"{name:<14}{s['first_p50']:>18.2f}ms{s['first_p90']:>6.2f}ms{s['total_p50']:>16.2f}ms{rss:>8}")
+    print(f"\n{'target':<14}{'metered streams':>16}{'broken':>8}{'first byte p50':>16}")
+    for name, r in results.items():
+        x = r["metered"]
+        print(f"{name:<14}{x['n']:>16}{x['broken']:>8}{x['first_p50']:>14.2f}ms")
     eg, md, direct, ms = results["egress-guard"], results["mitmdump"], results["direct"], results["mitmdump-strm"]
     checks = [
         (
@@ -449,6 +537,7 @@ def main() -> int:
             eg["sse"]["first_p50"] - direct["sse"]["first_p50"] <= 3.0,
         ),
         ("SSE 1st byte - mitmdump-strm (ms)", eg["sse"]["first_p50"] - ms["sse"]["first_p50"], "(info, ms)", True),
+        ("metered streams broken", eg["metered"]["broken"], "== 0", eg["metered"]["broken"] == 0),
     ]
     print(f"\n{proof}")
     print()
