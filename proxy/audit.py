@@ -1,27 +1,37 @@
-"""The SQLite audit log: schema migrations, the batching writer, and the queries the CLI runs.
+"""The SQLite audit log: schema migrations, the group-committing writer, and the queries the CLI runs.
 
-One row per decision. Rows are written off the hot path by one writer task; a row that
-cannot be written yet stays queued (never dropped) and the log reports itself unhealthy, so
-the proxy refuses new requests until it can record them again. Never stores bodies or
-header values.
+One row per decision. Rows are written by one writer thread, many to a commit. A response
+waits for its row (`durable`) — mitmproxy sends the end of the response only after the
+`response` hook returns — so no agent holds a complete answer whose row a crash could lose.
+A metered call's reservation (`intent`) is committed before the call is forwarded and
+removed in the transaction that writes its row; `open()` settles the intents a stopped
+proxy left behind at their reservation, so budgets rebuilt from the log never undercount.
+A row that cannot be written yet stays queued (never dropped) and the log reports itself
+unhealthy, so the proxy refuses new requests until it can record them again. Never stores
+bodies or header values.
+
+Durability: WAL with synchronous=NORMAL (the default) survives the process being killed
+(kill -9, OOM): a commit is in the OS's hands before the response completes. It does not
+survive losing power or the OS; `synchronous="FULL"` (an fsync per commit) does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import logging
+import operator
 import re
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, ClassVar
 
 log = logging.getLogger("egress_guard.audit")
 
@@ -107,6 +117,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0004_spend_intents",
+        """
+        CREATE TABLE spend_intents (          -- metered calls forwarded and not yet recorded
+            request_id   TEXT PRIMARY KEY,    -- the audit row that settles it has the same id
+            ts           TEXT NOT NULL,
+            agent        TEXT NOT NULL,
+            session      TEXT,
+            service      TEXT,
+            model        TEXT,
+            day          TEXT NOT NULL,       -- the budget day the reservation was made against
+            reserved_usd TEXT NOT NULL,       -- exact decimal: what it is billed if never settled
+            method       TEXT,
+            host         TEXT,
+            port         INTEGER,
+            path         TEXT
+        );
+        """,
+    ),
 ]
 
 
@@ -143,6 +172,53 @@ class AuditRow:
 
 COLUMNS = ["id", *(f.name for f in dataclasses.fields(AuditRow))]
 _INSERT = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
+_row_values = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
+
+
+@dataclass(slots=True, kw_only=True)
+class Intent:
+    """A metered call's reservation, committed before the call is forwarded: if the proxy
+    stops before the call's own row is written, the next start bills the reservation."""
+
+    request_id: str
+    ts: str
+    agent: str
+    session: str | None
+    service: str | None
+    model: str | None
+    day: str
+    reserved_usd: str
+    method: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
+INTENT_COLUMNS = [f.name for f in dataclasses.fields(Intent)]
+_INSERT_INTENT = "INSERT OR REPLACE INTO spend_intents ({}) VALUES ({})".format(
+    ", ".join(INTENT_COLUMNS), ", ".join("?" * len(INTENT_COLUMNS))
+)
+_intent_values = operator.attrgetter(*INTENT_COLUMNS)
+_SETTLE_INTENT = "DELETE FROM spend_intents WHERE request_id = ?"
+_AMEND = (
+    "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || ? "
+    "WHERE request_id = ? AND kind = 'request'"
+)
+SETTLED_AT_RESERVATION = (
+    "settled at its reservation: the proxy stopped before the call finished (the provider may have charged for it)"
+)
+
+
+@dataclass(slots=True)
+class _Amend:
+    """A note for a row already on its way to the DB (see `AuditLog.amend`)."""
+
+    request_id: str
+    note: str
+
+
+class AuditUnavailable(Exception):
+    """The audit log could not commit a row (or intent) someone was waiting on."""
 
 
 _second: tuple[int, str] = (0, "")
@@ -201,19 +277,81 @@ def migrate(path: Path) -> list[str]:
         conn.close()
 
 
-class AuditLog:
-    """The proxy's writer. `record` never blocks; `healthy` says whether to accept traffic."""
+def settle_intents(conn: sqlite3.Connection) -> int:
+    """Bill every unfinished metered call at its reservation: one audit row each, written
+    with the intent's removal. Only the proxy's own writer may run this, at start (a
+    running proxy's intents are its calls in flight). Returns how many were settled."""
+    rows = conn.execute(f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents ORDER BY ts").fetchall()
+    for r in rows:
+        i = Intent(**{k: r[k] for k in INTENT_COLUMNS})
+        row = AuditRow(
+            ts=i.ts,  # when the call was made: it counts against that day's budget
+            request_id=i.request_id,
+            kind="request",
+            agent=i.agent,
+            session=i.session,
+            decision="allow",
+            reason=SETTLED_AT_RESERVATION,
+            method=i.method,
+            scheme="https",
+            host=i.host,
+            port=i.port,
+            path=i.path,
+            service=i.service,
+            model=i.model,
+            cost_usd=i.reserved_usd,
+        )
+        conn.execute(_INSERT, _row_values(row))
+        conn.execute(_SETTLE_INTENT, (i.request_id,))
+    return len(rows)
 
-    def __init__(self, path: Path, *, batch_delay: float = 0.02, max_backlog: int = 50_000) -> None:
+
+class AuditLog:
+    """The proxy's writer. `record` never blocks; `durable` waits for a row's commit;
+    `intent` commits a metered call's reservation; `healthy` says whether to accept traffic.
+
+    Group commit: the writer commits whatever is queued as soon as it has work, and while
+    one commit runs the next batch gathers. Rows nobody waits on (CONNECTs, errors) may wait
+    `batch_delay` for company; a waiter never does.
+    """
+
+    writers: ClassVar[dict[Path, AuditLog]] = {}  # the open writer of each DB in this process
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_delay: float = 0.02,
+        max_backlog: int = 50_000,
+        max_batch: int = 2000,
+        wait_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = path
         self.batch_delay = batch_delay
         self.max_backlog = max_backlog
+        self.max_batch = max_batch
+        self.wait_timeout = wait_timeout
+        self.synchronous = synchronous.upper()
         self.error: str | None = None
-        self.written = 0
-        self._pending: list[AuditRow] = []
+        self.written = 0  # audit rows committed
+        self.settled_at_start = 0  # intents a previous run left, billed at their reservation
+        # Queued items, oldest first: AuditRow, Intent or _Amend. Item number n (1-based,
+        # counted since open) is _pending[n - _committed - 1].
+        self._pending: list[Any] = []
+        self._queued = 0
+        self._committed = 0
+        self._writing: tuple[int, int] | None = None  # the item numbers of the commit under way
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # in item order
+        self._open_intents: set[str] = set()  # request ids whose row must remove their intent
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # a waiter arrived: skip batch_delay
         self._closing = False
-        self._db: aiosqlite.Connection | None = None
+        self._give_up = False
+        self._conn: sqlite3.Connection | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -227,23 +365,136 @@ class AuditLog:
         return f"audit log {self.path} is {len(self._pending)} rows behind"
 
     async def open(self) -> None:
-        """Migrate, open and prove the DB writable; raises OSError/sqlite3.Error if not."""
+        """Migrate, open and prove the DB writable, and settle the intents a stopped proxy
+        left (before anyone loads budgets from the log); raises OSError/sqlite3.Error if not."""
         await asyncio.to_thread(migrate, self.path)
-        self._db = await aiosqlite.connect(self.path, timeout=1.0)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails if we cannot write
-        await self._db.rollback()
+        # One thread owns the connection: every commit is one hop to it and back.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="egress-guard-audit")
+        try:
+            self.settled_at_start = await self._in_thread(self._open_sync)
+        except BaseException:
+            await self._in_thread(self._close_sync)
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise
+        if self.settled_at_start:
+            log.warning(
+                "audit log %s: %d metered calls were unfinished when the proxy last stopped; "
+                "billed at their reservation",
+                self.path,
+                self.settled_at_start,
+            )
         self._task = asyncio.create_task(self._run(), name="egress-guard audit writer")
+        AuditLog.writers[self.path] = self
 
-    def record(self, row: AuditRow) -> None:
-        self._pending.append(row)
+    def _in_thread(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        assert self._thread is not None
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _open_sync(self) -> int:
+        conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+        self._conn = conn
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails if we cannot write
+        try:
+            settled = settle_intents(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return settled
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _enqueue(self, item: Any) -> int:
+        self._pending.append(item)
+        self._queued += 1
         self._wake.set()
+        return self._queued
 
-    async def _write(self, rows: list[AuditRow]) -> None:
-        assert self._db is not None
-        await self._db.executemany(_INSERT, [dataclasses.astuple(r) for r in rows])
-        await self._db.commit()
+    def record(self, row: AuditRow) -> int:
+        """Queue a row; returns its number, for `durable`. Never blocks."""
+        return self._enqueue(row)
+
+    async def intent(self, intent: Intent) -> None:
+        """Commit a metered call's reservation; the call's own row will remove it. Raises
+        AuditUnavailable if it cannot be committed (it stays queued: the call's row, when it
+        is written, still removes it)."""
+        self._open_intents.add(intent.request_id)
+        await self.durable(self._enqueue(intent))
+
+    async def durable(self, n: int) -> None:
+        """Wait until item `n` (from `record`) is committed. Raises AuditUnavailable if a
+        commit fails, if the log is already failing, or after `wait_timeout`; the item stays
+        queued and is written when the DB recovers."""
+        if n <= self._committed:
+            return
+        if self._task is None or self._task.done():
+            raise AuditUnavailable(f"audit log {self.path} is not open")
+        if self.error is not None and self._writing is None:
+            raise AuditUnavailable(self.unhealthy_reason)  # retrying: don't hold a response for it
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, waiter))
+        self._hurry.set()
+        try:
+            await asyncio.wait_for(waiter, self.wait_timeout)
+        except TimeoutError:
+            if self.error is None:
+                self.error = f"a commit has not finished in {self.wait_timeout:g} s"
+                log.error("audit log %s: %s; refusing new requests until it does", self.path, self.error)
+            raise AuditUnavailable(self.unhealthy_reason) from None
+
+    def amend(self, n: int, request_id: str, note: str) -> None:
+        """Mark row `n` as an error and add `note` to its reason (a response cut because the
+        row could not be committed). Changes the queued row in place unless it is already in
+        a commit; then an UPDATE follows it."""
+        index = n - self._committed - 1
+        writing = self._writing is not None and self._writing[0] <= n <= self._writing[1]
+        if 0 <= index < len(self._pending) and not writing:
+            row = self._pending[index]
+            if isinstance(row, AuditRow) and row.request_id == request_id:
+                row.decision = "error"
+                row.reason = f"{row.reason}; {note}" if row.reason else note
+                return
+        self._enqueue(_Amend(request_id, note))
+
+    def _commit_sync(
+        self, intents: list[tuple], rows: list[tuple], settles: list[tuple[str]], amends: list[tuple[str, str]]
+    ) -> None:
+        """One transaction: new intents, rows, the intents those rows settle, amendments."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN")
+            if intents:
+                conn.executemany(_INSERT_INTENT, intents)
+            if rows:
+                conn.executemany(_INSERT, rows)
+            if settles:
+                conn.executemany(_SETTLE_INTENT, settles)
+            if amends:
+                conn.executemany(_AMEND, amends)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    def _resolve_waiters(self, error: str | None) -> None:
+        """After a commit: wake the waiters it covered; after a failure, fail them all."""
+        while self._waiters and (error is not None or self._waiters[0][0] <= self._committed):
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(AuditUnavailable(error))
 
     async def _run(self) -> None:
         while True:
@@ -252,36 +503,56 @@ class AuditLog:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                if not self._closing:
-                    await asyncio.sleep(self.batch_delay)  # let a burst gather into one commit
-            batch = self._pending[:2000]
+                if not self._closing and not self._waiters and self.batch_delay > 0:
+                    # nobody waits on these rows: let a burst gather into one commit, unless a waiter comes
+                    self._hurry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self.batch_delay)
+            batch = self._pending[: self.max_batch]
+            intents, rows, settles, amends = [], [], [], []
+            for item in batch:
+                if isinstance(item, AuditRow):
+                    rows.append(_row_values(item))
+                    if item.request_id in self._open_intents:
+                        settles.append((item.request_id,))
+                elif isinstance(item, Intent):
+                    intents.append(_intent_values(item))
+                else:
+                    amends.append((item.note, item.request_id))
+            first = self._committed + 1
+            self._writing = (first, first + len(batch) - 1)
             try:
-                await self._write(batch)
+                await self._in_thread(self._commit_sync, intents, rows, settles, amends)
             except Exception as exc:
-                with contextlib.suppress(Exception):
-                    assert self._db is not None
-                    await self._db.rollback()
-                if self.error is None:
+                self._writing = None
+                if self.error is None or self.error.startswith("a commit has not finished"):
                     log.error(
                         "audit log %s: write failed (%s); refusing new requests until it recovers", self.path, exc
                     )
                 self.error = str(exc)
+                self._resolve_waiters(self.unhealthy_reason)
                 if self._closing and self._give_up:
                     return
                 await asyncio.sleep(0.25)
                 continue
+            self._writing = None
             del self._pending[: len(batch)]
-            self.written += len(batch)
+            self._committed += len(batch)
+            self.written += len(rows)
+            for (request_id,) in settles:
+                self._open_intents.discard(request_id)
+            self._resolve_waiters(None)
             if self.error is not None:
                 log.warning("audit log %s: writable again; accepting requests", self.path)
                 self.error = None
 
-    _give_up = False
-
     async def close(self, timeout: float = 10.0) -> int:
-        """Flush every pending row, then close. Returns the number of rows it could not write."""
+        """Flush every pending row, then close. Returns the number of items it could not write."""
+        if AuditLog.writers.get(self.path) is self:
+            del AuditLog.writers[self.path]
         self._closing = True
         self._wake.set()
+        self._hurry.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
@@ -292,9 +563,11 @@ class AuditLog:
         lost = len(self._pending)
         if lost:
             log.error("audit log %s: %d rows could not be written before shutdown", self.path, lost)
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        self._resolve_waiters(f"audit log {self.path} closed with {lost} rows unwritten")
+        if self._thread is not None:
+            await self._in_thread(self._close_sync)
+            self._thread.shutdown(wait=False)
+            self._thread = None
         return lost
 
 

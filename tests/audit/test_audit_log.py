@@ -31,14 +31,11 @@ def row(i: int = 0, **kw) -> AuditRow:
 
 def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    assert audit.migrate(db) == ["0001_audit", "0002_fake_keys", "0003_spend"]
+    names = ["0001_audit", "0002_fake_keys", "0003_spend", "0004_spend_intents"]
+    assert audit.migrate(db) == names
     assert audit.migrate(db) == []
     conn = sqlite3.connect(db)
-    assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == [
-        "0001_audit",
-        "0002_fake_keys",
-        "0003_spend",
-    ]
+    assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == names
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     columns = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
     assert columns == audit.COLUMNS
