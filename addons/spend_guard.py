@@ -7,7 +7,9 @@ refused with 429 (provider error shape, `Retry-After`). OpenAI chat streams that
 for usage get `stream_options.include_usage` on the way up, and the extra usage-only chunk is
 dropped on the way back. After the response (JSON, or SSE tapped as it passes without delay)
 the reservation is settled to the real cost; on error it is released, or billed in full if
-the provider may already have charged (see README, "What is billed"). With
+the provider may already have charged (see README, "What is billed"). A metered call's
+reservation is committed to the audit log (an intent) before the call is forwarded: if the
+proxy stops before the call's row is written, the next start bills the reservation. With
 `spend.on_overrun: cut`, an SSE stream whose running cost crosses a budget is ended with the
 provider's own closing events, and its upstream connection is cut.
 """
@@ -28,9 +30,9 @@ import aiosqlite
 from mitmproxy import http
 
 from egress_guard.addons._background import Poller
-from egress_guard.addons._flow import AGENT, SERVICE, SESSION, answered, fail_closed, reject
+from egress_guard.addons._flow import AGENT, SERVICE, SESSION, TARGET, answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
-from egress_guard.audit import now_iso
+from egress_guard.audit import AuditLog, AuditUnavailable, Intent, now_iso
 from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
 from egress_guard.spend import (
@@ -170,13 +172,20 @@ class StreamTap:
 
 class SpendGuard:
     def __init__(
-        self, config: Config, ledger: Ledger, cut_upstream: Callable[[http.HTTPFlow], object] | None = None
+        self,
+        config: Config,
+        ledger: Ledger,
+        cut_upstream: Callable[[http.HTTPFlow], object] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.agents = config.agents
         self.settings = config.spend
         self.ledger = ledger
         self.cut_upstream = cut_upstream  # aborts a flow's upstream connection
         self.meters = {s.name: s.meter or METER_OF.get(s.name) for s in config.services}
+        self.audit = audit  # commits each metered call's reservation (intent) before it is forwarded
+        self.audit_path = config.audit_path
+        self.query_strings = config.audit_query_strings  # the intent records the path as the audit row will
 
     def _refuse(self, flow: http.HTTPFlow, reason: str, status: int, retry_after: int | None = None) -> None:
         reject(flow, Decision(Verdict.DENY, reason), status)
@@ -184,7 +193,7 @@ class SpendGuard:
             flow.response.headers["Retry-After"] = str(retry_after)
 
     @fail_closed("request")
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if answered(flow):
             return
         agent_name, service = flow.metadata.get(AGENT), flow.metadata.get(SERVICE)
@@ -241,6 +250,39 @@ class SpendGuard:
             self._refuse(flow, refusal.reason, refusal.status, refusal.retry_after)
             return
         flow.metadata[HOLD] = hold
+        if m is not None:
+            await self._intent(flow, hold, m, service)
+
+    async def _intent(self, flow: http.HTTPFlow, hold: Hold, m: Metered, service: str) -> None:
+        """Commit the call's reservation before it is forwarded. If the proxy stops before the
+        call's own row is written, the next start bills the reservation (README, "What is
+        billed"); if it cannot be committed, the call is refused: never charged unrecorded."""
+        # until chain() hands every SpendGuard the log, the proxy's open writer for this DB
+        audit = self.audit or AuditLog.writers.get(self.audit_path)
+        target = flow.metadata.get(TARGET)
+        host, port = (str(target[0]), target[1]) if target else (flow.request.host, flow.request.port)
+        try:
+            if audit is None:
+                raise AuditUnavailable(f"no audit log {self.audit_path} is open")
+            await audit.intent(
+                Intent(
+                    request_id=flow.id,
+                    ts=now_iso(),
+                    agent=hold.agent,
+                    session=hold.session,
+                    service=service,
+                    model=m.model,
+                    day=hold.day,
+                    reserved_usd=f"{hold.usd:f}",
+                    method=flow.request.method,
+                    host=host,
+                    port=port,
+                    path=flow.request.path if self.query_strings else flow.request.path.split("?", 1)[0],
+                )
+            )
+        except AuditUnavailable as exc:
+            reason = f"the call's reservation could not be recorded, so it was not forwarded: {exc}"
+            reject(flow, Decision(Verdict.ERROR, reason), 503)
 
     @fail_closed("response")
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -336,13 +378,20 @@ class SpendGuard:
         cost: Cost | None = flow.metadata.get(USAGE)
         if cost is not None:
             self.ledger.settle(hold, cost.usd, cost.input_tokens + cost.output_tokens)
-        elif flow.response is not None and flow.metadata.get(METERED) is not None:
-            # the upstream answered and the exchange broke off (client gone, stream cut): the
-            # provider may have charged for it, so it is billed at the reservation
+        elif flow.metadata.get(METERED) is not None and (flow.response is not None or _reached_upstream(flow)):
+            # the call reached the provider and the exchange broke off (client gone, upstream
+            # timeout, stream cut): the provider may have charged for it, so it is billed at the
+            # reservation, as it would be had the proxy stopped at that moment
             self.ledger.settle(hold, hold.usd, hold.tokens)
             flow.metadata[USAGE] = Cost(hold.usd, 0, 0, 0, flow.metadata[METERED].model)
         else:
             self.ledger.settle(hold, Decimal(0), 0)  # never reached the provider: released
+
+
+def _reached_upstream(flow: http.HTTPFlow) -> bool:
+    """Whether the request may have reached the provider: its upstream connection was up."""
+    server = flow.server_conn
+    return server.timestamp_tls_setup is not None or (not server.tls and server.timestamp_tcp_setup is not None)
 
 
 class BudgetFollower(Poller):
