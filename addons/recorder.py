@@ -48,8 +48,24 @@ class AuditRecorder:
             reject(flow, NO_DECISION, 502)
 
     @fail_closed("response")
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow, "request", status=flow.response.status_code if flow.response else None)
+        # The agent's response is complete only once its row is committed: mitmproxy sends a
+        # streamed response's end, or a buffered response whole, after this hook returns.
+        n = flow.metadata.get("egress_guard.audit_seq")
+        if n is None:
+            return
+        try:
+            await self.audit.durable(n)
+        except Exception as exc:  # AuditUnavailable: the row stays queued, written when the DB recovers
+            from egress_guard.addons._flow import OWN_RESPONSE
+
+            if flow.metadata.get(OWN_RESPONSE):
+                return  # egress-guard's own refusal: nothing was forwarded, and the agent gets the reason
+            log.error("audit row for %s could not be committed (%s): response cut off", flow.id, exc)
+            self.audit.amend(n, flow.id, f"response cut off: its audit row could not be committed ({exc})")
+            if flow.killable:
+                flow.kill()  # the agent sees a broken response, never a complete one without a row
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:
@@ -117,7 +133,7 @@ class AuditRecorder:
             row.cached_tokens, row.cost_usd = cost.cached_tokens, f"{cost.usd:f}"
         elif (metered := flow.metadata.get(METERED)) is not None:
             row.model = metered.model
-        self.audit.record(row)
+        flow.metadata["egress_guard.audit_seq"] = self.audit.record(row)  # for `response` to wait on
         if decision.verdict is not Verdict.ALLOW:
             log.info(
                 "%s %s %s:%s%s status=%s reason=%r rule=%s id=%s",
