@@ -385,7 +385,16 @@ class AuditLog:
                 self.settled_at_start,
             )
         self._task = asyncio.create_task(self._run(), name="egress-guard audit writer")
+        self._task.add_done_callback(self._writer_stopped)
         AuditLog.writers[self.path] = self
+
+    def _writer_stopped(self, task: asyncio.Task[None]) -> None:
+        """A writer that died (a bug, not a DB error: those are retried) leaves the log unhealthy."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.error = f"the writer stopped ({task.exception()!r})"
+        log.error("audit log %s: %s; refusing requests", self.path, self.error)
+        self._resolve_waiters(self.unhealthy_reason)
 
     def _in_thread(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
         assert self._thread is not None
@@ -554,18 +563,19 @@ class AuditLog:
         self._wake.set()
         self._hurry.set()
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
-                self._give_up = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._task, 1.0)
+            done, _ = await asyncio.wait([self._task], timeout=timeout)  # a dead writer raises nothing here
+            if not done:
+                self._give_up = True  # the DB is failing: the writer returns after its next try
+                done, _ = await asyncio.wait([self._task], timeout=1.0)
+                if not done:
+                    self._task.cancel()
         lost = len(self._pending)
         if lost:
             log.error("audit log %s: %d rows could not be written before shutdown", self.path, lost)
         self._resolve_waiters(f"audit log {self.path} closed with {lost} rows unwritten")
         if self._thread is not None:
-            await self._in_thread(self._close_sync)
+            with contextlib.suppress(TimeoutError):  # behind a commit that hangs: leave it to exit
+                await asyncio.wait_for(self._in_thread(self._close_sync), 1.0)
             self._thread.shutdown(wait=False)
             self._thread = None
         return lost

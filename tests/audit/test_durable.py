@@ -235,3 +235,16 @@ async def test_a_full_disk_fails_the_waiter_and_the_row_is_written_once_there_is
     await log.durable(log.record(row(2)))
     assert [r for (r,) in select(db, "SELECT request_id FROM audit ORDER BY id")] == ["r0", "r1", "r2"]
     assert await log.close() == 0
+
+
+async def test_a_writer_that_dies_leaves_the_log_unhealthy_and_fails_its_waiters(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.db", batch_delay=0.5)
+    await log.open()
+    log.record(row(1))
+    log._pending.append("not a row")  # a bug in the writer's own hands, not a DB error
+    with pytest.raises(AuditUnavailable, match="writer stopped"):
+        await log.durable(log.record(row(2)))
+    assert not log.healthy and "writer stopped" in log.unhealthy_reason
+    with pytest.raises(AuditUnavailable):
+        await log.durable(log.record(row(3)))
+    assert await log.close() == 4  # what the writer held when it died is reported lost
