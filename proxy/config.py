@@ -7,6 +7,7 @@ whose text names the file, the key path and the fix. It never returns a partly v
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import re
@@ -96,13 +97,16 @@ class _Lines:
             ) from None
         except Exception as exc:  # ruamel's other errors (e.g. a bad tag) are still the file's fault
             raise ConfigError(file, "", f"not valid YAML ({type(exc).__name__})", "fix the YAML syntax") from None
-        self._walk(root, "")
+        with contextlib.suppress(Exception):  # positions are a help: never a reason to refuse a file
+            self._walk(root, "")
 
     def _walk(self, node: Any, path: str) -> None:
         from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
         if isinstance(node, CommentedMap):
             for k, value in node.items():
+                if k not in node.lc.data:  # merged in from an anchor (<<: *base): located there
+                    continue
                 child = f"{path}.{k}" if path else str(k)
                 self.lines.setdefault(child, node.lc.key(k)[0] + 1)
                 self._walk(value, child)

@@ -391,6 +391,13 @@ def test_readme_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: 
         ("# a comment\nlisten: 127.0.0.1:8080\n", 1, "version"),
         ("version: 1\nnetwork:\n  hosts:\n    llm.internal: [not-an-ip]\n", 4, "network.hosts.llm.internal"),
         ("version: 1\nallow:\n  - host: a.example\nallow: []\n", 4, ""),
+        # YAML merge keys: the merged keys are located where the anchor is
+        (
+            "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  a: &base\n    services: [openai]\n"
+            "  b:\n    <<: *base\n    limits: {budget_usd: {sesion: 1}}\n",
+            9,
+            "agents.b.limits.budget_usd",
+        ),
     ],
 )
 def test_errors_name_the_line(tmp_path: Path, text: str, line: int, key: str) -> None:
