@@ -22,8 +22,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import logging
 import operator
+import os
 import re
 import sqlite3
 import time
@@ -351,6 +353,7 @@ class AuditLog:
         self._closing = False
         self._give_up = False
         self._conn: sqlite3.Connection | None = None
+        self._lock: int | None = None  # the writer lock's descriptor
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -401,6 +404,19 @@ class AuditLog:
         return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _open_sync(self) -> int:
+        # One writing proxy per DB: a second one would settle the first one's calls in flight
+        # (billing them twice). flock, on a file of its own (closing any descriptor of the DB
+        # would drop SQLite's own POSIX locks); the kernel releases it if the process dies.
+        lock = os.open(f"{self.path}-writer", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise OSError(
+                f"another egress-guard proxy is writing {self.path}: run one proxy per audit DB "
+                "(give each its own audit.path)"
+            ) from None
+        self._lock = lock
         conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
         self._conn = conn
         conn.row_factory = sqlite3.Row
@@ -419,6 +435,9 @@ class AuditLog:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _enqueue(self, item: Any) -> int:
         self._pending.append(item)

@@ -248,3 +248,14 @@ async def test_a_writer_that_dies_leaves_the_log_unhealthy_and_fails_its_waiters
     with pytest.raises(AuditUnavailable):
         await log.durable(log.record(row(3)))
     assert await log.close() == 4  # what the writer held when it died is reported lost
+
+
+async def test_one_writing_proxy_per_db(tmp_path: Path) -> None:
+    first = AuditLog(tmp_path / "a.db")
+    await first.open()
+    second = AuditLog(tmp_path / "a.db")
+    with pytest.raises(OSError, match=r"another egress-guard proxy is writing .*a.db: run one proxy per audit DB"):
+        await second.open()
+    await first.close()
+    await second.open()  # the first one is gone: the DB is free again
+    await second.close()
