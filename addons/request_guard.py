@@ -4,14 +4,16 @@ In order: the Host header (and HTTP/2 :authority) and the TLS SNI must name the 
 target (no domain fronting, no Host smuggling); the allowlist must allow method and path;
 the SSRF guard must vet the address. Then the request is pointed at the vetted address
 (the name is kept for Host, SNI and certificate verification), so mitmproxy never
-resolves the name again. `server_connect` refuses to dial anything this guard did not vet.
+resolves the name again. `server_connect` refuses to dial any address but one this guard
+vetted for a request in progress on the same agent connection (kept per connection, only
+while its requests last: nothing grows with the proxy's uptime).
 """
 
 from __future__ import annotations
 
 import logging
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from egress_guard.addons._flow import DECISION, DIALED, REQUEST_BYTES, TARGET, answered, fail_closed, reject
@@ -47,6 +49,8 @@ class RequestGuard:
         self.rules = rules
         self.tunnels = tunnels
         self.resolver = resolver
+        # client connection id -> {flow id: the (address, port) vetted for it}, while it lasts
+        self.vetted: dict[str, dict[str, tuple[str, int]]] = {}
 
     def _target(self, flow: http.HTTPFlow) -> tuple[Host, int] | str:
         """The destination every name in the request must agree on, or why they disagree."""
@@ -107,6 +111,7 @@ class RequestGuard:
             return  # the client went away while we resolved
         flow.metadata[DECISION] = decision
         flow.metadata[DIALED] = str(address)
+        self.vetted.setdefault(flow.client_conn.id, {})[flow.id] = (str(address), port)
         # data.host, not .host: the setter would rewrite Host/:authority to the address.
         req.data.host = str(address)
         length = req.headers.get("content-length")
@@ -119,10 +124,25 @@ class RequestGuard:
         if big:
             req.stream = ByteCounter(flow.metadata, REQUEST_BYTES)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        vetted = self.vetted.get(flow.client_conn.id)
+        if vetted is not None:
+            vetted.pop(flow.id, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.vetted.pop(client.id, None)
+
     def server_connect(self, data: ServerConnectionHookData) -> None:
         try:
             address = data.server.address
-            if address is None or address[0] not in self.resolver.vetted:
+            vetted = self.vetted.get(data.client.id)
+            if address is None or not vetted or (str(address[0]), address[1]) not in vetted.values():
                 data.server.error = f"egress-guard: refusing to dial {address}, an address it did not vet"
                 log.error("refused to dial unvetted address %s", address)
                 return

@@ -28,7 +28,6 @@ class Resolver:
     allow_private: tuple[Network, ...] = ()
     cache_seconds: float = 30.0
     _cache: dict[str, tuple[float, tuple[IPAddress, ...]]] = field(default_factory=dict)
-    vetted: set[str] = field(default_factory=set)
 
     def check(self, host: Host, addresses: tuple[IPAddress, ...]) -> IPAddress:
         """Vet resolved `addresses` of `host`; return the one to dial or raise Refused."""
@@ -69,8 +68,5 @@ class Resolver:
         """The address to dial for `host`, or Refused. Pinned names are operator-trusted."""
         pinned = self.pinned.get(host.name)
         if pinned is not None:
-            chosen = pinned[0]
-        else:
-            chosen = self.check(host, await self.lookup(host, port))
-        self.vetted.add(str(chosen))
-        return chosen
+            return pinned[0]
+        return self.check(host, await self.lookup(host, port))

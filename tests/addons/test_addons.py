@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -44,22 +45,40 @@ def test_recorder_leaves_a_decided_request_alone(tmp_path: Path) -> None:
     assert flow.response is None
 
 
-def test_server_connect_refuses_an_address_that_was_not_vetted() -> None:
-    guard = RequestGuard((), {}, Resolver())
-    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-    data.server.address = ("api.openai.com", 443)  # a name: mitmproxy would resolve it itself
+def _dial(guard: RequestGuard, client: Any, address: tuple[str, int]) -> ServerConnectionHookData:
+    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=client)
+    data.server.address = address
+    data.server.sni = address[0]
     guard.server_connect(data)
-    assert data.server.error is not None and "did not vet" in data.server.error
+    return data
+
+
+async def test_server_connect_dials_only_what_was_vetted_for_a_request_in_progress_on_that_connection() -> None:
+    resolver = Resolver(pinned={"api.openai.com": (ipaddress.ip_address("203.0.113.7"),)})
+    guard = RequestGuard((Rule("r", "api.openai.com", ports=frozenset({443})),), {}, resolver)
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port, flow.request.scheme = "api.openai.com", 443, "https"
+    flow.request.headers["host"] = "api.openai.com"
+    await guard.requestheaders(flow)
+    assert flow.response is None and flow.request.host == "203.0.113.7"
+    other = tflow.tclient_conn()  # another agent connection: the address was not vetted for it
+    assert "did not vet" in (_dial(guard, other, ("203.0.113.7", 443)).server.error or "")
+    assert "did not vet" in (_dial(guard, flow.client_conn, ("203.0.113.7", 80)).server.error or "")
+    assert "did not vet" in (_dial(guard, flow.client_conn, ("api.openai.com", 443)).server.error or "")
+    assert _dial(guard, flow.client_conn, ("203.0.113.7", 443)).server.error is None
+    guard.response(flow)  # the request is over: what was vetted for it is forgotten
+    assert "did not vet" in (_dial(guard, flow.client_conn, ("203.0.113.7", 443)).server.error or "")
+    assert guard.vetted == {flow.client_conn.id: {}}
+    guard.client_disconnected(flow.client_conn)
+    assert guard.vetted == {}  # nothing outlives the connection
 
 
 def test_server_connect_verifies_against_the_agents_name() -> None:
-    resolver = Resolver()
-    resolver.vetted.add("203.0.113.7")
-    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-    data.server.address = ("203.0.113.7", 443)
-    data.server.sni = "203.0.113.7"
-    data.client.sni = "api.openai.com"
-    RequestGuard((), {}, resolver).server_connect(data)
+    guard = RequestGuard((), {}, Resolver())
+    client = tflow.tclient_conn()
+    guard.vetted[client.id] = {"f1": ("203.0.113.7", 443)}
+    client.sni = "api.openai.com"
+    data = _dial(guard, client, ("203.0.113.7", 443))
     assert data.server.error is None and data.server.sni == "api.openai.com"
 
 
@@ -68,7 +87,7 @@ async def test_pinned_hosts_skip_dns_and_are_vetted() -> None:
 
     resolver = Resolver(pinned={"llm.internal": (ipaddress.ip_address("10.0.0.5"),)})
     assert str(await resolver.vet(normalize_host("llm.internal"), 443)) == "10.0.0.5"
-    assert "10.0.0.5" in resolver.vetted
+    assert not hasattr(resolver, "vetted")  # no global, ever-growing set of dialled addresses
 
 
 def test_connect_guard_rejects_unparseable_target() -> None:
