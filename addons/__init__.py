@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
 from egress_guard.spend import Ledger
 
+log = logging.getLogger("egress_guard")
+
 
 class Chain:
     """The egress-guard addons as ONE mitmproxy addon.
@@ -29,11 +32,17 @@ class Chain:
     mitmproxy calls every hook on every addon in its chain (a context manager, a coroutine
     and a getattr each), and that dispatch, not the checks, is most of what egress-guard
     costs per request. This addon holds the real ones, in order, and calls only those that
-    define the hook. Each of them still guards itself (`fail_closed`), so one that raises
-    cannot stop the others from seeing the flow.
+    define the hook.
+
+    Members are isolated: one that raises never stops the others' hooks (a row is still
+    written, a reservation still settled). A raise in a request-phase hook refuses the flow
+    (502, as `fail_closed` does); in a hook where the response may be under way
+    (responseheaders, response, websocket_start/_message) it kills the flow; in
+    `server_connect` the connection is not dialled; anywhere else it is logged.
     """
 
     HOOKS = (
+        "client_connected",
         "http_connect",
         "requestheaders",
         "request",
@@ -41,9 +50,26 @@ class Chain:
         "response",
         "error",
         "server_connect",
-        "client_disconnected",
+        "server_connected",
+        "server_connect_error",
+        "server_disconnected",
+        "tls_established_server",
+        "tls_failed_server",
         "tls_failed_client",
+        "websocket_start",
+        "websocket_message",
+        "websocket_end",
+        "client_disconnected",
     )
+    ON_CRASH = {
+        "http_connect": "request",
+        "requestheaders": "request",
+        "request": "request",
+        "responseheaders": "response",
+        "response": "response",
+        "websocket_start": "response",
+        "websocket_message": "response",
+    }
 
     def __init__(self, addons: list[Any]) -> None:
         # not named `addons`: mitmproxy would treat those as child addons and call them twice
@@ -60,23 +86,41 @@ class Chain:
         for hook in self.HOOKS:
             fns = [getattr(a, hook) for a in addons if callable(getattr(a, hook, None))]
             if fns:
-                setattr(self, hook, self._sequence(fns))
+                setattr(self, hook, self._sequence(hook, fns))
 
-    @staticmethod
-    def _sequence(fns: list[Any]) -> Any:
+    @classmethod
+    def _crashed(cls, hook: str, fn: Any, args: tuple[Any, ...], exc: Exception) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        try:
+            if hook == "server_connect":
+                log.error("egress-guard hook %s failed: %r; not dialling", name, exc, exc_info=exc)
+                args[0].server.error = f"egress-guard: {name} failed ({type(exc).__name__})"
+            else:
+                _flow.crashed(name, cls.ON_CRASH.get(hook, "log"), args[0] if args else None, exc)
+        except Exception:  # never let the handling of one crash stop the other members
+            log.exception("handling the failure of %s failed", name)
+
+    @classmethod
+    def _sequence(cls, hook: str, fns: list[Any]) -> Any:
         if any(inspect.iscoroutinefunction(fn) for fn in fns):
 
             async def run_async(*args: Any) -> None:
                 for fn in fns:
-                    result = fn(*args)
-                    if inspect.isawaitable(result):
-                        await result
+                    try:
+                        result = fn(*args)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception as exc:
+                        cls._crashed(hook, fn, args, exc)
 
             return run_async
 
         def run(*args: Any) -> None:
             for fn in fns:
-                fn(*args)
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    cls._crashed(hook, fn, args, exc)
 
         return run
 

@@ -99,24 +99,28 @@ def answered(flow: http.HTTPFlow) -> bool:
 Hook = Callable[..., Any]
 
 
+def crashed(name: str, phase: str, flow: Any, exc: BaseException) -> None:
+    """Fail closed after hook `name` raised `exc`: phase "request" answers 502 (or keeps the
+    refusal already set); "response" kills the flow (the response may be half sent, so no new
+    one can replace it); anything else is only logged."""
+    log.error("egress-guard hook %s failed on %s: %r", name, getattr(flow, "id", flow), exc, exc_info=exc)
+    if phase not in ("request", "response") or not isinstance(flow, http.HTTPFlow):
+        return
+    decision = Decision(Verdict.ERROR, f"internal error in {name} ({type(exc).__name__}); request refused")
+    if phase == "request" and flow.response is None:
+        reject(flow, decision, 502)
+    else:
+        flow.metadata[DECISION] = decision
+        if flow.killable:
+            flow.kill()
+
+
 def fail_closed(phase: str) -> Callable[[Hook], Hook]:
     """Wrap a flow hook so an exception refuses the flow instead of letting it through.
 
     phase "request": answer 502 with the error; "response": kill the flow (the response
     may be half sent, so no new one can replace it).
     """
-
-    def crashed(hook: Hook, flow: http.HTTPFlow, exc: Exception) -> None:
-        log.error("egress-guard hook %s failed on %s: %r", hook.__qualname__, flow.id, exc, exc_info=exc)
-        decision = Decision(
-            Verdict.ERROR, f"internal error in {hook.__qualname__} ({type(exc).__name__}); request refused"
-        )
-        if phase == "request" and flow.response is None:
-            reject(flow, decision, 502)
-        else:
-            flow.metadata[DECISION] = decision
-            if flow.killable:
-                flow.kill()
 
     def wrap(hook: Hook) -> Hook:
         if inspect.iscoroutinefunction(hook):
@@ -126,7 +130,7 @@ def fail_closed(phase: str) -> Callable[[Hook], Hook]:
                 try:
                     await hook(self, flow)
                 except Exception as exc:
-                    crashed(hook, flow, exc)
+                    crashed(hook.__qualname__, phase, flow, exc)
 
             return async_wrapper
 
@@ -135,7 +139,7 @@ def fail_closed(phase: str) -> Callable[[Hook], Hook]:
             try:
                 hook(self, flow)
             except Exception as exc:
-                crashed(hook, flow, exc)
+                crashed(hook.__qualname__, phase, flow, exc)
 
         return wrapper
 

@@ -12,6 +12,7 @@ import pytest
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
+from egress_guard.addons import Chain
 from egress_guard.addons._flow import DECISION, fail_closed, rejection
 from egress_guard.addons.connect_guard import ConnectGuard
 from egress_guard.addons.recorder import AuditRecorder
@@ -132,10 +133,10 @@ def test_chain_refuses_a_member_whose_hook_it_would_not_relay() -> None:
     from egress_guard.addons import Chain
 
     class Member:
-        def websocket_message(self, flow):  # a hook Chain does not relay
+        def tcp_message(self, flow):  # a hook Chain does not relay
             pass
 
-    with pytest.raises(TypeError, match=r"Member defines \['websocket_message'\]"):
+    with pytest.raises(TypeError, match=r"Member defines \['tcp_message'\]"):
         Chain([Member()])
 
 
@@ -154,3 +155,71 @@ def test_chain_relays_hooks_in_member_order() -> None:
 
     Chain([A(), B()]).response(None)  # type: ignore[attr-defined]
     assert calls == ["a", "b"] and not hasattr(Chain([A()]), "request")
+
+
+def test_a_member_that_raises_in_error_never_stops_the_others() -> None:
+    calls: list[str] = []
+
+    class Spend:
+        def error(self, flow):
+            raise RuntimeError("settle failed")
+
+    class Recorder:
+        def error(self, flow):
+            calls.append("recorded")
+
+    Chain([Spend(), Recorder()]).error(tflow.tflow(err=True))  # type: ignore[attr-defined]
+    assert calls == ["recorded"]
+
+
+async def test_a_member_that_raises_in_a_request_hook_refuses_and_the_others_still_run() -> None:
+    seen: list[int | None] = []
+
+    class Broken:
+        async def requestheaders(self, flow):
+            raise RuntimeError("guard exploded")  # a hook without fail_closed
+
+    class Last:
+        def requestheaders(self, flow):
+            seen.append(flow.response.status_code if flow.response else None)
+
+    flow = tflow.tflow()
+    await Chain([Broken(), Last()]).requestheaders(flow)  # type: ignore[attr-defined]
+    assert seen == [502]
+    assert flow.metadata[DECISION].verdict is Verdict.ERROR
+    assert "internal error in" in flow.metadata[DECISION].reason and "Broken.requestheaders" in flow.response.text
+
+
+def test_a_member_that_raises_while_the_response_is_under_way_kills_the_flow() -> None:
+    calls: list[str] = []
+
+    class Broken:
+        def responseheaders(self, flow):
+            raise ValueError("scrubber missing")
+
+    class Last:
+        def responseheaders(self, flow):
+            calls.append(flow.error.msg if flow.error else "")
+
+    flow = tflow.tflow(resp=True)
+    Chain([Broken(), Last()]).responseheaders(flow)  # type: ignore[attr-defined]
+    assert calls == ["Connection killed."]
+
+
+def test_a_member_that_raises_in_server_connect_stops_the_dial() -> None:
+    calls: list[str] = []
+
+    class Broken:
+        def server_connect(self, data):
+            raise KeyError("x")
+
+    class Last:
+        def server_connect(self, data):
+            calls.append(data.server.error)
+
+    data = ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
+    Chain([Broken(), Last()]).server_connect(data)  # type: ignore[attr-defined]
+    assert calls == [
+        "egress-guard: test_a_member_that_raises_in_server_connect_stops_the_dial.<locals>.Broken."
+        "server_connect failed (KeyError)"
+    ]
