@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from egress_guard.addons import _flow
+from egress_guard.addons import _flow, _mitm
 from egress_guard.addons.audit_gate import AuditGate
 from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
 from egress_guard.addons.credential_guard import CredentialGuard
+from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.spend_guard import BudgetFollower, SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
+from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
 from egress_guard.audit import AuditLog
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
@@ -60,6 +62,7 @@ class Chain:
         "websocket_message",
         "websocket_end",
         "client_disconnected",
+        _mitm.EgressGuardParserRefusalHook.name,
     )
     ON_CRASH = {
         "http_connect": "request",
@@ -138,20 +141,27 @@ class Runtime:
     proxyserver: Any
     ledger: Ledger
     budgets: BudgetFollower
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     """The addons in the order every hook runs through them, and the background tasks.
 
-    1. AuditGate        refuse everything while the audit log cannot be written
-    2. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
-    3. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
-    4. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
-    5. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
-    6. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
+    1. TimeoutWatch     connect, TLS and response-header timeouts upstream; a request head
+                        in time from the agent (first, so a slow guard never counts as the
+                        agent's delay)
+    2. AuditGate        refuse everything while the audit log cannot be written
+    3. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
+    4. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
+    5. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
+    6. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
+    7. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
                         (response) tap usage from JSON/SSE, settle to the real cost;
                         with on_overrun: cut, end a stream that crosses a budget
-    7. AuditRecorder    one row per decision; refuse anything no guard decided on
+    8. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
+                        in the provider's shape, not mitmproxy's HTML page
+    9. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
+                        parser refusals and connections closed before any request
     Background (not addons: every hook walks every addon, so those with no flow hooks
     stay out of the chain): KillSwitch follows revocations and cuts the connections of
     revoked keys; BudgetFollower follows run-time budget changes.
@@ -167,7 +177,13 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         rt.secrets,
         lambda client_id: cut_client(rt.proxyserver, client_id),
     )
+    recorder = AuditRecorder(
+        rt.audit,
+        query_strings=rt.config.audit_query_strings,
+        tunnels=tunnels,
+    )
     return [
+        TimeoutWatch(rt.timeouts, rt.proxyserver, recorder.idle_closed),
         AuditGate(rt.audit),
         ConnectGuard(rt.config.rules, tunnels),
         RequestGuard(rt.config.rules, tunnels, rt.resolver),
@@ -178,5 +194,6 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
             rt.ledger,
             lambda flow: cut_server(rt.proxyserver, flow.client_conn.id, flow.server_conn),
         ),
-        AuditRecorder(rt.audit, query_strings=rt.config.audit_query_strings),
+        FailureAnswers(rt.timeouts),
+        recorder,
     ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver), rt.budgets]

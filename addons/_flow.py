@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http
@@ -33,8 +34,36 @@ SERVICE = "egress_guard.service"  # str: the credentialed service of the target 
 CREDENTIAL = "egress_guard.credential"  # Credential: what happened to the agent's credential
 KEY_ID = "egress_guard.key_id"
 SCRUB = "egress_guard.scrub"  # list[bytes]: real-secret forms to remove from the response
+FAILURE = "egress_guard.failure"  # Failure: how mitmproxy failed the flow (set by _mitm before `error`)
+TIMEOUT = "egress_guard.timeout"  # str: the timeout that ended the flow: "connect", "tls" or "response"
 STATUS_FOR = {Verdict.DENY: 403, Verdict.ERROR: 502}
 HEADER_SAFE = str.maketrans({c: " " for c in "\r\n\x00"})
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What mitmproxy is about to do with a flow that failed, told to the `error` hook.
+
+    `status`: the error page mitmproxy would send the agent (400, 413, 502), or None when it
+    can send nothing (the response is already under way, the client is gone): only then may
+    an `error` hook answer, by setting `flow.response`. `client`: the agent's side failed
+    (a request mitmproxy's parser refused, a disconnect), not the upstream's.
+    """
+
+    status: int | None
+    client: bool
+
+
+def safe_text(text: str, limit: int = 200) -> str:
+    """`text` fit for a reason, a header or a log line: no bytes from the wire (mitmproxy
+    quotes them as b'...'; a hostile upstream could echo a secret there), no control
+    characters, at most `limit` characters."""
+    for quote in ("b'", 'b"', "bytearray("):
+        cut = text.find(quote)
+        if cut != -1:
+            text = text[:cut].rstrip(" :(=") + " (bytes omitted)"
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # Known APIs get refusals in their own error shape, so their SDKs show egress-guard's reason.

@@ -1,27 +1,42 @@
 """AuditRecorder: last in the chain. Writes one audit row per decision and guarantees that
 nothing leaves without one: a CONNECT or request that reaches this point with no decision
-from the guards is refused (a guard was skipped or broken — fail closed)."""
+from the guards is refused (a guard was skipped or broken — fail closed).
+
+A row records the status the agent actually got (egress-guard's answer, mitmproxy's error
+page, or a response already under way; none if it got nothing) and never quotes bytes from
+the wire. Refusals that never became a flow get rows too: a request mitmproxy's parser
+refused, a connection closed for sending no request (TimeoutWatch).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
+from typing import Any
 
-from mitmproxy import http, tls
+from mitmproxy import connection, http, tls
 
 from egress_guard.addons._flow import (
     AGENT,
     CREDENTIAL,
     DECISION,
+    FAILURE,
+    OWN_RESPONSE,
     REQUEST_BYTES,
     RESPONSE_BYTES,
     SERVICE,
     SESSION,
     TARGET,
+    Failure,
     answered,
     fail_closed,
     reject,
+    safe_text,
 )
+from egress_guard.addons._mitm import ParserRefusal
+from egress_guard.addons.connect_guard import Tunnels
+from egress_guard.addons.failures import refused_head
 from egress_guard.addons.spend_guard import CUT, METERED, USAGE
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.policy import Decision, Verdict
@@ -32,9 +47,16 @@ NO_DECISION = Decision(Verdict.ERROR, "no egress-guard decision was made for thi
 
 
 class AuditRecorder:
-    def __init__(self, audit: AuditLog, *, query_strings: bool = False) -> None:
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        query_strings: bool = False,
+        tunnels: Tunnels | None = None,
+    ) -> None:
         self.audit = audit
         self.query_strings = query_strings
+        self.tunnels = tunnels if tunnels is not None else {}
 
     @fail_closed("request")
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -69,9 +91,66 @@ class AuditRecorder:
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:
-            self._record(flow, "request", status=None)
+            self._record(flow, "request", status=self._status_after_error(flow))
         except Exception:
             log.exception("could not record the audit row for %s", flow.id)
+
+    @staticmethod
+    def _status_after_error(flow: http.HTTPFlow) -> int | None:
+        """What the agent of a failed flow got: egress-guard's answer, a response already under
+        way (then cut), mitmproxy's own error page; None if nothing."""
+        response = flow.response
+        if response is not None and (flow.metadata.get(OWN_RESPONSE) or response.stream):
+            return response.status_code
+        failure: Failure | None = flow.metadata.get(FAILURE)
+        return failure.status if failure is not None else None
+
+    def egress_guard_parser_refusal(self, refusal: ParserRefusal) -> None:
+        """A request mitmproxy's parser refused before it became a flow (addons/_mitm.py)."""
+        target = self.tunnels.get(refusal.client.id)
+        reason = refused_head(refusal.message)
+        self._record_refusal(refusal.client, target, "request", reason, refusal.status, None, refusal.request)
+
+    def idle_closed(self, client: connection.Client, reason: str) -> None:
+        """A connection TimeoutWatch closed before it sent any request."""
+        self._record_refusal(client, self.tunnels.get(client.id), "connect", reason, None, None, None)
+
+    def _record_refusal(
+        self,
+        client: connection.Client,
+        target: tuple[Any, int] | None,
+        kind: str,
+        reason: str,
+        status: int | None,
+        who: tuple[str, str | None] | None,
+        request: http.Request | None,
+    ) -> None:
+        host: str | None = str(target[0]) if target else None
+        port: int | None = target[1] if target else None
+        path = None
+        if request is not None:
+            if host is None and request.host:
+                host, port = safe_text(request.host, 255), request.port
+            path = safe_text(request.path if self.query_strings else request.path.split("?", 1)[0], 2000)
+        peer = client.peername
+        row = AuditRow(
+            ts=now_iso(),
+            request_id=str(uuid.uuid4()),
+            kind=kind,
+            decision=Verdict.DENY.value,
+            reason=reason,
+            client=f"{peer[0]}:{peer[1]}" if peer else None,
+            method=safe_text(request.method, 20) if request is not None else None,
+            scheme=(request.scheme or None) if request is not None else None,
+            host=host,
+            port=port,
+            path=path,
+            status=status,
+            agent=who[0] if who else None,
+            session=who[1] if who else None,
+        )
+        self.audit.record(row)
+        log.info("deny %s %s:%s status=%s reason=%r agent=%s", kind, host, port, status, reason, row.agent)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         log.warning(
@@ -92,7 +171,9 @@ class AuditRecorder:
             reason = f"{reason}; {flow.metadata[CUT]}: the stream was ended"
             status = flow.response.status_code if flow.response is not None else status
         elif flow.error is not None and decision.allowed:
-            reason = f"{reason}; upstream: {flow.error.msg}"
+            failure: Failure | None = flow.metadata.get(FAILURE)
+            side = "ended" if failure is None else "the agent's side" if failure.client else "upstream"
+            reason = f"{reason}; {side}: {safe_text(flow.error.msg)}"
         target = flow.metadata.get(TARGET)
         host, port = (str(target[0]), target[1]) if target else (req.host[:255], req.port)
         path = None
@@ -105,6 +186,7 @@ class AuditRecorder:
         if resp_bytes is None and flow.response is not None and flow.response.raw_content is not None:
             resp_bytes = len(flow.response.raw_content)
         peer = flow.client_conn.peername
+        agent, session = flow.metadata.get(AGENT), flow.metadata.get(SESSION)
         row = AuditRow(
             ts=now_iso(),
             request_id=flow.id,
@@ -122,8 +204,8 @@ class AuditRecorder:
             request_bytes=req_bytes,
             response_bytes=resp_bytes,
             duration_ms=round((time.time() - req.timestamp_start) * 1000, 2),
-            agent=flow.metadata.get(AGENT),
-            session=flow.metadata.get(SESSION),
+            agent=agent,
+            session=session,
             service=flow.metadata.get(SERVICE),
             credential=str(flow.metadata[CREDENTIAL]) if CREDENTIAL in flow.metadata else None,
         )

@@ -19,7 +19,9 @@ from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from egress_guard import addons
+from egress_guard.addons import _mitm
 from egress_guard.addons.spend_guard import BudgetFollower
+from egress_guard.addons.timeouts import Timeouts
 from egress_guard.audit import AuditLog
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
@@ -63,9 +65,12 @@ class _ErrorCapture(logging.Handler):
 
 
 class EgressProxy:
-    def __init__(self, config: Config, *, listen: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, listen: tuple[str, int] | None = None, timeouts: Timeouts | None = None
+    ) -> None:
         self.config = config
         self.listen = listen or (config.listen_host, config.listen_port)
+        self.timeouts = timeouts or Timeouts.from_config(config)
         self.audit = AuditLog(config.audit_path)
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
         self.keys = KeyCache(config.audit_path)
@@ -109,6 +114,10 @@ class EgressProxy:
         await self.keys.open()
         await self.budgets.load_spent()  # spend so far: budgets survive restarts
         hmac_key = load_or_create_hmac_key(self.config.ca_dir)
+        try:
+            _mitm.install()  # egress-guard answers failed flows, and records parser refusals
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
         capture = _ErrorCapture()
         mitm_log = logging.getLogger("mitmproxy")
         mitm_log.addHandler(capture)
@@ -126,6 +135,7 @@ class EgressProxy:
                 self._proxyserver,
                 self.ledger,
                 self.budgets,
+                self.timeouts,
             )
             flow_addons, self._background = addons.chain(runtime)
             self.master.addons.add(

@@ -13,8 +13,9 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
 from egress_guard.addons import Chain
-from egress_guard.addons._flow import DECISION, fail_closed, rejection
+from egress_guard.addons._flow import DECISION, fail_closed, rejection, safe_text
 from egress_guard.addons.connect_guard import ConnectGuard
+from egress_guard.addons.failures import refused_head, upstream_reason
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.audit import AuditLog
@@ -223,3 +224,22 @@ def test_a_member_that_raises_in_server_connect_stops_the_dial() -> None:
         "egress-guard: test_a_member_that_raises_in_server_connect_stops_the_dial.<locals>.Broken."
         "server_connect failed (KeyError)"
     ]
+
+
+def test_safe_text_never_quotes_wire_bytes() -> None:
+    assert safe_text("HTTP/1 protocol error: Invalid status line: b'HTTP/1.1 2OO sk-secret'") == (
+        "HTTP/1 protocol error: Invalid status line (bytes omitted)"
+    )
+    assert safe_text("a\r\nInjected: 1\x00") == "a  Injected: 1 "
+    assert len(safe_text("x" * 1000)) == 200
+
+
+def test_failure_reasons_name_the_fix() -> None:
+    cert = upstream_reason("Certificate verify failed: unable to get local issuer certificate", "reg.corp", 443)
+    assert "not trusted (unable to get local issuer certificate)" in cert and "network.upstream_ca" in cert
+    assert refused_head("Bad HTTP request line: b'GET http://u:p@api.x.com/ HTTP/1.1'").endswith(
+        "a URL with user:password@ (userinfo) is not accepted"
+    )
+    assert refused_head("Bad HTTP request line: b'GET http://api.%78.com/ HTTP/1.1'").endswith(
+        "a percent-encoded host is not accepted"
+    )
