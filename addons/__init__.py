@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egress_guard.addons import _flow, _mitm
+from egress_guard.addons.attribution import Attribution
 from egress_guard.addons.audit_gate import AuditGate
 from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
 from egress_guard.addons.credential_guard import CredentialGuard
@@ -180,6 +181,7 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     recorder = AuditRecorder(
         rt.audit,
         query_strings=rt.config.audit_query_strings,
+        attribution=Attribution(rt.hmac_key, rt.config.services, rt.keys),
         tunnels=tunnels,
     )
     return [

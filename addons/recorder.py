@@ -5,7 +5,8 @@ from the guards is refused (a guard was skipped or broken — fail closed).
 A row records the status the agent actually got (egress-guard's answer, mitmproxy's error
 page, or a response already under way; none if it got nothing) and never quotes bytes from
 the wire. Refusals that never became a flow get rows too: a request mitmproxy's parser
-refused, a connection closed for sending no request (TimeoutWatch).
+refused, a connection closed for sending no request (TimeoutWatch). Every refusal row names
+the agent wherever it is known (addons/attribution.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from egress_guard.addons._flow import (
     safe_text,
 )
 from egress_guard.addons._mitm import ParserRefusal
+from egress_guard.addons.attribution import Attribution, Who
 from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.failures import refused_head
 from egress_guard.addons.spend_guard import CUT, METERED, USAGE
@@ -52,22 +54,40 @@ class AuditRecorder:
         audit: AuditLog,
         *,
         query_strings: bool = False,
+        attribution: Attribution | None = None,
         tunnels: Tunnels | None = None,
     ) -> None:
         self.audit = audit
         self.query_strings = query_strings
+        self.attribution = attribution
         self.tunnels = tunnels if tunnels is not None else {}
 
+    async def _attribute(self, flow: http.HTTPFlow) -> None:
+        """Name the agent of a refusal no credential check named."""
+        if self.attribution is not None and AGENT not in flow.metadata:
+            who = await self.attribution.identify(flow.request, flow.client_conn.id)
+            if who is not None:
+                flow.metadata[AGENT], flow.metadata[SESSION] = who
+
     @fail_closed("request")
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         if DECISION not in flow.metadata:
             reject(flow, NO_DECISION, 502)
+        if flow.response is not None:
+            await self._attribute(flow)
         self._record(flow, "connect", status=flow.response.status_code if flow.response else 200)
 
     @fail_closed("request")
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not answered(flow) and DECISION not in flow.metadata:
             reject(flow, NO_DECISION, 502)
+        if flow.response is not None or flow.error is not None:
+            await self._attribute(flow)
+
+    @fail_closed("request")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and AGENT not in flow.metadata:
+            await self._attribute(flow)  # refused for its body: the body may name the agent
 
     @fail_closed("response")
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -105,15 +125,23 @@ class AuditRecorder:
         failure: Failure | None = flow.metadata.get(FAILURE)
         return failure.status if failure is not None else None
 
-    def egress_guard_parser_refusal(self, refusal: ParserRefusal) -> None:
+    async def egress_guard_parser_refusal(self, refusal: ParserRefusal) -> None:
         """A request mitmproxy's parser refused before it became a flow (addons/_mitm.py)."""
-        target = self.tunnels.get(refusal.client.id)
+        target = self.tunnels.get(refusal.client.id)  # before any await: the connection is closing
+        who = None
+        if self.attribution is not None:
+            who = await self.attribution.identify(refusal.request, refusal.client.id)
         reason = refused_head(refusal.message)
-        self._record_refusal(refusal.client, target, "request", reason, refusal.status, None, refusal.request)
+        self._record_refusal(refusal.client, target, "request", reason, refusal.status, who, refusal.request)
 
     def idle_closed(self, client: connection.Client, reason: str) -> None:
         """A connection TimeoutWatch closed before it sent any request."""
-        self._record_refusal(client, self.tunnels.get(client.id), "connect", reason, None, None, None)
+        who = self.attribution.known(client.id) if self.attribution is not None else None
+        self._record_refusal(client, self.tunnels.get(client.id), "connect", reason, None, who, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self.attribution is not None:
+            self.attribution.forget(client.id)
 
     def _record_refusal(
         self,
@@ -122,7 +150,7 @@ class AuditRecorder:
         kind: str,
         reason: str,
         status: int | None,
-        who: tuple[str, str | None] | None,
+        who: Who | None,
         request: http.Request | None,
     ) -> None:
         host: str | None = str(target[0]) if target else None
@@ -187,6 +215,11 @@ class AuditRecorder:
             resp_bytes = len(flow.response.raw_content)
         peer = flow.client_conn.peername
         agent, session = flow.metadata.get(AGENT), flow.metadata.get(SESSION)
+        if self.attribution is not None:
+            if agent is not None:
+                self.attribution.remember(flow.client_conn.id, agent, session)
+            elif not decision.allowed:
+                agent, session = self.attribution.known(flow.client_conn.id) or (None, None)
         row = AuditRow(
             ts=now_iso(),
             request_id=flow.id,

@@ -23,27 +23,27 @@ from egress_guard.policy import Decision, Rule, Verdict
 from egress_guard.resolve import Resolver
 
 
-def test_recorder_refuses_a_request_no_guard_decided_on(tmp_path: Path) -> None:
+async def test_recorder_refuses_a_request_no_guard_decided_on(tmp_path: Path) -> None:
     flow = tflow.tflow()
-    AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
+    await AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
     assert flow.response is not None and flow.response.status_code == 502
     assert flow.response.headers["X-Egress-Guard-Decision"] == "error"
     assert "no egress-guard decision" in flow.response.headers["X-Egress-Guard-Reason"]
 
 
-def test_recorder_refuses_an_undecided_connect_and_records_it(tmp_path: Path) -> None:
+async def test_recorder_refuses_an_undecided_connect_and_records_it(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a.db")
     flow = tflow.tflow()
     flow.request.method = "CONNECT"
-    AuditRecorder(log).http_connect(flow)
+    await AuditRecorder(log).http_connect(flow)
     assert flow.response is not None and flow.response.status_code == 502
     assert [r.decision for r in log._pending] == ["error"]
 
 
-def test_recorder_leaves_a_decided_request_alone(tmp_path: Path) -> None:
+async def test_recorder_leaves_a_decided_request_alone(tmp_path: Path) -> None:
     flow = tflow.tflow()
     flow.metadata[DECISION] = Decision(Verdict.ALLOW, "ok", "inline#0")
-    AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
+    await AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
     assert flow.response is None
 
 

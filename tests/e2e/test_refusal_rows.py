@@ -1,5 +1,6 @@
-"""Every refusal has an audit row: the refusals mitmproxy's own parser makes (no flow, or a
-flow no guard decided on)."""
+"""Every refusal has an audit row, with the agent wherever it is known: the refusals
+mitmproxy's own parser makes (no flow, or a flow no guard decided on), and guard refusals
+of requests that carried a genuine fake key but were refused before the credential swap."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import httpx
+from click.testing import CliRunner
 from helpers import RunningProxy, Upstream, raw_connect, read_http_response
+
+from egress_guard import keys
+from egress_guard.cli import main
 
 
 def rows_matching(proxy: RunningProxy, text: str, expect: int = 1) -> list[dict[str, Any]]:
@@ -109,3 +115,51 @@ def test_http2_host_that_differs_from_authority_is_recorded(proxy: RunningProxy,
     [row] = rows_matching(proxy, "HTTP/2")
     assert (row["decision"], row["status"], row["host"]) == ("deny", None, "api.test.local")
     assert upstream.state.requests == []
+
+
+def _client(proxy: RunningProxy) -> httpx.Client:
+    return httpx.Client(proxy=proxy.url, verify=proxy.client_context(), trust_env=False, timeout=10)
+
+
+def test_refusals_of_requests_with_a_genuine_key_name_the_agent(
+    cred_proxy: RunningProxy, llm_upstream: Upstream, upstream: Upstream
+) -> None:
+    minted = keys.mint(cred_proxy.config, "researcher")
+    fake = minted.env["OPENAI_API_KEY"]
+    bearer = {"Authorization": f"Bearer {fake}"}
+    openai = f"https://api.openai.com:{llm_upstream.port}"
+    with _client(cred_proxy) as client:
+        # refused by the request guard, before any credential check: Host fronting
+        fronted = client.get(f"{openai}/v1/models", headers={**bearer, "Host": "api.anthropic.com"})
+        assert fronted.status_code == 403
+        # refused by the credential guard: the key sent to a host it is not bound to
+        leaked = client.post(f"https://api.test.local:{upstream.port}/json", content=f'{{"k": "{fake}"}}')
+        assert leaked.status_code == 403
+    with _client(cred_proxy) as client:
+        # a kept-alive connection that presented the key names the agent of its later refusals
+        assert client.get(f"{openai}/v1/models", headers=bearer).status_code == 200
+        assert client.get(f"{openai}/v1/models").status_code == 401  # no credential this time
+    ids = [r.headers["x-egress-guard-request-id"] for r in (fronted, leaked)]
+    rows = [cred_proxy.row_for(i) for i in ids] + rows_matching(cred_proxy, "no openai credential")
+    assert [(r["decision"], r["agent"], r["session"]) for r in rows] == [
+        ("deny", "researcher", minted.record.session)
+    ] * 3
+    shown = CliRunner().invoke(
+        main, ["audit", "--config", str(cred_proxy.config.path), "--agent", "researcher", "--format", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert {r["request_id"] for r in json.loads(shown.output) if r["decision"] == "deny"} >= set(ids)
+
+
+def test_a_parser_refusal_names_the_agent_whose_key_it_carried(
+    cred_proxy: RunningProxy, llm_upstream: Upstream
+) -> None:
+    fake = keys.mint(cred_proxy.config, "researcher").env["OPENAI_API_KEY"]
+    target = f"api.openai.com:{llm_upstream.port}"
+    raw = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {fake}\r\nContent-Length: x\r\n\r\n"
+    status, _, _ = tunneled(cred_proxy, target, raw.encode())
+    assert status == 400
+    [row] = rows_matching(cred_proxy, "HTTP parser refused")
+    assert (row["decision"], row["status"], row["agent"], row["host"]) == ("deny", 400, "researcher", "api.openai.com")
+    assert row["method"] == "POST" and row["path"] == "/v1/chat/completions"
+    assert llm_upstream.state.requests == []
