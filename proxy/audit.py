@@ -135,7 +135,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             host         TEXT,
             port         INTEGER,
             path         TEXT
-        );
+        ) WITHOUT ROWID;                      -- one b-tree: an insert or delete touches one page
         """,
     ),
 ]
