@@ -80,6 +80,7 @@ from egress_guard.ws_meter import (
     Finished,
     SetModel,
     Started,
+    Unreadable,
     audio_bytes_as_tokens,
     carried_tokens,
     carry,
@@ -379,7 +380,9 @@ class WebSocketGuard:
             return
         try:
             if msg.injected:
-                if not msg.from_client:
+                if msg.from_client:
+                    msg.drop()  # the empty message that makes the layer read a close (`_close`)
+                else:
                     conn.relay.returned()
                 return
             if conn.closing is not None:
@@ -435,7 +438,10 @@ class WebSocketGuard:
                 )
                 self._close(flow, conn, CLOSE_POLICY, why)
                 return
-        if conn.api is None or not msg.is_text:
+        if conn.api is None:
+            return
+        if not msg.is_text:  # these APIs speak JSON text: a binary message could hide a call
+            self._refuse(flow, conn, msg, 400, "binary messages are not part of this API", None, "invalid_request")
             return
         if conn.api == REALTIME:
             if b"input_audio_buffer.append" in data[:80]:
@@ -443,7 +449,9 @@ class WebSocketGuard:
             else:
                 conn.text_bytes += len(data)
         event = client_message(conn.api, flow.request.path, conn.model, data, conn.price_as)
-        if isinstance(event, SetModel):
+        if isinstance(event, Unreadable):
+            self._refuse(flow, conn, msg, 400, event.reason, None, "invalid_request")
+        elif isinstance(event, SetModel):
             if not self._allowed(conn, event.model):
                 self._refuse(
                     flow, conn, msg, 403, self._reason_model(conn, event.model), event.model, "model_not_allowed"
@@ -621,6 +629,7 @@ class WebSocketGuard:
     ) -> Any:
         """Settle the call, record its row; returns the row's number (for `_durable`)."""
         hold = call.hold
+        over_limit = hold.settled  # an unasked Realtime response admitted over a limit
         c = None
         if usage is not None:
             try:
@@ -631,7 +640,7 @@ class WebSocketGuard:
             c = Cost(hold.usd, 0, 0, 0, call.metered.model)
             if usage is not None or status == 200:
                 note += "; no priced usage reported: billed at its reservation"
-        if hold.settled:  # admitted over a limit (an unasked Realtime response): spent all the same
+        if over_limit:  # spent all the same
             if c is not None:
                 self.ledger.add_spent(hold.agent, hold.session, hold.day, c.usd)
         elif c is not None:
@@ -658,7 +667,9 @@ class WebSocketGuard:
             row.input_tokens, row.output_tokens, row.cached_tokens = c.input_tokens, c.output_tokens, c.cached_tokens
             row.cost_usd = f"{c.usd:f}"
         n = self.audit.record(row)
-        if hold.settled and conn.limits is not None and self._exhausted(conn):
+        if conn.api == REALTIME and conn.limits is not None and self._exhausted(conn):
+            # the Realtime API answers by itself (server-side turn detection): no message of
+            # the agent's can be refused to stop it, so the connection is
             self._close(flow, conn, CLOSE_POLICY, f"agent {conn.agent}'s budget is spent")
         return n
 

@@ -34,7 +34,6 @@ REALTIME = "realtime"
 _SERVER_KINDS = re.compile(
     rb'"type"\s*:\s*"(response\.(?:created|completed|incomplete|failed|done)|error|session\.(?:created|updated))"'
 )
-_CLIENT_KINDS = re.compile(rb'"type"\s*:\s*"(response\.create|session\.update)"')
 
 
 def ws_api(api: str, path: str) -> str | None:
@@ -90,21 +89,55 @@ class SetModel:
     model: str
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A message egress-guard cannot be sure it reads as the server will: refused. A text
+    message that is not one plain JSON object (a lenient server might still run it), or has
+    a key twice (which one counts differs between parsers), could start a call unmetered."""
+
+    reason: str
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(f"the key {key!r} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
 def client_message(
     api: str, path: str, session_model: str, data: bytes, price_as: str = ""
-) -> Create | SetModel | None:
-    """What a message from the agent means to metering (None: nothing)."""
-    if not _CLIENT_KINDS.search(data):
-        return None
-    body = _json(data)
-    if body is None:
-        return None
+) -> Create | SetModel | Unreadable | None:
+    """What a text message from the agent means to metering (None: nothing that costs).
+
+    Every message is parsed, strictly: a call hidden behind an escape (`response\\u002ecreate`)
+    is still a call, and one the server might read differently is refused (Unreadable)."""
+    try:
+        body = json.loads(data, object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        return Unreadable(f"ambiguous message: {exc}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return Unreadable("the message is not JSON; this API takes JSON messages only")
+    if not isinstance(body, dict):
+        return Unreadable("the message is not a JSON object; this API takes JSON objects only")
     kind = body.get("type")
     if api == RESPONSES and kind == "response.create":
         # the Responses API's WebSocket mode sends the request's fields next to "type"; an
-        # older shape nested them under "response"
+        # older shape nested them under "response": a model named in both must agree
         nested = body.get("response")
-        fields = {**nested, **body} if isinstance(nested, dict) else body
+        fields = body
+        if isinstance(nested, dict):
+            if "model" in nested and "model" in body and nested["model"] != body["model"]:
+                return Unreadable("ambiguous message: two different models in one response.create")
+            fields = {**nested, **body}
         m = meter("openai", path, fields, len(data), price_as)
         if m is None:  # not reached for a /responses path: meter() knows it
             return None
@@ -123,8 +156,7 @@ def client_message(
         )
         return Create(m, True)
     if api == REALTIME and kind == "session.update":
-        session = body.get("session")
-        model = session.get("model") if isinstance(session, dict) else None
+        model = _obj(body.get("session")).get("model")
         if isinstance(model, str) and model:
             return SetModel(model)
     return None

@@ -59,17 +59,40 @@ def test_response_create_nested_and_continued() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        b"",
-        b"not json",
-        b'{"type": "response.create"',  # cut short
         msg({"type": "response.processed", "response_id": "r1"}),
-        msg(["response.create"]),
-        b"\xff\xfe",
-        b'"type":"response.create"',  # the marker, but not an object
+        msg({"type": "response.cancel"}),
+        msg({"type": {"response.create": 1}}),
     ],
 )
 def test_other_messages_are_not_calls(data: bytes) -> None:
     assert ws_meter.client_message("responses", "/v1/responses", "", data) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "not JSON"),
+        (b"not json", "not JSON"),
+        (b'{"type": "response.create"', "not JSON"),  # cut short
+        (b'{"type": "response.create", "model": "gpt-5",}', "not JSON"),  # a lenient parser's JSON
+        (b"\xff\xfe", "not JSON"),
+        (msg(["response.create"]), "not a JSON object"),
+        # which "model" counts differs between parsers: neither is trusted
+        (b'{"type": "response.create", "model": "gpt-5-mini", "model": "gpt-5-pro"}', "'model' appears twice"),
+        (b'{"type": "x", "type": "response.create"}', "'type' appears twice"),
+        (b'{"type": "response.create", "input": [{"a": 1, "a": 2}]}', "'a' appears twice"),
+        (msg({"type": "response.create", "model": "gpt-5-mini", "response": {"model": "gpt-5-pro"}}), "two different"),
+    ],
+)
+def test_messages_that_could_be_read_two_ways_are_refused(data: bytes, why: str) -> None:
+    event = ws_meter.client_message("responses", "/v1/responses", "", data)
+    assert isinstance(event, ws_meter.Unreadable) and why in event.reason
+
+
+def test_an_escaped_call_is_still_a_call() -> None:
+    data = b'{"type": "response\\u002ecreate", "model": "gpt-5\\u002dpro"}'
+    event = ws_meter.client_message("responses", "/v1/responses", "", data)
+    assert isinstance(event, Create) and event.metered.model == "gpt-5-pro"
 
 
 def test_realtime_messages() -> None:
