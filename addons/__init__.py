@@ -19,6 +19,7 @@ from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.spend_guard import BudgetFollower, SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
+from egress_guard.addons.websocket import WebSocketGuard
 from egress_guard.audit import AuditLog
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
@@ -190,6 +191,7 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         ConnectGuard(rt.config.rules, tunnels),
         RequestGuard(rt.config.rules, tunnels, rt.resolver),
         credentials,
+        WebSocketGuard(rt.config, rt.ledger, rt.audit, credentials, rt.proxyserver),
         ResponseStreamer(),
         SpendGuard(
             rt.config,
