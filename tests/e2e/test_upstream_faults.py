@@ -349,3 +349,23 @@ def test_a_member_that_raises_in_error_does_not_cost_the_row(timed_proxy, monkey
     assert status == 502  # FailureAnswers and AuditRecorder, after SpendGuard, still ran
     row = request_row(proxy)
     assert (row["decision"], row["status"]) == ("error", 502)
+
+
+def test_the_config_sets_the_timeouts(faults, tmp_path: Path, test_ca: tuple[trustme.CA, Path]) -> None:
+    fault = faults("full-backlog")
+    body = {
+        "allow": [{"host": "api.test.local", "ports": [fault.port]}],
+        "network": {
+            "hosts": {"api.test.local": ["127.0.0.1"]},
+            "upstream_ca": str(test_ca[1]),
+            "connect_timeout": 1,
+        },
+    }
+    proxy = RunningProxy(write_config(tmp_path, body)).start()  # EgressProxy as `up` builds it
+    try:
+        started = time.monotonic()
+        status, _, body_text = curl(proxy, f"https://api.test.local:{fault.port}/v1/x")
+        assert status == 504 and "within 1 s (network.connect_timeout)" in body_text
+        assert time.monotonic() - started < 5
+    finally:
+        proxy.stop()
