@@ -27,7 +27,7 @@ log = logging.getLogger("egress_guard")
 
 
 class Stage(Protocol):
-    def __call__(self, data: bytes, end: bool) -> bytes: ...
+    def __call__(self, data: bytes, end: bool, /) -> bytes: ...
 
 
 class _Legacy:
