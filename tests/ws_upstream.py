@@ -5,7 +5,8 @@ reaches the same fake API either way.
 - `wss://api.openai.com/v1/responses` speaks the Responses API's WebSocket mode: every
   `response.create` gets `response.created`, a streamed message and `response.completed`
   with usage (a `generate: false` warm-up gets only the first and last); every usage it
-  reported is recorded, so tests price it themselves.
+  reported is recorded, so tests price it themselves. `metadata.x_test: refuse` gets an
+  `error` event instead, `hang` a `response.created` and nothing more.
 - `wss://api.openai.com/v1/realtime?model=M` speaks enough of the Realtime API: a session,
   `response.create` (and `input_audio_buffer.commit`, as server VAD would) answered with
   `response.done` carrying text and audio token usage.
@@ -192,6 +193,12 @@ class WSHandler(LLMHandler):
             return
         if body.get("type") != "response.create":
             return  # response.processed and the like: nothing to answer
+        test = (body.get("metadata") or {}).get("x_test")
+        if test == "refuse":  # the API refuses the call before starting it
+            self._ws_event(
+                {"type": "error", "status": 400, "error": {"type": "invalid_request_error", "code": "bad_input"}}
+            )
+            return
         generate = body.get("generate") is not False
         usage = response_usage(body, generate)
         with self.server.state.lock:
@@ -207,6 +214,10 @@ class WSHandler(LLMHandler):
             "usage": None,
         }
         self._ws_event({"type": "response.created", "response": response})
+        if test == "hang":  # started, and never finished: the agent gives up
+            with self.server.state.lock:
+                self.server.state.reported.pop()
+            return
         output = []
         if generate:
             item = {"id": f"msg_{n}", "type": "message", "role": "assistant", "status": "in_progress", "content": []}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 import time
 from decimal import Decimal
 from typing import Any
@@ -318,6 +319,50 @@ async def test_budget_is_checked_per_response_create(make_proxy, ws_config, real
     assert error["type"] == "error" and error["status"] == 429 and "day budget of $0.01" in error["error"]["message"]
     assert error["headers"]["retry-after"].isdigit()
     assert len(ws_up.state.reported) == 1
+
+
+async def test_messages_the_api_could_read_differently_are_refused(ws_proxy: RunningProxy, ws_up: Upstream) -> None:
+    """A metered API's messages are read strictly: what egress-guard cannot be sure it reads
+    as the server will (a repeated key, not JSON, binary) is refused, not forwarded unmetered."""
+    key = mint(ws_proxy, agent="writer").env["OPENAI_API_KEY"]
+    sneaky = '{"type": "response.create", "model": "gpt-5-mini", "model": "gpt-5-pro", "input": []}'
+    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/v1/responses", key) as conn:
+        for message, why in [
+            (sneaky, "the key 'model' appears twice"),
+            ('{"type": "response.create", "model": "gpt-5-pro",}', "not JSON"),
+            (create("gpt-5-pro").encode(), "binary messages are not part of this API"),
+        ]:
+            await conn.send(message)
+            error = json.loads(await recv(conn))
+            assert (error["type"], error["status"], error["error"]["code"]) == ("error", 400, "invalid_request")
+            assert why in error["error"]["message"]
+        # an escaped type is still a response.create, and judged as one
+        await conn.send('{"type": "response\\u002ecreate", "model": "gpt-5\\u002dpro", "input": []}')
+        error = json.loads(await recv(conn))
+        assert error["error"]["code"] == "model_not_allowed" and "'gpt-5-pro'" in error["error"]["message"]
+    assert not [r for r in ws_up.state.requests if "ws_message" in r]  # none reached the API
+
+
+async def test_a_call_refused_by_the_api_costs_nothing_and_one_cut_short_its_reservation(
+    ws_proxy: RunningProxy, ws_up: Upstream
+) -> None:
+    key = mint(ws_proxy).env["OPENAI_API_KEY"]
+    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/v1/responses", key) as conn:
+        await conn.send(create("gpt-5-mini", metadata={"x_test": "refuse"}))
+        assert json.loads(await recv(conn))["status"] == 400
+        await conn.send(create("gpt-5-mini", max_output_tokens=1000, metadata={"x_test": "hang"}))
+        assert json.loads(await recv(conn))["type"] == "response.created"
+        # the reservation is committed before the call goes out: a crash now still bills it
+        db = sqlite3.connect(ws_proxy.config.audit_path)
+        intents = db.execute("SELECT request_id, model, reserved_usd FROM spend_intents").fetchall()
+        db.close()
+        assert [(i[0].endswith(":ws2"), i[1]) for i in intents] == [(True, "gpt-5-mini")]
+    calls = [r for r in rows_of(ws_proxy, 5) if ":ws" in r["request_id"]]
+    refused, cut = calls
+    assert (refused["status"], refused["cost_usd"], refused["decision"]) == (400, None, "allow")  # as over HTTP
+    assert "the upstream answered with an error event (status 400)" in refused["reason"]
+    assert Decimal(cut["cost_usd"]) == Decimal(intents[0][2]) > 0  # billed at what it reserved
+    assert "the connection closed before the response completed: billed at its reservation" in cut["reason"]
 
 
 async def test_kill_switch_cuts_an_open_websocket(ws_proxy: RunningProxy, ws_up: Upstream) -> None:
