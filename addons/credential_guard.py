@@ -40,6 +40,7 @@ from egress_guard.decoding import StreamDecoder
 from egress_guard.fakekeys import looks_like
 from egress_guard.forms import SecretForms
 from egress_guard.keycache import KeyCache
+from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
 
@@ -302,6 +303,7 @@ class CredentialGuard:
         cached = self._forms.get(service.name)
         if cached is None or cached[0] != real:  # first use, or the secret was rotated
             cached = self._forms[service.name] = (real, SecretForms(real))
+            LOG_SCRUBBER.remember(service.name, cached[1])  # an upstream may echo it into mitmproxy's log
         flow.metadata[SCRUB] = cached[1]
         flow.metadata[CREDENTIAL] = Credential.SWAPPED
         self.clients.setdefault(key_id, set()).add(flow.client_conn.id)

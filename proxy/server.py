@@ -27,6 +27,7 @@ from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
 from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
+from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import Backend, EnvBackend, SecretStore, VaultBackend
 from egress_guard.spend import Ledger
@@ -78,6 +79,7 @@ class EgressProxy:
         self.ledger = Ledger(config.spend)
         self.budgets = BudgetFollower(config.audit_path, self.ledger)
         self.master: Master | None = None
+        self._scrubbing = False  # LOG_SCRUBBER installed by start()
         self._proxyserver: proxyserver.Proxyserver | None = None
         self._task: asyncio.Task[None] | None = None
         self._background: list[Any] = []
@@ -102,6 +104,8 @@ class EgressProxy:
         }
 
     async def start(self) -> tuple[str, int]:
+        LOG_SCRUBBER.install()  # before anything can log a secret; undone by stop()
+        self._scrubbing = True
         if not CAFiles(self.config.ca_dir).exists():
             raise StartupError(f"no CA in {self.config.ca_dir}: run 'egress-guard init'")
         try:
@@ -182,4 +186,7 @@ class EgressProxy:
         self.master = None
         await self.secrets.close()
         await self.keys.close()
+        if self._scrubbing:
+            LOG_SCRUBBER.uninstall()
+            self._scrubbing = False
         return await self.audit.close()
