@@ -44,7 +44,7 @@ class Timeouts:
 
     connect: float = 10.0
     tls: float = 10.0
-    response: float = 300.0
+    response: float = 600.0
     header: float = 30.0
 
     @classmethod

@@ -273,7 +273,9 @@ class NetworkWire(_Wire):
     idle_timeout: int = Field(default=1800, ge=10, le=86400)
     connect_timeout: float = Field(default=10.0, gt=0, le=3600)  # TCP connect to an upstream
     tls_timeout: float = Field(default=10.0, gt=0, le=3600)  # TLS handshake with an upstream
-    response_timeout: float = Field(default=300.0, gt=0, le=86400)  # request sent -> response headers
+    # request sent -> response headers; the OpenAI and Anthropic SDKs wait 600 s, and a long
+    # non-streamed (reasoning) call can take minutes before its headers
+    response_timeout: float = Field(default=600.0, gt=0, le=86400)
     header_timeout: float = Field(default=30.0, gt=0, le=3600)  # a client's request headers (slowloris)
 
 
@@ -309,7 +311,7 @@ class Config:
     idle_timeout: int = 1800
     connect_timeout: float = 10.0
     tls_timeout: float = 10.0
-    response_timeout: float = 300.0
+    response_timeout: float = 600.0
     header_timeout: float = 30.0
     presets: tuple[str, ...] = ()
     services: tuple[Service, ...] = ()
@@ -575,6 +577,14 @@ def load_preset(
 def _network(
     file: Path, base: Path, wire: NetworkWire
 ) -> tuple[tuple[Network, ...], dict[str, tuple[IPAddress, ...]], Path | None]:
+    if wire.idle_timeout <= wire.response_timeout:
+        raise ConfigError(
+            file,
+            "network.idle_timeout",
+            f"{wire.idle_timeout} s is not above network.response_timeout ({wire.response_timeout:g} s): "
+            "a silent upstream would be closed as idle before its 504",
+            f"raise idle_timeout above {wire.response_timeout:g}, or lower response_timeout",
+        )
     nets: list[Network] = []
     for i, cidr in enumerate(wire.allow_private):
         try:

@@ -125,4 +125,3 @@ def test_scrubber_does_not_hold_back_sse_events() -> None:
     scrub = Scrubber(SecretForms("sk-proj-REALsecretVALUE_0123456789"))
     event = b'data: {"x": 1}\n\n'
     assert scrub(event, False) == event  # delivered at once, nothing held for the next chunk
-

@@ -45,6 +45,12 @@ BROKEN = [
     ),
     ("version: 1\nnetwork: {upstream_ca: ./nope.pem}\n", "network.upstream_ca", "does not exist", "PEM file"),
     ("version: 1\nnetwork: {idle_timeout: 1}\n", "network.idle_timeout", "greater than or equal to 10", "README"),
+    (
+        "version: 1\nnetwork: {idle_timeout: 300, response_timeout: 600}\n",
+        "network.idle_timeout",
+        "not above network.response_timeout",
+        "raise idle_timeout above 600",
+    ),
     ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "README"),
     ("version: 1\nallow: [\n", "", "not valid YAML", "YAML syntax"),
     ("version: 1\nallow: []\nallow: [{host: x.com}]\n", "", "key 'allow' appears twice", "keep one"),
