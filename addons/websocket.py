@@ -46,6 +46,7 @@ from egress_guard.addons._flow import (
     AGENT,
     CREDENTIAL,
     DECISION,
+    KEY_ID,
     SCRUB,
     SERVICE,
     SESSION,
@@ -220,13 +221,15 @@ class _Conn:
     upstream_messages: int = 0
     upstream_bytes: int = 0
     calls: deque[_Call] = field(default_factory=deque)
-    seq: int = 0
+    seq: int = 0  # numbers the connection's call rows (refusals included)
+    calls_made: int = 0
     carried: int = 0  # tokens of context the server holds for the next call
     audio_bytes: int = 0  # Realtime: audio appended since the last response
     text_bytes: int = 0
     billed: Decimal = Decimal(0)
     refused: int = 0
-    closing: str | None = None  # why egress-guard is closing it
+    closing: str | None = None  # why egress-guard is closing it (or cut it)
+    close_verdict: Verdict | None = None  # the closing row's decision, if egress-guard ended it
     ended: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -396,7 +399,7 @@ class WebSocketGuard:
             msg.drop()
             self._close(flow, conn, CLOSE_ERROR, f"internal error in the WebSocket guard ({type(exc).__name__})")
 
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
         conn: _Conn | None = flow.metadata.get(WS)
         if conn is None or conn.ended:
             return
@@ -414,6 +417,11 @@ class WebSocketGuard:
                     True,
                     "the connection closed before the response completed: billed at its reservation",
                 )
+            if conn.closing is None and flow.metadata.get(KEY_ID):
+                record = await self.credentials.keys.lookup(flow.metadata[KEY_ID])  # cached: no I/O
+                if record is not None and record.revoked_at:
+                    conn.closing = f"cut: its key {record.key_id} was revoked ({record.revoked_reason})"
+                    conn.close_verdict = Verdict.DENY
             self.audit.record(self._close_row(flow, conn))
         except Exception:
             log.exception("could not record the end of WebSocket %s", flow.id)
@@ -500,6 +508,7 @@ class WebSocketGuard:
             self._refuse(flow, conn, msg, 503, reason, m.model, "egress_error", intent_id=call.request_id)
             return
         conn.calls.append(call)
+        conn.calls_made += 1
 
     async def _intent(self, conn: _Conn, call: _Call) -> str | None:
         """Commit the call's reservation before it is forwarded (if the proxy stops before the
@@ -615,6 +624,7 @@ class WebSocketGuard:
             hold = Hold(conn.agent, conn.session or "", self.ledger.day(), Decimal(0), 0)
             hold.settled = True
         conn.seq += 1
+        conn.calls_made += 1
         return _Call(conn.seq, f"{flow.id}:ws{conn.seq}", m, hold, 0, started=True)
 
     def _settle(
@@ -712,6 +722,7 @@ class WebSocketGuard:
             if conn.closing is not None:
                 return
             conn.closing = f"closed by egress-guard ({code}): {why}"
+            conn.close_verdict = Verdict.DENY if code == CLOSE_POLICY else Verdict.ERROR
             conn.relay.stop()
         layer = _ws_layer(self.proxyserver, flow)
         client_ws = getattr(layer, "client_ws", None)
@@ -769,7 +780,8 @@ class WebSocketGuard:
         if conn.closing is not None:
             how = conn.closing
         elif ws is not None and ws.closed_by_client is not None:
-            how = f"closed by the {'agent' if ws.closed_by_client else 'upstream'} ({code})"
+            side = "the agent" if ws.closed_by_client else "the upstream"
+            how = f"closed by {side}" + (" without a close frame" if code == 1006 else "") + f" ({code})"
         else:
             how = f"connection lost ({code})"
         reason = (
@@ -777,12 +789,10 @@ class WebSocketGuard:
             f"{conn.upstream_messages} messages ({conn.upstream_bytes} bytes) from the upstream"
         )
         if conn.api is not None:
-            reason += f"; {conn.seq} model calls, ${conn.billed:f} billed"
+            reason += f"; {conn.calls_made} model calls, ${conn.billed:f} billed"
             if conn.refused:
                 reason += f", {conn.refused} refused"
-        verdict = Verdict.DENY if conn.closing and "internal error" not in conn.closing else Verdict.ALLOW
-        if conn.closing and ("internal error" in conn.closing or "audit row" in conn.closing):
-            verdict = Verdict.ERROR
+        verdict = conn.close_verdict or Verdict.ALLOW
         return self._row(
             flow,
             conn,

@@ -366,8 +366,8 @@ async def test_a_call_refused_by_the_api_costs_nothing_and_one_cut_short_its_res
 
 
 async def test_kill_switch_cuts_an_open_websocket(ws_proxy: RunningProxy, ws_up: Upstream) -> None:
-    key = mint(ws_proxy).env["OPENAI_API_KEY"]
-    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/echo", key) as conn:
+    minted = mint(ws_proxy)
+    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/echo", minted.env["OPENAI_API_KEY"]) as conn:
         await conn.send("ping")
         assert await recv(conn) == "ping"
         killed = time.monotonic()
@@ -379,7 +379,10 @@ async def test_kill_switch_cuts_an_open_websocket(ws_proxy: RunningProxy, ws_up:
             await recv(conn, timeout=3)
         assert time.monotonic() - killed < 1.5
     end = next(r for r in rows_of(ws_proxy, 3) if r["request_id"].endswith(":close"))
-    assert "1 messages (4 bytes) from the agent" in end["reason"]
+    assert (
+        end["decision"] == "deny" and f"cut: its key {minted.record.key_id} was revoked (kill switch)" in end["reason"]
+    )
+    assert "1 messages (4 bytes) from the agent, 1 messages (4 bytes) from the upstream" in end["reason"]
 
 
 # --- the Realtime API ------------------------------------------------------------------------------
