@@ -563,7 +563,7 @@ def test_network_timeouts_websocket_and_env_vars(tmp_path: Path) -> None:
     assert (config.connect_timeout, config.tls_timeout, config.response_timeout, config.header_timeout) == (
         10,
         10,
-        300,
+        600,
         30,
     )
     openai, anthropic, gemini, github = config.services
