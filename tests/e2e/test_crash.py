@@ -212,6 +212,8 @@ def test_a_full_audit_disk_cuts_the_unrecorded_response_and_refuses_until_it_rec
         auth = {"Authorization": f"Bearer {key}"}
         with http_client(proxy) as http:
             assert http.get(models, headers=auth).status_code == 200
+            # the SDK's connection is up before the disk fills: no CONNECT row fails first
+            assert client.models.list().data
             filler = fill(disk)
             # a metered call: its reservation cannot be committed, so it is not forwarded
             calls = chat_calls()
@@ -224,6 +226,7 @@ def test_a_full_audit_disk_cuts_the_unrecorded_response_and_refuses_until_it_rec
         filler.unlink()
         assert wait_until(lambda: proxy.proxy.audit.healthy)
         with http_client(proxy) as http:
+            assert http.get(models, headers=auth).status_code == 200  # connected (and recorded) first
             # a response whose row cannot be committed is cut, never completed
             fill(disk)
             with pytest.raises(httpx.RemoteProtocolError):
@@ -241,10 +244,12 @@ def test_a_full_audit_disk_cuts_the_unrecorded_response_and_refuses_until_it_rec
         rows = conn.execute("SELECT kind, path, status, decision, reason FROM audit ORDER BY id").fetchall()
         assert [r[:4] for r in rows if r[0] == "request"] == [
             ("request", "/v1/models", 200, "allow"),
+            ("request", "/v1/models", 200, "allow"),
             ("request", "/v1/chat/completions", 503, "error"),
+            ("request", "/v1/models", 200, "allow"),
             ("request", "/v1/models", 200, "error"),  # the agent got a broken response: the row says so
         ]
-        cut = [r[4] for r in rows if r[0] == "request"][2]
+        cut = [r[4] for r in rows if r[0] == "request"][4]
         assert "response cut off: its audit row could not be committed (audit log" in cut
         assert "database or disk is full" in cut
         assert rows[-1][0] == "connect" and rows[-1][2:4] == (503, "error") and "cannot be written" in rows[-1][4]
