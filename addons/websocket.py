@@ -275,50 +275,44 @@ class WebSocketGuard:
 
     @fail_closed("request")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if answered(flow) or flow.request.headers.get("upgrade", "").lower() != "websocket":
+        upgrade = flow.request.headers.get("upgrade", "")
+        if answered(flow) or "websocket" not in upgrade.lower():
             return
+        refusal = self._refusal(flow)
+        if refusal is not None:
+            status, reason = refusal
+            reject(flow, Decision(Verdict.DENY, reason), status)
+
+    def _refusal(self, flow: http.HTTPFlow) -> tuple[int, str] | None:
+        """Why a WebSocket to this flow's service may not open (status, reason), or None."""
         service = self.services.get(flow.metadata.get(SERVICE) or "")
         if service is None:
-            return  # a host bound to no service: its frames are scanned for keys
+            return None  # a host bound to no service: its frames are scanned for keys
         path = flow.request.path
         if not service.websocket:
             # 426, not 403: a client with an HTTP transport takes it as "use that" (Codex CLI
             # falls back at once; after a 403 it retries the WebSocket five times first)
-            reject(
-                flow,
-                Decision(
-                    Verdict.DENY,
-                    f"WebSocket is turned off for {service.name} (services.{service.name}.websocket: false); "
-                    "use its HTTP API",
-                ),
-                426,
+            return 426, (
+                f"WebSocket is turned off for {service.name} (services.{service.name}.websocket: false); "
+                "use its HTTP API"
             )
-            return
         how = self.meters.get(service.name)
         agent = self.config.agents.get(flow.metadata.get(AGENT) or "")
         if how is None or agent is None:
-            return
+            return None
         session = flow.metadata.get(SESSION) or ""
         api = ws_api(how.api, path)
         if api is None:
             if self._limited(agent.limits, agent.name, service.name, session):
-                reject(
-                    flow,
-                    Decision(
-                        Verdict.DENY,
-                        f"egress-guard cannot meter WebSocket calls to {path.split('?', 1)[0]} of {service.name}, "
-                        f"and agent {agent.name} has limits there; use the HTTP API",
-                    ),
-                    403,
+                return 403, (
+                    f"egress-guard cannot meter WebSocket calls to {path.split('?', 1)[0]} of {service.name}, "
+                    f"and agent {agent.name} has limits there; use the HTTP API"
                 )
-            return
+            return None
         model = url_model(path) if api == REALTIME else ""
         if model and not model_allowed(agent.limits, service.name, model, session):
-            reject(
-                flow,
-                Decision(Verdict.DENY, self._not_allowed(agent.limits, agent.name, service.name, model, session)),
-                403,
-            )
+            return 403, self._not_allowed(agent.limits, agent.name, service.name, model, session)
+        return None
 
     def _limited(self, limits: Limits, agent: str, service: str, session: str) -> bool:
         """Whether a budget, token rate or model allowlist applies to this agent's calls."""
@@ -337,7 +331,12 @@ class WebSocketGuard:
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         try:
-            flow.metadata[WS] = self._conn(flow)
+            conn = flow.metadata[WS] = self._conn(flow)
+            # the upgrade was judged by its request; mitmproxy judges a WebSocket by the
+            # response (101, Upgrade: websocket): one the request check missed closes here
+            refusal = self._refusal(flow)
+            if refusal is not None:
+                self._close(flow, conn, CLOSE_POLICY, refusal[1])
         except Exception as exc:
             log.exception("WebSocket guard could not start on %s; closing it", flow.id)
             self._close(flow, None, CLOSE_ERROR, f"internal error ({type(exc).__name__})")

@@ -66,6 +66,9 @@ class WSHandler(LLMHandler):
     sequence: int
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/sneaky-upgrade":
+            self._sneaky_upgrade()
+            return
         if self.headers.get("upgrade", "").lower() != "websocket":
             self.handle_any()
             return
@@ -98,6 +101,23 @@ class WSHandler(LLMHandler):
         self.sequence = 0
         with contextlib.suppress(OSError):
             self._serve(host, url.path, parse_qs(url.query), auth)
+
+    def _sneaky_upgrade(self) -> None:
+        """Answer 101 WebSocket to a request that never asked for one (no Upgrade header):
+        mitmproxy judges a WebSocket by the response, so a guard must not only read requests."""
+        import hashlib
+
+        key = self.headers.get(WS_KEY_HEADER, "")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.wfile.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self.wfile.flush()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            while self.connection.recv(65536):
+                pass
 
     # --- the frame loop ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import sqlite3
 import time
@@ -18,7 +19,7 @@ import pytest
 import websockets
 from click.testing import CliRunner
 from genai_prices import Usage, calc_price
-from helpers import RunningProxy, Upstream
+from helpers import RunningProxy, Upstream, raw_connect
 from llm_upstream import REAL
 from test_credentials import assert_no_real_secret, mint
 from websockets.asyncio.client import ClientConnection, connect
@@ -206,6 +207,32 @@ async def test_service_with_websocket_false_refuses_the_upgrade(make_proxy, ws_c
     assert not [r for r in ws_up.state.requests if r.get("path") == "/v1/responses"]
     row = rows_of(proxy, 2)[-1]
     assert (row["decision"], row["status"], row["path"]) == ("deny", 426, "/v1/responses")
+
+
+def test_a_websocket_the_request_did_not_announce_is_closed(make_proxy, ws_config, real_env, ws_up) -> None:
+    """mitmproxy takes a 101 with Upgrade: websocket as a WebSocket whatever the request said:
+    one opened without an Upgrade header still meets `websocket: false`, closed at once."""
+    ws_config["services"] = [{"preset": "openai", "websocket": False}]
+    proxy = make_proxy(**ws_config)
+    key = mint(proxy).env["OPENAI_API_KEY"]
+    sock, head = raw_connect(proxy.port, f"api.openai.com:{ws_up.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    tls = proxy.client_context().wrap_socket(sock, server_hostname="api.openai.com")
+    tls.sendall(
+        f"GET /sneaky-upgrade HTTP/1.1\r\nHost: api.openai.com:{ws_up.port}\r\nAuthorization: Bearer {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+    )
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := tls.recv(65536):
+            data += chunk
+    tls.close()
+    head, _, frames = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    assert frames[:1] == b"\x88" and frames[2:4] == (1008).to_bytes(2, "big")  # a close frame, 1008
+    assert b"WebSocket is turned off for openai" in frames
+    end = next(r for r in rows_of(proxy, 3) if r["request_id"].endswith(":close"))
+    assert end["decision"] == "deny" and "closed by egress-guard (1008)" in end["reason"]
 
 
 async def test_unmeterable_endpoint_of_a_metered_service_is_refused_to_a_limited_agent(
