@@ -72,8 +72,8 @@ class Chain:
         "request": "request",
         "responseheaders": "response",
         "response": "response",
-        "websocket_start": "response",
-        "websocket_message": "response",
+        "websocket_start": "connection",
+        "websocket_message": "connection",
     }
 
     def __init__(self, addons: list[Any]) -> None:
@@ -156,13 +156,15 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     3. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
     4. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
     5. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
-    6. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
-    7. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
+    6. WebSocketGuard   WebSocket messages: key scan (agent -> upstream), secret scrub
+                        (upstream -> agent), metered calls (Responses/Realtime), close row
+    7. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
+    8. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
                         (response) tap usage from JSON/SSE, settle to the real cost;
                         with on_overrun: cut, end a stream that crosses a budget
-    8. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
+    9. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
                         in the provider's shape, not mitmproxy's HTML page
-    9. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
+   10. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
                         parser refusals and connections closed before any request
     Background (not addons: every hook walks every addon, so those with no flow hooks
     stay out of the chain): KillSwitch follows revocations and cuts the connections of

@@ -131,12 +131,16 @@ Hook = Callable[..., Any]
 def crashed(name: str, phase: str, flow: Any, exc: BaseException) -> None:
     """Fail closed after hook `name` raised `exc`: phase "request" answers 502 (or keeps the
     refusal already set); "response" kills the flow (the response may be half sent, so no new
-    one can replace it); anything else is only logged."""
+    one can replace it); "connection" aborts the agent's connection (a WebSocket: mitmproxy's
+    WebSocket layer never looks at a killed flow); anything else is only logged."""
     log.error("egress-guard hook %s failed on %s: %r", name, getattr(flow, "id", flow), exc, exc_info=exc)
-    if phase not in ("request", "response") or not isinstance(flow, http.HTTPFlow):
+    if phase not in ("request", "response", "connection") or not isinstance(flow, http.HTTPFlow):
         return
     decision = Decision(Verdict.ERROR, f"internal error in {name} ({type(exc).__name__}); request refused")
-    if phase == "request" and flow.response is None:
+    if phase == "connection":
+        flow.metadata[DECISION] = decision
+        abort_connection(flow)
+    elif phase == "request" and flow.response is None:
         reject(flow, decision, 502)
     else:
         flow.metadata[DECISION] = decision
@@ -173,3 +177,15 @@ def fail_closed(phase: str) -> Callable[[Hook], Hook]:
         return wrapper
 
     return wrap
+
+
+def abort_connection(flow: http.HTTPFlow) -> None:
+    """Abort the agent's connection and the upstream connections it holds, now: the one way
+    to stop a flow in transit (a streamed body, a WebSocket), which `flow.kill()` cannot."""
+    from mitmproxy import ctx
+
+    from egress_guard.addons.killswitch import cut_client
+
+    proxyserver = ctx.master.addons.get("proxyserver")
+    if (proxyserver is None or not cut_client(proxyserver, flow.client_conn.id)) and flow.killable:
+        flow.kill()

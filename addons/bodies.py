@@ -21,7 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from mitmproxy import ctx, http
+from mitmproxy import http
+
+from egress_guard.addons._flow import abort_connection
 
 log = logging.getLogger("egress_guard")
 
@@ -80,14 +82,6 @@ class BodyStream:
         return [data] if data else []
 
 
-def _abort(flow: http.HTTPFlow) -> None:
-    from egress_guard.addons.killswitch import cut_client
-
-    proxyserver = ctx.master.addons.get("proxyserver")
-    if (proxyserver is None or not cut_client(proxyserver, flow.client_conn.id)) and flow.killable:
-        flow.kill()
-
-
 def body_stream(flow: http.HTTPFlow, message: http.Message) -> BodyStream:
     """The message's BodyStream, installed on first use. Whatever stream setting the message
     had is kept as the first stage, so no stage can be skipped because another addon set
@@ -95,7 +89,7 @@ def body_stream(flow: http.HTTPFlow, message: http.Message) -> BodyStream:
     current = message.stream
     if isinstance(current, BodyStream):
         return current
-    stream = BodyStream(lambda: _abort(flow))
+    stream = BodyStream(lambda: abort_connection(flow))
     if callable(current):
         stream.add(_Legacy(current))
     message.stream = stream

@@ -24,6 +24,7 @@ BUNDLE_VARS = (
     "NIX_SSL_CERT_FILE",  # nix
     "npm_config_cafile",  # npm, yarn classic
     "DENO_CERT",  # deno
+    "CODEX_CA_CERTIFICATE",  # Codex CLI (its HTTPS and WebSocket connections)
 )
 # Variables that *add* to the runtime's own roots: our CA alone.
 EXTRA_VARS = ("NODE_EXTRA_CA_CERTS",)
