@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -431,11 +432,20 @@ class BudgetFollower(Poller):
         if now == self._written:
             return
         ts = now_iso()
-        async with aiosqlite.connect(self.db_path, timeout=1.0) as db:
-            await db.execute("DELETE FROM budget_reserved")
-            await db.executemany("INSERT INTO budget_reserved VALUES (?, ?, ?)", [(k, v, ts) for k, v in now.items()])
-            await db.commit()
+        await asyncio.to_thread(self._replace_reserved, [(k, v, ts) for k, v in now.items()])
         self._written = now
+
+    def _replace_reserved(self, rows: list[tuple[str, str, str]]) -> None:
+        # One transaction in one thread hop: the DB's write lock is held for microseconds, not
+        # across event-loop turns while the audit writer (and every response) waits on it.
+        conn = sqlite3.connect(self.db_path, timeout=1.0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM budget_reserved")
+            conn.executemany("INSERT INTO budget_reserved VALUES (?, ?, ?)", rows)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     async def poll(self) -> None:
         await self._read_overrides()

@@ -346,6 +346,7 @@ class AuditLog:
         self._queued = 0
         self._committed = 0
         self._writing: tuple[int, int] | None = None  # the item numbers of the commit under way
+        self._stalled = False  # that commit has taken longer than wait_timeout
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # in item order
         self._open_intents: set[str] = set()  # request ids whose row must remove their intent
         self._wake = asyncio.Event()
@@ -464,18 +465,12 @@ class AuditLog:
             return
         if self._task is None or self._task.done():
             raise AuditUnavailable(f"audit log {self.path} is not open")
-        if self.error is not None and self._writing is None:
-            raise AuditUnavailable(self.unhealthy_reason)  # retrying: don't hold a response for it
+        if self.error is not None and (self._writing is None or self._stalled):
+            raise AuditUnavailable(self.unhealthy_reason)  # retrying or stuck: don't hold a response for it
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((n, waiter))
         self._hurry.set()
-        try:
-            await asyncio.wait_for(waiter, self.wait_timeout)
-        except TimeoutError:
-            if self.error is None:
-                self.error = f"a commit has not finished in {self.wait_timeout:g} s"
-                log.error("audit log %s: %s; refusing new requests until it does", self.path, self.error)
-            raise AuditUnavailable(self.unhealthy_reason) from None
+        await waiter  # the writer resolves it, fails it, or (a commit stuck for wait_timeout) fails it
 
     def amend(self, n: int, request_id: str, note: str) -> None:
         """Mark row `n` as an error and add `note` to its reason (a response cut because the
@@ -549,8 +544,19 @@ class AuditLog:
                     amends.append((item.note, item.request_id))
             first = self._committed + 1
             self._writing = (first, first + len(batch) - 1)
+            commit = self._in_thread(self._commit_sync, intents, rows, settles, amends)
+            # one watchdog per commit (not one timer per waiter): a commit that hangs (a stuck
+            # disk) fails its waiters after wait_timeout and turns the gate red until it returns
+            done, _ = await asyncio.wait([commit], timeout=self.wait_timeout)
+            if not done:
+                self._stalled = True
+                self.error = f"a commit has not finished in {self.wait_timeout:g} s"
+                log.error("audit log %s: %s; refusing requests until it does", self.path, self.error)
+                self._resolve_waiters(self.unhealthy_reason)
+                await asyncio.wait([commit])
+                self._stalled = False
             try:
-                await self._in_thread(self._commit_sync, intents, rows, settles, amends)
+                commit.result()
             except Exception as exc:
                 self._writing = None
                 if self.error is None or self.error.startswith("a commit has not finished"):

@@ -259,3 +259,26 @@ async def test_one_writing_proxy_per_db(tmp_path: Path) -> None:
     await first.close()
     await second.open()  # the first one is gone: the DB is free again
     await second.close()
+
+
+async def test_a_commit_that_hangs_fails_its_waiters_after_wait_timeout(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    log = AuditLog(db, wait_timeout=0.3)  # the DB's busy timeout is 1 s: the commit hangs longer than that
+    await log.open()
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    with pytest.raises(AuditUnavailable, match=r"a commit has not finished in 0\.3 s"):
+        await log.durable(log.record(row(1)))
+    assert 0.25 < time.monotonic() - started < 0.9
+    assert not log.healthy
+    started = time.monotonic()
+    with pytest.raises(AuditUnavailable):  # while it is stuck, nobody else is held either
+        await log.durable(log.record(row(2)))
+    assert time.monotonic() - started < 0.1
+    lock.execute("ROLLBACK")
+    lock.close()
+    await healthy_again(log)
+    await log.durable(log.record(row(3)))
+    assert select(db, "SELECT request_id FROM audit ORDER BY id") == [("r1",), ("r2",), ("r3",)]
+    await log.close()
