@@ -30,6 +30,7 @@ from mitmproxy.proxy.layers.http import (
     ErrorCode,
     HttpErrorHook,
     HttpStream,
+    RequestData,
     RequestHeaders,
     RequestProtocolError,
     ResponseData,
@@ -192,7 +193,24 @@ def _refusing_http2(original: Callable[..., _Gen]) -> Callable[..., _Gen]:
     return protocol_error
 
 
+def _no_empty_data(original: Callable[..., _Gen]) -> Callable[..., _Gen]:
+    """HttpStream.state_stream_*_body: an empty DATA frame (HTTP/2 allows one mid-stream) is
+    dropped before the stream callable sees it. mitmproxy would call the callable with b"",
+    its signal for the END of the body: a scrubber would release the start of a secret it
+    held back, and the rest would follow unmasked."""
+
+    @functools.wraps(original)
+    def state(self: HttpStream, event: Any) -> _Gen:
+        if isinstance(event, (RequestData, ResponseData)) and not event.data:
+            return None
+        return (yield from original(self, event))
+
+    return state
+
+
 _PATCHES: list[tuple[type, str, Callable[[Callable[..., _Gen]], Callable[..., _Gen]]]] = [
+    (HttpStream, "state_stream_request_body", _no_empty_data),
+    (HttpStream, "state_stream_response_body", _no_empty_data),
     (HttpStream, "handle_protocol_error", lambda f: _answering(f, _protocol_error_failure)),
     (HttpStream, "check_invalid", lambda f: _answering(f, _invalid_failure)),
     (HttpStream, "check_body_size", lambda f: _answering(f, _body_size_failure)),

@@ -48,12 +48,13 @@ class _Legacy:
 
 
 class BodyStream:
-    __slots__ = ("abort", "failed", "stages")
+    __slots__ = ("abort", "ended", "failed", "stages")
 
     def __init__(self, abort: Callable[[], object]) -> None:
         self.stages: list[Stage] = []
         self.abort = abort  # closes the connection: the fail-closed answer to a broken stage
         self.failed = False
+        self.ended = False
 
     def add(self, stage: Stage, *, first: bool = False) -> None:
         if first:
@@ -64,22 +65,31 @@ class BodyStream:
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         if self.failed:
             return []
+        if self.ended:
+            # b"" meant the end (empty pieces mid-stream are filtered out: addons/_mitm.py);
+            # bytes after it mean it was not, and a stage may have flushed what it held: stop
+            return self._fail("a body piece arrived after its end") if chunk else []
         end = not chunk  # mitmproxy calls with b"" exactly once, at the end
+        self.ended = end
         data = chunk
         try:
             for stage in self.stages:
                 data = stage(data, end)
         except Exception:
-            self.failed = True
-            log.exception("a body stage failed; aborting the connection (fail closed)")
-            try:
-                self.abort()
-            except Exception:
-                log.exception("could not abort the connection")
-            return []
+            log.exception("a body stage failed")
+            return self._fail("a body stage failed")
         if end:
             return data  # b"" at the end is nothing; mitmproxy then ends the body itself
         return [data] if data else []
+
+    def _fail(self, why: str) -> list[bytes]:
+        self.failed = True
+        log.error("%s; aborting the connection (fail closed)", why)
+        try:
+            self.abort()
+        except Exception:
+            log.exception("could not abort the connection")
+        return []
 
 
 def body_stream(flow: http.HTTPFlow, message: http.Message) -> BodyStream:

@@ -36,7 +36,7 @@ from egress_guard.addons._flow import (
 from egress_guard.addons.bodies import body_stream
 from egress_guard.audit import now_iso
 from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
-from egress_guard.decoding import StreamDecoder
+from egress_guard.decoding import StreamDecoder, decode_all
 from egress_guard.fakekeys import looks_like
 from egress_guard.forms import SecretForms
 from egress_guard.keycache import KeyCache
@@ -88,15 +88,15 @@ class StreamScanner:
         if self.tripped:
             return b""
         try:
-            plain = self.decoder.feed(data) if self.decoder is not None else data
+            for plain in self.decoder.feed(data, end) if self.decoder is not None else (data,):
+                leak = self.check(self.tail + plain)
+                if leak:
+                    self._trip(Credential.UNBOUND_HOST, leak)
+                    return b""
+                self.tail = (self.tail + plain)[-self.window :]
         except ValueError as exc:
             self._trip(Credential.UNREADABLE, f"the body cannot be checked for egress-guard keys: {exc}")
             return b""
-        leak = self.check(self.tail + plain)
-        if leak:
-            self._trip(Credential.UNBOUND_HOST, leak)
-            return b""
-        self.tail = (self.tail + plain)[-self.window :]
         return data
 
 
@@ -202,8 +202,8 @@ class CredentialGuard:
                 await self._swap(flow, service)
             # every header and the URL, in every encoding forms.views decodes (basic auth's
             # base64 and the URL's percent-encoding included)
-            for name, value in req.headers.fields:
-                leak = self.leak(host, value, f"header {name.decode(errors='replace')}")
+            for name, value in req.headers.fields:  # names too: a key can hide in a name
+                leak = self.leak(host, name + b": " + value, f"header {name[:40].decode(errors='replace')}")
                 if leak:
                     raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
             leak = self.leak(host, req.path.encode(), "the URL")
@@ -230,18 +230,30 @@ class CredentialGuard:
             # so the upstream never sees a complete request
             self.cut(flow.client_conn.id)
             return
-        if answered(flow) or flow.request.stream or not self.scanner.max_len:
+        if answered(flow) or not self.scanner.max_len:
             return
         target = flow.metadata.get(TARGET)
+        trailers = flow.request.trailers
+        if trailers and target is not None:  # HTTP/2 trailers: mitmproxy sends them after this hook
+            for name, value in trailers.fields:
+                leak = self.leak(target[0].name, name + b": " + value, "a trailer")
+                if leak and flow.request.stream:  # the body went ahead: cut before its end
+                    self._cut_stream(flow, Credential.UNBOUND_HOST, leak)
+                    return
+                if leak:
+                    self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
+                    return
+        if flow.request.stream:
+            return
         if target is None or not flow.request.raw_content:
             return
-        try:  # decoded as its Content-Encoding says: a key inside gzip is still a key
-            body = flow.request.get_content(strict=True) or b""
-        except ValueError:
-            encoding = flow.request.headers.get("content-encoding", "")
+        encoding = flow.request.headers.get("content-encoding", "")
+        try:  # decoded as its Content-Encoding says, every member of it: a key inside gzip is a key
+            body = decode_all(encoding, flow.request.raw_content)
+        except ValueError as exc:
             why = (
-                f"the body's Content-Encoding {encoding!r} cannot be decoded, so it cannot be checked "
-                "for egress-guard keys; send it unencoded or validly encoded"
+                f"the body's Content-Encoding {encoding!r} cannot be decoded ({exc}), so it cannot be "
+                "checked for egress-guard keys; send it unencoded or validly encoded"
             )
             self._refuse(flow, _Refusal(Credential.UNREADABLE, why, 400))
             return

@@ -98,6 +98,19 @@ class RequestGuard:
         host, port = target
         flow.metadata[TARGET] = target
         req = flow.request
+        coding = req.headers.get("transfer-encoding", "").replace(" ", "").lower()
+        if coding not in ("", "chunked"):
+            # mitmproxy passes other transfer codings (gzip, chunked) through undecoded: what
+            # is inside could not be checked for egress-guard keys
+            reject(
+                flow,
+                Decision(
+                    Verdict.DENY,
+                    f"Transfer-Encoding {coding!r} is not accepted; send the body chunked or with a length",
+                ),
+                400,
+            )
+            return
         decision = decide(self.rules, Destination(host, port, req.method.upper(), req.path))
         if not decision.allowed:
             reject(flow, decision)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from egress_guard.addons._flow import OWN_RESPONSE, RESPONSE_BYTES, SCRUB, fail_closed
+from egress_guard.addons._flow import DECISION, OWN_RESPONSE, RESPONSE_BYTES, SCRUB, fail_closed
 from egress_guard.addons.bodies import body_stream
+from egress_guard.decoding import decode_all
 from egress_guard.forms import ScrubStream, SecretForms
+from egress_guard.policy import Decision, Verdict
 
 SCRUB_BUFFERED = "egress_guard.scrub_buffered"
 # A small response of known length is forwarded in one piece: streaming it would cost extra
@@ -54,10 +56,19 @@ class Scrubber:
 
 
 def scrub_headers(headers: http.Headers, forms: SecretForms) -> None:
-    for name, value in list(headers.fields):
-        if forms.scrub(value) != value:
-            key = name.decode("latin-1")
-            headers.set_all(key, [forms.scrub(v.encode("latin-1")).decode("latin-1") for v in headers.get_all(key)])
+    """Mask the secret in every value; drop a field whose NAME holds it (a name cannot be
+    masked into another valid one)."""
+    fields = headers.fields
+    clean = tuple((name, forms.scrub(value)) for name, value in fields if forms.scrub(name) is name)
+    if clean != fields:
+        headers.fields = clean
+
+
+def scrub_response_head(response: http.Response, forms: SecretForms) -> None:
+    scrub_headers(response.headers, forms)
+    reason = response.data.reason
+    if forms.scrub(reason) is not reason:
+        response.data.reason = forms.scrub(reason)
 
 
 class ResponseStreamer:
@@ -69,7 +80,18 @@ class ResponseStreamer:
             return
         forms: SecretForms | None = flow.metadata.get(SCRUB)
         if forms is not None:
-            scrub_headers(response.headers, forms)
+            scrub_response_head(response, forms)
+        if forms is not None and response.headers.get("transfer-encoding", "").replace(" ", "").lower() not in (
+            "",
+            "chunked",
+        ):
+            # a transfer coding (gzip, chunked) mitmproxy would pass through undecoded: the
+            # secret could hide in it. Refused: the flow is killed before anything is sent.
+            flow.metadata[DECISION] = Decision(
+                Verdict.ERROR, "the upstream used a Transfer-Encoding other than chunked on a credentialed response"
+            )
+            flow.kill()
+            return
         compressed = response.headers.get("content-encoding", "identity").lower() not in ("identity", "")
         if forms is not None and compressed:
             # a compressed body cannot be scrubbed piece by piece: buffer it, whatever any
@@ -94,9 +116,13 @@ class ResponseStreamer:
 
     @fail_closed("response")
     def response(self, flow: http.HTTPFlow) -> None:
+        forms: SecretForms | None = flow.metadata.get(SCRUB)
+        if forms is not None and flow.response is not None and flow.response.trailers:
+            scrub_headers(flow.response.trailers, forms)  # HTTP/2 trailers go out after this hook
         if not flow.metadata.get(SCRUB_BUFFERED) or flow.response is None:
             return
-        content = flow.response.get_content(strict=True) or b""  # undecodable -> exception -> killed
+        # every member, or an exception (undecodable, too big) and the flow is killed
+        content = decode_all(flow.response.headers.get("content-encoding", ""), flow.response.raw_content or b"")
         scrubbed = flow.metadata[SCRUB].scrub(content)
         if scrubbed is not content:  # re-encoding costs: only when a secret was found
             flow.response.content = scrubbed

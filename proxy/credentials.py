@@ -148,14 +148,20 @@ class FakeKeyScanner:
         self.max_len = max(lengths, default=0)
         self.min_len = min(lengths, default=0)
         # how much of a body's tail to keep between streamed pieces: a key in its longest
-        # encoding (JSON \u00XX escapes: 6 bytes a character) may straddle two pieces
-        self.window = 6 * self.max_len
+        # encoding (hex of it, JSON-escaped: 12 bytes a character) may straddle two pieces
+        self.window = 12 * self.max_len + 8
+        # a decoded view is searched with the key regex only if it holds some key's prefix
+        # (most of a 1 MB base64 image's decodings do not)
+        prefixes = {s.shape.prefix.encode() for s in self.services}
+        self._prefixes = tuple(prefixes) if all(prefixes) else ()
 
     def scan(self, data: bytes) -> list[tuple[Service, str]]:
         if self._regex is None or not data:
             return []
         hits = []
         for view in views(data, self.min_len):
+            if self._prefixes and not any(p in view for p in self._prefixes):
+                continue
             for match in self._regex.finditer(view):
                 hit = identify(self.hmac_key, self.services, match.group().decode("latin-1"))
                 if hit is not None:

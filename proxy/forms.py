@@ -45,101 +45,125 @@ def _b64_stable(raw: bytes, offset: int, urlsafe: bool) -> bytes:
     return encoded[first : last + 1]
 
 
-def _hex_class(byte: int) -> str:
-    """A regex for the two hex digits of `byte`, either case."""
-    return "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{byte:02x}")
+# One way a byte of a form may be written: (bytes, compare case-insensitively)
+Alternative = tuple[bytes, bool]
 
 
-def _escaped_pattern(raw: bytes) -> re.Pattern[bytes]:
-    """Each byte of `raw` as itself, %XX or \\u00XX (hex in either case), in any mix."""
+def _escapes(byte: int) -> list[Alternative]:
+    """`byte` as %XX or \\u00XX (hex in either case), and '/' also as JSON's \\/."""
+    hx = b"%02x" % byte
+    out = [(b"%" + hx, True), (b"\\u00" + hx, True)]
+    if byte == 0x2F:
+        out.append((b"\\/", False))
+    return out
+
+
+def _spec_pattern(spec: list[list[Alternative]]) -> re.Pattern[bytes]:
+    """A regex matching every way of writing `spec` (each position: one of its alternatives)."""
     parts = []
-    for byte in raw:
-        literal = re.escape(bytes([byte])).decode("latin-1")
-        slash = r"|\\/" if byte == 0x2F else ""  # JSON may also write '/' as \/
-        parts.append(f"(?:{literal}|%{_hex_class(byte)}|\\\\u00{_hex_class(byte)}{slash})")
+    for alts in spec:
+        options = []
+        for text, fold in alts:
+            esc = re.escape(text).decode("latin-1")
+            if fold:  # hex digits in either case, the rest as is
+                esc = "".join(f"[{c}{c.upper()}]" if c in "abcdef" else c for c in esc)
+            options.append(esc)
+        parts.append(options[0] if len(options) == 1 else f"(?:{'|'.join(options)})")
     return re.compile("".join(parts).encode("latin-1"))
+
+
+def _is_proper_prefix(spec: list[list[Alternative]], data: bytes, i: int) -> bool:
+    """True if data[i:] is a proper prefix of some way of writing `spec`: follows every
+    alternative at once (a literal '%' and an escape start alike), so it is linear."""
+    n = len(data)
+    states = {i}
+    for alts in spec:
+        following = set()
+        for p in states:
+            if p == n:
+                return True  # the data ended between two positions of the form
+            for text, fold in alts:
+                seg = data[p : p + len(text)]
+                if fold:
+                    seg = seg.lower()
+                if len(seg) < len(text):
+                    if text.startswith(seg):
+                        return True  # the data ends inside this position's writing
+                elif seg == text:
+                    following.add(p + len(text))
+        if not following:
+            return False
+        states = following
+    return False  # a whole form: scrub() masks it; nothing to hold
 
 
 class SecretForms:
     """Every form of one secret that must never reach the agent. `repr` never shows it."""
 
-    __slots__ = ("_escaped", "_literals", "_raw", "_starts", "max_len")
+    __slots__ = ("_hex", "_literals", "_patterns", "_raw", "_specs", "_starts", "max_len")
 
     def __init__(self, secret: str) -> None:
         raw = secret.encode()
         self._raw = raw
-        forms = {raw, raw.hex().encode(), raw.hex().upper().encode()}
-        for offset in (0, 1, 2):
-            forms.add(_b64_stable(raw, offset, urlsafe=False))
-            forms.add(_b64_stable(raw, offset, urlsafe=True))
+        b64 = {_b64_stable(raw, offset, urlsafe) for offset in (0, 1, 2) for urlsafe in (False, True)}
         # longest first: a longer form is never left half-masked by a shorter one inside it
-        self._literals = tuple(sorted((f for f in forms if len(f) >= 8), key=len, reverse=True))
-        self._escaped = _escaped_pattern(raw)
-        self._starts = re.compile(b"[%\\\\" + re.escape(raw[:1]) + b"]")  # where an escaped form can begin
-        self.max_len = max(6 * len(raw), *(len(f) for f in self._literals))
+        self._literals = tuple(sorted((f for f in {raw} | b64 if len(f) >= 8), key=len, reverse=True))
+        self._hex = raw.hex().encode()  # searched case-insensitively: 736B2d… decodes too
+        # escaped forms: every byte of the secret as itself, %XX or \u00XX in any mix; and the
+        # base64 forms with their '/' and '+' escaped (a JSON encoder's \/, a URL's %2F)
+        specs = [[[(bytes([c]), False), *_escapes(c)] for c in raw]]
+        for form in self._literals:
+            if form != raw and (b"/" in form or b"+" in form):
+                specs.append([[(bytes([c]), False), *(_escapes(c) if c in b"/+" else [])] for c in form])
+        hex_spec = [[(bytes([c]), True)] for c in self._hex]
+        self._specs = [*specs, hex_spec]
+        self._patterns = [_spec_pattern(spec) for spec in specs]
+        firsts = {alt[0][:1] for spec in self._specs for alt in spec[0]} | {f[:1] for f in self._literals}
+        firsts |= {f.upper() for f in firsts}
+        self._starts = re.compile(b"[" + b"".join(re.escape(f) for f in sorted(firsts)) + b"]")
+        self.max_len = max(6 * len(raw), 2 * len(raw), *(len(f) for f in self._literals))
 
     def __repr__(self) -> str:
         return f"SecretForms(<{len(self._raw)} bytes, redacted>)"
 
     def scrub(self, data: bytes) -> bytes:
         """`data` with every form masked (same length). Returns `data` itself if none was found."""
+        for _ in range(4):  # forms can overlap (a secret holding '%' or '\\'): mask until none is left
+            masked = self._scrub_once(data)
+            if masked is data:
+                return data
+            data = masked
+        return data
+
+    def _scrub_once(self, data: bytes) -> bytes:
         for form in self._literals:
             if form in data:
                 data = data.replace(form, mask(len(form)))
         if b"%" in data or b"\\u00" in data or b"\\/" in data:
-            data = self._escaped.sub(lambda m: mask(m.end() - m.start()), data)
+            for pattern in self._patterns:
+                masked, n = pattern.subn(lambda m: mask(m.end() - m.start()), data)
+                data = masked if n else data
+        lower = data.lower()
+        i = lower.find(self._hex)
+        if i != -1:
+            buf = bytearray(data)
+            while i != -1:
+                buf[i : i + len(self._hex)] = mask(len(self._hex))
+                i = lower.find(self._hex, i + len(self._hex))
+            data = bytes(buf)
         return data
 
     def partial(self, data: bytes) -> int:
         """Length of the longest tail of `data` that could be the beginning of a form (and
         so must be held back until the next piece shows whether it is one)."""
-        best = 0
         n = len(data)
-        for form in self._literals:
-            start = max(0, n - len(form) + 1, 0)
-            first = form[:1]
-            i = data.find(first, start)
-            while i != -1 and n - i > best:
-                if form.startswith(data[i:]):
-                    best = n - i
-                    break
-                i = data.find(first, i + 1)
-        # the escaped forms: walk each candidate start in the tail
-        for m in self._starts.finditer(data, max(0, n - self.max_len), n - best):
-            if self._escaped_prefix(data, m.start()):
-                return max(best, n - m.start())
-        return best
-
-    def _escaped_prefix(self, data: bytes, i: int) -> bool:
-        """True if data[i:] is a proper prefix of some escaped form of the secret."""
-        raw, n, k = self._raw, len(data), 0
-        while i < n:
-            if k == len(raw):
-                return False  # a whole form: scrub() masks it; nothing to hold
-            want, c = raw[k], data[i]
-            if c == want:
-                i, k = i + 1, k + 1
-            elif c == 0x25:  # %XX
-                digits = data[i + 1 : i + 3]
-                if len(digits) < 2:
-                    return digits.lower() == f"{want:02x}".encode()[: len(digits)]
-                if digits.lower() != f"{want:02x}".encode():
-                    return False
-                i, k = i + 3, k + 1
-            elif c == 0x5C:  # \u00XX, or \/ for '/'
-                if want == 0x2F and data[i + 1 : i + 2] == b"/":
-                    i, k = i + 2, k + 1
-                    continue
-                rest = data[i + 1 : i + 6].lower()
-                target = b"u00" + f"{want:02x}".encode()
-                if len(rest) < 5:
-                    return rest == target[: len(rest)]
-                if rest != target:
-                    return False
-                i, k = i + 6, k + 1
-            else:
-                return False
-        return k < len(raw)
+        for m in self._starts.finditer(data, max(0, n - self.max_len)):
+            i = m.start()
+            if any(f.startswith(data[i:]) for f in self._literals) or any(
+                _is_proper_prefix(spec, data, i) for spec in self._specs
+            ):
+                return n - i  # the leftmost start holds the most
+        return 0
 
 
 class ScrubStream:
