@@ -282,3 +282,36 @@ async def test_a_commit_that_hangs_fails_its_waiters_after_wait_timeout(tmp_path
     await log.durable(log.record(row(3)))
     assert select(db, "SELECT request_id FROM audit ORDER BY id") == [("r1",), ("r2",), ("r3",)]
     await log.close()
+
+
+async def test_a_lock_held_briefly_elsewhere_delays_the_commit_instead_of_failing_it(tmp_path: Path) -> None:
+    """The event loop's connection never waits on a lock: the batch goes to the writer's
+    thread, which waits (up to the busy timeout) for the other connection to commit."""
+    db = tmp_path / "a.db"
+    log = AuditLog(db)
+    await log.open()
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # e.g. `budget set` or the budget follower, mid-transaction
+    asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+    started = time.monotonic()
+    await log.durable(log.record(row(1)))
+    assert 0.15 < time.monotonic() - started < 1.0
+    assert log.healthy
+    other.close()
+    await log.close()
+
+
+async def test_the_log_checkpoints_its_wal_itself(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    log = AuditLog(db)
+    log.CHECKPOINT_EVERY = 10
+    await log.open()
+    before = db.stat().st_size
+    for i in range(100):
+        await log.durable(log.record(row(i, reason="x" * 500)))
+    for _ in range(100):  # the last checkpoint runs in the background
+        if log._checkpointing is None:
+            break
+        await asyncio.sleep(0.01)
+    assert db.stat().st_size > before  # pages were copied from the WAL into the DB file
+    await log.close()
