@@ -1,6 +1,6 @@
 """The SQLite audit log: schema migrations, the group-committing writer, and the queries the CLI runs.
 
-One row per decision. Rows are written by one writer thread, many to a commit. A response
+One row per decision. Rows are written by one writer task, many to a commit. A response
 waits for its row (`durable`) — mitmproxy sends the end of the response only after the
 `response` hook returns — so no agent holds a complete answer whose row a crash could lose.
 A metered call's reservation (`intent`) is committed before the call is forwarded and
