@@ -6,7 +6,7 @@ bytes hide what is inside. Every byte is decoded or refused — every gzip membe
 frame (as gzip readers read them all), no bytes after the end, no truncated body — and the
 output comes in slices of at most `SLICE` bytes, with a total cap (`LIMIT`): a body that
 decodes to more is refused, so a 400-byte "bomb" cannot make the proxy inflate gigabytes on
-its event loop. An encoding it does not know, or bytes that do not decode, raise
+its event loop (brotli's slices are approximate: up to about 2 MiB). An encoding it does not know, or bytes that do not decode, raise
 `ValueError` (the caller refuses the body: what cannot be read cannot be checked).
 
 Pure: no I/O, no mitmproxy.
@@ -67,11 +67,12 @@ def _brotli() -> Step:
 
     def feed(data: bytes, end: bool) -> Iterator[bytes]:
         try:
+            # output_buffer_limit is approximate (about 2 MiB come per call), and
+            # can_accept_more_data() is true while output is still held: drain until none comes
             out = d.process(data, output_buffer_limit=SLICE)
-            while True:
-                if out:
-                    yield out
-                if d.can_accept_more_data():
+            while out:
+                yield out
+                if d.is_finished():
                     break
                 out = d.process(b"", output_buffer_limit=SLICE)
         except brotli.error:
