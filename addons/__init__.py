@@ -149,26 +149,26 @@ class Runtime:
 def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     """The addons in the order every hook runs through them, and the background tasks.
 
-    1. TimeoutWatch     connect, TLS and response-header timeouts upstream; a request head
-                        in time from the agent (first, so a slow guard never counts as the
-                        agent's delay)
-    2. AuditGate        refuse everything while the audit log cannot be written
-    3. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
-    4. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
-    5. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
-    6. WebSocketGuard   WebSocket messages: key scan (agent -> upstream), secret scrub
-                        (upstream -> agent), metered calls (Responses/Realtime), close row
-    7. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
-    8. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
-                        (response) tap usage from JSON/SSE, settle to the real cost;
-                        with on_overrun: cut, end a stream that crosses a budget
-    9. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
-                        in the provider's shape, not mitmproxy's HTML page
-   10. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
-                        parser refusals and connections closed before any request
-    Background (not addons: every hook walks every addon, so those with no flow hooks
-    stay out of the chain): KillSwitch follows revocations and cuts the connections of
-    revoked keys; BudgetFollower follows run-time budget changes.
+     1. TimeoutWatch     connect, TLS and response-header timeouts upstream; a request head
+                         in time from the agent (first, so a slow guard never counts as the
+                         agent's delay)
+     2. AuditGate        refuse everything while the audit log cannot be written
+     3. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
+     4. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
+     5. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
+     6. WebSocketGuard   WebSocket messages: key scan (agent -> upstream), secret scrub
+                         (upstream -> agent), metered calls (Responses/Realtime), close row
+     7. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
+     8. SpendGuard       (request) model allowlist, rate limits, reserve the worst-case cost;
+                         (response) tap usage from JSON/SSE, settle to the real cost;
+                         with on_overrun: cut, end a stream that crosses a budget
+     9. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
+                         in the provider's shape, not mitmproxy's HTML page
+    10. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
+                         parser refusals and connections closed before any request
+     Background (not addons: every hook walks every addon, so those with no flow hooks
+     stay out of the chain): KillSwitch follows revocations and cuts the connections of
+     revoked keys; BudgetFollower follows run-time budget changes.
     """
     _flow.ERROR_STYLES.clear()
     _flow.ERROR_STYLES.update({host: s.name for s in rt.config.services for host in s.hosts})
@@ -199,6 +199,7 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
             rt.config,
             rt.ledger,
             lambda flow: cut_server(rt.proxyserver, flow.client_conn.id, flow.server_conn),
+            audit=rt.audit,
         ),
         FailureAnswers(rt.timeouts),
         recorder,

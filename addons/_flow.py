@@ -27,6 +27,7 @@ TARGET = "egress_guard.target"  # (host, port): the destination as the agent nam
 DIALED = "egress_guard.dialed"  # str: the vetted address the proxy connects to
 REQUEST_BYTES = "egress_guard.request_bytes"
 RESPONSE_BYTES = "egress_guard.response_bytes"
+AUDIT_SEQ = "egress_guard.audit_seq"  # int: the flow's audit row, for `durable()` to wait on
 OWN_RESPONSE = "egress_guard.own_response"  # True: the response is a refusal egress-guard made
 AGENT = "egress_guard.agent"  # str: the agent the fake key (or proxy auth) identified
 SESSION = "egress_guard.session"

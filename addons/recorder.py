@@ -20,6 +20,7 @@ from mitmproxy import connection, http, tls
 
 from egress_guard.addons._flow import (
     AGENT,
+    AUDIT_SEQ,
     CREDENTIAL,
     DECISION,
     FAILURE,
@@ -94,14 +95,12 @@ class AuditRecorder:
         self._record(flow, "request", status=flow.response.status_code if flow.response else None)
         # The agent's response is complete only once its row is committed: mitmproxy sends a
         # streamed response's end, or a buffered response whole, after this hook returns.
-        n = flow.metadata.get("egress_guard.audit_seq")
+        n = flow.metadata.get(AUDIT_SEQ)
         if n is None:
             return
         try:
             await self.audit.durable(n)
         except Exception as exc:  # AuditUnavailable: the row stays queued, written when the DB recovers
-            from egress_guard.addons._flow import OWN_RESPONSE
-
             if flow.metadata.get(OWN_RESPONSE):
                 return  # egress-guard's own refusal: nothing was forwarded, and the agent gets the reason
             log.error("audit row for %s could not be committed (%s): response cut off", flow.id, exc)
@@ -248,7 +247,7 @@ class AuditRecorder:
             row.cached_tokens, row.cost_usd = cost.cached_tokens, f"{cost.usd:f}"
         elif (metered := flow.metadata.get(METERED)) is not None:
             row.model = metered.model
-        flow.metadata["egress_guard.audit_seq"] = self.audit.record(row)  # for `response` to wait on
+        flow.metadata[AUDIT_SEQ] = self.audit.record(row)  # for `response` to wait on
         if decision.verdict is not Verdict.ALLOW:
             log.info(
                 "%s %s %s:%s%s status=%s reason=%r rule=%s id=%s",

@@ -258,13 +258,12 @@ class SpendGuard:
         """Commit the call's reservation before it is forwarded. If the proxy stops before the
         call's own row is written, the next start bills the reservation (README, "What is
         billed"); if it cannot be committed, the call is refused: never charged unrecorded."""
-        # until chain() hands every SpendGuard the log, the proxy's open writer for this DB
-        audit = self.audit or AuditLog.writers.get(self.audit_path)
+        audit = self.audit
         target = flow.metadata.get(TARGET)
         host, port = (str(target[0]), target[1]) if target else (flow.request.host, flow.request.port)
         try:
             if audit is None:
-                raise AuditUnavailable(f"no audit log {self.audit_path} is open")
+                raise AuditUnavailable(f"no audit log {self.audit_path} was given to SpendGuard")
             await audit.intent(
                 Intent(
                     request_id=flow.id,

@@ -109,6 +109,19 @@ class ResponseStreamer:
             if forms is not None:
                 flow.metadata[SCRUB_BUFFERED] = True
             return
+        if (
+            "content-length" in response.headers
+            and flow.request.http_version != "HTTP/1.0"
+            and flow.request.method != "HEAD"
+            and response.status_code not in (204, 304)
+        ):
+            # With a Content-Length the last body byte IS the end for the agent (curl stops
+            # there over HTTP/2 too): it would hold a complete response before its audit row
+            # is committed. Without one, the end is the final chunk (HTTP/2: END_STREAM),
+            # which mitmproxy sends only after the `response` hook has waited for the row.
+            del response.headers["content-length"]
+            if not flow.request.is_http2:
+                response.headers["transfer-encoding"] = "chunked"
         stream = body_stream(flow, response)
         if forms is not None:
             stream.add(Scrubber(forms))

@@ -108,6 +108,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(f"data: event {i}\n\n".encode())
             self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/sized":  # a body of known length (Content-Length framing), any size
+            size = int(parse_qs(url.query).get("size", ["1024"])[0])
+            self._send(200, b"x" * size, "application/octet-stream")
+            return
         if url.path == "/big":
             size = int(parse_qs(url.query).get("size", ["1048576"])[0])
             self.send_response(200)

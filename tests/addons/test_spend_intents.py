@@ -86,7 +86,7 @@ async def test_without_an_open_audit_log_a_metered_call_is_refused(tmp_path: Pat
     flow = chat_flow()
     await spend.request(flow)
     assert flow.response is not None and flow.response.status_code == 503
-    assert "is open" in flow.response.headers["X-Egress-Guard-Reason"]
+    assert "was given to SpendGuard" in flow.response.headers["X-Egress-Guard-Reason"]
 
 
 def errored(spend: SpendGuard, *, connected: bool) -> tflow.HTTPFlow:

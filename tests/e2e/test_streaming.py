@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import httpx
-from helpers import RunningProxy, Upstream
+import pytest
+from helpers import RunningProxy, Upstream, curl
 
 
 def test_sse_first_event_arrives_before_upstream_sends_the_rest(proxy: RunningProxy, upstream: Upstream) -> None:
@@ -49,3 +50,30 @@ def test_sse_streams_through_to_curl(proxy: RunningProxy, upstream: Upstream) ->
     assert first == b"data: first\n"
     assert not upstream.state.sse_gate_timed_out
     assert b"data: event 1" in rest
+
+
+@pytest.mark.parametrize("size", [1024, 300 * 1024])
+def test_a_response_is_complete_only_once_its_row_is_committed(proxy, upstream, monkeypatch, size: int) -> None:
+    """A streamed response of known length used to be complete for the agent at its last
+    byte, before its audit row was committed; its framing is now chunked, so its end waits."""
+    import asyncio
+    import time
+
+    from egress_guard.audit import AuditLog
+
+    durable = AuditLog.durable
+
+    async def slow(self, n):
+        await asyncio.sleep(1.0)
+        return await durable(self, n)
+
+    monkeypatch.setattr(AuditLog, "durable", slow)
+    with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), trust_env=False) as client:
+        started = time.monotonic()
+        r = client.get(f"https://api.test.local:{upstream.port}/sized?size={size}")
+        assert r.status_code == 200 and len(r.content) == size
+        assert time.monotonic() - started >= 0.9  # the end waited for the (slowed) commit
+    started = time.monotonic()
+    status, headers, body = curl(proxy, f"https://api.test.local:{upstream.port}/sized?size={size}")
+    assert status == 200 and len(body) == size
+    assert time.monotonic() - started >= 0.9, headers
