@@ -792,13 +792,15 @@ class WebSocketGuard:
             if conn.refused:
                 reason += f", {conn.refused} refused"
         verdict = conn.close_verdict or Verdict.ALLOW
-        return self._row(
+        row = self._row(
             flow,
             conn,
             f"{flow.id}:close",
             verdict,
             reason,
-            code,
+            None,  # no HTTP status: the close code has a column of its own
             request_bytes=conn.agent_bytes,
             response_bytes=conn.upstream_bytes,
         )
+        row.ws_messages_out, row.ws_messages_in, row.ws_close_code = conn.agent_messages, conn.upstream_messages, code
+        return row

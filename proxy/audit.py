@@ -138,6 +138,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         ) WITHOUT ROWID;                      -- one b-tree: an insert or delete touches one page
         """,
     ),
+    (
+        "0005_websocket",
+        """
+        ALTER TABLE audit ADD COLUMN ws_messages_out INTEGER;  -- WebSocket: messages agent -> upstream
+        ALTER TABLE audit ADD COLUMN ws_messages_in INTEGER;   -- WebSocket: messages upstream -> agent
+        ALTER TABLE audit ADD COLUMN ws_close_code INTEGER;    -- WebSocket: the close code (1006: no close frame)
+        """,
+    ),
 ]
 
 
@@ -170,6 +178,9 @@ class AuditRow:
     output_tokens: int | None = None
     cost_usd: str | None = None
     cached_tokens: int | None = None
+    ws_messages_out: int | None = None
+    ws_messages_in: int | None = None
+    ws_close_code: int | None = None
 
 
 COLUMNS = ["id", *(f.name for f in dataclasses.fields(AuditRow))]

@@ -31,7 +31,7 @@ def row(i: int = 0, **kw) -> AuditRow:
 
 def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    names = ["0001_audit", "0002_fake_keys", "0003_spend", "0004_spend_intents"]
+    names = ["0001_audit", "0002_fake_keys", "0003_spend", "0004_spend_intents", "0005_websocket"]
     assert audit.migrate(db) == names
     assert audit.migrate(db) == []
     conn = sqlite3.connect(db)

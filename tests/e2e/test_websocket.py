@@ -303,6 +303,8 @@ async def test_responses_calls_over_websocket_are_priced_exactly(ws_proxy: Runni
         and "3 model calls" in end["reason"]
         and "closed by the agent (1000)" in end["reason"]
     )
+    assert (end["ws_messages_out"], end["ws_close_code"], end["status"]) == (3, 1000, None)
+    assert end["ws_messages_in"] >= 3 and end["request_bytes"] > 0 and end["response_bytes"] > 0
     total = sum((Decimal(r["cost_usd"]) for r in calls), Decimal(0))
     assert f"${total:f} billed" in end["reason"]
     # `audit spend` counts them as it counts HTTP calls
