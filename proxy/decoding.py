@@ -7,7 +7,8 @@ frame (as gzip readers read them all), no bytes after the end, no truncated body
 output comes in slices of at most `SLICE` bytes, with a total cap (`LIMIT`): a body that
 decodes to more is refused, so a 400-byte "bomb" cannot make the proxy inflate gigabytes on
 its event loop (brotli's slices are approximate: up to about 2 MiB). An encoding it does not
-know, or bytes that do not decode, raise `ValueError` (the caller refuses the body: what cannot be read cannot be checked).
+know, or bytes that do not decode, raise `ValueError` (the caller refuses the body: what
+cannot be read cannot be checked).
 
 Pure: no I/O, no mitmproxy.
 """
