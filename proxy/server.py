@@ -72,7 +72,7 @@ class EgressProxy:
         self.config = config
         self.listen = listen or (config.listen_host, config.listen_port)
         self.timeouts = timeouts or Timeouts.from_config(config)
-        self.audit = AuditLog(config.audit_path)
+        self.audit = AuditLog(config.audit_path, synchronous=config.audit_synchronous.upper())
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
         self.keys = KeyCache(config.audit_path)
         self.secrets = SecretStore(make_backend(config), ttl=config.secrets_cache_ttl)

@@ -582,3 +582,14 @@ def test_network_timeouts_websocket_and_env_vars(tmp_path: Path) -> None:
         600,
         15,
     )
+
+
+def test_audit_synchronous(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text("version: 1\naudit: {synchronous: full}\n")
+    assert load_config(path).audit_synchronous == "full"
+    path.write_text("version: 1\n")
+    assert load_config(path).audit_synchronous == "normal"
+    path.write_text("version: 1\naudit: {synchronous: extra}\n")
+    with pytest.raises(ConfigError, match="audit.synchronous"):
+        load_config(path)
