@@ -175,7 +175,8 @@ class Upstream:
 class RunningProxy:
     """The real EgressProxy, on a free port, in a thread with its own event loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, **options: Any) -> None:
+        self.options = options  # more EgressProxy arguments (e.g. timeouts)
         self.config = config
         self.proxy: EgressProxy | None = None
         self.error: BaseException | None = None
@@ -187,7 +188,7 @@ class RunningProxy:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.proxy = EgressProxy(self.config, listen=("127.0.0.1", 0))
+        self.proxy = EgressProxy(self.config, listen=("127.0.0.1", 0), **self.options)
         try:
             self.address = await self.proxy.start()
         except BaseException as exc:

@@ -6,7 +6,6 @@ answered in the provider's error shape with a status the audit row records; time
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -27,31 +26,13 @@ from llm_upstream import REAL
 from egress_guard import keys
 from egress_guard.addons import spend_guard
 from egress_guard.addons.timeouts import Timeouts
-from egress_guard.server import EgressProxy
 
 SHORT = Timeouts(connect=1.0, tls=1.0, response=1.5, header=1.0)
 
 
-class TimedProxy(RunningProxy):
+def TimedProxy(config: Any, timeouts: Timeouts) -> RunningProxy:
     """RunningProxy with timeouts of the test's choosing (EgressProxy's `timeouts`)."""
-
-    def __init__(self, config: Any, timeouts: Timeouts) -> None:
-        super().__init__(config)
-        self.timeouts = timeouts
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self.proxy = EgressProxy(self.config, listen=("127.0.0.1", 0), timeouts=self.timeouts)
-        try:
-            self.address = await self.proxy.start()
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        self.lost = await self.proxy.stop()
+    return RunningProxy(config, timeouts=timeouts)
 
 
 class Fault:
@@ -141,10 +122,10 @@ def faults(test_ca: tuple[trustme.CA, Path]) -> Iterator[Callable[..., Fault]]:
 
 
 @pytest.fixture
-def timed_proxy(tmp_path: Path, test_ca: tuple[trustme.CA, Path]) -> Iterator[Callable[..., TimedProxy]]:
-    started: list[TimedProxy] = []
+def timed_proxy(tmp_path: Path, test_ca: tuple[trustme.CA, Path]) -> Iterator[Callable[..., RunningProxy]]:
+    started: list[RunningProxy] = []
 
-    def make(port: int, timeouts: Timeouts = SHORT, **extra: Any) -> TimedProxy:
+    def make(port: int, timeouts: Timeouts = SHORT, **extra: Any) -> RunningProxy:
         names = ["api.test.local", "api.openai.com"]
         body = {
             "allow": [{"host": name, "ports": [port]} for name in names],

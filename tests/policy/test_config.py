@@ -591,5 +591,5 @@ def test_audit_synchronous(tmp_path: Path) -> None:
     path.write_text("version: 1\n")
     assert load_config(path).audit_synchronous == "normal"
     path.write_text("version: 1\naudit: {synchronous: extra}\n")
-    with pytest.raises(ConfigError, match="audit.synchronous"):
+    with pytest.raises(ConfigError, match=r"audit\.synchronous"):
         load_config(path)
