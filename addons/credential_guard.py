@@ -202,10 +202,13 @@ class CredentialGuard:
                 await self._swap(flow, service)
             # every header and the URL, in every encoding forms.views decodes (basic auth's
             # base64 and the URL's percent-encoding included)
-            for name, value in req.headers.fields:  # names too: a key can hide in a name
-                leak = self.leak(host, name + b": " + value, f"header {name[:40].decode(errors='replace')}")
-                if leak:
-                    raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
+            # names too (a key can hide in a name); all in one pass (a pass per header cost 8x),
+            # then, only on a hit, the header is found for the reason
+            leak = self.leak(host, b"\r\n".join(n + b": " + v for n, v in req.headers.fields), "the headers")
+            if leak:
+                for name, value in req.headers.fields:
+                    leak = self.leak(host, name + b": " + value, f"header {name[:40].decode(errors='replace')}") or leak
+                raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
             leak = self.leak(host, req.path.encode(), "the URL")
             if leak:
                 raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
