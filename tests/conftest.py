@@ -149,3 +149,13 @@ def real_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 @pytest.fixture
 def cred_proxy(make_proxy: Callable[..., RunningProxy], cred_config: dict[str, Any], real_env) -> RunningProxy:
     return make_proxy(**cred_config)
+
+
+@pytest.fixture
+def ws_up(test_ca: tuple[trustme.CA, Path]) -> Iterator[Any]:
+    """The fake OpenAI API over HTTP and WebSocket (Responses, Realtime, echo) on one TLS port."""
+    from ws_upstream import start
+
+    server = start(test_ca[0])
+    yield server
+    server.close()

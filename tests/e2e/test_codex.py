@@ -27,7 +27,6 @@ from genai_prices import Usage, calc_price
 from helpers import RunningProxy, Upstream
 from llm_upstream import REAL
 from test_credentials import assert_no_real_secret, mint
-from ws_upstream import start
 
 CODEX_VERSION = "0.169.0"  # the version these findings were made with; bump deliberately
 CACHE = Path(os.environ.get("EGRESS_GUARD_TEST_CACHE") or Path.home() / ".cache" / "egress-guard-tests")
@@ -57,13 +56,6 @@ def codex() -> Path:
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert CODEX_VERSION in version.stdout, version.stdout + version.stderr
     return binary
-
-
-@pytest.fixture
-def ws_up(test_ca) -> Any:
-    server = start(test_ca[0])
-    yield server
-    server.close()
 
 
 @pytest.fixture

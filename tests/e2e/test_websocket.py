@@ -23,20 +23,12 @@ from helpers import RunningProxy, Upstream, raw_connect
 from llm_upstream import REAL
 from test_credentials import assert_no_real_secret, mint
 from websockets.asyncio.client import ClientConnection, connect
-from ws_upstream import start
 
 from egress_guard.cli import main
 from egress_guard.forms import SecretForms
 
 SECRET = REAL["openai"]
 MASK = b"[REDACTED-by-egress-guard]"
-
-
-@pytest.fixture
-def ws_up(test_ca) -> Any:
-    server = start(test_ca[0])
-    yield server
-    server.close()
 
 
 @pytest.fixture
