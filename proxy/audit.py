@@ -185,7 +185,22 @@ class AuditRow:
 
 COLUMNS = ["id", *(f.name for f in dataclasses.fields(AuditRow))]
 _INSERT = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
-_row_values = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
+_row_fields = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
+
+
+def _bindable(values: tuple) -> tuple:
+    """The values with every text made encodable: mitmproxy decodes wire bytes with
+    surrogateescape (an HTTP/2 :path of b"/a\\xff"), and one lone surrogate that sqlite3
+    cannot bind would fail its batch again and again, stopping the log (every request then
+    refused). ASCII, nearly every value, costs one check."""
+    return tuple(
+        v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if isinstance(v, str) and not v.isascii() else v
+        for v in values
+    )
+
+
+def _row_values(row: AuditRow) -> tuple:
+    return _bindable(_row_fields(row))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -211,7 +226,13 @@ INTENT_COLUMNS = [f.name for f in dataclasses.fields(Intent)]
 _INSERT_INTENT = "INSERT OR REPLACE INTO spend_intents ({}) VALUES ({})".format(
     ", ".join(INTENT_COLUMNS), ", ".join("?" * len(INTENT_COLUMNS))
 )
-_intent_values = operator.attrgetter(*INTENT_COLUMNS)
+_intent_fields = operator.attrgetter(*INTENT_COLUMNS)
+
+
+def _intent_values(intent: Intent) -> tuple:
+    return _bindable(_intent_fields(intent))
+
+
 _SETTLE_INTENT = "DELETE FROM spend_intents WHERE request_id = ?"
 _AMEND = (
     "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || ? "
@@ -588,7 +609,7 @@ class AuditLog:
                 elif isinstance(item, Intent):
                     intents.append(_intent_values(item))
                 else:
-                    amends.append((item.note, item.request_id))
+                    amends.append(_bindable((item.note, item.request_id)))
             first = self._committed + 1
             self._writing = (first, first + len(batch) - 1)
             try:
