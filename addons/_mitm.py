@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+import wsproto.events
 from mitmproxy import connection, http, version
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers.http import (
@@ -42,6 +43,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Connection
+from mitmproxy.proxy.layers.websocket import WebsocketConnection
 from mitmproxy.utils import human
 
 from egress_guard.addons._flow import FAILURE, Failure
@@ -208,7 +210,39 @@ def _no_empty_data(original: Callable[..., _Gen]) -> Callable[..., _Gen]:
     return state
 
 
+# connection id (the agent's, the upstream's) -> the WebSocket guard's filter for control
+# frames sent on it; set at websocket_start, dropped at websocket_end
+WS_CONTROL: dict[str, Callable[[Any], Any]] = {}
+
+
+def _blank(event: Any) -> Any:
+    """A control frame without its payload or reason (what goes when no guard could check it)."""
+    if isinstance(event, wsproto.events.CloseConnection):
+        return wsproto.events.CloseConnection(code=event.code, reason=None)
+    return type(event)(payload=b"")
+
+
+def _filtering_send2(original: Callable[..., Any]) -> Callable[..., Any]:
+    """WebsocketConnection.send2: mitmproxy relays ping/pong payloads and close reasons
+    without any hook (websocket_message sees data messages only), so an upstream could send
+    the secret back in one and an agent a key out. Each connection carries the WebSocket
+    guard's filter (`WS_CONTROL`, by connection id); a connection without one sends them blank."""
+
+    @functools.wraps(original)
+    def send2(self: Any, event: Any) -> Any:
+        if isinstance(event, (wsproto.events.Ping, wsproto.events.Pong, wsproto.events.CloseConnection)):
+            check = WS_CONTROL.get(self.conn.id)
+            try:
+                event = check(event) if check is not None else _blank(event)
+            except Exception:  # fail closed: the frame goes out empty
+                event = _blank(event)
+        return original(self, event)
+
+    return send2
+
+
 _PATCHES: list[tuple[type, str, Callable[[Callable[..., _Gen]], Callable[..., _Gen]]]] = [
+    (WebsocketConnection, "send2", _filtering_send2),
     (HttpStream, "state_stream_request_body", _no_empty_data),
     (HttpStream, "state_stream_response_body", _no_empty_data),
     (HttpStream, "handle_protocol_error", lambda f: _answering(f, _protocol_error_failure)),

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import wsproto.events
 from mitmproxy import http, websocket
 
 from egress_guard.addons._flow import (
@@ -55,6 +56,7 @@ from egress_guard.addons._flow import (
     fail_closed,
     reject,
 )
+from egress_guard.addons._mitm import WS_CONTROL
 from egress_guard.addons.killswitch import cut_client
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.config import Config
@@ -332,6 +334,7 @@ class WebSocketGuard:
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         try:
             conn = flow.metadata[WS] = self._conn(flow)
+            self._guard_control_frames(flow, conn)
             # the upgrade was judged by its request; mitmproxy judges a WebSocket by the
             # response (101, Upgrade: websocket): one the request check missed closes here
             refusal = self._refusal(flow)
@@ -340,6 +343,50 @@ class WebSocketGuard:
         except Exception as exc:
             log.exception("WebSocket guard could not start on %s; closing it", flow.id)
             self._close(flow, None, CLOSE_ERROR, f"internal error ({type(exc).__name__})")
+
+    def _guard_control_frames(self, flow: http.HTTPFlow, conn: _Conn) -> None:
+        """Ping/pong payloads and close reasons pass no hook (addons/_mitm.py filters them
+        through these): to the agent, the secret is masked; to the upstream, a key bound
+        elsewhere blanks the frame and closes the connection. Frames on a connection with
+        no filter go out blank."""
+
+        def to_agent(event: Any) -> Any:
+            forms = conn.relay.forms
+            if forms is None:
+                return event
+            if isinstance(event, wsproto.events.CloseConnection):
+                reason = (event.reason or "").encode()
+                masked = forms.scrub(reason)
+                return event if masked is reason else wsproto.events.CloseConnection(event.code, masked.decode())
+            payload = bytes(event.payload)
+            masked = forms.scrub(payload)
+            return event if masked is payload else type(event)(payload=masked)
+
+        def to_upstream(event: Any) -> Any:
+            if conn.leak is None:
+                return event
+            closing = isinstance(event, wsproto.events.CloseConnection)
+            if closing and conn.closing is not None:
+                return event  # egress-guard's own close: the reason is its words
+            data = (event.reason or "").encode() if closing else bytes(event.payload)
+            if not data:
+                return event
+            joined = conn.scan_tail + data
+            why = conn.leak(joined)
+            conn.scan_tail = joined[-conn.window :]
+            if not why:
+                return event
+            log.warning("SECURITY %s: %s (id %s); WebSocket closed", Credential.UNBOUND_HOST.value, why, flow.id)
+            self.audit.record(
+                self._row(flow, conn, f"{flow.id}:ws-leak", Verdict.DENY, why, 403, credential=Credential.UNBOUND_HOST)
+            )
+            if closing:  # already closing: the close goes on, without the reason
+                return wsproto.events.CloseConnection(code=CLOSE_POLICY, reason=None)
+            self._close(flow, conn, CLOSE_POLICY, why)
+            return type(event)(payload=b"")
+
+        WS_CONTROL[flow.client_conn.id] = to_agent
+        WS_CONTROL[flow.server_conn.id] = to_upstream
 
     def _conn(self, flow: http.HTTPFlow) -> _Conn:
         target = flow.metadata.get(TARGET)
@@ -399,6 +446,8 @@ class WebSocketGuard:
             self._close(flow, conn, CLOSE_ERROR, f"internal error in the WebSocket guard ({type(exc).__name__})")
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        WS_CONTROL.pop(flow.client_conn.id, None)  # its close frames have been sent
+        WS_CONTROL.pop(flow.server_conn.id, None)
         conn: _Conn | None = flow.metadata.get(WS)
         if conn is None or conn.ended:
             return

@@ -197,6 +197,11 @@ class WSHandler(LLMHandler):
             self._ws_send(key[k:] + " second part")
         elif command == "base64":
             self._ws_send(json.dumps({"header": base64.b64encode(f"Bearer {key}".encode()).decode()}))
+        elif command in ("close", "ping", "pong"):  # the key in a control frame (no message hook sees these)
+            frame = ev.CloseConnection(code=1000, reason=key) if command == "close" else None
+            frame = frame or (ev.Ping if command == "ping" else ev.Pong)(payload=key.encode())
+            self.wfile.write(self.ws.send(frame))
+            self.wfile.flush()
         elif command == "json":  # ordinary JSON messages, none of which may be touched
             for i in range(int(arg)):
                 self._ws_send(json.dumps({"type": "ordinary", "i": i, "text": "sk-proj- is how keys start"}))

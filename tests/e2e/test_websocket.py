@@ -443,3 +443,60 @@ async def test_realtime_model_outside_the_allowlist_is_refused_at_the_upgrade(ws
             pass
     assert refused.value.response.status_code == 403
     assert b"model 'gpt-realtime-mini' is not allowed for agent writer" in refused.value.response.body
+
+
+# --- control frames: ping/pong payloads and close reasons pass no message hook ---------------
+
+
+async def test_the_secret_in_an_upstream_close_reason_is_masked(ws_proxy: RunningProxy, ws_up: Upstream) -> None:
+    key = mint(ws_proxy).env["OPENAI_API_KEY"]
+    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/echo", key) as conn:
+        await conn.send("secret:close")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(conn)
+    reason = closed.value.rcvd.reason if closed.value.rcvd else ""
+    assert SECRET not in reason and reason.startswith(MASK.decode()[:10])
+
+
+@pytest.mark.parametrize("frame", ["ping", "pong"])
+async def test_the_secret_in_an_upstream_ping_or_pong_is_masked(
+    ws_proxy: RunningProxy, ws_up: Upstream, frame: str
+) -> None:
+    key = mint(ws_proxy).env["OPENAI_API_KEY"]
+    payloads: list[bytes] = []
+    async with ws(ws_proxy, f"wss://api.openai.com:{ws_up.port}/echo", key) as conn:
+        receive = conn.protocol.receive_data
+
+        def spy(data: bytes) -> None:  # every byte the agent's side receives, frames included
+            payloads.append(bytes(data))
+            receive(data)
+
+        conn.protocol.receive_data = spy  # type: ignore[method-assign]
+        await conn.send(f"secret:{frame}")
+        await conn.send("hello")
+        assert await recv(conn) == "hello"
+    assert not any(SECRET.encode() in p for p in payloads)
+    assert any(MASK[:10] in p for p in payloads)
+
+
+async def test_a_fake_key_in_an_agent_close_reason_or_ping_does_not_reach_an_unbound_host(
+    make_proxy, ws_config: dict[str, Any], real_env, ws_up: Upstream
+) -> None:
+    ws_config["allowlists"].append("github")
+    ws_config["services"].append("github")
+    ws_config["agents"]["researcher"]["services"].append("github")
+    ws_proxy = make_proxy(**ws_config)
+    key = mint(ws_proxy).env["GH_TOKEN"]  # short enough for one control frame (125 bytes)
+    async with ws(ws_proxy, f"wss://api.test.local:{ws_up.port}/echo") as conn:
+        pong = await conn.ping(key.encode())
+        with contextlib.suppress(asyncio.TimeoutError, websockets.ConnectionClosed):
+            await asyncio.wait_for(pong, 3)
+    async with ws(ws_proxy, f"wss://api.test.local:{ws_up.port}/echo") as conn:
+        await conn.send("hello")
+        assert await recv(conn) == "hello"
+        await conn.close(code=1000, reason=key)
+    await asyncio.sleep(0.3)
+    closes = [r for r in ws_up.state.requests if "ws_close" in r]
+    assert not any(key in (r["reason"] or "") for r in closes)
+    leaks = [r for r in rows_of(ws_proxy, 4) if r["request_id"].endswith(":ws-leak")]
+    assert len(leaks) == 2 and all(r["credential"] == "denied-unbound-host" for r in leaks)
