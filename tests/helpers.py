@@ -57,16 +57,27 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
+        """The whole request body; a connection that ends before it is complete raises (the
+        request is then not recorded: tests check that a refused upload never arrives whole)."""
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             out = b""
             while True:
-                size = int(self.rfile.readline().strip() or b"0", 16)
+                line = self.rfile.readline()
+                if not line.endswith(b"\n"):
+                    raise ConnectionResetError("the chunked body ended before its last chunk")
+                size = int(line.strip(), 16)
                 if size == 0:
                     self.rfile.readline()
                     return out
-                out += self.rfile.read(size)
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
+                data = self.rfile.read(size + 2)
+                if len(data) < size + 2:
+                    raise ConnectionResetError("the chunked body ended inside a chunk")
+                out += data[:size]
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ConnectionResetError("the body ended before its Content-Length")
+        return body
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
         self.send_response(status)
