@@ -77,8 +77,6 @@ class Chain:
     }
 
     def __init__(self, addons: list[Any]) -> None:
-        # not named `addons`: mitmproxy would treat those as child addons and call them twice
-        self._members = addons
         # A hook a member defines but the chain does not relay would silently never run (a
         # guard skipped = fail open): refuse to build such a chain.
         import mitmproxy.addons.proxyserver  # noqa: F401 - registers the proxy's hook names

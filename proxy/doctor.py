@@ -17,7 +17,7 @@ from cryptography import x509
 from egress_guard import audit, ca, status
 from egress_guard.config import Config
 from egress_guard.fakekeys import HMAC_KEY_FILE, load_or_create_hmac_key
-from egress_guard.secrets import EnvBackend, SecretStore, SecretUnavailable, VaultBackend
+from egress_guard.secrets import SecretStore, SecretUnavailable, make_backend
 
 
 def run_checks(config: Config) -> Iterator[tuple[bool, str]]:
@@ -56,7 +56,7 @@ def run_checks(config: Config) -> Iterator[tuple[bool, str]]:
         f"no running proxy found for this config (no live {status.status_path(config)}): checking secrets "
         "from THIS shell's environment; `up` reads them from the environment of the shell it is started in",
     )
-    backend = VaultBackend(config.vault) if config.vault is not None else EnvBackend()
+    backend = make_backend(config.vault)
     try:
         yield True, f"secret backend: {backend.check()} (checked from this shell)"
     except SecretUnavailable as exc:

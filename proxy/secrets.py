@@ -312,12 +312,15 @@ class SecretStore:
         finally:
             entry.refreshing = None
 
-    def known(self) -> list[Secret]:
-        return [e.secret for e in self._entries.values() if e.secret is not None]
-
     async def close(self) -> None:
         for entry in self._entries.values():
             if entry.refreshing is not None:
                 entry.refreshing.cancel()
                 with contextlib.suppress(BaseException):
                     await entry.refreshing
+
+
+def make_backend(vault: VaultSettings | None) -> Backend:
+    """The backend the config names: Vault/OpenBao when it has a vault section (secrets.backend:
+    vault), else the proxy's own environment."""
+    return VaultBackend(vault) if vault is not None else EnvBackend()

@@ -29,17 +29,10 @@ from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.resolve import Resolver
-from egress_guard.secrets import Backend, EnvBackend, SecretStore, VaultBackend
+from egress_guard.secrets import SecretStore, make_backend
 from egress_guard.spend import Ledger
 
 log = logging.getLogger("egress_guard")
-
-
-def make_backend(config: Config) -> Backend:
-    if config.secrets_backend == "vault":
-        assert config.vault is not None
-        return VaultBackend(config.vault)
-    return EnvBackend()
 
 
 class StartupError(Exception):
@@ -75,7 +68,7 @@ class EgressProxy:
         self.audit = AuditLog(config.audit_path, synchronous=config.audit_synchronous.upper())
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
         self.keys = KeyCache(config.audit_path)
-        self.secrets = SecretStore(make_backend(config), ttl=config.secrets_cache_ttl)
+        self.secrets = SecretStore(make_backend(config.vault), ttl=config.secrets_cache_ttl)
         self.ledger = Ledger(config.spend)
         self.budgets = BudgetFollower(config.audit_path, self.ledger)
         self.master: Master | None = None

@@ -70,8 +70,6 @@ class SpendSettings:
 
 # --- what a request is ---------------------------------------------------------------------
 
-APIS = ("openai", "anthropic", "google")  # the request/response shapes egress-guard meters
-
 
 @dataclass(frozen=True)
 class Meter:

@@ -8,10 +8,10 @@ import sqlite3
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from egress_guard import audit
 from egress_guard.audit import Filters
 from egress_guard.config import Config
 from egress_guard.fakekeys import iso, utcnow
+from egress_guard.keys import connect_rw
 from egress_guard.spend import Ledger, SpendSettings
 
 
@@ -46,11 +46,6 @@ def spend_by(conn: sqlite3.Connection, filters: Filters, by: str, settings: Spen
     return rows
 
 
-def _rw(config: Config) -> sqlite3.Connection:
-    audit.migrate(config.audit_path)
-    return audit.connect(config.audit_path)
-
-
 def _scope_key(config: Config, agent: str, scope: str, session: str | None) -> str:
     if agent not in config.agents:
         raise ValueError(f"no agent named {agent!r}; use one of {', '.join(sorted(config.agents))}")
@@ -67,7 +62,7 @@ def set_budget(config: Config, agent: str, scope: str, session: str | None, usd:
         raise ValueError(f"{usd!r} is not an amount: write e.g. 5 or 0.25") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"{usd!r} is not an amount: write a number of dollars, 0 or more")
-    conn = _rw(config)
+    conn = connect_rw(config)
     with conn:
         conn.execute(
             "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (agent, scope) DO UPDATE SET "
@@ -79,7 +74,7 @@ def set_budget(config: Config, agent: str, scope: str, session: str | None, usd:
 
 def reset_budget(config: Config, agent: str, scope: str, session: str | None) -> int:
     key = _scope_key(config, agent, scope, session)
-    conn = _rw(config)
+    conn = connect_rw(config)
     with conn:
         n = conn.execute("DELETE FROM budgets WHERE agent = ? AND scope = ?", (agent, key)).rowcount
     conn.close()
