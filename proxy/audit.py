@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 log = logging.getLogger("egress_guard.audit")
 
@@ -361,8 +361,6 @@ class AuditLog:
     CHECKPOINT_EVERY = 200  # commits between two (passive) WAL checkpoints, in the thread
     WAL_RESTART_FRAMES = 50_000  # a WAL this long (~200 MB) is restarted, whatever waits for it
 
-    writers: ClassVar[dict[Path, AuditLog]] = {}  # the open writer of each DB in this process
-
     def __init__(
         self,
         path: Path,
@@ -437,7 +435,6 @@ class AuditLog:
             )
         self._task = asyncio.create_task(self._run(), name="egress-guard audit writer")
         self._task.add_done_callback(self._writer_stopped)
-        AuditLog.writers[self.path] = self
 
     def _writer_stopped(self, task: asyncio.Task[None]) -> None:
         """A writer that died (a bug, not a DB error: those are retried) leaves the log unhealthy."""
@@ -673,8 +670,6 @@ class AuditLog:
 
     async def close(self, timeout: float = 10.0) -> int:
         """Flush every pending row, then close. Returns the number of items it could not write."""
-        if AuditLog.writers.get(self.path) is self:
-            del AuditLog.writers[self.path]
         self._closing = True
         self._wake.set()
         self._hurry.set()
