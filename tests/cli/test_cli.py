@@ -581,7 +581,8 @@ def test_up_warns_keeps_a_status_doctor_reads_and_prints_commands_that_work(
 
 
 def test_banner_commands_in_the_dev_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from egress_guard.cli import _load, _next_steps
+    from egress_guard.cli.common import load as _load
+    from egress_guard.cli.up import _next_steps
 
     invoke("init", "--dir", str(tmp_path))
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,171 @@
+"""`audit`: ask the audit log what agents did — `query` (the default), `tail`, `stats`, `spend`.
+
+Every query command takes the same filters (`filter_options`) and output formats; the DB is
+opened read-only, so these never disturb a running proxy's writer.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from egress_guard import audit as audit_db
+from egress_guard import spend_report as spend_mod
+from egress_guard.cli.common import config_option, format_option, load, open_db
+from egress_guard.cli.output import emit, table
+
+TABLE_COLUMNS = ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
+
+
+def _when(value: str | None, param: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return audit_db.parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=param) from None
+
+
+def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters every audit query shares, turned into one `filters` argument."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        agent: str | None,
+        host: str | None,
+        decision: str | None,
+        since: str | None,
+        until: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        filters = audit_db.Filters(
+            agent,
+            host.lower().rstrip(".") if host else None,
+            decision,
+            _when(since, "--since"),
+            _when(until, "--until"),
+        )
+        return fn(*args, filters=filters, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--agent", help="Only this agent."),
+            click.option("--host", help="Only this destination host."),
+            click.option("--decision", type=click.Choice(["allow", "deny", "error"])),
+            click.option("--since", help="From this time: ISO (2026-11-22T09:00, UTC if no zone) or 15m, 2h, 3d ago."),
+            click.option("--until", help="Before this time (same forms as --since)."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return config_option(wrapper)
+
+
+class _DefaultQueryGroup(click.Group):
+    """`egress-guard audit --host x` means `egress-guard audit query --host x`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["query", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultQueryGroup)
+def audit() -> None:
+    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`.
+
+    \b
+    Examples:
+      egress-guard audit --agent researcher --since 1d
+      egress-guard audit --decision deny --since 2h --format json
+      egress-guard audit stats --since 1d
+    """
+
+
+@audit.command()
+@filter_options
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="The newest N rows.")
+@format_option("table", "json", "csv")
+def query(config_path: Path | None, filters: audit_db.Filters, limit: int, fmt: str) -> None:
+    """Rows matching the filters, oldest first (the newest --limit of them).
+
+    \b
+    Example:
+      egress-guard audit query --host api.openai.com --since 2026-11-22T00:00 --format csv
+    """
+    with open_db(config_path) as conn:
+        rows = audit_db.query(conn, filters, limit)
+    emit(rows, fmt, None if fmt != "table" else TABLE_COLUMNS)
+
+
+@audit.command()
+@filter_options
+@click.option("-n", "--lines", type=click.IntRange(0), default=10, show_default=True, help="Rows to show first.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new rows.")
+@click.option("--interval", type=click.FloatRange(0.05), default=0.5, show_default=True, help="Poll interval, seconds.")
+@format_option("table", "jsonl")
+def tail(
+    config_path: Path | None, filters: audit_db.Filters, lines: int, follow: bool, interval: float, fmt: str
+) -> None:
+    """Show the newest rows, then follow new ones as the proxy writes them (Ctrl-C stops).
+
+    \b
+    Example:
+      egress-guard audit tail --decision deny
+    """
+    with open_db(config_path) as conn:
+        first = audit_db.query(conn, filters, lines) if lines else []
+        last_id = first[-1]["id"] if first else (conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+        printer = (
+            (lambda rows, header: click.echo(table(rows, TABLE_COLUMNS, header=header), nl=False))
+            if fmt == "table"
+            else (lambda rows, header: emit(rows, "jsonl"))
+        )
+        printer(first, True)
+        if not follow:
+            return
+        try:
+            for row in audit_db.follow(conn, filters, last_id, interval):
+                printer([row], False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+@audit.command()
+@filter_options
+@format_option("table", "json", "csv")
+def stats(config_path: Path | None, filters: audit_db.Filters, fmt: str) -> None:
+    """Counts and bytes by host and decision.
+
+    \b
+    Example:
+      egress-guard audit stats --since 1d --agent researcher
+    """
+    with open_db(config_path) as conn:
+        rows = audit_db.stats(conn, filters)
+    emit(rows, fmt, ["host", "decision", "requests", "request_bytes", "response_bytes", "first", "last"])
+
+
+@audit.command()
+@filter_options
+@click.option(
+    "--by", "by", type=click.Choice(["agent", "session", "model", "day", "service"]), default="agent", show_default=True
+)
+@format_option("table", "json", "csv")
+def spend(config_path: Path | None, filters: audit_db.Filters, by: str, fmt: str) -> None:
+    """What agents spent, from the real token usage of each call (exact decimals).
+
+    \b
+    Example:
+      egress-guard audit spend --by model --since 1d
+    """
+    config = load(config_path)
+    with open_db(config_path) as conn:
+        rows = spend_mod.spend_by(conn, filters, by, config.spend)
+    emit(rows, fmt, [by, "requests", "input_tokens", "output_tokens", "cached_tokens", "cost_usd"])

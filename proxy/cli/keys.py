@@ -1,0 +1,106 @@
+"""`keys` (mint, list, revoke agents' fake keys) and `kill` (revoke every key of an agent or
+session at once). A key is printed once, when minted; lists show ids, never keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from egress_guard import keys as keys_mod
+from egress_guard.cli.common import config_option, format_option, load, mint
+from egress_guard.cli.output import emit
+from egress_guard.envvars import render
+
+
+@click.group()
+def keys() -> None:
+    """Mint, list and revoke agents' fake keys (the only credentials agents hold).
+
+    \b
+    Examples:
+      egress-guard keys mint --agent researcher --ttl 2h --services openai
+      egress-guard keys list --all
+      egress-guard keys revoke 3f2a…
+    """
+
+
+@keys.command("mint")
+@config_option
+@click.option("--agent", required=True, help="The agent (from the config's agents:).")
+@click.option("--ttl", default="8h", show_default=True, help="Lifetime: 90s, 30m, 8h, 7d (at most 90d).")
+@click.option("--services", help="Comma-separated subset of the agent's services (default: all of them).")
+@click.option("--session", help="Session id to mint for (default: a new one).")
+@click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
+def keys_mint(
+    config_path: Path | None, agent: str, ttl: str, services: str | None, session: str | None, fmt: str
+) -> None:
+    """Mint fake keys for an agent's session; prints them once as variables.
+
+    \b
+    Example:
+      eval "$(egress-guard keys mint --agent researcher --ttl 2h)"
+    """
+    minted = mint(load(config_path), agent, ttl, services, session)
+    r = minted.record
+    click.echo(
+        f"minted key {r.key_id} for agent {r.agent}, session {r.session}, "
+        f"services {', '.join(r.services)}, expires {r.expires_at}",
+        err=True,
+    )
+    variables = minted.env | {"EGRESS_GUARD_AGENT": r.agent, "EGRESS_GUARD_SESSION": r.session}
+    click.echo(render(variables, fmt), nl=False)
+
+
+@keys.command("list")
+@config_option
+@click.option("--agent", help="Only this agent's keys.")
+@click.option("--all", "include_all", is_flag=True, help="Include expired and revoked keys.")
+@format_option("table", "json", "csv")
+def keys_list(config_path: Path | None, agent: str | None, include_all: bool, fmt: str) -> None:
+    """List keys (ids, agent, session, services, expiry, status) — never the keys themselves.
+
+    \b
+    Example:
+      egress-guard keys list --agent researcher --all
+    """
+    rows = keys_mod.list_keys(load(config_path), agent, include_all)
+    emit(rows, fmt, ["key_id", "agent", "session", "services", "expires_at", "status", "revoked_reason"])
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_ids", nargs=-1, required=True)
+@click.option("--reason", default="revoked by operator", show_default=True)
+def keys_revoke(config_path: Path | None, key_ids: tuple[str, ...], reason: str) -> None:
+    """Revoke keys by id (from `keys list`); a running proxy refuses them within a second.
+
+    \b
+    Example:
+      egress-guard keys revoke 3f2a9c01d4e5b6a7c8d9 --reason "leaked in a log"
+    """
+    config = load(config_path)
+    for key_id in key_ids:
+        n = keys_mod.revoke_keys(config, key_id=key_id, reason=reason)
+        click.echo(f"{'revoked' if n else 'no active key'} {key_id}")
+
+
+@click.command()
+@config_option
+@click.option("--agent", help="Revoke every key of this agent.")
+@click.option("--session", help="Revoke every key of this session.")
+@click.option("--reason", default="kill switch", show_default=True)
+def kill(config_path: Path | None, agent: str | None, session: str | None, reason: str) -> None:
+    """Kill switch: revoke every key of an agent or session at once.
+
+    A running proxy refuses their next request within a second and cuts their open
+    connections, streams included. Revocations are stored and survive restarts.
+
+    \b
+    Example:
+      egress-guard kill --agent researcher --reason "runaway loop"
+    """
+    if bool(agent) == bool(session):
+        raise click.UsageError("name exactly one of --agent or --session")
+    n = keys_mod.revoke_keys(load(config_path), agent=agent, session=session, reason=reason)
+    click.echo(f"revoked {n} key(s) of {'agent ' + agent if agent else 'session ' + str(session)}")
