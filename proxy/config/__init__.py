@@ -3,15 +3,22 @@
 `load_config(path)` is the only way in. Every problem raises one `ConfigError` naming the
 file, the line, the key path and the fix; it never returns a partly valid config. The
 names below are the package's public face: import them from `egress_guard.config`.
+
+    source    a YAML file's data and where each key is (ruamel.yaml positions)
+    wire      the pydantic models: exactly what the YAML may say
+    errors    ConfigError, and a ValidationError phrased as one
+    rules     allowlist rules and presets (allowlists/*.yaml)
+    services  credentialed services
+    build     load_config: the wire models turned into the frozen Config
 """
 
-from egress_guard.config.build import (
-    DEFAULT_CONFIG_NAME,
+from egress_guard.config.build import DEFAULT_CONFIG_NAME, Config, load_config, parse_listen
+from egress_guard.config.errors import ConfigError
+from egress_guard.config.rules import load_preset, preset_names
+from egress_guard.config.wire import (
     AgentWire,
     AuditWire,
     BudgetWire,
-    Config,
-    ConfigError,
     ConfigWire,
     FakeKeyWire,
     FallbackPriceWire,
@@ -28,10 +35,6 @@ from egress_guard.config.build import (
     SpendWire,
     VaultAuthWire,
     VaultWire,
-    load_config,
-    load_preset,
-    parse_listen,
-    preset_names,
 )
 
 __all__ = [

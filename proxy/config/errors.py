@@ -1,0 +1,115 @@
+"""ConfigError, and how a pydantic ValidationError becomes one.
+
+A config problem is phrased for the person who has to fix it: the file, the line, the key
+path, the problem and the fix. This module owns that phrasing; it reads no files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import BaseModel, ValidationError
+
+
+class ConfigError(Exception):
+    """A config problem: the file, the line, the key path, the problem and the fix. `at` is
+    the key path whose line to report when it is not `key` itself (an unknown key is
+    reported on its parent, located on itself)."""
+
+    def __init__(
+        self, file: Path | str, key: str, problem: str, fix: str = "", *, line: int | None = None, at: str | None = None
+    ) -> None:
+        self.file, self.key, self.problem, self.fix = str(file), key, problem, fix
+        self.line, self.at = line, at
+        super().__init__(file, key, problem, fix)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        text = f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """`("agents", "bot", "services", 0)` -> `agents.bot.services[0]`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The wire model of the mapping at `loc`, walking fields, list items and the values of
+    dict-valued fields (`agents: {NAME: AgentWire}`), or None where no model applies."""
+    current: Any = model
+    for part in loc:
+        current = _without_none(current)
+        origin = typing.get_origin(current)
+        if origin is list:
+            current = typing.get_args(current)[0]
+        elif origin is dict:
+            current = typing.get_args(current)[1]
+        elif isinstance(current, type) and issubclass(current, BaseModel) and str(part) in current.model_fields:
+            current = current.model_fields[str(part)].annotation
+        else:
+            return None
+    current = _without_none(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts at the mapping that holds `loc`'s last key."""
+    holder = _model_at(model, loc[:-1])
+    return list(holder.model_fields) if holder is not None else []
+
+
+def validation_failed(
+    file: Path | str, model: type[BaseModel], err: ValidationError, prefix: tuple[int | str, ...] = ()
+) -> NoReturn:
+    """Raise the one ConfigError that says best what is wrong with the data `model` refused.
+    `prefix` is where in the file the validated data sits."""
+    errors = err.errors()
+    # A misspelt key also makes the real key "missing": the unknown key is the better clue.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    inner = tuple(first["loc"])
+    loc = prefix + inner
+    key = key_path(loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        keys = _allowed_keys(model, inner)
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            file,
+            key_path(loc[:-1]) or key,
+            f"unknown key {loc[-1]!r}",
+            f"{hint}remove it or use one of: {', '.join(keys) or 'none'}",
+            at=key,
+        )
+    if kind == "missing" and loc == ("version",):
+        raise ConfigError(file, "version", "missing", "add 'version: 1' as the first line", line=1)
+    if kind == "literal_error" and loc == ("version",):
+        raise ConfigError(file, "version", "unsupported version", "this egress-guard reads 'version: 1'")
+    if kind == "missing":
+        raise ConfigError(file, key, "required key is missing", f"add {loc[-1]}:")
+    if kind == "model_type" or kind == "dict_type":
+        raise ConfigError(file, key, "expected a mapping", "see the config reference in README.md")
+    raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
+
+
+def validate[M: BaseModel](model: type[M], data: Any, file: Path | str, prefix: tuple[int | str, ...] = ()) -> M:
+    """`model` read from `data`, or the ConfigError that says what is wrong with it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        validation_failed(file, model, err, prefix)
