@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -313,22 +312,6 @@ def test_audit_without_db_names_the_fix(tmp_path: Path) -> None:
     (tmp_path / "egress-guard.yaml").write_text("version: 1\n")
     result = invoke("audit", "--config", str(tmp_path / "egress-guard.yaml"))
     assert result.exit_code == 1 and "no audit DB" in result.output and "egress-guard init" in result.output
-
-
-def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
-    out = []
-    for name, cmd in group.commands.items():
-        out.append((f"{prefix}{name}", cmd))
-        if isinstance(cmd, click.Group):
-            out.extend(all_commands(cmd, f"{prefix}{name} "))
-    return out
-
-
-@pytest.mark.parametrize(("name", "command"), all_commands(main))
-def test_every_command_has_help_with_an_example_and_is_documented(name: str, command: click.Command) -> None:
-    assert command.help and "Example" in command.help, name
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert f"egress-guard {name}" in readme, f"`egress-guard {name}` is not documented in README.md"
 
 
 # --- `up` as a real process --------------------------------------------------------------------
