@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Discriminator, Tag, ValidationError
 
 
 class ConfigError(Exception):
@@ -48,12 +48,35 @@ def _without_none(annotation: Any) -> Any:
     return annotation
 
 
-def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The wire model of the mapping at `loc`, walking fields, list items and the values of
-    dict-valued fields (`agents: {NAME: AgentWire}`), or None where no model applies."""
+def _tagged_members(annotation: Any) -> dict[str, Any] | None:
+    """A tagged union's members by tag (`Annotated[A | B, Discriminator(...)]` whose members
+    are `Annotated[A, Tag("a")]`), or None if `annotation` is not one."""
+    if typing.get_origin(annotation) is not typing.Annotated:
+        return None
+    if not any(isinstance(m, Discriminator) for m in annotation.__metadata__):
+        return None
+    members = {}
+    for member in typing.get_args(annotation.__origin__):
+        tags = [m.tag for m in getattr(member, "__metadata__", ()) if isinstance(m, Tag)]
+        if tags:
+            members[tags[0]] = typing.get_args(member)[0]
+    return members
+
+
+def _resolve(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], Any]:
+    """Walk a pydantic error location from `model`: fields, list items, the values of
+    dict-valued fields (`agents: {NAME: AgentWire}`) and tagged unions (`services:`), whose
+    tag pydantic puts in the location but is no key in the file. Returns the location
+    without those tags and the annotation it ends at (None where no model applies)."""
     current: Any = model
+    path: list[int | str] = []
     for part in loc:
         current = _without_none(current)
+        members = _tagged_members(current)
+        if members is not None:
+            current = members.get(str(part))
+            continue
+        path.append(part)
         origin = typing.get_origin(current)
         if origin is list:
             current = typing.get_args(current)[0]
@@ -62,27 +85,24 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
         elif isinstance(current, type) and issubclass(current, BaseModel) and str(part) in current.model_fields:
             current = current.model_fields[str(part)].annotation
         else:
-            return None
-    current = _without_none(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+            current = None
+    return tuple(path), _without_none(current)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The keys the model accepts at the mapping that holds `loc`'s last key."""
-    holder = _model_at(model, loc[:-1])
-    return list(holder.model_fields) if holder is not None else []
+    holder = _resolve(model, loc[:-1])[1]
+    return list(holder.model_fields) if isinstance(holder, type) and issubclass(holder, BaseModel) else []
 
 
-def validation_failed(
-    file: Path | str, model: type[BaseModel], err: ValidationError, prefix: tuple[int | str, ...] = ()
-) -> NoReturn:
-    """Raise the one ConfigError that says best what is wrong with the data `model` refused.
-    `prefix` is where in the file the validated data sits."""
+def validation_failed(file: Path | str, model: type[BaseModel], err: ValidationError) -> NoReturn:
+    """Raise the one ConfigError that says best what is wrong with the data `model` refused
+    (a whole file's)."""
     errors = err.errors()
     # A misspelt key also makes the real key "missing": the unknown key is the better clue.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     inner = tuple(first["loc"])
-    loc = prefix + inner
+    loc = _resolve(model, inner)[0]
     key = key_path(loc)
     kind = first["type"]
     if kind == "extra_forbidden":
@@ -102,14 +122,16 @@ def validation_failed(
         raise ConfigError(file, "version", "unsupported version", "this egress-guard reads 'version: 1'")
     if kind == "missing":
         raise ConfigError(file, key, "required key is missing", f"add {loc[-1]}:")
+    if kind == "service_shape":
+        raise ConfigError(file, key, first["msg"], "e.g. openai, or {preset: openai, secret: …}")
     if kind == "model_type" or kind == "dict_type":
         raise ConfigError(file, key, "expected a mapping", "see the config reference in README.md")
     raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
 
 
-def validate[M: BaseModel](model: type[M], data: Any, file: Path | str, prefix: tuple[int | str, ...] = ()) -> M:
+def validate[M: BaseModel](model: type[M], data: Any, file: Path | str) -> M:
     """`model` read from `data`, or the ConfigError that says what is wrong with it."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        validation_failed(file, model, err, prefix)
+        validation_failed(file, model, err)

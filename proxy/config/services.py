@@ -12,9 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from egress_guard.config.errors import ConfigError, validation_failed
+from egress_guard.config.errors import ConfigError
 from egress_guard.config.rules import load_preset
 from egress_guard.config.wire import ConfigWire, ServiceRefWire, ServiceWire
 from egress_guard.credentials import Service, Slot
@@ -118,6 +116,20 @@ def genai_provider_ids() -> frozenset[str]:
     return frozenset(p.id for p in data_snapshot.get_snapshot().providers)
 
 
+def _from_preset(file: Path, base: Path, key: str, ref: ServiceRefWire) -> ServiceWire:
+    """The service of preset `ref.preset`, with the entry's overrides."""
+    _, preset, _ = load_preset(ref.preset, base, file, f"{key}.preset")
+    if preset.service is None:
+        raise ConfigError(
+            file,
+            f"{key}.preset",
+            f"preset {ref.preset!r} defines no service",
+            "use a preset with a service section (openai, anthropic, google-gemini, github)",
+        )
+    given = {"secret": ref.secret, "anonymous": ref.anonymous, "env_vars": ref.env_vars, "websocket": ref.websocket}
+    return preset.service.model_copy(update={k: v for k, v in given.items() if v is not None})
+
+
 def to_services(
     file: Path, base: Path, wire: ConfigWire, rules: tuple[Rule, ...]
 ) -> tuple[tuple[Service, ...], dict[str, tuple[str, ...]]]:
@@ -126,36 +138,12 @@ def to_services(
     env_vars: list[tuple[str, ...]] = []
     for i, entry in enumerate(wire.services):
         key = f"services[{i}]"
-        if isinstance(entry, str):
-            entry = {"preset": entry}
-        if not isinstance(entry, dict):
-            raise ConfigError(
-                file, key, "expected a preset name or a mapping", "e.g. openai, or {preset: openai, secret: …}"
-            )
-        if "preset" in entry:
-            try:
-                ref = ServiceRefWire.model_validate(entry)
-            except ValidationError as err:
-                validation_failed(file, ServiceRefWire, err, ("services", i))
-            _, preset, _ = load_preset(ref.preset, base, file, f"{key}.preset")
-            if preset.service is None:
-                raise ConfigError(
-                    file,
-                    f"{key}.preset",
-                    f"preset {ref.preset!r} defines no service",
-                    "use a preset with a service section (openai, anthropic, google-gemini, github)",
-                )
-            given = {"secret": ref.secret, "anonymous": ref.anonymous, "env_vars": ref.env_vars}
-            given["websocket"] = ref.websocket
-            overrides = {k: v for k, v in given.items() if v is not None}
-            svc_wire = preset.service.model_copy(update=overrides)
-            out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
+        if isinstance(entry, ServiceWire):
+            svc_wire = entry
         else:
-            try:
-                svc_wire = ServiceWire.model_validate(entry)
-            except ValidationError as err:
-                validation_failed(file, ServiceWire, err, ("services", i))
-            out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
+            ref = ServiceRefWire(preset=entry) if isinstance(entry, str) else entry
+            svc_wire = _from_preset(file, base, key, ref)
+        out.append(_service(file, key, svc_wire, wire.secrets.backend, rules))
         env_vars.append((svc_wire.env_var, *svc_wire.env_vars))
     seen: dict[str, str] = {}
     owner: dict[str, str] = {}

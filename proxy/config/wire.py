@@ -8,9 +8,9 @@ the frozen domain objects the proxy runs on.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class _Wire(BaseModel):
@@ -63,6 +63,30 @@ class ServiceRefWire(_Wire):
     anonymous: bool | None = None
     env_vars: list[str] | None = None
     websocket: bool | None = None
+
+
+def _service_shape(value: Any) -> str | None:
+    """Which shape a `services:` entry has (the tag of `ServiceEntryWire`), None if none.
+    Models are tagged too: pydantic asks again when it serialises one."""
+    if isinstance(value, dict):
+        return "preset" if "preset" in value else "service"
+    if isinstance(value, str):
+        return "name"
+    if isinstance(value, ServiceRefWire):
+        return "preset"
+    return "service" if isinstance(value, ServiceWire) else None
+
+
+# A `services:` entry: a preset's name (`openai`), a preset with overrides
+# (`{preset: openai, secret: …}`), or a whole service (a mapping without `preset`).
+ServiceEntryWire = Annotated[
+    Annotated[str, Tag("name")] | Annotated[ServiceRefWire, Tag("preset")] | Annotated[ServiceWire, Tag("service")],
+    Discriminator(
+        _service_shape,
+        custom_error_type="service_shape",
+        custom_error_message="expected a preset name or a mapping",
+    ),
+]
 
 
 class PresetWire(_Wire):
@@ -165,6 +189,6 @@ class ConfigWire(_Wire):
     allow: list[RuleWire] = Field(default_factory=list)
     network: NetworkWire = Field(default_factory=NetworkWire)
     secrets: SecretsWire = Field(default_factory=SecretsWire)
-    services: list[Any] = Field(default_factory=list)  # preset names, {preset: …, secret: …} or full services
+    services: list[ServiceEntryWire] = Field(default_factory=list)
     agents: dict[str, AgentWire] = Field(default_factory=dict)
     spend: SpendWire = Field(default_factory=SpendWire)

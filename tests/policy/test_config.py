@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from egress_guard.bootstrap import DEFAULT_CONFIG
-from egress_guard.config import ConfigError, load_config, preset_names
+from egress_guard.config import ConfigError, ConfigWire, ServiceRefWire, ServiceWire, load_config, preset_names
 from egress_guard.spend import Meter
 
 BROKEN = [
@@ -130,6 +130,16 @@ BROKEN = [
         "README",
     ),
     ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
+    # services: a tagged union of a preset name, a preset with overrides and a whole service
+    ("version: 1\nservices: [1]\n", "services[0]", "expected a preset name or a mapping", "{preset: openai"),
+    ("version: 1\nallowlists: [openai]\nservices: [{preset: 3}]\n", "services[0].preset", "valid string", "README"),
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
+        " fake_key: {prefix: x_, lenght: 40}, env_var: X, secret: 'env:X'}]\n",
+        "services[0].fake_key",
+        "unknown key 'lenght'",
+        "did you mean 'length'?",
+    ),
     # a typo under a dict-valued section (agents: {NAME: ...}, sessions: {GLOB: ...}) is a
     # ConfigError naming the key, like any other typo, not a crash
     ("version: 1\nagents: {bot: {servics: [x]}}\n", "agents.bot", "unknown key 'servics'", "did you mean 'services'?"),
@@ -310,6 +320,22 @@ def test_every_preset_loads(tmp_path: Path, name: str) -> None:
 
 def test_presets_cover_the_documented_services() -> None:
     assert {"openai", "anthropic", "google-gemini", "github", "pypi", "npm"} <= set(preset_names())
+
+
+def test_services_entries_are_typed_by_their_shape() -> None:
+    service = {
+        "name": "x",
+        "hosts": ["x.example"],
+        "credential": [{"header": "a"}],
+        "fake_key": {"prefix": "x_", "length": 40},
+        "env_var": "X",
+        "secret": "env:X",
+    }
+    wire = ConfigWire.model_validate(
+        {"version": 1, "services": ["openai", {"preset": "anthropic", "secret": "env:A"}, service]}
+    )
+    assert [type(entry) for entry in wire.services] == [str, ServiceRefWire, ServiceWire]
+    assert wire.services[1] == ServiceRefWire(preset="anthropic", secret="env:A")
 
 
 def test_session_overrides_load_in_order(tmp_path: Path) -> None:
