@@ -10,13 +10,14 @@ from typing import Any
 from egress_guard.addons import _flow, _mitm
 from egress_guard.addons.attribution import Attribution
 from egress_guard.addons.audit_gate import AuditGate
+from egress_guard.addons.budget_follower import BudgetFollower
 from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
 from egress_guard.addons.credential_guard import CredentialGuard
 from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
-from egress_guard.addons.spend_guard import BudgetFollower, SpendGuard
+from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
 from egress_guard.addons.websocket import WebSocketGuard
@@ -168,8 +169,6 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
      stay out of the chain): KillSwitch follows revocations and cuts the connections of
      revoked keys; BudgetFollower follows run-time budget changes.
     """
-    _flow.ERROR_STYLES.clear()
-    _flow.ERROR_STYLES.update({host: s.name for s in rt.config.services for host in s.hosts})
     tunnels: Tunnels = {}
     credentials = CredentialGuard(
         rt.config.services,
@@ -188,8 +187,8 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     return [
         TimeoutWatch(rt.timeouts, rt.proxyserver, recorder.idle_closed),
         AuditGate(rt.audit),
-        ConnectGuard(rt.config.rules, tunnels),
-        RequestGuard(rt.config.rules, tunnels, rt.resolver),
+        ConnectGuard(rt.config.rules, tunnels, rt.config.services),
+        RequestGuard(rt.config.rules, tunnels, rt.resolver, rt.config.services),
         credentials,
         WebSocketGuard(rt.config, rt.ledger, rt.audit, credentials, rt.proxyserver),
         ResponseStreamer(),

@@ -1,5 +1,5 @@
-"""What the egress-guard addons share: metadata keys, the one place rejections are made,
-and the fail-closed wrapper every hook wears.
+"""What the egress-guard addons share besides the flow state (addons/flow.py): the one place
+rejections are made, and the fail-closed wrapper every hook wears.
 
 mitmproxy catches an exception in a hook, logs it and lets the flow continue — a request
 whose check crashed would still go upstream. `fail_closed` turns such a crash into an error
@@ -13,46 +13,17 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http
 
+from egress_guard.addons.flow import state
 from egress_guard.policy import Decision, Verdict
 
 log = logging.getLogger("egress_guard")
 
-DECISION = "egress_guard.decision"  # Decision: the verdict on this flow
-TARGET = "egress_guard.target"  # (host, port): the destination as the agent named it
-DIALED = "egress_guard.dialed"  # str: the vetted address the proxy connects to
-REQUEST_BYTES = "egress_guard.request_bytes"
-RESPONSE_BYTES = "egress_guard.response_bytes"
-AUDIT_SEQ = "egress_guard.audit_seq"  # int: the flow's audit row, for `durable()` to wait on
-OWN_RESPONSE = "egress_guard.own_response"  # True: the response is a refusal egress-guard made
-AGENT = "egress_guard.agent"  # str: the agent the fake key (or proxy auth) identified
-SESSION = "egress_guard.session"
-SERVICE = "egress_guard.service"  # str: the credentialed service of the target host
-CREDENTIAL = "egress_guard.credential"  # Credential: what happened to the agent's credential
-KEY_ID = "egress_guard.key_id"
-SCRUB = "egress_guard.scrub"  # list[bytes]: real-secret forms to remove from the response
-FAILURE = "egress_guard.failure"  # Failure: how mitmproxy failed the flow (set by _mitm before `error`)
-TIMEOUT = "egress_guard.timeout"  # str: the timeout that ended the flow: "connect", "tls" or "response"
 STATUS_FOR = {Verdict.DENY: 403, Verdict.ERROR: 502}
 HEADER_SAFE = str.maketrans({c: " " for c in "\r\n\x00"})
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """What mitmproxy is about to do with a flow that failed, told to the `error` hook.
-
-    `status`: the error page mitmproxy would send the agent (400, 413, 502), or None when it
-    can send nothing (the response is already under way, the client is gone): only then may
-    an `error` hook answer, by setting `flow.response`. `client`: the agent's side failed
-    (a request mitmproxy's parser refused, a disconnect), not the upstream's.
-    """
-
-    status: int | None
-    client: bool
 
 
 def safe_text(text: str, limit: int = 200) -> str:
@@ -65,11 +36,6 @@ def safe_text(text: str, limit: int = 200) -> str:
             text = text[:cut].rstrip(" :(=") + " (bytes omitted)"
     text = "".join(c if c.isprintable() else " " for c in text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# Known APIs get refusals in their own error shape, so their SDKs show egress-guard's reason.
-# host -> service name; filled once by chain() (one master per process).
-ERROR_STYLES: dict[str, str] = {}
 
 
 def _body(style: str | None, kind: str, message: str, rule: str | None, request_id: str, status: int) -> dict:
@@ -114,11 +80,12 @@ def rejection(
 
 
 def reject(flow: http.HTTPFlow, decision: Decision, status: int | None = None) -> None:
-    flow.metadata[DECISION] = decision
-    flow.metadata[OWN_RESPONSE] = True
-    target = flow.metadata.get(TARGET)
-    style = ERROR_STYLES.get(str(target[0])) if target else None
-    flow.response = rejection(decision, flow.id, status, style)
+    """Refuse `flow` with egress-guard's answer, in the error shape of its service (known
+    APIs get refusals in their own shape, so their SDKs show egress-guard's reason)."""
+    st = state(flow)
+    st.decision = decision
+    st.own_response = True
+    flow.response = rejection(decision, flow.id, status, st.style)
 
 
 def answered(flow: http.HTTPFlow) -> bool:
@@ -139,12 +106,12 @@ def crashed(name: str, phase: str, flow: Any, exc: BaseException) -> None:
         return
     decision = Decision(Verdict.ERROR, f"internal error in {name} ({type(exc).__name__}); request refused")
     if phase == "connection":
-        flow.metadata[DECISION] = decision
+        state(flow).decision = decision
         abort_connection(flow)
     elif phase == "request" and flow.response is None:
         reject(flow, decision, 502)
     else:
-        flow.metadata[DECISION] = decision
+        state(flow).decision = decision
         if flow.killable:
             flow.kill()
 

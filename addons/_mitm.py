@@ -4,7 +4,7 @@
    (upstream unreachable, TLS failed or hung, upstream hung up, a request head mitmproxy's
    validation refused), mitmproxy 12.2 sends its own HTML error page and ignores any
    response an addon set (mitmproxy PR #7999 proposes what is done here). The wrapped
-   HttpStream methods put a `Failure` in the flow's metadata before the `error` hook (what
+   HttpStream methods put a `Failure` in the flow state before the `error` hook (what
    mitmproxy would send); if the hook sets a new `flow.response`, the agent gets that
    response in place of mitmproxy's page, in whatever protocol it speaks (HTTP/1, HTTP/2).
 2. Refusals before any flow. A request head mitmproxy's HTTP/1 parser refuses (percent-encoded
@@ -46,7 +46,7 @@ from mitmproxy.proxy.layers.http._http2 import Http2Connection
 from mitmproxy.proxy.layers.websocket import WebsocketConnection
 from mitmproxy.utils import human
 
-from egress_guard.addons._flow import FAILURE, Failure
+from egress_guard.addons.flow import Failure, state
 
 _Gen = Generator[Any, Any, Any]
 
@@ -83,7 +83,7 @@ def _answering(original: Callable[..., _Gen], failure_of: Callable[..., Failure]
             while True:
                 if isinstance(command, HttpErrorHook) and answer is None:
                     failure = failure_of(self, *args)
-                    flow.metadata[FAILURE] = failure
+                    state(flow).failure = failure
                     before = flow.response
                     reply = yield command
                     if failure.status is not None and flow.response is not None and flow.response is not before:

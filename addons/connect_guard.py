@@ -8,19 +8,36 @@ require every request inside it to name the same host.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mitmproxy import connection, http
 
-from egress_guard.addons._flow import DECISION, TARGET, answered, fail_closed, reject
+from egress_guard.addons._flow import answered, fail_closed, reject
+from egress_guard.addons.flow import FlowState, state
+from egress_guard.credentials import Service
 from egress_guard.hosts import Host, HostError, normalize_host
 from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
 
 Tunnels = dict[str, tuple[Host, int]]  # client connection id -> CONNECT target
+Styles = dict[str, str]  # host name -> the error shape of its service (`_flow.rejection`)
+
+
+def error_styles(services: Iterable[Service]) -> Styles:
+    """Each service host's error shape: the service's name (openai, anthropic, ...)."""
+    return {host: s.name for s in services for host in s.hosts}
+
+
+def aim(st: FlowState, host: Host, port: int, styles: Styles) -> None:
+    """Record where the flow goes, and so which error shape its refusals take."""
+    st.target = (host, port)
+    st.style = styles.get(host.name)
 
 
 class ConnectGuard:
-    def __init__(self, rules: tuple[Rule, ...], tunnels: Tunnels) -> None:
+    def __init__(self, rules: tuple[Rule, ...], tunnels: Tunnels, services: Iterable[Service] = ()) -> None:
         self.rules = rules
         self.tunnels = tunnels
+        self.styles = error_styles(services)
 
     @fail_closed("request")
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -32,12 +49,13 @@ class ConnectGuard:
             reject(flow, Decision(Verdict.DENY, f"invalid CONNECT target: {exc}"))
             return
         port = flow.request.port
-        flow.metadata[TARGET] = (host, port)
+        st = state(flow)
+        aim(st, host, port, self.styles)
         decision = decide(self.rules, Destination(host, port))
         if not decision.allowed:
             reject(flow, decision)
             return
-        flow.metadata[DECISION] = decision
+        st.decision = decision
         self.tunnels[flow.client_conn.id] = (host, port)
 
     def client_disconnected(self, client: connection.Client) -> None:

@@ -19,21 +19,9 @@ from typing import Any
 
 from mitmproxy import connection, http
 
-from egress_guard.addons._flow import (
-    AGENT,
-    CREDENTIAL,
-    DECISION,
-    DIALED,
-    KEY_ID,
-    SCRUB,
-    SERVICE,
-    SESSION,
-    TARGET,
-    answered,
-    fail_closed,
-    reject,
-)
+from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
+from egress_guard.addons.flow import state
 from egress_guard.audit import now_iso
 from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
 from egress_guard.decoding import StreamDecoder, decode_all
@@ -46,7 +34,6 @@ from egress_guard.secrets import SecretStore, SecretUnavailable
 
 log = logging.getLogger("egress_guard")
 FLAG = "; flagged as a possible exfiltration attempt"
-UPLOAD_CUT = "egress_guard.upload_cut"  # True: a streamed body was refused midway and its connection cut
 
 
 class _Refusal(Exception):
@@ -187,14 +174,15 @@ class CredentialGuard:
         req = flow.request
         if "proxy-authorization" in req.headers:  # the agent's proxy credentials stop here
             del req.headers["proxy-authorization"]
-        target = flow.metadata.get(TARGET)
-        if target is None or flow.metadata.get(DIALED) is None:
+        st = state(flow)
+        target = st.target
+        if target is None or st.dialed is None:
             reject(flow, Decision(Verdict.ERROR, "request reached the credential guard unvetted; refused"), 502)
             return
         host = target[0].name
         service = self.by_host.get(host)
         if service is not None:
-            flow.metadata[SERVICE] = service.name
+            st.service = service.name
         try:
             # The service's own credential slots first (a key there is judged as a credential:
             # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak.
@@ -227,7 +215,8 @@ class CredentialGuard:
 
     @fail_closed("request")
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(UPLOAD_CUT):
+        st = state(flow)
+        if st.upload_cut:
             # the body's end is sent upstream right after this hook: whatever upstream
             # connection opened since the cut (it may still have been connecting) goes too,
             # so the upstream never sees a complete request
@@ -235,7 +224,7 @@ class CredentialGuard:
             return
         if answered(flow) or not self.scanner.max_len:
             return
-        target = flow.metadata.get(TARGET)
+        target = st.target
         trailers = flow.request.trailers
         if trailers and target is not None:  # HTTP/2 trailers: mitmproxy sends them after this hook
             for name, value in trailers.fields:
@@ -281,7 +270,7 @@ class CredentialGuard:
         found = find_credentials(service, headers, query)
         if not found:
             if service.anonymous:
-                flow.metadata[CREDENTIAL] = Credential.ANONYMOUS
+                state(flow).credential = Credential.ANONYMOUS
                 return
             where = " or ".join(s.describe() for s in service.slots)
             raise _Refusal(
@@ -291,7 +280,8 @@ class CredentialGuard:
         if len({key_id for key_id, _ in checked}) > 1:
             raise _Refusal(Credential.FORGED, f"more than one {service.name} credential in one request", 401)
         key_id, record = checked[0]
-        flow.metadata[AGENT], flow.metadata[SESSION], flow.metadata[KEY_ID] = record.agent, record.session, key_id
+        st = state(flow)
+        st.agent, st.session, st.key_id = record.agent, record.session, key_id
         if req.scheme != "https":
             # The real secret only ever travels inside TLS that mitmproxy verifies
             # (ssl_insecure is off): a plain-HTTP request, even to a port a rule allows,
@@ -319,12 +309,12 @@ class CredentialGuard:
         if cached is None or cached[0] != real:  # first use, or the secret was rotated
             cached = self._forms[service.name] = (real, SecretForms(real))
             LOG_SCRUBBER.remember(service.name, cached[1])  # an upstream may echo it into mitmproxy's log
-        flow.metadata[SCRUB] = cached[1]
-        flow.metadata[CREDENTIAL] = Credential.SWAPPED
+        st.scrub = cached[1]
+        st.credential = Credential.SWAPPED
         self.clients.setdefault(key_id, set()).add(flow.client_conn.id)
 
     def _refuse(self, flow: http.HTTPFlow, refusal: _Refusal) -> None:
-        flow.metadata[CREDENTIAL] = refusal.credential
+        state(flow).credential = refusal.credential
         verdict = Verdict.ERROR if refusal.status >= 500 else Verdict.DENY
         if FLAG in refusal.reason:
             log.warning(
@@ -337,8 +327,9 @@ class CredentialGuard:
         reject(flow, Decision(verdict, refusal.reason), refusal.status)
 
     def _cut_stream(self, flow: http.HTTPFlow, credential: Credential, why: str) -> None:
-        flow.metadata[CREDENTIAL] = credential
-        flow.metadata[DECISION] = Decision(Verdict.DENY, why)
-        flow.metadata[UPLOAD_CUT] = True
+        st = state(flow)
+        st.credential = credential
+        st.decision = Decision(Verdict.DENY, why)
+        st.upload_cut = True
         log.warning("SECURITY %s: %s (id %s); connection cut", credential.value, why, flow.id)
         self.cut(flow.client_conn.id)

@@ -1,7 +1,7 @@
 """FailureAnswers: a failed flow gets egress-guard's answer, not mitmproxy's HTML page.
 
 Runs in `error`, for a flow that failed before any response reached the agent (the `Failure`
-that addons/_mitm.py puts in its metadata says so): the upstream could not be reached, its
+that addons/_mitm.py puts in its flow state says so): the upstream could not be reached, its
 TLS failed or is not trusted, it hung up, one of the timeouts ran out (504), or mitmproxy's
 parser refused the request (400). The answer is a rejection like every other (status, the
 provider's error shape, X-Egress-Guard-* headers) with a reason that names the cause and,
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from egress_guard.addons._flow import DECISION, FAILURE, TARGET, TIMEOUT, Failure, reject, safe_text
+from egress_guard.addons._flow import reject, safe_text
+from egress_guard.addons.flow import state
 from egress_guard.addons.timeouts import Timeouts
 from egress_guard.policy import Decision, Verdict
 
@@ -71,15 +72,15 @@ class FailureAnswers:
         self.timeouts = timeouts
 
     def error(self, flow: http.HTTPFlow) -> None:
-        failure: Failure | None = flow.metadata.get(FAILURE)
+        st = state(flow)
+        failure = st.failure
         if failure is None or failure.status is None:
             return  # nothing can reach the agent any more (gone, or the response under way)
         message = flow.error.msg if flow.error is not None else ""
-        target = flow.metadata.get(TARGET)
+        target = st.target
         host, port = (str(target[0]), int(target[1])) if target else (flow.request.host, flow.request.port)
-        prior: Decision | None = flow.metadata.get(DECISION)
-        rule = prior.rule if prior is not None else None
-        timeout = flow.metadata.get(TIMEOUT)
+        rule = st.decision.rule if st.decision is not None else None
+        timeout = st.timeout
         if failure.client:
             decision, status = Decision(Verdict.DENY, parser_reason(flow, message), rule), failure.status
         elif timeout is not None:

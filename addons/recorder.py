@@ -18,34 +18,16 @@ from typing import Any
 
 from mitmproxy import connection, http, tls
 
-from egress_guard.addons._flow import (
-    AGENT,
-    AUDIT_SEQ,
-    CREDENTIAL,
-    DECISION,
-    FAILURE,
-    OWN_RESPONSE,
-    REQUEST_BYTES,
-    RESPONSE_BYTES,
-    SERVICE,
-    SESSION,
-    TARGET,
-    Failure,
-    answered,
-    fail_closed,
-    reject,
-    safe_text,
-)
+from egress_guard.addons._flow import answered, fail_closed, reject, safe_text
 from egress_guard.addons._mitm import ParserRefusal
 from egress_guard.addons.attribution import Attribution, Who
 from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.failures import refused_head
-from egress_guard.addons.spend_guard import CUT, METERED, USAGE
+from egress_guard.addons.flow import state
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.policy import Decision, Verdict
 
 log = logging.getLogger("egress_guard")
-RECORDED = "egress_guard.recorded"
 NO_DECISION = Decision(Verdict.ERROR, "no egress-guard decision was made for this request; refused")
 
 
@@ -65,14 +47,15 @@ class AuditRecorder:
 
     async def _attribute(self, flow: http.HTTPFlow) -> None:
         """Name the agent of a refusal no credential check named."""
-        if self.attribution is not None and AGENT not in flow.metadata:
+        st = state(flow)
+        if self.attribution is not None and st.agent is None:
             who = await self.attribution.identify(flow.request, flow.client_conn.id)
             if who is not None:
-                flow.metadata[AGENT], flow.metadata[SESSION] = who
+                st.agent, st.session = who
 
     @fail_closed("request")
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        if DECISION not in flow.metadata:
+        if state(flow).decision is None:
             reject(flow, NO_DECISION, 502)
         if flow.response is not None:
             await self._attribute(flow)
@@ -80,14 +63,14 @@ class AuditRecorder:
 
     @fail_closed("request")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not answered(flow) and DECISION not in flow.metadata:
+        if not answered(flow) and state(flow).decision is None:
             reject(flow, NO_DECISION, 502)
         if flow.response is not None or flow.error is not None:
             await self._attribute(flow)
 
     @fail_closed("request")
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and AGENT not in flow.metadata:
+        if flow.response is not None and state(flow).agent is None:
             await self._attribute(flow)  # refused for its body: the body may name the agent
 
     @fail_closed("response")
@@ -95,13 +78,14 @@ class AuditRecorder:
         self._record(flow, "request", status=flow.response.status_code if flow.response else None)
         # The agent's response is complete only once its row is committed: mitmproxy sends a
         # streamed response's end, or a buffered response whole, after this hook returns.
-        n = flow.metadata.get(AUDIT_SEQ)
+        st = state(flow)
+        n = st.audit_seq
         if n is None:
             return
         try:
             await self.audit.durable(n)
         except Exception as exc:  # AuditUnavailable: the row stays queued, written when the DB recovers
-            if flow.metadata.get(OWN_RESPONSE):
+            if st.own_response:
                 return  # egress-guard's own refusal: nothing was forwarded, and the agent gets the reason
             log.error("audit row for %s could not be committed (%s): response cut off", flow.id, exc)
             self.audit.amend(n, flow.id, f"response cut off: its audit row could not be committed ({exc})")
@@ -118,11 +102,10 @@ class AuditRecorder:
     def _status_after_error(flow: http.HTTPFlow) -> int | None:
         """What the agent of a failed flow got: egress-guard's answer, a response already under
         way (then cut), mitmproxy's own error page; None if nothing."""
-        response = flow.response
-        if response is not None and (flow.metadata.get(OWN_RESPONSE) or response.stream):
+        response, st = flow.response, state(flow)
+        if response is not None and (st.own_response or response.stream):
             return response.status_code
-        failure: Failure | None = flow.metadata.get(FAILURE)
-        return failure.status if failure is not None else None
+        return st.failure.status if st.failure is not None else None
 
     async def egress_guard_parser_refusal(self, refusal: ParserRefusal) -> None:
         """A request mitmproxy's parser refused before it became a flow (addons/_mitm.py)."""
@@ -188,32 +171,33 @@ class AuditRecorder:
         )
 
     def _record(self, flow: http.HTTPFlow, kind: str, status: int | None) -> None:
-        if flow.metadata.get(RECORDED):
+        st = state(flow)
+        if st.recorded:
             return
-        flow.metadata[RECORDED] = True
+        st.recorded = True
         req = flow.request
-        decision: Decision = flow.metadata.get(DECISION) or NO_DECISION
+        decision = st.decision or NO_DECISION
         reason = decision.reason
-        if CUT in flow.metadata:
-            reason = f"{reason}; {flow.metadata[CUT]}: the stream was ended"
+        if st.cut is not None:
+            reason = f"{reason}; {st.cut}: the stream was ended"
             status = flow.response.status_code if flow.response is not None else status
         elif flow.error is not None and decision.allowed:
-            failure: Failure | None = flow.metadata.get(FAILURE)
+            failure = st.failure
             side = "ended" if failure is None else "the agent's side" if failure.client else "upstream"
             reason = f"{reason}; {side}: {safe_text(flow.error.msg)}"
-        target = flow.metadata.get(TARGET)
+        target = st.target
         host, port = (str(target[0]), target[1]) if target else (req.host[:255], req.port)
         path = None
         if kind == "request":
             path = req.path if self.query_strings else req.path.split("?", 1)[0]
-        req_bytes = flow.metadata.get(REQUEST_BYTES)
+        req_bytes = st.request_bytes
         if req_bytes is None and kind == "request" and req.raw_content is not None:
             req_bytes = len(req.raw_content)
-        resp_bytes = flow.metadata.get(RESPONSE_BYTES)
+        resp_bytes = st.response_bytes
         if resp_bytes is None and flow.response is not None and flow.response.raw_content is not None:
             resp_bytes = len(flow.response.raw_content)
         peer = flow.client_conn.peername
-        agent, session = flow.metadata.get(AGENT), flow.metadata.get(SESSION)
+        agent, session = st.agent, st.session
         if self.attribution is not None:
             if agent is not None:
                 self.attribution.remember(flow.client_conn.id, agent, session)
@@ -238,16 +222,16 @@ class AuditRecorder:
             duration_ms=round((time.time() - req.timestamp_start) * 1000, 2),
             agent=agent,
             session=session,
-            service=flow.metadata.get(SERVICE),
-            credential=str(flow.metadata[CREDENTIAL]) if CREDENTIAL in flow.metadata else None,
+            service=st.service,
+            credential=str(st.credential) if st.credential is not None else None,
         )
-        cost = flow.metadata.get(USAGE)
+        cost = st.usage
         if cost is not None:
             row.model, row.input_tokens, row.output_tokens = cost.model, cost.input_tokens, cost.output_tokens
             row.cached_tokens, row.cost_usd = cost.cached_tokens, f"{cost.usd:f}"
-        elif (metered := flow.metadata.get(METERED)) is not None:
-            row.model = metered.model
-        flow.metadata[AUDIT_SEQ] = self.audit.record(row)  # for `response` to wait on
+        elif st.metered is not None:
+            row.model = st.metered.model
+        st.audit_seq = self.audit.record(row)  # for `response` to wait on
         if decision.verdict is not Verdict.ALLOW:
             log.info(
                 "%s %s %s:%s%s status=%s reason=%r rule=%s id=%s",

@@ -12,12 +12,15 @@ while its requests last: nothing grows with the proxy's uptime).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from egress_guard.addons._flow import DECISION, DIALED, REQUEST_BYTES, TARGET, answered, fail_closed, reject
-from egress_guard.addons.connect_guard import Tunnels
+from egress_guard.addons._flow import answered, fail_closed, reject
+from egress_guard.addons.connect_guard import Tunnels, aim, error_styles
+from egress_guard.addons.flow import FlowState, state
+from egress_guard.credentials import Service
 from egress_guard.hosts import Host, HostError, normalize_host, split_host_port
 from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
 from egress_guard.resolve import Refused, Resolver
@@ -27,16 +30,18 @@ STREAM_REQUESTS_OVER = 1 << 20  # bodies above 1 MiB (or of unknown length) stre
 
 
 class ByteCounter:
-    """A stream callable that passes chunks through untouched and counts them."""
+    """A stream callable that passes chunks through untouched and counts them (into the flow
+    state's `request_bytes`)."""
 
-    __slots__ = ("key", "metadata")
+    __slots__ = ("n", "state")
 
-    def __init__(self, metadata: dict, key: str) -> None:
-        self.metadata, self.key = metadata, key
-        metadata[key] = 0
+    def __init__(self, st: FlowState) -> None:
+        self.state, self.n = st, 0
+        st.request_bytes = 0
 
     def __call__(self, chunk: bytes) -> bytes:
-        self.metadata[self.key] += len(chunk)
+        self.n += len(chunk)
+        self.state.request_bytes = self.n
         return chunk
 
 
@@ -45,10 +50,13 @@ def _deny(flow: http.HTTPFlow, reason: str, rule: str | None = None) -> None:
 
 
 class RequestGuard:
-    def __init__(self, rules: tuple[Rule, ...], tunnels: Tunnels, resolver: Resolver) -> None:
+    def __init__(
+        self, rules: tuple[Rule, ...], tunnels: Tunnels, resolver: Resolver, services: Iterable[Service] = ()
+    ) -> None:
         self.rules = rules
         self.tunnels = tunnels
         self.resolver = resolver
+        self.styles = error_styles(services)
         # client connection id -> {flow id: the (address, port) vetted for it}, while it lasts
         self.vetted: dict[str, dict[str, tuple[str, int]]] = {}
 
@@ -96,7 +104,8 @@ class RequestGuard:
             _deny(flow, target)
             return
         host, port = target
-        flow.metadata[TARGET] = target
+        st = state(flow)
+        aim(st, host, port, self.styles)
         req = flow.request
         coding = req.headers.get("transfer-encoding", "").replace(" ", "").lower()
         if coding not in ("", "chunked"):
@@ -122,8 +131,8 @@ class RequestGuard:
             return
         if not flow.live:
             return  # the client went away while we resolved
-        flow.metadata[DECISION] = decision
-        flow.metadata[DIALED] = str(address)
+        st.decision = decision
+        st.dialed = str(address)
         self.vetted.setdefault(flow.client_conn.id, {})[flow.id] = (str(address), port)
         # data.host, not .host: the setter would rewrite Host/:authority to the address.
         req.data.host = str(address)
@@ -135,7 +144,7 @@ class RequestGuard:
                 req.is_http2 and req.method.upper() not in ("GET", "HEAD", "OPTIONS", "DELETE")
             )
         if big:
-            req.stream = ByteCounter(flow.metadata, REQUEST_BYTES)
+            req.stream = ByteCounter(st)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)

@@ -20,19 +20,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
 from mitmproxy import http
 
-from egress_guard.addons._background import Poller
-from egress_guard.addons._flow import AGENT, SERVICE, SESSION, TARGET, answered, fail_closed, reject
+from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
+from egress_guard.addons.flow import state
 from egress_guard.audit import AuditLog, AuditUnavailable, Intent, now_iso
 from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
@@ -59,11 +56,6 @@ from egress_guard.spend import (
 )
 
 log = logging.getLogger("egress_guard")
-HOLD = "egress_guard.spend_hold"
-METERED = "egress_guard.metered"
-USAGE = "egress_guard.usage"  # Cost: what the response really cost
-DROP_USAGE_CHUNK = "egress_guard.drop_usage_chunk"
-CUT = "egress_guard.cut"  # str: why the stream was ended mid-flight (spend.on_overrun: cut)
 ACCUMULATE_LIMIT = 16 * 1024 * 1024
 
 
@@ -197,7 +189,8 @@ class SpendGuard:
     async def request(self, flow: http.HTTPFlow) -> None:
         if answered(flow):
             return
-        agent_name, service = flow.metadata.get(AGENT), flow.metadata.get(SERVICE)
+        st = state(flow)
+        agent_name, service = st.agent, st.service
         if agent_name is None or service is None:
             return  # no agent identified: nothing to account to
         agent = self.agents.get(agent_name)
@@ -223,7 +216,7 @@ class SpendGuard:
                     body = json.loads(raw)
             m = meter(how.api, flow.request.path, body, len(raw), how.provider)
             if m is not None:
-                session = flow.metadata.get(SESSION) or ""
+                session = st.session or ""
                 if not model_allowed(agent.limits, service, m.model, session):
                     allowed = ", ".join(allowed_models(agent.limits, service, session) or ())
                     self._refuse(
@@ -243,14 +236,14 @@ class SpendGuard:
                     if not options.get("include_usage"):
                         body["stream_options"] = {**options, "include_usage": True}
                         flow.request.content = json.dumps(body).encode()
-                        flow.metadata[DROP_USAGE_CHUNK] = True
-                flow.metadata[METERED] = m
+                        st.drop_usage_chunk = True
+                st.metered = m
         try:
-            hold = self.ledger.admit(agent.limits, agent_name, flow.metadata.get(SESSION) or "", usd, tokens)
+            hold = self.ledger.admit(agent.limits, agent_name, st.session or "", usd, tokens)
         except Refusal as refusal:
             self._refuse(flow, refusal.reason, refusal.status, refusal.retry_after)
             return
-        flow.metadata[HOLD] = hold
+        st.hold = hold
         if m is not None:
             await self._intent(flow, hold, m, service)
 
@@ -259,7 +252,7 @@ class SpendGuard:
         call's own row is written, the next start bills the reservation (README, "What is
         billed"); if it cannot be committed, the call is refused: never charged unrecorded."""
         audit = self.audit
-        target = flow.metadata.get(TARGET)
+        target = state(flow).target
         host, port = (str(target[0]), target[1]) if target else (flow.request.host, flow.request.port)
         try:
             if audit is None:
@@ -286,7 +279,8 @@ class SpendGuard:
 
     @fail_closed("response")
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        m: Metered | None = flow.metadata.get(METERED)
+        st = state(flow)
+        m = st.metered
         response = flow.response
         if m is None or response is None or not response.stream or response.status_code >= 400:
             return
@@ -299,14 +293,13 @@ class SpendGuard:
             response.headers.pop("transfer-encoding", None)
             response.headers.pop("content-length", None)
             response.headers["connection"] = "close"
-        tap = StreamTap(
-            m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj), overrun
-        )
+        tap = StreamTap(m, sse, st.drop_usage_chunk, lambda obj: self._observed(flow, m, obj), overrun)
         body_stream(flow, response).add(tap, first=True)  # it reads what the upstream sent
 
     def _overrun(self, flow: http.HTTPFlow, m: Metered) -> Overrun | None:
-        hold: Hold | None = flow.metadata.get(HOLD)
-        agent = self.agents.get(flow.metadata.get(AGENT) or "")
+        st = state(flow)
+        hold = st.hold
+        agent = self.agents.get(st.agent or "")
         if hold is None or agent is None:
             return None
         limits = agent.limits
@@ -314,8 +307,8 @@ class SpendGuard:
             return None  # no budget to cross: the stream keeps its usual framing
 
         def cut(reason: str, cost: Cost) -> None:
-            flow.metadata[USAGE] = cost
-            flow.metadata[CUT] = reason
+            st.usage = cost
+            st.cut = reason
             log.warning("%s's %s stream %s: %s; ending it", hold.agent, m.model, flow.id, reason)
             if flow.server_conn.alpn == b"h2":
                 # other streams may share this upstream connection: leave it to finish; what it
@@ -335,18 +328,19 @@ class SpendGuard:
     def _observed(self, flow: http.HTTPFlow, m: Metered, obj: dict | None) -> None:
         cost = cost_of(self.settings, m.provider, m.flavor, obj, m.price_as) if obj else None
         if cost is not None:
-            flow.metadata[USAGE] = cost
+            state(flow).usage = cost
 
     @fail_closed("response")
     def response(self, flow: http.HTTPFlow) -> None:
-        hold: Hold | None = flow.metadata.get(HOLD)
+        st = state(flow)
+        hold = st.hold
         if hold is None:
             return
-        m: Metered | None = flow.metadata.get(METERED)
+        m = st.metered
         status = flow.response.status_code if flow.response is not None else 0
         if (
             m is not None
-            and USAGE not in flow.metadata
+            and st.usage is None
             and status < 400
             and flow.response is not None
             and not flow.response.stream
@@ -357,11 +351,11 @@ class SpendGuard:
             response = flow.response
             content = response.get_content(strict=False) or b""
             sse = "event-stream" in response.headers.get("content-type", "")
-            tap = StreamTap(m, sse, bool(flow.metadata.get(DROP_USAGE_CHUNK)), lambda obj: self._observed(flow, m, obj))
+            tap = StreamTap(m, sse, st.drop_usage_chunk, lambda obj: self._observed(flow, m, obj))
             out = tap(content, True)
             if sse and out != content:
                 response.content = out
-        cost: Cost | None = flow.metadata.get(USAGE)
+        cost = st.usage
         if m is None or status >= 400:
             self.ledger.settle(hold, Decimal(0), 0)  # unmetered, or the provider refused: nothing billed
         elif cost is not None:
@@ -369,21 +363,22 @@ class SpendGuard:
         else:  # a success without usage: bill the worst case rather than nothing
             log.warning("no usage in %s's %s response for %s; billing the reservation", m.provider, m.model, flow.id)
             self.ledger.settle(hold, hold.usd, hold.tokens)
-            flow.metadata[USAGE] = Cost(hold.usd, 0, 0, 0, m.model)
+            st.usage = Cost(hold.usd, 0, 0, 0, m.model)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        hold: Hold | None = flow.metadata.get(HOLD)
+        st = state(flow)
+        hold = st.hold
         if hold is None or hold.settled:
             return
-        cost: Cost | None = flow.metadata.get(USAGE)
+        cost = st.usage
         if cost is not None:
             self.ledger.settle(hold, cost.usd, cost.input_tokens + cost.output_tokens)
-        elif flow.metadata.get(METERED) is not None and (flow.response is not None or _reached_upstream(flow)):
+        elif st.metered is not None and (flow.response is not None or _reached_upstream(flow)):
             # the call reached the provider and the exchange broke off (client gone, upstream
             # timeout, stream cut): the provider may have charged for it, so it is billed at the
             # reservation, as it would be had the proxy stopped at that moment
             self.ledger.settle(hold, hold.usd, hold.tokens)
-            flow.metadata[USAGE] = Cost(hold.usd, 0, 0, 0, flow.metadata[METERED].model)
+            st.usage = Cost(hold.usd, 0, 0, 0, st.metered.model)
         else:
             self.ledger.settle(hold, Decimal(0), 0)  # never reached the provider: released
 
@@ -392,60 +387,3 @@ def _reached_upstream(flow: http.HTTPFlow) -> bool:
     """Whether the request may have reached the provider: its upstream connection was up."""
     server = flow.server_conn
     return server.timestamp_tls_setup is not None or (not server.tls and server.timestamp_tcp_setup is not None)
-
-
-class BudgetFollower(Poller):
-    """Keeps the ledger in step with the DB: spend recorded before this start, budget
-    overrides set at run time (`budget set/reset`), and the open reservations for `budget show`."""
-
-    name = "budget follower"
-
-    def __init__(self, db_path: Path, ledger: Ledger, interval: float = 0.5) -> None:
-        super().__init__(interval)
-        self.db_path, self.ledger = db_path, ledger
-        self._written: dict[str, str] = {}
-
-    async def load_spent(self) -> None:
-        from datetime import datetime
-
-        async with (
-            aiosqlite.connect(f"file:{self.db_path}?mode=ro", uri=True) as db,
-            db.execute(
-                "SELECT agent, session, ts, cost_usd FROM audit WHERE cost_usd IS NOT NULL AND agent IS NOT NULL"
-            ) as cur,
-        ):
-            async for agent, session, ts, cost in cur:
-                day = self.ledger.day(datetime.fromisoformat(ts.replace("Z", "+00:00")))
-                self.ledger.add_spent(agent, session or "", day, Decimal(cost))
-        await self._read_overrides()
-
-    async def _read_overrides(self) -> None:
-        async with (
-            aiosqlite.connect(f"file:{self.db_path}?mode=ro", uri=True) as db,
-            db.execute("SELECT agent, scope, limit_usd FROM budgets") as cur,
-        ):
-            self.ledger.overrides = {(a, s): Decimal(v) async for a, s, v in cur}
-
-    async def _write_reserved(self) -> None:
-        now = {f"{scope}:{key}": str(v) for (scope, key), v in self.ledger.reserved.items()}
-        if now == self._written:
-            return
-        ts = now_iso()
-        await asyncio.to_thread(self._replace_reserved, [(k, v, ts) for k, v in now.items()])
-        self._written = now
-
-    def _replace_reserved(self, rows: list[tuple[str, str, str]]) -> None:
-        # One transaction in one thread hop: the DB's write lock is held for microseconds, not
-        # across event-loop turns while the audit writer (and every response) waits on it.
-        conn = sqlite3.connect(self.db_path, timeout=1.0, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("DELETE FROM budget_reserved")
-            conn.executemany("INSERT INTO budget_reserved VALUES (?, ?, ?)", rows)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    async def poll(self) -> None:
-        await self._read_overrides()
-        await self._write_reserved()

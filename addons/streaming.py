@@ -16,29 +16,30 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from egress_guard.addons._flow import DECISION, OWN_RESPONSE, RESPONSE_BYTES, SCRUB, fail_closed
+from egress_guard.addons._flow import fail_closed
 from egress_guard.addons.bodies import body_stream
+from egress_guard.addons.flow import FlowState, state
 from egress_guard.decoding import decode_all
 from egress_guard.forms import ScrubStream, SecretForms
 from egress_guard.policy import Decision, Verdict
 
-SCRUB_BUFFERED = "egress_guard.scrub_buffered"
 # A small response of known length is forwarded in one piece: streaming it would cost extra
 # writes (and TLS records) per response for nothing. Event streams always stream.
 BUFFER_UP_TO = 256 * 1024
 
 
 class Counter:
-    """A stage that counts the bytes that pass into flow.metadata[key]."""
+    """A stage that counts the bytes that pass (into the flow state's `response_bytes`)."""
 
-    __slots__ = ("key", "metadata")
+    __slots__ = ("n", "state")
 
-    def __init__(self, metadata: dict, key: str) -> None:
-        self.metadata, self.key = metadata, key
-        metadata[key] = 0
+    def __init__(self, st: FlowState) -> None:
+        self.state, self.n = st, 0
+        st.response_bytes = 0
 
     def __call__(self, data: bytes, end: bool) -> bytes:
-        self.metadata[self.key] += len(data)
+        self.n += len(data)
+        self.state.response_bytes = self.n
         return data
 
 
@@ -78,10 +79,10 @@ class ResponseStreamer:
     @fail_closed("response")
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # mitmproxy also calls this hook for responses an addon set (our refusals): leave those.
-        response = flow.response
-        if response is None or flow.metadata.get(OWN_RESPONSE):
+        response, st = flow.response, state(flow)
+        if response is None or st.own_response:
             return
-        forms: SecretForms | None = flow.metadata.get(SCRUB)
+        forms = st.scrub
         if forms is not None:
             scrub_response_head(response, forms)
         if forms is not None and response.headers.get("transfer-encoding", "").replace(" ", "").lower() not in (
@@ -90,7 +91,7 @@ class ResponseStreamer:
         ):
             # a transfer coding (gzip, chunked) mitmproxy would pass through undecoded: the
             # secret could hide in it. Refused: the flow is killed before anything is sent.
-            flow.metadata[DECISION] = Decision(
+            st.decision = Decision(
                 Verdict.ERROR, "the upstream used a Transfer-Encoding other than chunked on a credentialed response"
             )
             flow.kill()
@@ -100,7 +101,7 @@ class ResponseStreamer:
             # a compressed body cannot be scrubbed piece by piece: buffer it, whatever any
             # other addon asked for; decoded, scrubbed and re-encoded in `response`
             response.stream = False
-            flow.metadata[SCRUB_BUFFERED] = True
+            st.scrub_buffered = True
             return
         length = response.headers.get("content-length", "")
         if (
@@ -110,7 +111,7 @@ class ResponseStreamer:
             and "event-stream" not in response.headers.get("content-type", "")
         ):
             if forms is not None:
-                flow.metadata[SCRUB_BUFFERED] = True
+                st.scrub_buffered = True
             return
         if (
             "content-length" in response.headers
@@ -128,17 +129,18 @@ class ResponseStreamer:
         stream = body_stream(flow, response)
         if forms is not None:
             stream.add(Scrubber(forms))
-        stream.add(Counter(flow.metadata, RESPONSE_BYTES))
+        stream.add(Counter(st))
 
     @fail_closed("response")
     def response(self, flow: http.HTTPFlow) -> None:
-        forms: SecretForms | None = flow.metadata.get(SCRUB)
+        st = state(flow)
+        forms = st.scrub
         if forms is not None and flow.response is not None and flow.response.trailers:
             scrub_headers(flow.response.trailers, forms)  # HTTP/2 trailers go out after this hook
-        if not flow.metadata.get(SCRUB_BUFFERED) or flow.response is None:
+        if not st.scrub_buffered or forms is None or flow.response is None:
             return
         # every member, or an exception (undecodable, too big) and the flow is killed
         content = decode_all(flow.response.headers.get("content-encoding", ""), flow.response.raw_content or b"")
-        scrubbed = flow.metadata[SCRUB].scrub(content)
+        scrubbed = forms.scrub(content)
         if scrubbed is not content:  # re-encoding costs: only when a secret was found
             flow.response.content = scrubbed

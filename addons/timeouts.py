@@ -27,7 +27,7 @@ from typing import Any
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from egress_guard.addons._flow import TIMEOUT
+from egress_guard.addons.flow import state
 from egress_guard.addons.killswitch import cut_client
 
 log = logging.getLogger("egress_guard")
@@ -184,7 +184,7 @@ class TimeoutWatch:
             # still connecting: the connect and TLS timeouts watch that; look again later
             self._waiting[flow.id] = (time.monotonic() + RECHECK, flow)
             return
-        flow.metadata[TIMEOUT] = "response"
+        state(flow).timeout = "response"
         log.warning(
             "no response headers for %s within %g s: aborting its upstream connection", flow.id, self.t.response
         )
@@ -225,11 +225,12 @@ class TimeoutWatch:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._waiting.pop(flow.id, None)
-        if TIMEOUT not in flow.metadata:
+        st = state(flow)
+        if st.timeout is None:
             expired = self._expired.get(flow.client_conn.id)
             kind = expired.get((flow.request.host, flow.request.port)) if expired else None
             if kind is not None:
-                flow.metadata[TIMEOUT] = kind
+                st.timeout = kind
         self._done(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:

@@ -43,20 +43,9 @@ from typing import Any
 import wsproto.events
 from mitmproxy import http, websocket
 
-from egress_guard.addons._flow import (
-    AGENT,
-    CREDENTIAL,
-    DECISION,
-    KEY_ID,
-    SCRUB,
-    SERVICE,
-    SESSION,
-    TARGET,
-    answered,
-    fail_closed,
-    reject,
-)
+from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons._mitm import WS_CONTROL
+from egress_guard.addons.flow import state
 from egress_guard.addons.killswitch import cut_client
 from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.config import Config
@@ -96,8 +85,6 @@ from egress_guard.ws_meter import (
 )
 
 log = logging.getLogger("egress_guard")
-WS = "egress_guard.websocket"  # _Conn: the connection's state
-WS_CLOSING = "egress_guard.websocket_closing"  # True: closed before it had a state
 HOLD_MIN = 4  # a shorter tail that could begin a secret is let through: it is no secret yet
 HOLD_SECONDS = 0.2  # how long a message may wait for the one that shows what its tail is
 CLOSE_POLICY, CLOSE_ERROR = 1008, 1011
@@ -203,7 +190,9 @@ class _Call:
 
 
 @dataclass
-class _Conn:
+class WsConn:
+    """One WebSocket connection's state, kept in the flow state (`FlowState.ws`)."""
+
     host: str
     port: int
     path: str  # as recorded (query string kept only with audit.query_strings)
@@ -287,7 +276,8 @@ class WebSocketGuard:
 
     def _refusal(self, flow: http.HTTPFlow) -> tuple[int, str] | None:
         """Why a WebSocket to this flow's service may not open (status, reason), or None."""
-        service = self.services.get(flow.metadata.get(SERVICE) or "")
+        st = state(flow)
+        service = self.services.get(st.service or "")
         if service is None:
             return None  # a host bound to no service: its frames are scanned for keys
         path = flow.request.path
@@ -299,10 +289,10 @@ class WebSocketGuard:
                 "use its HTTP API"
             )
         how = self.meters.get(service.name)
-        agent = self.config.agents.get(flow.metadata.get(AGENT) or "")
+        agent = self.config.agents.get(st.agent or "")
         if how is None or agent is None:
             return None
-        session = flow.metadata.get(SESSION) or ""
+        session = st.session or ""
         api = ws_api(how.api, path)
         if api is None:
             if self._limited(agent.limits, agent.name, service.name, session):
@@ -333,7 +323,7 @@ class WebSocketGuard:
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         try:
-            conn = flow.metadata[WS] = self._conn(flow)
+            conn = state(flow).ws = self._conn(flow)
             self._guard_control_frames(flow, conn)
             # the upgrade was judged by its request; mitmproxy judges a WebSocket by the
             # response (101, Upgrade: websocket): one the request check missed closes here
@@ -344,7 +334,7 @@ class WebSocketGuard:
             log.exception("WebSocket guard could not start on %s; closing it", flow.id)
             self._close(flow, None, CLOSE_ERROR, f"internal error ({type(exc).__name__})")
 
-    def _guard_control_frames(self, flow: http.HTTPFlow, conn: _Conn) -> None:
+    def _guard_control_frames(self, flow: http.HTTPFlow, conn: WsConn) -> None:
         """Ping/pong payloads and close reasons pass no hook (addons/_mitm.py filters them
         through these): to the agent, the secret is masked; to the upstream, a key bound
         elsewhere blanks the frame and closes the connection. Frames on a connection with
@@ -388,26 +378,27 @@ class WebSocketGuard:
         WS_CONTROL[flow.client_conn.id] = to_agent
         WS_CONTROL[flow.server_conn.id] = to_upstream
 
-    def _conn(self, flow: http.HTTPFlow) -> _Conn:
-        target = flow.metadata.get(TARGET)
+    def _conn(self, flow: http.HTTPFlow) -> WsConn:
+        st = state(flow)
+        target = st.target
         host, port = (str(target[0]), int(target[1])) if target else (flow.request.host, flow.request.port)
-        service = flow.metadata.get(SERVICE)
-        agent = self.config.agents.get(flow.metadata.get(AGENT) or "")
+        service = st.service
+        agent = self.config.agents.get(st.agent or "")
         how = self.meters.get(service or "")
         api = ws_api(how.api, flow.request.path) if how is not None and agent is not None else None
-        forms = flow.metadata.get(SCRUB)
+        forms = st.scrub
         scanner = self.credentials.scanner
         leak = None
         if scanner.max_len:
             leak = lambda data: self.credentials.leak(host, data, "a WebSocket message")  # noqa: E731
         path = flow.request.path if self.config.audit_query_strings else flow.request.path.split("?", 1)[0]
-        return _Conn(
+        return WsConn(
             host=host,
             port=port,
             path=path,
             service=service,
             agent=agent.name if agent is not None else None,
-            session=flow.metadata.get(SESSION),
+            session=st.session,
             limits=agent.limits if agent is not None else None,
             api=api,
             price_as=how.provider if how is not None else "",
@@ -421,10 +412,11 @@ class WebSocketGuard:
         assert flow.websocket is not None
         msg = flow.websocket.messages[-1]
         del flow.websocket.messages[:-1]  # mitmproxy keeps every message for the connection's life
-        conn: _Conn | None = flow.metadata.get(WS)
+        st = state(flow)
+        conn = st.ws
         if conn is None or conn.ended:
             msg.drop()  # never relay what no guard looked at
-            if conn is None and not flow.metadata.get(WS_CLOSING):
+            if conn is None and not st.ws_closing:
                 self._close(flow, None, CLOSE_ERROR, "the WebSocket guard has no state for this connection")
             return
         try:
@@ -448,7 +440,8 @@ class WebSocketGuard:
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         WS_CONTROL.pop(flow.client_conn.id, None)  # its close frames have been sent
         WS_CONTROL.pop(flow.server_conn.id, None)
-        conn: _Conn | None = flow.metadata.get(WS)
+        st = state(flow)
+        conn = st.ws
         if conn is None or conn.ended:
             return
         conn.ended = True
@@ -465,8 +458,8 @@ class WebSocketGuard:
                     True,
                     "the connection closed before the response completed: billed at its reservation",
                 )
-            if conn.closing is None and flow.metadata.get(KEY_ID):
-                record = await self.credentials.keys.lookup(flow.metadata[KEY_ID])  # cached: no I/O
+            if conn.closing is None and st.key_id:
+                record = await self.credentials.keys.lookup(st.key_id)  # cached: no I/O
                 if record is not None and record.revoked_at:
                     conn.closing = f"cut: its key {record.key_id} was revoked ({record.revoked_reason})"
                     conn.close_verdict = Verdict.DENY
@@ -476,7 +469,7 @@ class WebSocketGuard:
 
     # --- from the agent --------------------------------------------------------------------
 
-    async def _from_agent(self, flow: http.HTTPFlow, conn: _Conn, msg: websocket.WebSocketMessage) -> None:
+    async def _from_agent(self, flow: http.HTTPFlow, conn: WsConn, msg: websocket.WebSocketMessage) -> None:
         data = msg.content
         conn.agent_messages += 1
         conn.agent_bytes += len(data)
@@ -517,16 +510,16 @@ class WebSocketGuard:
         elif isinstance(event, Create):
             await self._start_call(flow, conn, msg, event)
 
-    def _allowed(self, conn: _Conn, model: str) -> bool:
+    def _allowed(self, conn: WsConn, model: str) -> bool:
         assert conn.limits is not None and conn.service is not None
         return model_allowed(conn.limits, conn.service, model, conn.session or "")
 
-    def _reason_model(self, conn: _Conn, model: str) -> str:
+    def _reason_model(self, conn: WsConn, model: str) -> str:
         assert conn.limits is not None and conn.service is not None and conn.agent is not None
         return self._not_allowed(conn.limits, conn.agent, conn.service, model, conn.session or "")
 
     async def _start_call(
-        self, flow: http.HTTPFlow, conn: _Conn, msg: websocket.WebSocketMessage, event: Create
+        self, flow: http.HTTPFlow, conn: WsConn, msg: websocket.WebSocketMessage, event: Create
     ) -> None:
         assert conn.limits is not None and conn.agent is not None
         m = event.metered
@@ -558,7 +551,7 @@ class WebSocketGuard:
         conn.calls.append(call)
         conn.calls_made += 1
 
-    async def _intent(self, conn: _Conn, call: _Call) -> str | None:
+    async def _intent(self, conn: WsConn, call: _Call) -> str | None:
         """Commit the call's reservation before it is forwarded (if the proxy stops before the
         call's row is written, the next start bills it); the reason if that failed."""
         commit = getattr(self.audit, "intent", None)
@@ -591,7 +584,7 @@ class WebSocketGuard:
     def _refuse(
         self,
         flow: http.HTTPFlow,
-        conn: _Conn,
+        conn: WsConn,
         msg: websocket.WebSocketMessage,
         status: int,
         reason: str,
@@ -626,7 +619,7 @@ class WebSocketGuard:
 
     # --- from the upstream -------------------------------------------------------------------
 
-    async def _from_upstream(self, flow: http.HTTPFlow, conn: _Conn, msg: websocket.WebSocketMessage) -> None:
+    async def _from_upstream(self, flow: http.HTTPFlow, conn: WsConn, msg: websocket.WebSocketMessage) -> None:
         data = msg.content
         conn.upstream_messages += 1
         conn.upstream_bytes += len(data)
@@ -651,7 +644,7 @@ class WebSocketGuard:
                 self._settle(flow, conn, call, None, event.status or 502, call.started, note)
         conn.relay.upstream(msg)
 
-    def _finished(self, flow: http.HTTPFlow, conn: _Conn, event: Finished) -> Any:
+    def _finished(self, flow: http.HTTPFlow, conn: WsConn, event: Finished) -> Any:
         """Settle the call this event ends and record its row; returns the row's number."""
         if conn.api == REALTIME:
             conn.audio_bytes = conn.text_bytes = 0
@@ -661,7 +654,7 @@ class WebSocketGuard:
             return None
         return self._settle(flow, conn, call, event.usage, 200, True, f"response {event.status}")
 
-    def _unasked(self, flow: http.HTTPFlow, conn: _Conn) -> _Call | None:
+    def _unasked(self, flow: http.HTTPFlow, conn: WsConn) -> _Call | None:
         """A call nobody asked for by message: admitted now, at nothing, to be settled at once."""
         if conn.agent is None or conn.limits is None:
             return None
@@ -678,7 +671,7 @@ class WebSocketGuard:
     def _settle(
         self,
         flow: http.HTTPFlow,
-        conn: _Conn,
+        conn: WsConn,
         call: _Call,
         usage: dict[str, Any] | None,
         status: int | None,
@@ -731,7 +724,7 @@ class WebSocketGuard:
             self._close(flow, conn, CLOSE_POLICY, f"agent {conn.agent}'s budget is spent")
         return n
 
-    def _exhausted(self, conn: _Conn) -> bool:
+    def _exhausted(self, conn: WsConn) -> bool:
         assert conn.limits is not None and conn.agent is not None
         session = conn.session or ""
         for scope, key in self.ledger.keys(conn.agent, session, self.ledger.day()):
@@ -740,7 +733,7 @@ class WebSocketGuard:
                 return True
         return False
 
-    async def _durable(self, flow: http.HTTPFlow, conn: _Conn, n: Any, msg: websocket.WebSocketMessage) -> bool:
+    async def _durable(self, flow: http.HTTPFlow, conn: WsConn, n: Any, msg: websocket.WebSocketMessage) -> bool:
         """The call's last event reaches the agent only once its row is committed."""
         durable = getattr(self.audit, "durable", None)
         if durable is None or not isinstance(n, int):  # an audit log that cannot wait (before that lands)
@@ -759,13 +752,13 @@ class WebSocketGuard:
     def _inject(self, flow: http.HTTPFlow, content: bytes, is_text: bool) -> None:
         self.proxyserver.inject_websocket(flow, True, content, is_text)
 
-    def _close(self, flow: http.HTTPFlow, conn: _Conn | None, code: int, why: str) -> None:
+    def _close(self, flow: http.HTTPFlow, conn: WsConn | None, code: int, why: str) -> None:
         """Close both sides with `code` (1008: policy violation), or cut the connection."""
         import wsproto.events
         from wsproto.connection import ConnectionState
 
         if conn is None:
-            flow.metadata[WS_CLOSING] = True
+            state(flow).ws_closing = True
         else:
             if conn.closing is not None:
                 return
@@ -784,7 +777,7 @@ class WebSocketGuard:
     def _row(
         self,
         flow: http.HTTPFlow,
-        conn: _Conn,
+        conn: WsConn,
         request_id: str,
         verdict: Verdict,
         reason: str,
@@ -796,9 +789,10 @@ class WebSocketGuard:
         since: float | None = None,
     ) -> AuditRow:
         peer = flow.client_conn.peername
-        decision: Decision | None = flow.metadata.get(DECISION)
-        if credential is None and CREDENTIAL in flow.metadata:
-            credential = flow.metadata[CREDENTIAL]
+        st = state(flow)
+        decision = st.decision
+        if credential is None:
+            credential = st.credential
         return AuditRow(
             ts=now_iso(),
             request_id=request_id,
@@ -816,13 +810,13 @@ class WebSocketGuard:
             request_bytes=request_bytes,
             response_bytes=response_bytes,
             duration_ms=round((time.time() - (since or conn.started_at)) * 1000, 2),
-            agent=flow.metadata.get(AGENT),
-            session=flow.metadata.get(SESSION),
+            agent=st.agent,
+            session=st.session,
             service=conn.service,
             credential=str(credential) if credential is not None else None,
         )
 
-    def _close_row(self, flow: http.HTTPFlow, conn: _Conn) -> AuditRow:
+    def _close_row(self, flow: http.HTTPFlow, conn: WsConn) -> AuditRow:
         ws = flow.websocket
         code = ws.close_code if ws is not None else None
         if conn.closing is not None:

@@ -20,7 +20,7 @@ from mitmproxy.master import Master
 
 from egress_guard import addons
 from egress_guard.addons import _mitm
-from egress_guard.addons.spend_guard import BudgetFollower
+from egress_guard.addons.budget_follower import BudgetFollower
 from egress_guard.addons.timeouts import Timeouts
 from egress_guard.audit import AuditLog
 from egress_guard.ca import CAFiles, upstream_trust_file

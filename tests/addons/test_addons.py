@@ -13,9 +13,10 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
 from egress_guard.addons import Chain
-from egress_guard.addons._flow import DECISION, fail_closed, rejection, safe_text
+from egress_guard.addons._flow import fail_closed, rejection, safe_text
 from egress_guard.addons.connect_guard import ConnectGuard
 from egress_guard.addons.failures import refused_head, upstream_reason
+from egress_guard.addons.flow import state
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.audit import AuditLog
@@ -42,7 +43,7 @@ async def test_recorder_refuses_an_undecided_connect_and_records_it(tmp_path: Pa
 
 async def test_recorder_leaves_a_decided_request_alone(tmp_path: Path) -> None:
     flow = tflow.tflow()
-    flow.metadata[DECISION] = Decision(Verdict.ALLOW, "ok", "inline#0")
+    state(flow).decision = Decision(Verdict.ALLOW, "ok", "inline#0")
     await AuditRecorder(AuditLog(tmp_path / "a.db")).requestheaders(flow)
     assert flow.response is None
 
@@ -110,7 +111,7 @@ def test_response_phase_crash_kills_the_flow() -> None:
     flow = tflow.tflow(resp=True)
     Broken().responseheaders(flow)
     assert flow.error is not None and flow.error.msg == "Connection killed."
-    assert flow.metadata[DECISION].verdict is Verdict.ERROR
+    assert (decision := state(flow).decision) is not None and decision.verdict is Verdict.ERROR
 
 
 def test_rejection_shape() -> None:
@@ -187,8 +188,9 @@ async def test_a_member_that_raises_in_a_request_hook_refuses_and_the_others_sti
     flow = tflow.tflow()
     await Chain([Broken(), Last()]).requestheaders(flow)  # type: ignore[attr-defined]
     assert seen == [502]
-    assert flow.metadata[DECISION].verdict is Verdict.ERROR
-    assert "internal error in" in flow.metadata[DECISION].reason and "Broken.requestheaders" in flow.response.text
+    decision = state(flow).decision
+    assert decision is not None and decision.verdict is Verdict.ERROR
+    assert "internal error in" in decision.reason and "Broken.requestheaders" in flow.response.text
 
 
 def test_a_member_that_raises_while_the_response_is_under_way_kills_the_flow() -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from helpers import write_config
 from mitmproxy.test import tflow
 
-from egress_guard.addons._flow import AGENT, DECISION, SERVICE, SESSION, TARGET
-from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, SpendGuard
+from egress_guard.addons.flow import state
+from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.audit import AuditLog
+from egress_guard.hosts import Host
 from egress_guard.policy import Decision, Verdict
 from egress_guard.spend import Ledger, meter
 
@@ -36,15 +37,9 @@ def chat_flow() -> tflow.HTTPFlow:
     flow.request.method = "POST"
     flow.request.host, flow.request.port, flow.request.path = "api.openai.com", 443, "/v1/chat/completions?x=1"
     flow.request.content = json.dumps({"model": "gpt-4o-mini", "max_tokens": 100, "messages": []}).encode()
-    flow.metadata.update(
-        {
-            AGENT: "bot",
-            SESSION: "s1",
-            SERVICE: "openai",
-            TARGET: ("api.openai.com", 443),
-            DECISION: Decision(Verdict.ALLOW, "ok"),
-        }
-    )
+    st = state(flow)
+    st.agent, st.session, st.service = "bot", "s1", "openai"
+    st.target, st.decision = (Host("api.openai.com"), 443), Decision(Verdict.ALLOW, "ok")
     return flow
 
 
@@ -55,7 +50,8 @@ async def test_the_reservation_is_committed_before_the_call_is_forwarded(tmp_pat
     flow = chat_flow()
     await spend.request(flow)
     assert flow.response is None  # forwarded...
-    hold = flow.metadata[HOLD]
+    hold = state(flow).hold
+    assert hold is not None
     conn = sqlite3.connect(tmp_path / "a.db")  # ...and its reservation is already on disk
     got = conn.execute("SELECT request_id, agent, session, service, model, reserved_usd, path FROM spend_intents")
     assert got.fetchall() == [(flow.id, "bot", "s1", "openai", "gpt-4o-mini", f"{hold.usd:f}", "/v1/chat/completions")]
@@ -91,8 +87,9 @@ async def test_without_an_open_audit_log_a_metered_call_is_refused(tmp_path: Pat
 
 def errored(spend: SpendGuard, *, connected: bool) -> tflow.HTTPFlow:
     flow = chat_flow()
-    flow.metadata[HOLD] = spend.ledger.admit(spend.agents["bot"].limits, "bot", "s1", Decimal("0.5"), 100)
-    flow.metadata[METERED] = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 10)
+    st = state(flow)
+    st.hold = spend.ledger.admit(spend.agents["bot"].limits, "bot", "s1", Decimal("0.5"), 100)
+    st.metered = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 10)
     flow.server_conn.tls = True
     if not connected:
         flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = None
@@ -105,7 +102,8 @@ def test_a_call_that_reached_the_provider_is_billed_at_its_reservation_when_no_a
     flow = errored(spend, connected=True)
     spend.error(flow)
     assert spend.ledger.spent[("total", "bot")] == Decimal("0.5")
-    assert flow.metadata[USAGE].usd == Decimal("0.5")  # the audit row carries it
+    usage = state(flow).usage
+    assert usage is not None and usage.usd == Decimal("0.5")  # the audit row carries it
 
 
 def test_a_call_that_never_reached_the_provider_is_released(tmp_path: Path) -> None:
@@ -113,4 +111,4 @@ def test_a_call_that_never_reached_the_provider_is_released(tmp_path: Path) -> N
     flow = errored(spend, connected=False)
     spend.error(flow)
     assert spend.ledger.spent.get(("total", "bot"), 0) == 0 and spend.ledger.reserved[("total", "bot")] == 0
-    assert USAGE not in flow.metadata
+    assert state(flow).usage is None

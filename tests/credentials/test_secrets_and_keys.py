@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 
+from egress_guard.addons.flow import FlowState
 from egress_guard.addons.streaming import Counter, Scrubber
 from egress_guard.credentials import FakeKeyScanner, Service, Slot, find_credentials, header_value
 from egress_guard.fakekeys import KeyShape, looks_like, make_key, new_key_id, parse_key
@@ -107,8 +108,8 @@ def test_find_credentials_in_each_slot_kind() -> None:
 
 def test_scrubber_catches_a_secret_split_across_chunks_and_keeps_length() -> None:
     secret = "sk-proj-REALsecretVALUE_0123456789"
-    meta: dict = {}
-    scrub, count = Scrubber(SecretForms(secret)), Counter(meta, "n")
+    st = FlowState()
+    scrub, count = Scrubber(SecretForms(secret)), Counter(st)
     stream = [
         b'data: {"echo": "' + secret[:10].encode(),
         secret[10:].encode() + b'"}\n\n',
@@ -118,7 +119,7 @@ def test_scrubber_catches_a_secret_split_across_chunks_and_keeps_length() -> Non
     out = b"".join(count(scrub(chunk, chunk == b""), chunk == b"") for chunk in stream)
     assert secret.encode() not in out and base64.b64encode(secret.encode()) not in out
     assert mask(len(secret)) in out
-    assert len(out) == sum(len(c) for c in stream) == meta["n"]  # framing intact
+    assert len(out) == sum(len(c) for c in stream) == st.response_bytes  # framing intact
 
 
 def test_scrubber_does_not_hold_back_sse_events() -> None:

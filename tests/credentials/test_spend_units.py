@@ -12,7 +12,8 @@ import pytest
 from genai_prices import Usage, calc_price
 from mitmproxy.test import tflow
 
-from egress_guard.addons.spend_guard import HOLD, METERED, USAGE, Overrun, SpendGuard, StreamTap
+from egress_guard.addons.flow import state
+from egress_guard.addons.spend_guard import Overrun, SpendGuard, StreamTap
 from egress_guard.spend import (
     Cost,
     Ledger,
@@ -188,15 +189,16 @@ def test_compressed_json_response_is_priced() -> None:
     ledger = Ledger(SETTINGS)
     m = meter("openai", "/v1/chat/completions", {"model": "gpt-4o-mini"}, 10)
     usd, tokens = reservation(SETTINGS, m)
-    flow.metadata[HOLD] = ledger.admit(Limits(), "ag", "s", usd, tokens)
-    flow.metadata[METERED] = m
+    state(flow).hold = ledger.admit(Limits(), "ag", "s", usd, tokens)
+    state(flow).metered = m
     spend = SpendGuard.__new__(SpendGuard)
     spend.settings, spend.ledger = SETTINGS, ledger
     spend.response(flow)
     expected = Decimal(
         calc_price(Usage(input_tokens=100, output_tokens=20), "gpt-4o-mini", provider_id="openai").total_price
     )
-    assert flow.metadata[USAGE].usd == expected
+    usage = state(flow).usage
+    assert usage is not None and usage.usd == expected
     assert ledger.spent[("total", "ag")] == expected and ledger.reserved[("total", "ag")] == 0
 
 
