@@ -18,13 +18,23 @@ from pydantic import BaseModel, Discriminator, Tag, ValidationError
 class ConfigError(Exception):
     """A config problem: the file, the line, the key path, the problem and the fix. `at` is
     the key path whose line to report when it is not `key` itself (an unknown key is
-    reported on its parent, located on itself)."""
+    reported on its parent, located on itself). `line` and `column` (1-based) are filled in
+    by the file's `Positions` when not given; the text shows the line (`FILE:LINE: KEY: …`),
+    the column is for tools."""
 
     def __init__(
-        self, file: Path | str, key: str, problem: str, fix: str = "", *, line: int | None = None, at: str | None = None
+        self,
+        file: Path | str,
+        key: str,
+        problem: str,
+        fix: str = "",
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        at: str | None = None,
     ) -> None:
         self.file, self.key, self.problem, self.fix = str(file), key, problem, fix
-        self.line, self.at = line, at
+        self.line, self.column, self.at = line, column, at
         super().__init__(file, key, problem, fix)
 
     def __str__(self) -> str:

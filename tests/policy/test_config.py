@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from egress_guard.bootstrap import DEFAULT_CONFIG
-from egress_guard.config import ConfigError, ConfigWire, ServiceRefWire, ServiceWire, load_config, preset_names
+from egress_guard.config import (
+    ConfigError,
+    ConfigWire,
+    ServiceRefWire,
+    ServiceWire,
+    load_config,
+    parse_listen,
+    preset_names,
+)
 from egress_guard.spend import Meter
 
 BROKEN = [
@@ -400,45 +408,99 @@ def test_readme_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: 
 
 # --- every error names its line ------------------------------------------------------------------
 
+LINES = [
+    # (yaml, line, column, what the message says after "FILE:LINE: ")
+    # a nested key: reported on its mapping, located on itself
+    (
+        "version: 1\nallowlists: [openai]\nagents:\n  bot:\n    services: [openai]\n    limits:\n"
+        "      budget_usd:\n        sesion: 5\n",
+        8,
+        9,
+        "agents.bot.limits.budget_usd: unknown key 'sesion'",
+    ),
+    # a nested value of the wrong type
+    (
+        "version: 1\nagents:\n  bot:\n    limits:\n      budget_usd: {session: 1,\n        day: x}\n",
+        6,
+        9,
+        "agents.bot.limits.budget_usd.day: input should be a valid decimal",
+    ),
+    # list items: a key of the second item, the second string of a list, the second item of a nested list
+    ("version: 1\nallow:\n  - host: a.example\n  - ports: [443]\n    host: '*.co.uk'\n", 5, 5, "allow[1].host: "),
+    ("version: 1\n\nallowlists:\n  - openai\n  - opnai\n", 5, 5, "allowlists[1]: no preset named 'opnai'"),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  bot:\n    services:\n"
+        "      - openai\n      - anthropic\n",
+        8,
+        9,
+        "agents.bot.services[1]: no service named 'anthropic'",
+    ),
+    # an item of the services: union, a whole service (its tag is no key in the file)
+    (
+        "version: 1\nallow: [{host: x.example}]\nservices:\n  - openai\n  - name: x\n    hosts: [x.example]\n"
+        "    fake_key:\n      prefix: x_\n      lenght: 40\n",
+        9,
+        7,
+        "services[1].fake_key: unknown key 'lenght'",
+    ),
+    ("version: 1\nservices:\n  - openai\n  - [openai]\n", 4, 5, "services[1]: expected a preset name or a mapping"),
+    # a required key that is not there: the line of the mapping that lacks it
+    (
+        "version: 1\nallow:\n  - host: x.example\nservices:\n  - name: x\n    hosts: [x.example]\n",
+        5,
+        5,
+        "services[0].credential: required key is missing",
+    ),
+    ("# a comment\nlisten: 127.0.0.1:8080\n", 1, None, "version: missing"),
+    # a mapping key with a dot in it
+    ("version: 1\nnetwork:\n  hosts:\n    llm.internal: [not-an-ip]\n", 4, 5, "network.hosts.llm.internal: "),
+    # YAML merge keys: the merged keys are located where the anchor is
+    (
+        "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  a: &base\n    services: [openai]\n"
+        "  b:\n    <<: *base\n    limits: {budget_usd: {sesion: 1}}\n",
+        9,
+        27,
+        "agents.b.limits.budget_usd: unknown key 'sesion'",
+    ),
+    # YAML syntax: the parser's line, and where the construct it was reading began
+    ("version: 1\nallow:\n  - host: a.example\nallow: []\n", 4, 1, "key 'allow' appears twice"),
+    (
+        "version: 1\nallow:\n  - host: a.example\n    ports: [443\n  - host: b.example\n",
+        5,
+        9,
+        "not valid YAML (expected ',' or ']', but got ':', while parsing a flow sequence on line 4)",
+    ),
+    (
+        "version: 1\nnetwork:\n  idle_timeout: 1800\n   header_timeout: 5\n",
+        4,
+        18,
+        "not valid YAML (mapping values are not allowed here)",
+    ),
+    (
+        "version: 1\nlisten: '127.0.0.1:8080\n",
+        3,
+        1,
+        "not valid YAML (found unexpected end of stream, while scanning a quoted scalar on line 2)",
+    ),
+    ("version: 1\nx: *nope\n", 2, 4, "not valid YAML (found undefined alias 'nope')"),
+]
 
-@pytest.mark.parametrize(
-    ("text", "line", "key"),
-    [
-        (
-            "version: 1\nallowlists: [openai]\nagents:\n  bot:\n    services: [openai]\n    limits:\n"
-            "      budget_usd:\n        sesion: 5\n",
-            8,
-            "agents.bot.limits.budget_usd",
-        ),
-        ("version: 1\nallow:\n  - host: a.example\n  - ports: [443]\n    host: '*.co.uk'\n", 5, "allow[1].host"),
-        ("version: 1\n\nallowlists:\n  - openai\n  - opnai\n", 5, "allowlists[1]"),
-        (
-            "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  bot:\n    services:\n"
-            "      - openai\n      - anthropic\n",
-            8,
-            "agents.bot.services[1]",
-        ),
-        # a required key that is not there: the line of the mapping that lacks it
-        ("version: 1\nallow:\n  - host: x.example\nservices:\n  - name: x\n    hosts: [x.example]\n", 5, "services[0]"),
-        ("# a comment\nlisten: 127.0.0.1:8080\n", 1, "version"),
-        ("version: 1\nnetwork:\n  hosts:\n    llm.internal: [not-an-ip]\n", 4, "network.hosts.llm.internal"),
-        ("version: 1\nallow:\n  - host: a.example\nallow: []\n", 4, ""),
-        # YAML merge keys: the merged keys are located where the anchor is
-        (
-            "version: 1\nallowlists: [openai]\nservices: [openai]\nagents:\n  a: &base\n    services: [openai]\n"
-            "  b:\n    <<: *base\n    limits: {budget_usd: {sesion: 1}}\n",
-            9,
-            "agents.b.limits.budget_usd",
-        ),
-    ],
-)
-def test_errors_name_the_line(tmp_path: Path, text: str, line: int, key: str) -> None:
+
+@pytest.mark.parametrize(("text", "line", "column", "says"), LINES)
+def test_errors_name_the_line(tmp_path: Path, text: str, line: int, column: int | None, says: str) -> None:
     path = tmp_path / "egress-guard.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.line == line, str(info.value)
-    assert str(info.value).startswith(f"{path}:{line}: {key}"), str(info.value)
+    assert str(info.value).startswith(f"{path}:{line}: {says}"), str(info.value)
+    assert (info.value.line, info.value.column) == (line, column), str(info.value)
+
+
+def test_an_error_about_text_from_no_file_names_no_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_listen("localhost")
+    assert str(info.value) == "--listen: 'localhost' is not HOST:PORT. Fix: use e.g. 127.0.0.1:8080"
+    assert (info.value.line, info.value.column) == (None, None)
 
 
 def test_a_preset_files_error_names_its_own_line(tmp_path: Path) -> None:
