@@ -359,9 +359,9 @@ def test_session_overrides_load_in_order(tmp_path: Path) -> None:
     assert limits.session("ci-7").budget_usd == 2 and limits.session("dev-1") is None
 
 
-def test_readme_limits_example_loads(tmp_path: Path) -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme.split("## Rate limits and spend caps", 1)[1]
+def test_docs_limits_example_loads(tmp_path: Path) -> None:
+    spend_doc = (Path(__file__).parents[2] / "docs" / "spend.md").read_text()
+    section = spend_doc.split("## Rate limits and spend caps", 1)[1]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "egress-guard.yaml"
     path.write_text("version: 1\nallowlists: [openai, anthropic]\nservices: [openai, anthropic]\n" + example)
@@ -391,12 +391,12 @@ def test_services_say_how_they_are_metered(tmp_path: Path) -> None:
     assert load_config(path).services[0].meter == Meter("openai", "mine")
 
 
-def test_readme_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: Path) -> None:
+def test_docs_narrow_allowlist_example_refuses_unbudgeted_endpoints(tmp_path: Path) -> None:
     from egress_guard.hosts import normalize_host
     from egress_guard.policy import Destination, decide
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    example = readme.split("Other endpoints of these services", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    spend_doc = (Path(__file__).parents[2] / "docs" / "spend.md").read_text()
+    example = spend_doc.split("Other endpoints of these services", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "egress-guard.yaml"
     path.write_text("version: 1\n" + example)
     config = load_config(path)
