@@ -9,7 +9,7 @@ from egress_guard import audit, ca, fakekeys
 from egress_guard.config import DEFAULT_CONFIG_NAME, load_config
 
 DEFAULT_CONFIG = """\
-# egress-guard configuration. Reference: README.md, "Configuration".
+# egress-guard configuration. Reference: docs/configuration.md (one section per key).
 version: 1
 
 # Where agents send their traffic (HTTP_PROXY / HTTPS_PROXY). Loopback by default;

@@ -7,12 +7,15 @@ path, the problem and the fix. This module owns that phrasing; it reads no files
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, Discriminator, Tag, ValidationError
+
+from egress_guard.config.wire import ConfigWire
 
 
 class ConfigError(Exception):
@@ -41,6 +44,25 @@ class ConfigError(Exception):
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         text = f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
         return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+# Where a key is documented: docs/configuration.md has a section per top-level key (its
+# anchor is the key); agents' limits and the spend settings have a page of their own.
+CONFIG_DOC = "docs/configuration.md"
+SPEND_DOC = "docs/spend.md#rate-limits-and-spend-caps"
+_LIMITS = re.compile(r"^agents\..+\.limits(?:$|[.\[])")
+_PRESET_SECTIONS = {"allow": "rules", "service": "services", "name": "allowlists", "description": "allowlists"}
+CONFIG_SECTIONS = frozenset(ConfigWire.model_fields) | {"rules"}
+
+
+def reference(key: str) -> str:
+    """The docs page, and section, that documents `key` (a config's key path, or a preset
+    file's: `allow[0].ports`, `service.fake_key`)."""
+    top = re.split(r"[.\[]", key, maxsplit=1)[0]
+    if top == "spend" or _LIMITS.match(key):
+        return SPEND_DOC
+    section = _PRESET_SECTIONS.get(top, top)
+    return f"{CONFIG_DOC}#{section}" if section in CONFIG_SECTIONS else CONFIG_DOC
 
 
 def key_path(loc: tuple[int | str, ...]) -> str:
@@ -135,8 +157,8 @@ def validation_failed(file: Path | str, model: type[BaseModel], err: ValidationE
     if kind == "service_shape":
         raise ConfigError(file, key, first["msg"], "e.g. openai, or {preset: openai, secret: …}")
     if kind == "model_type" or kind == "dict_type":
-        raise ConfigError(file, key, "expected a mapping", "see the config reference in README.md")
-    raise ConfigError(file, key, first["msg"].lower(), "see the config reference in README.md")
+        raise ConfigError(file, key, "expected a mapping", f"see {reference(key)}")
+    raise ConfigError(file, key, first["msg"].lower(), f"see {reference(key)}")
 
 
 def validate[M: BaseModel](model: type[M], data: Any, file: Path | str) -> M:

@@ -14,12 +14,14 @@ from egress_guard.bootstrap import DEFAULT_CONFIG
 from egress_guard.config import (
     ConfigError,
     ConfigWire,
+    PresetWire,
     ServiceRefWire,
     ServiceWire,
     load_config,
     parse_listen,
     preset_names,
 )
+from egress_guard.config.errors import reference
 from egress_guard.spend import Meter
 
 BROKEN = [
@@ -52,14 +54,19 @@ BROKEN = [
         "literal",
     ),
     ("version: 1\nnetwork: {upstream_ca: ./nope.pem}\n", "network.upstream_ca", "does not exist", "PEM file"),
-    ("version: 1\nnetwork: {idle_timeout: 1}\n", "network.idle_timeout", "greater than or equal to 10", "README"),
+    (
+        "version: 1\nnetwork: {idle_timeout: 1}\n",
+        "network.idle_timeout",
+        "greater than or equal to 10",
+        "docs/configuration.md#network",
+    ),
     (
         "version: 1\nnetwork: {idle_timeout: 300, response_timeout: 600}\n",
         "network.idle_timeout",
         "not above network.response_timeout",
         "raise idle_timeout above 600",
     ),
-    ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "README"),
+    ("version: 1\nallow: {host: x.com}\n", "allow", "valid list", "docs/configuration.md#rules"),
     ("version: 1\nallow: [\n", "", "not valid YAML", "YAML syntax"),
     ("version: 1\nallow: []\nallow: [{host: x.com}]\n", "", "key 'allow' appears twice", "keep one"),
     ("- just\n- a list\n", "", "must be a YAML mapping", "version: 1"),
@@ -121,7 +128,7 @@ BROKEN = [
         "agents: {a: {services: [openai], limits: {sessions: {'ci-*': {budget_usd: -1}}}}}\n",
         "agents.a.limits.sessions.ci-*.budget_usd",
         "greater than or equal to 0",
-        "README",
+        "docs/spend.md#rate-limits-and-spend-caps",
     ),
     (
         "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
@@ -135,12 +142,17 @@ BROKEN = [
         " fake_key: {prefix: x_, length: 40}, env_var: X, secret: 'env:X', meter: {api: cohere}}]\n",
         "services[0].meter.api",
         "'openai', 'anthropic' or 'google'",
-        "README",
+        "docs/configuration.md#services",
     ),
     ("version: 1\nsecrets: {backend: vault}\n", "secrets.vault", "no vault section", "secrets.vault.address"),
     # services: a tagged union of a preset name, a preset with overrides and a whole service
     ("version: 1\nservices: [1]\n", "services[0]", "expected a preset name or a mapping", "{preset: openai"),
-    ("version: 1\nallowlists: [openai]\nservices: [{preset: 3}]\n", "services[0].preset", "valid string", "README"),
+    (
+        "version: 1\nallowlists: [openai]\nservices: [{preset: 3}]\n",
+        "services[0].preset",
+        "valid string",
+        "docs/configuration.md#services",
+    ),
     (
         "version: 1\nallow: [{host: x.example}]\nservices: [{name: x, hosts: [x.example], credential: [{header: a}],"
         " fake_key: {prefix: x_, lenght: 40}, env_var: X, secret: 'env:X'}]\n",
@@ -169,7 +181,7 @@ BROKEN = [
         "unknown key 'budget'",
         "budget_usd, models",
     ),
-    ("version: 1\nagents: {bot: [openai]}\n", "agents.bot", "expected a mapping", "README"),
+    ("version: 1\nagents: {bot: [openai]}\n", "agents.bot", "expected a mapping", "docs/configuration.md#agents"),
     (
         "version: 1\nspend: {unknown_model: fallback, fallback_price: {input_per_mtk: 1}}\n",
         "spend.fallback_price",
@@ -204,13 +216,18 @@ BROKEN = [
         "public suffix s3.amazonaws.com",
         "exact hosts",
     ),
-    ("version: 1\nnetwork: {connect_timeout: 0}\n", "network.connect_timeout", "greater than 0", "README"),
+    (
+        "version: 1\nnetwork: {connect_timeout: 0}\n",
+        "network.connect_timeout",
+        "greater than 0",
+        "docs/configuration.md#network",
+    ),
     ("version: 1\nnetwork: {tls_timout: 5}\n", "network", "unknown key 'tls_timout'", "'tls_timeout'"),
     (
         "version: 1\nallowlists: [openai]\nservices: [{preset: openai, websocket: maybe}]\n",
         "services[0].websocket",
         "valid boolean",
-        "README",
+        "docs/configuration.md#services",
     ),
     (
         "version: 1\nallowlists: [openai]\nservices: [{preset: openai, env_vars: [OPENAI_API_KEY]}]\n",
@@ -265,6 +282,20 @@ def test_broken_configs(tmp_path: Path, text: str, key: str, problem: str, fix: 
     assert f": {key}" in message, message
     assert problem in message, message
     assert "Fix: " in message and fix in message.split("Fix: ", 1)[1], message
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    titles = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", t.strip().lower()).replace(" ", "-") for t in titles}
+
+
+@pytest.mark.parametrize("key", [*ConfigWire.model_fields, *PresetWire.model_fields, "agents.bot.limits", ""])
+def test_errors_point_at_a_docs_section_that_exists(key: str) -> None:
+    page, _, anchor = reference(key).partition("#")
+    doc = Path(__file__).parents[2] / page
+    assert doc.is_file(), page
+    assert not anchor or anchor in _anchors(doc.read_text()), f"{page} has no section #{anchor}"
 
 
 def test_broken_preset_file_names_the_preset_file(tmp_path: Path) -> None:
