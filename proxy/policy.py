@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote
@@ -33,6 +34,7 @@ class Rule:
     paths: tuple[str, ...] | None = None  # None: any path
 
     def matches_host(self, host: Host) -> bool:
+        # The definition `_HostIndex` must agree with (tests/policy compares the two).
         if host.ip is not None:
             return not self.wildcard and self.host == host.name
         if self.wildcard:
@@ -79,7 +81,8 @@ def decide(rules: tuple[Rule, ...], dest: Destination) -> Decision:
     """Decide whether `dest` may be reached. Evaluation order:
 
     1. Host: rules whose host matches (exact, or `*.suffix` for any deeper name; an IP
-       literal only matches a rule naming that very address). None → deny.
+       literal only matches a rule naming that very address), in file order. None → deny.
+       (Found through an index, not a scan: see `_HostIndex`.)
     2. Port: of those, rules listing the port. None → deny.
     3. A CONNECT (no method) is allowed here: method and path are checked per request
        inside the tunnel.
@@ -90,7 +93,7 @@ def decide(rules: tuple[Rule, ...], dest: Destination) -> Decision:
 
     Default deny: no rules, no access.
     """
-    by_host = [r for r in rules if r.matches_host(dest.host)]
+    by_host = _host_index(rules).matching(dest.host)
     if not by_host:
         kind = "IP address" if dest.host.ip is not None else "host"
         return Decision(Verdict.DENY, f"{kind} {dest.host} is not on the allowlist")
@@ -123,3 +126,63 @@ def decide(rules: tuple[Rule, ...], dest: Destination) -> Decision:
     else:
         reason = f"path {path} is not allowed for {dest.method} {dest.host}"
     return Decision(Verdict.DENY, reason, by_method[0].id)
+
+
+@dataclass(frozen=True, slots=True)
+class _HostIndex:
+    """Step 1 without a scan: the rules naming each exact host, and the wildcard rules under
+    each suffix, with their positions in file order.
+
+    A name matches `*.suffix` exactly when some `.` in it is followed by `suffix`, so walking
+    the name's dots (its parent domains) finds every wildcard rule a scan of
+    `Rule.matches_host` would; an IP literal looks up exact rules only. The result is the
+    same list, in the same order, at a cost that follows the name's labels, not the rules.
+    """
+
+    exact: dict[str, list[tuple[int, Rule]]]
+    wildcard: dict[str, list[tuple[int, Rule]]]
+
+    @classmethod
+    def build(cls, rules: tuple[Rule, ...]) -> _HostIndex:
+        exact: dict[str, list[tuple[int, Rule]]] = {}
+        wildcard: dict[str, list[tuple[int, Rule]]] = {}
+        for position, rule in enumerate(rules):
+            (wildcard if rule.wildcard else exact).setdefault(rule.host, []).append((position, rule))
+        return cls(exact, wildcard)
+
+    def matching(self, host: Host) -> list[Rule]:
+        name = host.name
+        found = self.exact.get(name)
+        if host.ip is not None:
+            return [rule for _, rule in found] if found else []
+        groups = [found] if found else []
+        dot = name.find(".")
+        while dot >= 0:
+            under = self.wildcard.get(name[dot + 1 :])
+            if under:
+                groups.append(under)
+            dot = name.find(".", dot + 1)
+        if len(groups) == 1:
+            return [rule for _, rule in groups[0]]
+        return [rule for _, rule in sorted(entry for group in groups for entry in group)]
+
+
+# The config's rules are one tuple that lives as long as the proxy: its index is built on
+# the first decision and found again by identity (a tuple's hash would cost a scan). The
+# entry holds the tuple, so its id cannot be reused while cached.
+_INDEXES: dict[int, tuple[tuple[Rule, ...], _HostIndex]] = {}
+_INDEXES_MAX = 16
+_INDEXES_LOCK = threading.Lock()
+
+
+def _host_index(rules: tuple[Rule, ...]) -> _HostIndex:
+    entry = _INDEXES.get(id(rules))
+    if entry is not None and entry[0] is rules:
+        return entry[1]
+    index = _HostIndex.build(rules)
+    if type(rules) is tuple:  # immutable: safe to keep; anything else is indexed per call
+        with _INDEXES_LOCK:
+            while len(_INDEXES) >= _INDEXES_MAX:
+                del _INDEXES[next(iter(_INDEXES))]
+            _INDEXES[id(rules)] = (rules, index)
+    return index
