@@ -8,6 +8,10 @@ replaces it in the same place, the agent's proxy credentials are stripped, and t
 forms are handed to the response scrubber. Anywhere: an egress-guard key bound to other hosts,
 in a header, the URL or the body, is refused as a possible exfiltration. Every refusal is
 401/403/503 in the provider's error shape, never a forward.
+
+What to answer is egress_guard.credential_verdict's (pure): this addon only looks up what a
+verdict needs (key records, the clock), then swaps the secret in or refuses as told, with a
+SECURITY log line when the verdict is flagged.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from mitmproxy import connection, http
 
@@ -23,9 +26,19 @@ from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
 from egress_guard.addons.flow import state
 from egress_guard.audit import now_iso
-from egress_guard.credentials import Credential, FakeKeyScanner, Service, find_credentials, header_value, identify
+from egress_guard.credential_verdict import (
+    CredentialVerdict,
+    Presented,
+    judge,
+    present,
+    secret_unavailable,
+    unbound_host,
+    undecodable_body,
+    unreadable_stream,
+)
+from egress_guard.credentials import FakeKeyScanner, Found, Service, find_credentials, header_value
 from egress_guard.decoding import StreamDecoder, decode_all
-from egress_guard.fakekeys import looks_like
+from egress_guard.fakekeys import KeyRecord
 from egress_guard.forms import SecretForms
 from egress_guard.keycache import KeyCache
 from egress_guard.logscrub import LOG_SCRUBBER
@@ -33,13 +46,6 @@ from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
 
 log = logging.getLogger("egress_guard")
-FLAG = "; flagged as a possible exfiltration attempt"
-
-
-class _Refusal(Exception):
-    def __init__(self, credential: Credential, reason: str, status: int) -> None:
-        super().__init__(reason)
-        self.credential, self.reason, self.status = credential, reason, status
 
 
 class StreamScanner:
@@ -52,9 +58,9 @@ class StreamScanner:
 
     def __init__(
         self,
-        check: Callable[[bytes], str | None],
+        check: Callable[[bytes], CredentialVerdict | None],
         window: int,
-        on_hit: Callable[[Credential, str], None],
+        on_hit: Callable[[CredentialVerdict], None],
         encoding: str,
     ) -> None:
         self.check, self.window, self.on_hit = check, window, on_hit
@@ -65,11 +71,11 @@ class StreamScanner:
             try:
                 self.decoder = StreamDecoder(encoding)
             except ValueError as exc:
-                self._trip(Credential.UNREADABLE, f"the body cannot be checked for egress-guard keys: {exc}")
+                self._trip(unreadable_stream(exc))
 
-    def _trip(self, credential: Credential, why: str) -> None:
+    def _trip(self, verdict: CredentialVerdict) -> None:
         self.tripped = True
-        self.on_hit(credential, why)
+        self.on_hit(verdict)
 
     def __call__(self, data: bytes, end: bool) -> bytes:
         if self.tripped:
@@ -77,12 +83,12 @@ class StreamScanner:
         try:
             for plain in self.decoder.feed(data, end) if self.decoder is not None else (data,):
                 leak = self.check(self.tail + plain)
-                if leak:
-                    self._trip(Credential.UNBOUND_HOST, leak)
+                if leak is not None:
+                    self._trip(leak)
                     return b""
                 self.tail = (self.tail + plain)[-self.window :]
         except ValueError as exc:
-            self._trip(Credential.UNREADABLE, f"the body cannot be checked for egress-guard keys: {exc}")
+            self._trip(unreadable_stream(exc))
             return b""
         return data
 
@@ -100,6 +106,7 @@ class CredentialGuard:
         self.services = services
         self.agents = agents
         self.by_host = {host: s for s in services for host in s.hosts}
+        self.by_name = {s.name: s for s in services}
         self.hmac_key = hmac_key
         self.keys = keys
         self.store = store
@@ -110,60 +117,33 @@ class CredentialGuard:
 
     # --- what is where -------------------------------------------------------------------
 
-    def leak(self, host: str, data: bytes, where: str) -> str | None:
-        """Why `data` may not go to `host`: it holds an egress-guard key bound elsewhere
-        (in any encoding egress-guard recognises). The WebSocket guard uses it too."""
+    def find_leak(self, host: str, data: bytes, where: str) -> CredentialVerdict | None:
+        """The refusal of `data` going to `host` if it holds an egress-guard key bound
+        elsewhere (in any encoding egress-guard recognises)."""
         for service, _key_id in self.scanner.scan(data):
             if host not in service.hosts:
-                return f"an egress-guard key for {service.name} was sent to {host} in {where}{FLAG}"
+                return unbound_host(service.name, host, where)
         return None
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one guard per proxy; keys repeat on every request
-    def _identify(self, service: str | None, value: str) -> tuple[Service, str] | None:
-        """The key's service and id if `value` is a genuine key of `service` (None: of any)."""
-        services = self.services if service is None else tuple(s for s in self.services if s.name == service)
-        return identify(self.hmac_key, services, value)
+    def leak(self, host: str, data: bytes, where: str) -> str | None:
+        """`find_leak`'s reason: what the WebSocket guard uses."""
+        verdict = self.find_leak(host, data, where)
+        return verdict.reason if verdict is not None else None
 
-    async def _check(self, service: Service, value: str) -> tuple[str, Any]:
-        hit = self._identify(service.name, value)  # cached by name: hashing a Service costs more than this
-        if hit is None:
-            other = self._identify(None, value)
-            if other is not None:
-                raise _Refusal(
-                    Credential.WRONG_SERVICE,
-                    f"this egress-guard key is for {other[0].name}, not {service.name}{FLAG}",
-                    401,
-                )
-            if looks_like(service.shape, value):
-                raise _Refusal(Credential.FORGED, f"forged or altered egress-guard key for {service.name}{FLAG}", 401)
-            raise _Refusal(
-                Credential.FOREIGN,
-                f"the {service.name} credential is not an egress-guard key (a real key smuggled into the agent?)"
-                f"{FLAG}; use the key from 'egress-guard keys mint'",
-                401,
-            )
-        key_id = hit[1]
-        record = await self.keys.lookup(key_id)
-        if record is None:
-            raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} is unknown to this proxy", 401)
-        if record.revoked_at:
-            raise _Refusal(Credential.REVOKED, f"egress-guard key {key_id} was revoked ({record.revoked_reason})", 401)
-        if record.expires_at <= now_iso():
-            raise _Refusal(
-                Credential.EXPIRED, f"egress-guard key {key_id} expired at {record.expires_at}; mint a new one", 401
-            )
-        if service.name not in record.services:
-            raise _Refusal(
-                Credential.WRONG_SERVICE, f"egress-guard key {key_id} was not minted for {service.name}{FLAG}", 401
-            )
-        agent = self.agents.get(record.agent)
-        if agent is None or service.name not in agent.services:
-            raise _Refusal(
-                Credential.NOT_PERMITTED,
-                f"agent {record.agent!r} may not use {service.name} (agents.{record.agent}.services)",
-                403,
-            )
-        return key_id, record
+    def _headers_leak(self, host: str, req: http.Request) -> CredentialVerdict | None:
+        # names too (a key can hide in a name); all in one pass (a pass per header cost 8x),
+        # then, only on a hit, the header is found for the reason
+        leak = self.find_leak(host, b"\r\n".join(n + b": " + v for n, v in req.headers.fields), "the headers")
+        if leak is not None:
+            for name, value in req.headers.fields:
+                where = f"header {name[:40].decode(errors='replace')}"
+                leak = self.find_leak(host, name + b": " + value, where) or leak
+        return leak
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one guard per proxy; keys repeat on every request
+    def _present(self, service: str, value: str) -> Presented:
+        """What `value` in `service`'s slots is (cached by name: hashing a Service costs more)."""
+        return present(self.hmac_key, self.services, self.by_name[service], value)
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -183,32 +163,21 @@ class CredentialGuard:
         service = self.by_host.get(host)
         if service is not None:
             st.service = service.name
-        try:
-            # The service's own credential slots first (a key there is judged as a credential:
-            # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak.
-            if service is not None:
-                await self._swap(flow, service)
-            # every header and the URL, in every encoding forms.views decodes (basic auth's
-            # base64 and the URL's percent-encoding included)
-            # names too (a key can hide in a name); all in one pass (a pass per header cost 8x),
-            # then, only on a hit, the header is found for the reason
-            leak = self.leak(host, b"\r\n".join(n + b": " + v for n, v in req.headers.fields), "the headers")
-            if leak:
-                for name, value in req.headers.fields:
-                    leak = self.leak(host, name + b": " + value, f"header {name[:40].decode(errors='replace')}") or leak
-                raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
-            leak = self.leak(host, req.path.encode(), "the URL")
-            if leak:
-                raise _Refusal(Credential.UNBOUND_HOST, leak, 403)
-        except _Refusal as refusal:
+        # The service's own credential slots first (a key there is judged as a credential:
+        # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak:
+        # every header and the URL, in every encoding forms.views decodes (basic auth's
+        # base64 and the URL's percent-encoding included)
+        refusal = await self._swap(flow, service) if service is not None else None
+        refusal = refusal or self._headers_leak(host, req) or self.find_leak(host, req.path.encode(), "the URL")
+        if refusal is not None:
             self._refuse(flow, refusal)
             return
         if req.stream and self.scanner.max_len:
             body_stream(flow, req).add(
                 StreamScanner(
-                    lambda data: self.leak(host, data, "the body"),
+                    lambda data: self.find_leak(host, data, "the body"),
                     self.scanner.window,
-                    lambda credential, why: self._cut_stream(flow, credential, why),
+                    lambda verdict: self._cut_stream(flow, verdict),
                     req.headers.get("content-encoding", ""),
                 )
             )
@@ -228,12 +197,12 @@ class CredentialGuard:
         trailers = flow.request.trailers
         if trailers and target is not None:  # HTTP/2 trailers: mitmproxy sends them after this hook
             for name, value in trailers.fields:
-                leak = self.leak(target[0].name, name + b": " + value, "a trailer")
-                if leak and flow.request.stream:  # the body went ahead: cut before its end
-                    self._cut_stream(flow, Credential.UNBOUND_HOST, leak)
+                leak = self.find_leak(target[0].name, name + b": " + value, "a trailer")
+                if leak is not None and flow.request.stream:  # the body went ahead: cut before its end
+                    self._cut_stream(flow, leak)
                     return
-                if leak:
-                    self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
+                if leak is not None:
+                    self._refuse(flow, leak)
                     return
         if flow.request.stream:
             return
@@ -243,15 +212,11 @@ class CredentialGuard:
         try:  # decoded as its Content-Encoding says, every member of it: a key inside gzip is a key
             body = decode_all(encoding, flow.request.raw_content)
         except ValueError as exc:
-            why = (
-                f"the body's Content-Encoding {encoding!r} cannot be decoded ({exc}), so it cannot be "
-                "checked for egress-guard keys; send it unencoded or validly encoded"
-            )
-            self._refuse(flow, _Refusal(Credential.UNREADABLE, why, 400))
+            self._refuse(flow, undecodable_body(encoding, exc))
             return
-        leak = self.leak(target[0].name, body, "the body")
-        if leak:
-            self._refuse(flow, _Refusal(Credential.UNBOUND_HOST, leak, 403))
+        leak = self.find_leak(target[0].name, body, "the body")
+        if leak is not None:
+            self._refuse(flow, leak)
 
     def client_disconnected(self, client: connection.Client) -> None:
         for key_id, clients in list(self.clients.items()):
@@ -261,43 +226,40 @@ class CredentialGuard:
 
     # --- the swap ------------------------------------------------------------------------
 
-    async def _swap(self, flow: http.HTTPFlow, service: Service) -> None:
+    async def _judge(self, flow: http.HTTPFlow, service: Service) -> tuple[CredentialVerdict, list[Found]]:
+        """Looks up what judging the request's credentials takes, and judges them."""
         req = flow.request
         headers: dict[str, list[str]] = {}
         for name, value in req.headers.fields:
             headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
         query = {k: req.query.get_all(k) for k in req.query} if "?" in req.path else {}
         found = find_credentials(service, headers, query)
-        if not found:
-            if service.anonymous:
-                state(flow).credential = Credential.ANONYMOUS
-                return
-            where = " or ".join(s.describe() for s in service.slots)
-            raise _Refusal(
-                Credential.MISSING, f"no {service.name} credential: send the agent's egress-guard key in {where}", 401
-            )
-        checked = [await self._check(service, f.value) for f in found]
-        if len({key_id for key_id, _ in checked}) > 1:
-            raise _Refusal(Credential.FORGED, f"more than one {service.name} credential in one request", 401)
-        key_id, record = checked[0]
+        presented = [self._present(service.name, f.value) for f in found]
+        records: dict[str, KeyRecord | None] = {}
+        for p in presented:
+            if p.key_id is not None and p.service == service.name and p.key_id not in records:
+                records[p.key_id] = await self.keys.lookup(p.key_id)
+        plain_http = None if req.scheme == "https" else req.pretty_host
+        return judge(service, presented, records, self.agents, now_iso(), plain_http=plain_http), found
+
+    async def _swap(self, flow: http.HTTPFlow, service: Service) -> CredentialVerdict | None:
+        """Judges the request's credentials and, if they may be used, puts the real secret in
+        their places; a refusal, or None."""
+        verdict, found = await self._judge(flow, service)
         st = state(flow)
-        st.agent, st.session, st.key_id = record.agent, record.session, key_id
-        if req.scheme != "https":
-            # The real secret only ever travels inside TLS that mitmproxy verifies
-            # (ssl_insecure is off): a plain-HTTP request, even to a port a rule allows,
-            # would carry it in cleartext.
-            raise _Refusal(
-                Credential.CLEARTEXT,
-                f"the {service.name} credential is only sent over HTTPS, and this request is plain HTTP "
-                f"(http://{req.pretty_host}); use https://",
-                403,
-            )
+        key = verdict.key
+        if key is not None:  # a usable key (swapped, or refused for plain HTTP) names the request
+            st.agent, st.session, st.key_id = key.agent, key.session, key.key_id
+        if verdict.refused:
+            return verdict
+        if key is None:  # anonymous: nothing to swap
+            st.credential = verdict.outcome
+            return None
         try:
             secret = await self.store.get(service.secret)
         except SecretUnavailable as exc:
-            raise _Refusal(
-                Credential.UNAVAILABLE, f"the {service.name} credential is unavailable: {exc}", 503
-            ) from None
+            return secret_unavailable(service, exc, key)
+        req = flow.request
         real = secret.reveal()
         for f in found:
             if f.slot.kind == "query":
@@ -310,26 +272,28 @@ class CredentialGuard:
             cached = self._forms[service.name] = (real, SecretForms(real))
             LOG_SCRUBBER.remember(service.name, cached[1])  # an upstream may echo it into mitmproxy's log
         st.scrub = cached[1]
-        st.credential = Credential.SWAPPED
-        self.clients.setdefault(key_id, set()).add(flow.client_conn.id)
+        st.credential = verdict.outcome
+        self.clients.setdefault(key.key_id, set()).add(flow.client_conn.id)
+        return None
 
-    def _refuse(self, flow: http.HTTPFlow, refusal: _Refusal) -> None:
-        state(flow).credential = refusal.credential
-        verdict = Verdict.ERROR if refusal.status >= 500 else Verdict.DENY
-        if FLAG in refusal.reason:
+    def _refuse(self, flow: http.HTTPFlow, verdict: CredentialVerdict) -> None:
+        state(flow).credential = verdict.outcome
+        status = verdict.status if verdict.status is not None else 502  # never a forward
+        if verdict.flagged:
             log.warning(
                 "SECURITY %s: %s (client %s, id %s)",
-                refusal.credential.value,
-                refusal.reason,
+                verdict.outcome.value,
+                verdict.reason,
                 flow.client_conn.peername,
                 flow.id,
             )
-        reject(flow, Decision(verdict, refusal.reason), refusal.status)
+        reject(flow, Decision(Verdict.ERROR if status >= 500 else Verdict.DENY, verdict.reason), status)
 
-    def _cut_stream(self, flow: http.HTTPFlow, credential: Credential, why: str) -> None:
+    def _cut_stream(self, flow: http.HTTPFlow, verdict: CredentialVerdict) -> None:
         st = state(flow)
-        st.credential = credential
-        st.decision = Decision(Verdict.DENY, why)
+        st.credential = verdict.outcome
+        st.decision = Decision(Verdict.DENY, verdict.reason)
         st.upload_cut = True
-        log.warning("SECURITY %s: %s (id %s); connection cut", credential.value, why, flow.id)
+        what = "SECURITY %s: %s (id %s); connection cut" if verdict.flagged else "%s: %s (id %s); connection cut"
+        log.warning(what, verdict.outcome.value, verdict.reason, flow.id)
         self.cut(flow.client_conn.id)
