@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from egress_guard import providers
 from egress_guard.addons.flow import state
 from egress_guard.policy import Decision, Verdict
 
@@ -38,33 +39,19 @@ def safe_text(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _body(style: str | None, kind: str, message: str, rule: str | None, request_id: str, status: int) -> dict:
-    ours = {"type": kind, "message": message, "rule": rule, "request_id": request_id}
-    if style == "anthropic":
-        api_type = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-            status, "api_error"
-        )
-        return {"type": "error", "error": ours | {"type": api_type, "egress_guard": kind}}
-    if style == "google-gemini":
-        status_text = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}.get(
-            status, "UNAVAILABLE"
-        )
-        return {"error": {"code": status, "message": message, "status": status_text, "egress_guard": ours}}
-    if style == "github":
-        return {"message": message, "documentation_url": "https://github.com/egress-guard", "egress_guard": ours}
-    if style == "openai":
-        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, kind)
-        return {"error": ours | {"code": code, "param": None}}
-    return {"error": ours}
-
-
 def rejection(
     decision: Decision, request_id: str, status: int | None = None, style: str | None = None
 ) -> http.Response:
     """The response for every refusal egress-guard makes, CONNECT and request level alike."""
     kind = "egress_denied" if decision.verdict is Verdict.DENY else "egress_error"
     status = status or STATUS_FOR[decision.verdict]
-    body = _body(style, kind, f"egress-guard: {decision.reason}", decision.rule, request_id, status)
+    ours = {
+        "type": kind,
+        "message": f"egress-guard: {decision.reason}",
+        "rule": decision.rule,
+        "request_id": request_id,
+    }
+    body = providers.get(style).error_body(ours, status)  # its SDKs show egress-guard's reason
     reason = decision.reason.translate(HEADER_SAFE)[:300]
     return http.Response.make(
         status,

@@ -17,14 +17,9 @@ from egress_guard.addons.flow import FlowState, state
 from egress_guard.credentials import Service
 from egress_guard.hosts import Host, HostError, normalize_host
 from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
+from egress_guard.providers import Styles, error_styles
 
 Tunnels = dict[str, tuple[Host, int]]  # client connection id -> CONNECT target
-Styles = dict[str, str]  # host name -> the error shape of its service (`_flow.rejection`)
-
-
-def error_styles(services: Iterable[Service]) -> Styles:
-    """Each service host's error shape: the service's name (openai, anthropic, ...)."""
-    return {host: s.name for s in services for host in s.hosts}
 
 
 def aim(st: FlowState, host: Host, port: int, styles: Styles) -> None:

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from egress_guard.forms import SecretForms
     from egress_guard.hosts import Host
     from egress_guard.policy import Decision
-    from egress_guard.spend import Cost, Hold, Metered
+    from egress_guard.pricing import Cost
+    from egress_guard.providers import Metered
+    from egress_guard.spend import Hold
 
 KEY = "egress_guard"  # the one flow.metadata key egress-guard uses
 
@@ -51,9 +53,10 @@ class FlowState:
     CredentialGuard (the service's host), SpendGuard (intents), WebSocketGuard,
     FailureAnswers (reasons) and AuditRecorder (the row's host)."""
     style: str | None = None
-    """The error shape of the target's service (`_flow.rejection`: openai, anthropic,
-    google-gemini, github), None for a host of no service. Set with `target` by ConnectGuard
-    / RequestGuard from the config's services; read by `_flow.reject`."""
+    """The error shape of the target's service: the API it speaks (a Provider's name: openai,
+    anthropic, google, github; `providers.error_styles`), None for a host of no service. Set
+    with `target` by ConnectGuard / RequestGuard from the config's services; read by
+    `_flow.reject`."""
     dialed: str | None = None
     """The vetted address the proxy connects to. Set by RequestGuard; CredentialGuard refuses
     a request without it (it was never vetted)."""
@@ -95,8 +98,8 @@ class FlowState:
     """The metered call (provider, model, worst case). Set by SpendGuard.request; read by
     SpendGuard and AuditRecorder (the row's model)."""
     drop_usage_chunk: bool = False
-    """SpendGuard asked an OpenAI chat stream for usage: its usage-only chunk is dropped on
-    the way back (read by SpendGuard's tap)."""
+    """SpendGuard had the provider rewrite the request to report its usage (an OpenAI chat
+    stream's include_usage): what that adds is dropped on the way back (SpendGuard's tap)."""
     usage: Cost | None = None
     """What the response really cost (or its reservation, when billed at it). Set by
     SpendGuard; read by AuditRecorder (tokens and cost columns)."""

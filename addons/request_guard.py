@@ -18,11 +18,12 @@ from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from egress_guard.addons._flow import answered, fail_closed, reject
-from egress_guard.addons.connect_guard import Tunnels, aim, error_styles
+from egress_guard.addons.connect_guard import Tunnels, aim
 from egress_guard.addons.flow import FlowState, state
 from egress_guard.credentials import Service
 from egress_guard.hosts import Host, HostError, normalize_host, split_host_port
 from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
+from egress_guard.providers import error_styles
 from egress_guard.resolve import Refused, Resolver
 
 log = logging.getLogger("egress_guard")

@@ -3,11 +3,13 @@ from the real token usage of each response.
 
 Before forwarding (`request`, body buffered): the model must be allowed, and the request's
 worst-case cost is reserved against every budget and rate limit that applies — or it is
-refused with 429 (provider error shape, `Retry-After`). OpenAI chat streams that did not ask
-for usage get `stream_options.include_usage` on the way up, and the extra usage-only chunk is
-dropped on the way back. After the response (JSON, or SSE tapped as it passes without delay)
-the reservation is settled to the real cost; on error it is released, or billed in full if
-the provider may already have charged (see README, "What is billed"). A metered call's
+refused with 429 (provider error shape, `Retry-After`). What a call is, what it may cost
+and where its usage is come from the service's API module (egress_guard.providers); a
+request that API rewrites to report its usage (an OpenAI chat stream gets
+`stream_options.include_usage`) has what the rewrite adds taken out of the answer. After the
+response (JSON, or SSE tapped as it passes without delay, providers/stream.py) the
+reservation is settled to the real cost; on error it is released, or billed in full if the
+provider may already have charged (docs/spend.md, "What is billed"). A metered call's
 reservation is committed to the audit log (an intent) before the call is forwarded: if the
 proxy stops before the call's row is written, the next start bills the reservation. With
 `spend.on_overrun: cut`, an SSE stream whose running cost crosses a budget is ended with the
@@ -21,7 +23,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -33,134 +34,12 @@ from egress_guard.addons.flow import state
 from egress_guard.audit import AuditLog, AuditUnavailable, Intent, now_iso
 from egress_guard.config import Config
 from egress_guard.policy import Decision, Verdict
-from egress_guard.spend import (
-    METER_OF,
-    SCOPES,
-    Cost,
-    Hold,
-    Ledger,
-    Metered,
-    Refusal,
-    RunningCost,
-    SSEEvents,
-    StreamEnd,
-    Unpriced,
-    UsageFromStream,
-    allowed_models,
-    cost_of,
-    decode_event,
-    is_usage_only_chunk,
-    meter,
-    model_allowed,
-    reservation,
-)
+from egress_guard.pricing import Cost, Unpriced
+from egress_guard.providers import Metered, get, meter_of
+from egress_guard.providers.stream import Overrun, RunningCost, StreamTap
+from egress_guard.spend import SCOPES, Hold, Ledger, Refusal, allowed_models, model_allowed
 
 log = logging.getLogger("egress_guard")
-ACCUMULATE_LIMIT = 16 * 1024 * 1024
-
-
-@dataclass
-class Overrun:
-    """What a tap needs to end an SSE stream that crosses a budget (`spend.on_overrun: cut`)."""
-
-    running: RunningCost
-    end: StreamEnd
-    over: Callable[[Decimal], str | None]  # the budget a stream costing this much breaks, if any
-    cut: Callable[[str, Cost], None]  # called once, when the stream is ended
-
-
-class StreamTap:
-    """A response BodyStream stage that reads usage from SSE events (or a streamed JSON body)
-    as they pass, drops OpenAI's usage-only chunk when egress-guard asked for it, and hands
-    everything else on unchanged. With an `Overrun`, an SSE stream whose running cost breaks
-    a budget is ended after the event that broke it, with the provider's own closing events;
-    what the upstream sends after that is dropped. An event split across pieces is held
-    until it is complete (so a piece may come out empty: BodyStream sends nothing for it).
-    It never raises."""
-
-    def __init__(
-        self,
-        m: Metered,
-        sse: bool,
-        drop: bool,
-        done: Callable[[dict | None], None],
-        overrun: Overrun | None = None,
-    ) -> None:
-        self.m, self.sse, self.drop, self.done = m, sse, drop, done
-        self.overrun = overrun if sse else None
-        self.events = SSEEvents()
-        self.usage = UsageFromStream(m.provider, m.flavor)
-        self.body = bytearray()
-        self.broken = False
-        self.ended = False
-
-    def __call__(self, chunk: bytes, end: bool) -> bytes:
-        if self.ended:  # nothing more reaches the agent; usage is still read, to bill it if it comes
-            with contextlib.suppress(Exception):
-                for _raw, _name, data in self.events.feed(chunk):
-                    obj = decode_event(data)
-                    if obj is not None:
-                        self.usage.observe(obj)
-                if end:  # the upstream finished after all (it was not cut): its usage is real
-                    self.done(self.usage.response)
-            return b""
-        if self.broken:
-            return chunk
-        try:
-            if not self.sse:
-                if len(self.body) < ACCUMULATE_LIMIT:
-                    self.body += chunk
-                if end:
-                    self.done(self._json_usage())
-                return chunk
-            out = bytearray()
-            for raw, _name, data in self.events.feed(chunk):
-                obj = decode_event(data)
-                if obj is not None:
-                    reported = self.usage.observe(obj)
-                    if self.drop and is_usage_only_chunk(obj):
-                        continue
-                    if self.overrun is not None and self._crossed(obj, reported, out, raw):
-                        return bytes(out)
-                out += raw
-            if end:
-                out += self.events.rest()
-                self.done(self.usage.response)
-            return bytes(out)
-        except Exception:
-            log.exception("usage tap failed; passing the stream through unparsed")
-            self.broken = True
-            return self.events.rest() + chunk
-
-    def _crossed(self, obj: dict, reported: bool, out: bytearray, raw: bytes) -> bool:
-        """Follow the running cost; if this event breaks a budget, end the stream after it."""
-        o = self.overrun
-        assert o is not None
-        o.end.observe(obj)
-        # Only an event with output is checked: the usage reported at the end (OpenAI's usage
-        # chunk, Anthropic's message_delta, response.completed) comes when nothing is left to
-        # save, and ending the stream after it would send the agent a second end.
-        if not o.running.observe(obj, self.usage.response if reported else None):
-            return False
-        reason = o.over(o.running.usd)
-        if reason is None:
-            return False
-        self.ended = True
-        out += raw + o.end.events(f"stream ended: {reason}", o.running.output_tokens)
-        o.cut(reason, o.running.cost())
-        return True
-
-    def _json_usage(self) -> dict | None:
-        try:
-            value = json.loads(bytes(self.body))
-        except ValueError:
-            return None
-        if isinstance(value, list):  # Gemini's streamGenerateContent without alt=sse: a JSON array
-            for item in value:
-                if isinstance(item, dict):
-                    self.usage.observe(item)
-            return self.usage.response
-        return value if isinstance(value, dict) else None
 
 
 class SpendGuard:
@@ -175,7 +54,10 @@ class SpendGuard:
         self.settings = config.spend
         self.ledger = ledger
         self.cut_upstream = cut_upstream  # aborts a flow's upstream connection
-        self.meters = {s.name: s.meter or METER_OF.get(s.name) for s in config.services}
+        # service -> the API that meters its calls, and the genai-prices provider that prices them
+        self.meters = {
+            s.name: (get(how.api), how.provider) for s in config.services if (how := meter_of(s.name, s.meter))
+        }
         self.audit = audit  # commits each metered call's reservation (intent) before it is forwarded
         self.audit_path = config.audit_path
         self.query_strings = config.audit_query_strings  # the intent records the path as the audit row will
@@ -197,10 +79,10 @@ class SpendGuard:
         if agent is None:
             self._refuse(flow, f"agent {agent_name!r} is not in the config", 403)
             return
-        how = self.meters.get(service)
         usd, tokens, m = Decimal(0), 0, None
+        api, price_as = self.meters.get(service, (None, ""))
         # only a POST is a call that costs (a GET of /v1/chat/completions lists stored ones)
-        if how is not None and flow.request.method == "POST" and meter(how.api, flow.request.path, None, 0):
+        if api is not None and flow.request.method == "POST" and api.meter(flow.request.path, None, 0):
             if flow.request.stream:
                 self._refuse(
                     flow,
@@ -214,8 +96,9 @@ class SpendGuard:
             if raw[:1] in (b"{", b"["):
                 with contextlib.suppress(ValueError):
                     body = json.loads(raw)
-            m = meter(how.api, flow.request.path, body, len(raw), how.provider)
+            m = api.meter(flow.request.path, body, len(raw))
             if m is not None:
+                m = m.priced_as(price_as)
                 session = st.session or ""
                 if not model_allowed(agent.limits, service, m.model, session):
                     allowed = ", ".join(allowed_models(agent.limits, service, session) or ())
@@ -226,17 +109,13 @@ class SpendGuard:
                     )
                     return
                 try:
-                    usd, tokens = reservation(self.settings, m)
+                    usd, tokens = api.reservation(self.settings, m)
                 except Unpriced as exc:
                     self._refuse(flow, str(exc), 403)
                     return
-                if m.provider == "openai" and m.flavor == "chat" and m.stream and isinstance(body, dict):
-                    raw_options = body.get("stream_options")
-                    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
-                    if not options.get("include_usage"):
-                        body["stream_options"] = {**options, "include_usage": True}
-                        flow.request.content = json.dumps(body).encode()
-                        st.drop_usage_chunk = True
+                if api.rewrite(m, body):  # e.g. asks an OpenAI chat stream for its usage
+                    flow.request.content = json.dumps(body).encode()
+                    st.drop_usage_chunk = True
                 st.metered = m
         try:
             hold = self.ledger.admit(agent.limits, agent_name, st.session or "", usd, tokens)
@@ -320,13 +199,13 @@ class SpendGuard:
 
         return Overrun(
             RunningCost(self.settings, m),
-            StreamEnd(m.provider, m.flavor),
+            get(m.api).stream_end(m.flavor),
             lambda usd: self.ledger.overrun(limits, hold, usd),
             cut,
         )
 
     def _observed(self, flow: http.HTTPFlow, m: Metered, obj: dict | None) -> None:
-        cost = cost_of(self.settings, m.provider, m.flavor, obj, m.price_as) if obj else None
+        cost = get(m.api).cost(self.settings, m, obj) if obj else None
         if cost is not None:
             state(flow).usage = cost
 
@@ -361,7 +240,7 @@ class SpendGuard:
         elif cost is not None:
             self.ledger.settle(hold, cost.usd, cost.input_tokens + cost.output_tokens)
         else:  # a success without usage: bill the worst case rather than nothing
-            log.warning("no usage in %s's %s response for %s; billing the reservation", m.provider, m.model, flow.id)
+            log.warning("no usage in %s's %s response for %s; billing the reservation", m.api, m.model, flow.id)
             self.ledger.settle(hold, hold.usd, hold.tokens)
             st.usage = Cost(hold.usd, 0, 0, 0, m.model)
 

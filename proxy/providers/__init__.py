@@ -12,8 +12,8 @@ in tests/providers/.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from egress_guard.providers.anthropic import Anthropic
 from egress_guard.providers.base import BaseProvider, Metered, Provider, input_estimate, reservation
@@ -22,7 +22,22 @@ from egress_guard.providers.google import Google
 from egress_guard.providers.openai import OpenAI
 from egress_guard.spend import Meter
 
-__all__ = ["APIS", "Metered", "Provider", "api_of", "get", "input_estimate", "meter", "meter_of", "reservation"]
+if TYPE_CHECKING:
+    from egress_guard.credentials import Service
+
+__all__ = [
+    "APIS",
+    "Metered",
+    "Provider",
+    "Styles",
+    "api_of",
+    "error_styles",
+    "get",
+    "input_estimate",
+    "meter",
+    "meter_of",
+    "reservation",
+]
 
 APIS: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Google(), GitHub())}
 DEFAULT: Provider = BaseProvider()  # a service of no known API: egress-guard's own error shape
@@ -34,6 +49,7 @@ METER_OF = {
     "google-gemini": Meter("google", "google"),
 }
 _PRESET_API = {"github": "github"}  # unmetered presets whose errors have a shape of their own
+Styles = dict[str, str]  # host name -> the API (error shape) of its service: a Provider's name
 
 
 def get(api: str | None) -> Provider:
@@ -56,6 +72,9 @@ def meter(api: str, path: str, body: Any, body_len: int, price_as: str = "") -> 
     """The metered call a request to an `api`-shaped service is, priced as genai-prices
     provider `price_as` (default: the API's own); None for an unmetered endpoint."""
     m = get(api).meter(path, body, body_len)
-    if m is None or not price_as or price_as == m.api:
-        return m
-    return replace(m, price_as=price_as)
+    return None if m is None else m.priced_as(price_as)
+
+
+def error_styles(services: Iterable[Service]) -> Styles:
+    """Each service host's error shape: the name of the API its service speaks (`api_of`)."""
+    return {host: api_of(s.name, s.meter).name for s in services for host in s.hosts}

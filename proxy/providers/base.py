@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +39,10 @@ class Metered:
     @property
     def pricing(self) -> str:
         return self.price_as or self.api
+
+    def priced_as(self, provider: str) -> Metered:
+        """This call priced by genai-prices provider `provider` (named only when it is not the API's own)."""
+        return self if not provider or provider == self.api else replace(self, price_as=provider)
 
 
 def input_estimate(m: Metered) -> int:

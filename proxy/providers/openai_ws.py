@@ -62,10 +62,6 @@ def url_model(path: str) -> str:
     return (parse_qs(query).get("model") or [""])[0]
 
 
-def _priced_as(m: Metered, price_as: str) -> Metered:
-    return m if not price_as or price_as == m.api else replace(m, price_as=price_as)
-
-
 def client_message(
     kind: str, path: str, session_model: str, data: bytes, meter: Meter, price_as: str = ""
 ) -> Create | SetModel | Unreadable | None:
@@ -87,12 +83,12 @@ def client_message(
         m = meter(path, fields, len(data))
         if m is None:  # not reached for a /responses path: meter() knows it
             return None
-        return Create(replace(_priced_as(m, price_as), stream=True), bool(fields.get("previous_response_id")))
+        return Create(replace(m.priced_as(price_as), stream=True), bool(fields.get("previous_response_id")))
     if kind == REALTIME and what == "response.create":
         response = obj(body.get("response"))
         cap = response.get("max_output_tokens") or response.get("max_response_output_tokens")
         m = Metered(API, REALTIME, session_model, positive_int(cap), True, len(data))
-        return Create(_priced_as(m, price_as), True)
+        return Create(m.priced_as(price_as), True)
     if kind == REALTIME and what == "session.update":
         model = obj(body.get("session")).get("model")
         if isinstance(model, str) and model:
@@ -180,7 +176,7 @@ class Reader:
         return audio_bytes_as_tokens(self.audio_bytes) + self.text_bytes // 3
 
     def unasked(self) -> Metered:
-        return _priced_as(Metered(API, REALTIME, self.model, None, True, 0), self.price_as)
+        return Metered(API, REALTIME, self.model, None, True, 0).priced_as(self.price_as)
 
     def error_event(self, status: int, code: str, message: str, retry_after: int | None) -> bytes:
         return error_event(status, code, message, retry_after)

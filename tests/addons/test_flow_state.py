@@ -61,6 +61,6 @@ async def test_the_request_guard_sets_the_style_with_the_target(tmp_path: Path) 
     await guard.requestheaders(flow)
     st = state(flow)
     assert st.target is not None and st.target[0].name == "generativelanguage.googleapis.com"
-    assert st.style == "google-gemini"
+    assert st.style == "google"  # the API the service speaks (its meter), not its name
     assert flow.response is not None
     assert json.loads(flow.response.content)["error"]["status"] == "PERMISSION_DENIED"  # Gemini's shape

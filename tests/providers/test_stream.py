@@ -166,3 +166,49 @@ def test_a_stream_over_its_budget_ends_with_the_apis_own_closing_events(name: st
         obj = json.loads(data)
         kinds.append(obj.get("type") or obj.get("object") or obj["candidates"][0]["finishReason"])
     assert kinds == closing
+
+
+def _cutting_tap(
+    api: str, path: str, body: dict, budget: str, done: Callable[[dict | None], None] = lambda _: None
+) -> tuple[Callable[[bytes], bytes], list]:
+    """A tap that ends the stream once its running cost is over `budget`."""
+    m = providers.meter(api, path, body, 10)
+    assert m is not None
+    cuts: list[tuple[str, Cost]] = []
+    over = Overrun(
+        RunningCost(SETTINGS, m),
+        providers.get(api).stream_end(m.flavor),
+        lambda usd: "over" if usd > Decimal(budget) else None,
+        lambda *a: cuts.append(a),
+    )
+    return _as_stream(StreamTap(m, sse=True, drop=api == "openai", done=done, overrun=over)), cuts
+
+
+def test_usage_reported_at_the_end_never_ends_a_stream_twice() -> None:
+    tap, cuts = _cutting_tap("anthropic", "/v1/messages", {"model": "claude-haiku-4-5", "stream": True}, "0.0005")
+    start = _sse(
+        {
+            "type": "message_start",
+            "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 9, "output_tokens": 1}},
+        }
+    )
+    text = _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcd"}})
+    # the provider's final count is far over the budget: the output is complete, so it passes
+    end = _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 100000}})
+    stop = _sse({"type": "message_stop"})
+    assert tap(start + text + end + stop) + tap(b"") == start + text + end + stop
+    assert not cuts
+
+
+def test_after_the_end_the_usage_the_upstream_still_reports_is_billed() -> None:
+    # an upstream that is not cut (HTTP/2: shared connection) finishes: its real usage counts
+    done: list = []
+    tap, cuts = _cutting_tap(
+        "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True}, "0.0001", done.append
+    )
+    text = _sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "abcd"}}]})
+    out = b"".join(tap(text) for _ in range(400))
+    assert b"[DONE]" in out and not done and len(cuts) == 1
+    usage = _sse({"model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 500}})
+    assert tap(text + usage + b"data: [DONE]\n\n") == b"" and tap(b"") == b""
+    assert done == [{"model": "gpt-4o-mini", "usage": {"prompt_tokens": 11, "completion_tokens": 500}}]
