@@ -24,9 +24,9 @@ from egress_guard.addons.websocket import WebSocketGuard
 from egress_guard.audit import AuditLog
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
+from egress_guard.ledger import Ledger
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
-from egress_guard.spend import Ledger
 
 log = logging.getLogger("egress_guard")
 

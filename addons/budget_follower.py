@@ -16,7 +16,7 @@ import aiosqlite
 
 from egress_guard.addons._background import Poller
 from egress_guard.audit import now_iso
-from egress_guard.spend import Ledger
+from egress_guard.ledger import Ledger
 
 
 class BudgetFollower(Poller):

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from egress_guard.credentials import Credential
     from egress_guard.forms import SecretForms
     from egress_guard.hosts import Host
+    from egress_guard.ledger import Hold
     from egress_guard.policy import Decision
     from egress_guard.pricing import Cost
     from egress_guard.providers import Metered
-    from egress_guard.spend import Hold
 
 KEY = "egress_guard"  # the one flow.metadata key egress-guard uses
 

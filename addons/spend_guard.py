@@ -33,11 +33,12 @@ from egress_guard.addons.bodies import body_stream
 from egress_guard.addons.flow import state
 from egress_guard.audit import AuditLog, AuditUnavailable, Intent, now_iso
 from egress_guard.config import Config
+from egress_guard.ledger import SCOPES, Hold, Ledger, Refusal
 from egress_guard.policy import Decision, Verdict
 from egress_guard.pricing import Cost, Unpriced
 from egress_guard.providers import Metered, get, meter_of
 from egress_guard.providers.stream import Overrun, RunningCost, StreamTap
-from egress_guard.spend import SCOPES, Hold, Ledger, Refusal, allowed_models, model_allowed
+from egress_guard.spend import allowed_models, model_allowed
 
 log = logging.getLogger("egress_guard")
 

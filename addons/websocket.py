@@ -51,16 +51,13 @@ from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.config import Config
 from egress_guard.credentials import Credential, Service
 from egress_guard.forms import SecretForms
+from egress_guard.ledger import SCOPES, Hold, Ledger, Refusal
 from egress_guard.policy import Decision, Verdict
 from egress_guard.spend import (
     METER_OF,
-    SCOPES,
     Cost,
-    Hold,
-    Ledger,
     Limits,
     Metered,
-    Refusal,
     Unpriced,
     allowed_models,
     model_allowed,

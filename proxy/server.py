@@ -27,10 +27,10 @@ from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
 from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
+from egress_guard.ledger import Ledger
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
-from egress_guard.spend import Ledger
 
 log = logging.getLogger("egress_guard")
 

@@ -12,7 +12,8 @@ from egress_guard.audit import Filters
 from egress_guard.config import Config
 from egress_guard.fakekeys import iso, utcnow
 from egress_guard.keys import connect_rw
-from egress_guard.spend import Ledger, SpendSettings
+from egress_guard.ledger import Ledger
+from egress_guard.spend import SpendSettings
 
 
 def spend_by(conn: sqlite3.Connection, filters: Filters, by: str, settings: SpendSettings) -> list[dict[str, Any]]:

@@ -9,8 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 from egress_guard.pricing import Cost
-from egress_guard.providers import openai_ws
 from egress_guard.providers.base import BaseProvider, Metered, StreamEnd, StreamUsage, positive_int, sse_event
+from egress_guard.providers.openai_ws import REALTIME, reader, realtime_cost, realtime_reservation
 from egress_guard.providers.ws import WsReader
 from egress_guard.spend import SpendSettings
 
@@ -63,13 +63,13 @@ class OpenAI(BaseProvider):
         return bool(event.get("usage")) and event.get("choices") == []
 
     def reservation(self, settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
-        if m.flavor == openai_ws.REALTIME:
-            return openai_ws.realtime_reservation(settings, m)
+        if m.flavor == REALTIME:
+            return realtime_reservation(settings, m)
         return super().reservation(settings, m)
 
     def cost(self, settings: SpendSettings, m: Metered, response: dict[str, Any]) -> Cost | None:
-        if m.flavor == openai_ws.REALTIME:
-            return openai_ws.realtime_cost(settings, m.model, response, m.pricing)
+        if m.flavor == REALTIME:
+            return realtime_cost(settings, m.model, response, m.pricing)
         return super().cost(settings, m, response)
 
     def stream_usage(self, flavor: str) -> StreamUsage:
@@ -100,7 +100,7 @@ class OpenAI(BaseProvider):
         return {"error": ours | {"code": code, "param": None}}
 
     def websocket(self, path: str, price_as: str) -> WsReader | None:
-        return openai_ws.reader(path, price_as, self.meter)
+        return reader(path, price_as, self.meter)
 
 
 class _ChatUsage(StreamUsage):

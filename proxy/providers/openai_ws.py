@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from egress_guard.pricing import Cost, Unpriced, price
-from egress_guard.providers.base import Metered, positive_int, reservation
+from egress_guard.providers.base import positive_int
+from egress_guard.providers.metered import Metered, reservation
 from egress_guard.providers.ws import (
     Create,
     Failed,

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from egress_guard.providers.base import Metered
+from egress_guard.providers.metered import Metered
 
 # --- from the agent --------------------------------------------------------------------------
 

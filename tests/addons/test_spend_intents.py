@@ -16,8 +16,9 @@ from egress_guard.addons.flow import state
 from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.audit import AuditLog
 from egress_guard.hosts import Host
+from egress_guard.ledger import Ledger
 from egress_guard.policy import Decision, Verdict
-from egress_guard.spend import Ledger, meter
+from egress_guard.spend import meter
 
 
 def guard(tmp_path: Path, audit: AuditLog | None) -> SpendGuard:

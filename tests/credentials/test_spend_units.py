@@ -14,7 +14,8 @@ from mitmproxy.test import tflow
 from egress_guard import providers
 from egress_guard.addons.flow import state
 from egress_guard.addons.spend_guard import SpendGuard
-from egress_guard.spend import Ledger, Limits, Refusal, SessionLimits, SpendSettings, model_allowed
+from egress_guard.ledger import Ledger, Refusal
+from egress_guard.spend import Limits, SessionLimits, SpendSettings, model_allowed
 
 SETTINGS = SpendSettings()
 
