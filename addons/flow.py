@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mitmproxy import http
 
-    from egress_guard.addons.websocket import WsConn
     from egress_guard.credentials import Credential
     from egress_guard.forms import SecretForms
     from egress_guard.hosts import Host
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from egress_guard.policy import Decision
     from egress_guard.pricing import Cost
     from egress_guard.providers import Metered
+    from egress_guard.ws_conn import WsConn
 
 KEY = "egress_guard"  # the one flow.metadata key egress-guard uses
 

@@ -1,298 +1,274 @@
-"""Metering model calls made over WebSocket: which messages start a call, which end it, and
-what it cost.
+"""Metering the model calls of one WebSocket connection: each call admitted against the
+agent's budgets and limits like an HTTP call, settled from the usage its last event reports,
+and what is still open when the connection ends billed at its reservation.
 
-Over HTTP one request is one call. Over WebSocket one connection carries many: the OpenAI
-Responses API's WebSocket mode (`wss://…/v1/responses`, what Codex CLI uses) starts a call
-with each `response.create` message and ends it with `response.completed` (or
-`.incomplete` / `.failed`, or an `error` event); the Realtime API (`wss://…/v1/realtime`)
-ends each response with `response.done`, and with server-side turn detection starts them
-itself. This module reads those messages and prices the usage they report; the WebSocket
-addon reserves, admits and settles each call with spend.py's ledger as SpendGuard does for
-HTTP.
-
-Pure: no I/O, no mitmproxy. It never raises on any message bytes (a message it cannot read
-is not a call).
+The API's own messages are read by its provider's WsReader (egress_guard.providers); this
+module keeps the calls in flight, in order (the server answers them in the order they were
+made), with the ledger. Pure: no I/O, no mitmproxy; the WebSocket addon records the rows.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import dataclass, replace
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
-from urllib.parse import parse_qs
 
-from egress_guard.spend import Cost, Metered, SpendSettings, Unpriced, cost_of, meter, price, reservation
+from egress_guard import providers
+from egress_guard.credentials import Agent, Service
+from egress_guard.ledger import SCOPES, Hold, Ledger, Refusal
+from egress_guard.pricing import Cost, Unpriced
+from egress_guard.providers import Provider
+from egress_guard.providers.base import Metered
+from egress_guard.providers.ws import Create, Failed, Finished, WsReader
+from egress_guard.spend import Limits, Meter, SpendSettings, allowed_models, model_allowed
 
-RESPONSES = "responses"
-REALTIME = "realtime"
-
-# What a server message must contain to matter to metering: checked before any JSON is
-# parsed, so the stream of deltas between them costs one regex search each.
-_SERVER_KINDS = re.compile(
-    rb'"type"\s*:\s*"(response\.(?:created|completed|incomplete|failed|done)|error|session\.(?:created|updated))"'
-)
-
-
-def ws_api(api: str, path: str) -> str | None:
-    """The metered WebSocket API an upgrade to `path` speaks, for a service whose calls have
-    API shape `api` (spend.Meter.api); None if egress-guard cannot meter it."""
-    if api != "openai":
-        return None
-    bare = path.split("?", 1)[0].rstrip("/")
-    if bare.endswith("/responses"):
-        return RESPONSES
-    if bare.endswith("/realtime"):
-        return REALTIME
-    return None
+log = logging.getLogger("egress_guard")
 
 
-def url_model(path: str) -> str:
-    """The Realtime API takes the session's model in the URL (`?model=gpt-realtime`)."""
-    _, _, query = path.partition("?")
-    return (parse_qs(query).get("model") or [""])[0]
+@dataclass
+class WsCall:
+    """A metered call in flight on the connection."""
 
-
-def _obj(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _json(data: bytes) -> dict[str, Any] | None:
-    if data[:1] != b"{":
-        data = data.lstrip()
-        if data[:1] != b"{":
-            return None
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-# --- from the agent --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Create:
-    """A message that starts a metered call."""
-
+    request_id: str
     metered: Metered
-    carried: bool  # it continues earlier context the server holds (previous_response_id / the session)
+    hold: Hold
+    request_bytes: int
+    started_at: float = field(default_factory=time.time)
+    started: bool = False  # the upstream began answering it
+    response_bytes: int = 0
 
 
 @dataclass(frozen=True)
-class SetModel:
-    """A Realtime `session.update` that changes the session's model."""
+class Refused:
+    """Why a message of the agent's is not forwarded: the `error` event and row it gets."""
 
-    model: str
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """A message egress-guard cannot be sure it reads as the server will: refused. A text
-    message that is not one plain JSON object (a lenient server might still run it), or has
-    a key twice (which one counts differs between parsers), could start a call unmetered."""
-
+    status: int
     reason: str
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Duplicate(f"the key {key!r} appears twice in one object")
-            seen.add(key)
-    return obj
-
-
-def client_message(
-    api: str, path: str, session_model: str, data: bytes, price_as: str = ""
-) -> Create | SetModel | Unreadable | None:
-    """What a text message from the agent means to metering (None: nothing that costs).
-
-    Every message is parsed, strictly: a call hidden behind an escape (`response\\u002ecreate`)
-    is still a call, and one the server might read differently is refused (Unreadable)."""
-    try:
-        body = json.loads(data, object_pairs_hook=_no_duplicates)
-    except _Duplicate as exc:
-        return Unreadable(f"ambiguous message: {exc}")
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return Unreadable("the message is not JSON; this API takes JSON messages only")
-    if not isinstance(body, dict):
-        return Unreadable("the message is not a JSON object; this API takes JSON objects only")
-    kind = body.get("type")
-    if api == RESPONSES and kind == "response.create":
-        # the Responses API's WebSocket mode sends the request's fields next to "type"; an
-        # older shape nested them under "response": a model named in both must agree
-        nested = body.get("response")
-        fields = body
-        if isinstance(nested, dict):
-            if "model" in nested and "model" in body and nested["model"] != body["model"]:
-                return Unreadable("ambiguous message: two different models in one response.create")
-            fields = {**nested, **body}
-        m = meter("openai", path, fields, len(data), price_as)
-        if m is None:  # not reached for a /responses path: meter() knows it
-            return None
-        return Create(replace(m, stream=True), bool(fields.get("previous_response_id")))
-    if api == REALTIME and kind == "response.create":
-        response = _obj(body.get("response"))
-        cap = response.get("max_output_tokens") or response.get("max_response_output_tokens")
-        m = Metered(
-            "openai",
-            REALTIME,
-            session_model,
-            cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
-            True,
-            len(data),
-            price_as,
-        )
-        return Create(m, True)
-    if api == REALTIME and kind == "session.update":
-        model = _obj(body.get("session")).get("model")
-        if isinstance(model, str) and model:
-            return SetModel(model)
-    return None
-
-
-# --- from the upstream -------------------------------------------------------------------------
+    model: str | None
+    code: str
+    retry_after: int | None = None
 
 
 @dataclass(frozen=True)
-class Started:
-    """The server began answering the oldest open call."""
+class Settled:
+    """A call that ended: what it is billed (None: nothing) and the row's words for it."""
 
-
-@dataclass(frozen=True)
-class Finished:
-    """The oldest open call ended; `usage` is what genai-prices reads (None: none reported)."""
-
-    status: str  # completed, incomplete, failed, cancelled, ...
-    usage: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class Failed:
-    """An `error` event: the oldest open call was refused (or broke off)."""
-
+    call: WsCall
+    cost: Cost | None
     status: int | None
-    message: str
-
-
-def server_message(api: str, data: bytes) -> Started | Finished | Failed | SetModel | None:
-    """What a message from the upstream means to metering (None: nothing)."""
-    found = _SERVER_KINDS.search(data)
-    if found is None:
-        return None
-    body = _json(data)
-    if body is None:
-        return None
-    kind = body.get("type")
-    response = _obj(body.get("response"))
-    if kind == "response.created":
-        return Started()
-    if kind == "error":
-        error = _obj(body.get("error"))
-        status = body.get("status") or body.get("status_code")
-        message = error.get("message") or error.get("code") or "error"
-        return Failed(status if isinstance(status, int) else None, str(message)[:200])
-    if api == RESPONSES and kind in ("response.completed", "response.incomplete", "response.failed"):
-        usage = response if isinstance(response.get("usage"), dict) else None
-        return Finished(str(kind).removeprefix("response."), usage)
-    if api == REALTIME and kind == "response.done":
-        usage = {"response": response} if isinstance(response.get("usage"), dict) else None
-        return Finished(str(response.get("status") or "completed"), usage)
-    if api == REALTIME and kind in ("session.created", "session.updated"):
-        model = _obj(body.get("session")).get("model")
-        if isinstance(model, str) and model:
-            return SetModel(model)
-    return None
-
-
-# --- prices ----------------------------------------------------------------------------------
+    note: str
 
 
 def carry(m: Metered, tokens: int) -> Metered:
     """`m` with `tokens` of context the server already holds added to its prompt estimate:
-    a response.create that continues a previous response is billed for all of it, though
-    the message carries only what is new."""
+    a call that continues a previous response is billed for all of it, though the message
+    carries only what is new."""
     return replace(m, input_bytes=m.input_bytes + 3 * tokens) if tokens > 0 else m
 
 
-def reserve(settings: SpendSettings, m: Metered) -> tuple[Decimal, int]:
-    """The worst-case cost and tokens of a call (spend.reservation; a Realtime call's prompt
-    and output are priced as audio, its dearest kind of token). Raises Unpriced."""
-    usd, tokens = reservation(settings, m)
-    if m.flavor != REALTIME:
-        return usd, tokens
-    from genai_prices import Usage, calc_price
-
-    input_tokens = tokens - (m.max_output or settings.default_max_output_tokens)
-    output_tokens = tokens - input_tokens
-    try:
-        worst = Usage(
-            input_tokens=input_tokens,
-            input_audio_tokens=input_tokens,
-            output_tokens=output_tokens,
-            output_audio_tokens=output_tokens,
-        )
-        audio = Decimal(calc_price(worst, m.model, provider_id=m.pricing).total_price)
-    except LookupError:
-        return usd, tokens
-    return max(usd, audio), tokens
+def not_allowed(limits: Limits, agent: str, service: str, model: str, session: str) -> str:
+    allowed = ", ".join(allowed_models(limits, service, session) or ())
+    return f"model {model!r} is not allowed for agent {agent} on {service} (allowed: {allowed})"
 
 
-def cost(settings: SpendSettings, m: Metered, usage: dict[str, Any]) -> Cost | None:
-    """What a finished call cost, from the usage its last event reported (None: no usage, or
-    a model with no price under spend.unknown_model: deny — billed at its reservation)."""
-    if m.flavor != REALTIME:
-        return cost_of(settings, m.provider, m.flavor, usage, m.price_as)
-    return realtime_cost(settings, m.model, usage, m.pricing)
+def limited(ledger: Ledger, limits: Limits, agent: str, service: str, session: str) -> bool:
+    """Whether a budget, token rate or model allowlist applies to this agent's calls."""
+    return (
+        limits.tokens_per_minute is not None
+        or allowed_models(limits, service, session) is not None
+        or any(ledger.limit(limits, agent, scope, session) is not None for scope in SCOPES)
+    )
 
 
-def realtime_cost(settings: SpendSettings, model: str, event: dict[str, Any], provider: str = "openai") -> Cost | None:
-    """A Realtime `response.done`'s usage priced with its audio and image tokens apart from
-    text (they cost up to 8x as much): genai-prices' own Realtime extractor and prices."""
-    from genai_prices import calc_price, data_snapshot
+class WsMeter:
+    """The metered calls of one connection (`reader` reads its messages as `api`'s)."""
 
-    snapshot = data_snapshot.get_snapshot()
-    try:
-        found, usage = snapshot.find_provider(None, "openai", None).extract_usage(
-            {"model": model, **event}, api_flavor=REALTIME
-        )
-    except (ValueError, KeyError, TypeError, LookupError):
-        return None
-    model = found or model
-    inputs, outputs = int(usage.input_tokens or 0), int(usage.output_tokens or 0)
-    cached = int(usage.cache_read_tokens or 0)
-    given = vars(usage)  # (reading a missing attribute makes genai-prices infer it, or raise)
-    if cached and given.get("cache_audio_read_tokens") is None and given.get("cache_text_read_tokens") is None:
-        # genai-prices needs cached tokens split by kind when audio is reported; a usage that
-        # does not say is taken as cached text (cached audio costs the same or less)
-        usage.cache_text_read_tokens, usage.cache_audio_read_tokens = cached, 0
-    try:
-        usd = Decimal(calc_price(usage, model, provider_id=provider).total_price)
-    except (LookupError, ValueError):
-        try:  # no price for this model: spend.unknown_model decides (deny -> None)
-            usd = price(settings, provider, model, inputs, outputs, cached)
-        except Unpriced:
+    def __init__(
+        self,
+        reader: WsReader,
+        api: Provider,
+        settings: SpendSettings,
+        ledger: Ledger,
+        limits: Limits,
+        agent: str,
+        service: str,
+        session: str,
+        flow_id: str,
+    ) -> None:
+        self.reader, self.api, self.settings, self.ledger = reader, api, settings, ledger
+        self.limits, self.agent, self.service, self.session = limits, agent, service, session
+        self.flow_id = flow_id
+        self.calls: deque[WsCall] = deque()  # forwarded, oldest first
+        self.seq = 0  # numbers the connection's call rows (refusals included)
+        self.calls_made = 0
+        self.carried = 0  # tokens of context the server holds for the next call
+        self.billed = Decimal(0)
+        self.refused = 0
+
+    def next_id(self) -> str:
+        self.seq += 1
+        return f"{self.flow_id}:ws{self.seq}"
+
+    def refusal_id(self, intent_id: str | None = None) -> str:
+        """A refused message's row id (the intent's, if its call had one)."""
+        self.refused += 1
+        n = self.next_id()
+        return intent_id or n
+
+    def disallowed(self, model: str) -> Refused | None:
+        if model_allowed(self.limits, self.service, model, self.session):
             return None
-    return Cost(usd, inputs, outputs, cached, model)
+        reason = not_allowed(self.limits, self.agent, self.service, model, self.session)
+        return Refused(403, reason, model, "model_not_allowed")
+
+    # --- from the agent --------------------------------------------------------------------
+
+    def admit(self, event: Create, request_bytes: int) -> WsCall | Refused:
+        """Reserve a call's worst case, or refuse it (model, price, budget, rate)."""
+        m = event.metered
+        if event.carried:
+            m = carry(m, self.carried + self.reader.pending_tokens())
+        refused = self.disallowed(m.model)
+        if refused is not None:
+            return refused
+        try:
+            usd, tokens = self.api.reservation(self.settings, m)
+        except Unpriced as exc:
+            return Refused(403, str(exc), m.model, "model_not_priced")
+        try:
+            hold = self.ledger.admit(self.limits, self.agent, self.session, usd, tokens)
+        except Refusal as refusal:
+            code = "rate_limit_exceeded" if refusal.status == 429 else "egress_denied"
+            return Refused(refusal.status, refusal.reason, m.model, code, refusal.retry_after)
+        return WsCall(self.next_id(), m, hold, request_bytes)
+
+    def forwarded(self, call: WsCall) -> None:
+        """The call's message goes up: it is open until the server ends it."""
+        self.calls.append(call)
+        self.calls_made += 1
+
+    def release(self, call: WsCall) -> None:
+        """An admitted call that was not forwarded after all."""
+        self.ledger.settle(call.hold, Decimal(0), 0)
+
+    # --- from the upstream -------------------------------------------------------------------
+
+    def answering(self, n: int) -> None:
+        """`n` bytes of the server's answer to the oldest open call."""
+        if self.calls:
+            self.calls[0].response_bytes += n
+
+    def started(self) -> None:
+        for call in self.calls:
+            if not call.started:
+                call.started = True
+                break
+
+    def finished(self, event: Finished) -> Settled:
+        """The oldest open call ended (or one the server started by itself)."""
+        call = self.calls.popleft() if self.calls else self._unasked()
+        return self.settle(call, event.usage, 200, True, f"response {event.status}")
+
+    def failed(self, event: Failed) -> Settled | None:
+        if not self.calls:
+            return None
+        call = self.calls.popleft()
+        note = f"the upstream answered with an error event (status {event.status})"
+        return self.settle(call, None, event.status or 502, call.started, note)
+
+    def _unasked(self) -> WsCall:
+        """A call nobody asked for by message (the Realtime API's server-side turn detection):
+        admitted now, at nothing, to be settled at once."""
+        try:
+            hold = self.ledger.admit(self.limits, self.agent, self.session, Decimal(0), 0)
+        except Refusal:  # over a limit already: the usage is still spent
+            hold = Hold(self.agent, self.session, self.ledger.day(), Decimal(0), 0)
+            hold.settled = True
+        self.calls_made += 1
+        return WsCall(self.next_id(), self.reader.unasked(), hold, 0, started=True)
+
+    def closed(self) -> list[Settled]:
+        """The connection ended: calls forwarded and never finished are billed at their
+        reservation (the provider may have charged)."""
+        out = []
+        while self.calls:
+            note = "the connection closed before the response completed: billed at its reservation"
+            out.append(self.settle(self.calls.popleft(), None, None, True, note))
+        return out
+
+    # --- settling -----------------------------------------------------------------------------
+
+    def settle(
+        self, call: WsCall, usage: dict[str, Any] | None, status: int | None, billable: bool, note: str
+    ) -> Settled:
+        """Replace the call's reservation with what it cost: its usage priced, else (if it
+        may have been charged) its reservation, else nothing."""
+        hold = call.hold
+        over_limit = hold.settled  # an unasked call admitted over a limit
+        c = None
+        if usage is not None:
+            try:
+                c = self.api.cost(self.settings, call.metered, usage)
+            except Exception:  # a usage genai-prices cannot read: billed at the reservation, not lost
+                log.exception("could not price the usage of WebSocket call %s", call.request_id)
+        if c is None and billable:
+            c = Cost(hold.usd, 0, 0, 0, call.metered.model)
+            if usage is not None or status == 200:
+                note += "; no priced usage reported: billed at its reservation"
+        if over_limit:  # spent all the same
+            if c is not None:
+                self.ledger.add_spent(hold.agent, hold.session, hold.day, c.usd)
+        elif c is not None:
+            self.ledger.settle(hold, c.usd, c.input_tokens + c.output_tokens)
+        else:
+            self.ledger.settle(hold, Decimal(0), 0)
+        if usage is not None and c is not None:
+            self.carried = c.input_tokens + c.output_tokens  # the context left for the next call
+        if c is not None:
+            self.billed += c.usd
+        return Settled(call, c, status, f"WebSocket {call.metered.flavor} call: {note}")
+
+    def exhausted(self) -> bool:
+        """Whether a budget of the agent's is spent, where only closing stops its calls: the
+        server answers by itself (server_starts_calls), so no message can be refused to."""
+        if not self.reader.server_starts_calls:
+            return False
+        ledger = self.ledger
+        for scope, key in ledger.keys(self.agent, self.session, ledger.day()):
+            cap = ledger.limit(self.limits, self.agent, scope, self.session)
+            if cap is not None and ledger.spent.get(key, Decimal(0)) >= cap:
+                return True
+        return False
+
+    def summary(self) -> str:
+        """The connection's calls, for its close row."""
+        text = f"; {self.calls_made} model calls, ${self.billed:f} billed"
+        return text + (f", {self.refused} refused" if self.refused else "")
 
 
-def carried_tokens(c: Cost | None) -> int:
-    """The context a finished call leaves on the server for the next one to continue."""
-    return 0 if c is None else c.input_tokens + c.output_tokens
-
-
-def audio_bytes_as_tokens(n: int) -> int:
-    """Base64 PCM audio appended to a Realtime input buffer, as input tokens, generously:
-    24 kHz 16-bit mono is 64 kB of base64 a second, which the API bills at about 10 tokens."""
-    return math.ceil(n / 3200)
+def upgrade_refusal(
+    service: Service, agent: Agent | None, meter: Meter | None, path: str, ledger: Ledger, session: str
+) -> tuple[int, str] | None:
+    """Why a WebSocket upgrade at `path` of `service` may not open (status, reason), or None."""
+    if not service.websocket:
+        # 426, not 403: a client with an HTTP transport takes it as "use that" (Codex CLI
+        # falls back at once; after a 403 it retries the WebSocket five times first)
+        return 426, (
+            f"WebSocket is turned off for {service.name} (services.{service.name}.websocket: false); use its HTTP API"
+        )
+    if meter is None or agent is None:
+        return None
+    reader = providers.get(meter.api).websocket(path, meter.provider)
+    if reader is None:
+        if limited(ledger, agent.limits, agent.name, service.name, session):
+            return 403, (
+                f"egress-guard cannot meter WebSocket calls to {path.split('?', 1)[0]} of {service.name}, "
+                f"and agent {agent.name} has limits there; use the HTTP API"
+            )
+        return None
+    if reader.model and not model_allowed(agent.limits, service.name, reader.model, session):
+        return 403, not_allowed(agent.limits, agent.name, service.name, reader.model, session)
+    return None

@@ -12,8 +12,8 @@ import pytest
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from egress_guard.addons.websocket import HOLD_MIN, HOLD_SECONDS, Relay
 from egress_guard.forms import SecretForms
+from egress_guard.ws_relay import HOLD_MIN, HOLD_SECONDS, Relay
 
 SECRET = "sk-proj-REALopenaiSECRET0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"
 FORMS = SecretForms(SECRET)

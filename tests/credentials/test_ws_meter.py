@@ -1,200 +1,154 @@
-"""ws_meter: which WebSocket messages start and end metered calls, and what they cost. Pure:
-tables of messages, no sockets."""
+"""ws_meter: one WebSocket connection's metered calls against the ledger — admitted or
+refused, settled in order from the usage their last event reports, billed at their
+reservation when they break off, and the close row's summary. Pure: no sockets. What the
+messages mean is tests/providers/test_openai_ws.py."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
-from genai_prices import Usage, calc_price
+from helpers import write_config
 
-from egress_guard import ws_meter
-from egress_guard.spend import SpendSettings, reservation
-from egress_guard.ws_meter import Create, Failed, Finished, SetModel, Started
+from egress_guard import providers
+from egress_guard.credentials import Agent
+from egress_guard.ledger import Ledger
+from egress_guard.providers.ws import Create, Failed, Finished
+from egress_guard.spend import Limits, SpendSettings
+from egress_guard.ws_meter import Refused, WsCall, WsMeter, carry, upgrade_refusal
 
 SETTINGS = SpendSettings()
-
-
-@pytest.mark.parametrize(
-    ("api", "path", "expected"),
-    [
-        ("openai", "/v1/responses", "responses"),
-        ("openai", "/openai/v1/responses/", "responses"),
-        ("openai", "/v1/realtime?model=gpt-realtime", "realtime"),
-        ("openai", "/v1/chat/completions", None),
-        ("openai", "/echo", None),
-        ("anthropic", "/v1/responses", None),
-        ("google", "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", None),
-    ],
-)
-def test_ws_api(api: str, path: str, expected: str | None) -> None:
-    assert ws_meter.ws_api(api, path) == expected
+OPENAI = providers.get("openai")
+USAGE = {"input_tokens": 1000, "output_tokens": 200, "input_tokens_details": {"cached_tokens": 0}}
 
 
 def msg(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
 
-def test_response_create_is_a_call_with_its_model_and_cap() -> None:
-    event = ws_meter.client_message(
-        "responses",
-        "/v1/responses",
-        "",
-        msg({"type": "response.create", "model": "gpt-5-mini", "max_output_tokens": 55, "input": []}),
-    )
+def connection(path: str = "/v1/responses", **limits: Any) -> tuple[WsMeter, Ledger]:
+    ledger = Ledger(SETTINGS)
+    reader = OPENAI.websocket(path, "")
+    assert reader is not None
+    return WsMeter(reader, OPENAI, SETTINGS, ledger, Limits(**limits), "bot", "openai", "s1", "f1"), ledger
+
+
+def create(meter: WsMeter, **fields: object) -> WsCall:
+    event = meter.reader.from_agent(msg({"type": "response.create", "model": "gpt-5-mini", **fields}))
     assert isinstance(event, Create)
-    m = event.metered
-    assert (m.provider, m.flavor, m.model, m.max_output, m.stream) == ("openai", "responses", "gpt-5-mini", 55, True)
-    assert not event.carried
+    call = meter.admit(event, 100)
+    assert isinstance(call, WsCall)
+    meter.forwarded(call)
+    return call
 
 
-def test_response_create_nested_and_continued() -> None:
-    data = msg({"type": "response.create", "previous_response_id": "r1", "response": {"model": "gpt-5", "input": []}})
-    event = ws_meter.client_message("responses", "/v1/responses", "", data, "azure")
-    assert isinstance(event, Create) and event.carried
-    assert (event.metered.model, event.metered.price_as, event.metered.input_bytes) == ("gpt-5", "azure", len(data))
+def test_calls_are_settled_in_order_from_their_usage() -> None:
+    meter, ledger = connection()
+    first, second = create(meter), create(meter)
+    assert (first.request_id, second.request_id) == ("f1:ws1", "f1:ws2")
+    assert ledger.reserved[("total", "bot")] == first.hold.usd + second.hold.usd
+    meter.answering(10)
+    meter.started()
+    assert first.started and not second.started and first.response_bytes == 10
+    done = meter.finished(Finished("completed", {"model": "gpt-5-mini", "usage": USAGE}))
+    assert done.call is first and done.status == 200 and done.cost is not None
+    assert done.note == "WebSocket responses call: response completed"
+    assert (done.cost.input_tokens, done.cost.output_tokens) == (1000, 200)
+    assert ledger.spent[("total", "bot")] == done.cost.usd and meter.carried == 1200
+    # the next call that continues the response is reserved for the context it carries
+    continued = meter.admit(Create(carry(second.metered, 0), True), 100)
+    assert isinstance(continued, WsCall) and continued.metered.input_bytes == second.metered.input_bytes + 3600
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        msg({"type": "response.processed", "response_id": "r1"}),
-        msg({"type": "response.cancel"}),
-        msg({"type": {"response.create": 1}}),
-    ],
-)
-def test_other_messages_are_not_calls(data: bytes) -> None:
-    assert ws_meter.client_message("responses", "/v1/responses", "", data) is None
+def test_a_finished_call_without_priced_usage_is_billed_at_its_reservation() -> None:
+    meter, ledger = connection()
+    call = create(meter)
+    done = meter.finished(Finished("completed", None))
+    assert done.cost is not None and done.cost.usd == call.hold.usd
+    assert done.note.endswith("no priced usage reported: billed at its reservation")
+    assert ledger.spent[("total", "bot")] == call.hold.usd and meter.carried == 0
 
 
-@pytest.mark.parametrize(
-    ("data", "why"),
-    [
-        (b"", "not JSON"),
-        (b"not json", "not JSON"),
-        (b'{"type": "response.create"', "not JSON"),  # cut short
-        (b'{"type": "response.create", "model": "gpt-5",}', "not JSON"),  # a lenient parser's JSON
-        (b"\xff\xfe", "not JSON"),
-        (msg(["response.create"]), "not a JSON object"),
-        # which "model" counts differs between parsers: neither is trusted
-        (b'{"type": "response.create", "model": "gpt-5-mini", "model": "gpt-5-pro"}', "'model' appears twice"),
-        (b'{"type": "x", "type": "response.create"}', "'type' appears twice"),
-        (b'{"type": "response.create", "input": [{"a": 1, "a": 2}]}', "'a' appears twice"),
-        (msg({"type": "response.create", "model": "gpt-5-mini", "response": {"model": "gpt-5-pro"}}), "two different"),
-    ],
-)
-def test_messages_that_could_be_read_two_ways_are_refused(data: bytes, why: str) -> None:
-    event = ws_meter.client_message("responses", "/v1/responses", "", data)
-    assert isinstance(event, ws_meter.Unreadable) and why in event.reason
+@pytest.mark.parametrize(("started", "billed"), [(False, False), (True, True)])
+def test_an_error_event_bills_a_call_only_if_the_server_had_begun_it(started: bool, billed: bool) -> None:
+    meter, ledger = connection()
+    call = create(meter)
+    if started:
+        meter.started()
+    done = meter.failed(Failed(429, "slow down"))
+    assert done is not None and done.status == 429 and done.call is call
+    assert ledger.spent.get(("total", "bot"), Decimal(0)) == (call.hold.usd if billed else 0)
+    assert ledger.reserved[("total", "bot")] == 0
+    assert meter.failed(Failed(None, "x")) is None  # no call open: nothing to settle
 
 
-def test_an_escaped_call_is_still_a_call() -> None:
-    data = b'{"type": "response\\u002ecreate", "model": "gpt-5\\u002dpro"}'
-    event = ws_meter.client_message("responses", "/v1/responses", "", data)
-    assert isinstance(event, Create) and event.metered.model == "gpt-5-pro"
+def test_calls_open_when_the_connection_ends_are_billed_at_their_reservation() -> None:
+    meter, ledger = connection()
+    a, b = create(meter), create(meter)
+    closed = meter.closed()
+    assert [s.call for s in closed] == [a, b] and all(s.status is None for s in closed)
+    assert ledger.spent[("total", "bot")] == a.hold.usd + b.hold.usd and not meter.calls
+    assert meter.summary() == f"; 2 model calls, ${a.hold.usd + b.hold.usd:f} billed"
 
 
-def test_realtime_messages() -> None:
-    create = ws_meter.client_message(
-        "realtime",
-        "/v1/realtime?model=x",
-        "gpt-realtime",
-        msg({"type": "response.create", "response": {"max_output_tokens": 9}}),
-    )
-    assert isinstance(create, Create) and create.carried
-    assert (create.metered.flavor, create.metered.model, create.metered.max_output) == ("realtime", "gpt-realtime", 9)
-    update = ws_meter.client_message(
-        "realtime",
-        "/v1/realtime",
-        "gpt-realtime",
-        msg({"type": "session.update", "session": {"model": "gpt-realtime-mini"}}),
-    )
-    assert update == SetModel("gpt-realtime-mini")
-    assert ws_meter.url_model("/v1/realtime?model=gpt-realtime&x=1") == "gpt-realtime"
-    assert ws_meter.url_model("/v1/realtime") == ""
-
-
-USAGE = {"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 0}}
-
-
-@pytest.mark.parametrize(
-    ("api", "obj", "expected"),
-    [
-        ("responses", {"type": "response.created", "response": {}}, Started()),
-        (
-            "responses",
-            {"type": "response.completed", "response": {"model": "m", "usage": USAGE}},
-            Finished("completed", {"model": "m", "usage": USAGE}),
-        ),
-        ("responses", {"type": "response.failed", "response": {"usage": None}}, Finished("failed", None)),
-        ("responses", {"type": "error", "status": 400, "error": {"message": "bad"}}, Failed(400, "bad")),
-        ("responses", {"type": "response.output_text.delta", "delta": "response.completed"}, None),
-        ("responses", {"type": "response.done", "response": {"usage": USAGE}}, None),  # a Realtime event
-        (
-            "realtime",
-            {"type": "response.done", "response": {"status": "cancelled", "usage": USAGE}},
-            Finished("cancelled", {"response": {"status": "cancelled", "usage": USAGE}}),
-        ),
-        ("realtime", {"type": "session.created", "session": {"model": "gpt-realtime"}}, SetModel("gpt-realtime")),
-    ],
-)
-def test_server_messages(api: str, obj: dict, expected: object) -> None:
-    assert ws_meter.server_message(api, msg(obj)) == expected
-
-
-def test_carry_adds_the_context_the_server_holds() -> None:
-    event = ws_meter.client_message(
-        "responses", "/v1/responses", "", msg({"type": "response.create", "model": "gpt-5-mini"})
-    )
+def test_refusals_model_price_and_budget() -> None:
+    meter, ledger = connection(models={"openai": ("gpt-5-mini",)}, budget_day=Decimal("0.000001"))
+    assert meter.disallowed("gpt-5-mini") is None
+    refused = meter.disallowed("gpt-5-pro")
+    assert refused is not None and (refused.status, refused.code) == (403, "model_not_allowed")
+    event = meter.reader.from_agent(msg({"type": "response.create", "model": "gpt-5-mini"}))
     assert isinstance(event, Create)
-    alone = reservation(SETTINGS, event.metered)
-    carried = reservation(SETTINGS, ws_meter.carry(event.metered, 50_000))
-    assert carried[1] - alone[1] >= 50_000 - 256 and carried[0] > alone[0]  # the estimate rounds to 256
-
-
-def test_realtime_reservation_is_priced_as_audio() -> None:
-    event = ws_meter.client_message(
-        "realtime",
-        "/v1/realtime",
-        "gpt-realtime",
-        msg({"type": "response.create", "response": {"max_output_tokens": 1000}}),
-    )
+    over = meter.admit(event, 100)
+    assert isinstance(over, Refused) and (over.status, over.code) == (429, "rate_limit_exceeded")
+    assert "day budget of $0.000001" in over.reason and over.retry_after is not None
+    unpriced = WsMeter(meter.reader, OPENAI, SETTINGS, ledger, Limits(), "bot", "openai", "s1", "f1")
+    event = meter.reader.from_agent(msg({"type": "response.create", "model": "no-such-model"}))
     assert isinstance(event, Create)
-    usd, tokens = ws_meter.reserve(SETTINGS, event.metered)
-    as_text, _ = reservation(SETTINGS, event.metered)
-    inputs = tokens - 1000
-    audio = calc_price(
-        Usage(input_tokens=inputs, input_audio_tokens=inputs, output_tokens=1000, output_audio_tokens=1000),
-        "gpt-realtime",
-        provider_id="openai",
-    ).total_price
-    assert usd == Decimal(audio) > as_text
+    got = unpriced.admit(event, 100)
+    assert isinstance(got, Refused) and (got.status, got.code) == (403, "model_not_priced")
+    assert meter.refusal_id() == "f1:ws1" and meter.refusal_id("f1:ws9") == "f1:ws9"
+    assert meter.summary() == "; 0 model calls, $0 billed, 2 refused"
 
 
-def test_realtime_cost_prices_audio_apart_from_text() -> None:
-    usage = {
-        "input_tokens": 300,
-        "output_tokens": 120,
-        "input_token_details": {"text_tokens": 100, "audio_tokens": 200, "cached_tokens": 64},
-        "output_token_details": {"text_tokens": 20, "audio_tokens": 100},
-    }
-    c = ws_meter.realtime_cost(SETTINGS, "gpt-realtime", {"response": {"usage": usage}})
-    assert c is not None
-    expected = calc_price(  # the usage does not say which kind its cached tokens were: text
-        Usage(
-            input_tokens=300,
-            output_tokens=120,
-            cache_read_tokens=64,
-            cache_text_read_tokens=64,
-            cache_audio_read_tokens=0,
-            input_text_tokens=100,
-            input_audio_tokens=200,
-            output_text_tokens=20,
-            output_audio_tokens=100,
-        ),
-        "gpt-realtime",
-        provider_id="openai",
-    ).total_price
-    assert (c.usd, c.input_tokens, c.output_tokens, c.cached_tokens) == (Decimal(expected), 300, 120, 64)
-    assert ws_meter.realtime_cost(SETTINGS, "no-such-model", {"response": {"usage": usage}}) is None  # deny: unpriced
+def test_a_realtime_response_the_server_started_is_billed_and_a_spent_budget_closes() -> None:
+    meter, ledger = connection("/v1/realtime?model=gpt-realtime", budget_total=Decimal("0.0001"))
+    assert not meter.exhausted()
+    meter.reader.from_upstream(msg({"type": "response.created", "response": {}}))
+    meter.started()  # nothing open: nothing to mark
+    usage = {"response": {"usage": {"input_tokens": 100, "output_tokens": 100}}}
+    done = meter.finished(Finished("completed", usage))
+    assert done.call.request_id == "f1:ws1" and done.call.metered.model == "gpt-realtime"
+    assert done.cost is not None and ledger.spent[("total", "bot")] == done.cost.usd > Decimal("0.0001")
+    assert meter.exhausted() and meter.calls_made == 1
+    again = meter.finished(Finished("completed", usage))  # admitted over the limit: spent all the same
+    assert again.call.hold.settled and ledger.spent[("total", "bot")] == 2 * done.cost.usd
+
+
+def test_upgrade_refusals(tmp_path: Path) -> None:
+    (service,) = write_config(tmp_path, {"allowlists": ["openai"], "services": ["openai"]}).services
+    assert service.meter is not None
+    ledger = Ledger(SETTINGS)
+    limited = Agent("bot", ("openai",), Limits(models={"openai": ("gpt-realtime-mini",)}))
+    free = Agent("bot", ("openai",), Limits())
+
+    def refusal(agent: Agent | None, path: str, websocket: bool = True) -> tuple[int, str] | None:
+        return upgrade_refusal(replace(service, websocket=websocket), agent, service.meter, path, ledger, "")
+
+    assert refusal(free, "/v1/responses", websocket=False) == (
+        426,
+        "WebSocket is turned off for openai (services.openai.websocket: false); use its HTTP API",
+    )
+    assert refusal(free, "/v1/responses") is None and refusal(free, "/v1/audio") is None
+    assert refusal(None, "/v1/audio") is None  # no agent: nothing to account to
+    assert refusal(limited, "/v1/audio") == (
+        403,
+        "egress-guard cannot meter WebSocket calls to /v1/audio of openai, and agent bot has limits there; "
+        "use the HTTP API",
+    )
+    got = refusal(limited, "/v1/realtime?model=gpt-realtime")
+    assert got is not None and got[0] == 403 and "model 'gpt-realtime' is not allowed" in got[1]
+    assert refusal(limited, "/v1/realtime?model=gpt-realtime-mini") is None
