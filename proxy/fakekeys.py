@@ -1,22 +1,21 @@
 """Fake API keys: the only credential an agent holds.
 
 A fake key looks like the real provider's key (prefix, length, alphabet) so SDKs accept it,
-but is `prefix + id + tag [+ suffix]`: `id` names a row in the `fake_keys` table (agent,
-session, services, expiry, revocation) and `tag` is an HMAC over prefix, service and id with
-a key that only the proxy has (`certs/fake-key-hmac.key`). Nothing in the key can be forged,
-altered or extended: the tag covers every character, and expiry and services live on the
-proxy side. Compared in constant time. A fake key is worthless anywhere but this proxy.
+but is `prefix + id + tag [+ suffix]`: `id` names the key's record in the store (agent,
+session, services, expiry, revocation: `KeyRecord`) and `tag` is an HMAC over prefix,
+service and id with a key that only the proxy has (`certs/fake-key-hmac.key`). Nothing in
+the key can be forged, altered or extended: the tag covers every character, and expiry and
+services live on the proxy side. Compared in constant time. A fake key is worthless
+anywhere but this proxy. Pure: crypto and encoding; the store keeps the records.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,11 +133,13 @@ def load_or_create_hmac_key(ca_dir: Path, *, create: bool = True) -> bytes:
     return data
 
 
-# --- the key table ------------------------------------------------------------------------
+# --- what a key grants -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class KeyRecord:
+    """A minted key as the store keeps it: its id and what it grants, never the key."""
+
     key_id: str
     agent: str
     session: str
@@ -152,59 +153,3 @@ class KeyRecord:
         if self.revoked_at:
             return "revoked"
         return "expired" if self.expires_at <= now else "active"
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | tuple) -> KeyRecord:
-        r = tuple(row)
-        return cls(r[0], r[1], r[2], tuple(s for s in r[3].split(",") if s), r[4], r[5], r[6], r[7])
-
-
-def iso(ts: datetime.datetime) -> str:
-    return ts.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def insert_key(
-    conn: sqlite3.Connection, agent: str, session: str, services: tuple[str, ...], ttl_seconds: float
-) -> KeyRecord:
-    now = utcnow()
-    record = KeyRecord(
-        new_key_id(), agent, session, services, iso(now), iso(now + datetime.timedelta(seconds=ttl_seconds))
-    )
-    with conn:
-        conn.execute(
-            "INSERT INTO fake_keys (key_id, agent, session, services, created_at, expires_at) VALUES (?,?,?,?,?,?)",
-            (record.key_id, agent, session, ",".join(services), record.created_at, record.expires_at),
-        )
-    return record
-
-
-SELECT_KEYS = (
-    "SELECT key_id, agent, session, services, created_at, expires_at, revoked_at, revoked_reason FROM fake_keys"
-)
-
-
-def revoke(
-    conn: sqlite3.Connection,
-    *,
-    agent: str | None = None,
-    session: str | None = None,
-    key_id: str | None = None,
-    reason: str,
-) -> int:
-    """Revoke every still-valid key matching; record one revocation event. Returns keys revoked."""
-    column, value = next((c, v) for c, v in (("agent", agent), ("session", session), ("key_id", key_id)) if v)
-    now = iso(utcnow())
-    with conn:
-        count = conn.execute(
-            f"UPDATE fake_keys SET revoked_at = ?, revoked_reason = ? WHERE {column} = ? AND revoked_at IS NULL",
-            (now, reason, value),
-        ).rowcount
-        conn.execute(
-            "INSERT INTO revocations (ts, agent, session, key_id, reason) VALUES (?,?,?,?,?)",
-            (now, agent, session, key_id, reason),
-        )
-    return count

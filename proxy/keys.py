@@ -6,40 +6,32 @@ holds only its id and what it grants.
 
 from __future__ import annotations
 
+import datetime
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
-from egress_guard import audit
+from egress_guard import store
 from egress_guard.config import Config
-from egress_guard.fakekeys import (
-    SELECT_KEYS,
-    KeyRecord,
-    insert_key,
-    iso,
-    load_or_create_hmac_key,
-    make_key,
-    revoke,
-    utcnow,
-)
+from egress_guard.fakekeys import KeyRecord, load_or_create_hmac_key, make_key, new_key_id
+from egress_guard.timeutil import iso, now_iso, parse_duration, utcnow
 
-_DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_TTL = 90 * 86400
 
 
-class KeyError_(ValueError):
+class KeyCommandError(ValueError):
     """A mint/revoke request that cannot be honoured; the message names the fix."""
 
 
 def parse_ttl(text: str) -> int:
-    m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
-        raise KeyError_(f"{text!r} is not a duration: use e.g. 90s, 30m, 8h, 7d")
-    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        seconds = parse_duration(text, bare_seconds=True)
+    except ValueError as exc:
+        raise KeyCommandError(str(exc)) from None
+    if seconds == 0:
+        raise KeyCommandError(f"{text!r} is not a duration: use e.g. 90s, 30m, 8h, 7d")
     if seconds > MAX_TTL:
-        raise KeyError_(f"{text!r} is longer than the 90 days a key may live")
+        raise KeyCommandError(f"{text!r} is longer than the 90 days a key may live")
     return seconds
 
 
@@ -49,39 +41,33 @@ class Minted:
     env: dict[str, str]  # the agent's variable -> its fake key
 
 
-def connect_rw(config: Config) -> sqlite3.Connection:
-    audit.migrate(config.audit_path)
-    return audit.connect(config.audit_path)
-
-
 def mint(
     config: Config, agent: str, *, ttl: str = "8h", services: list[str] | None = None, session: str | None = None
 ) -> Minted:
     if agent not in config.agents:
         known = ", ".join(sorted(config.agents)) or "none: add an agents: section"
-        raise KeyError_(f"no agent named {agent!r} in {config.path} (agents: {known})")
+        raise KeyCommandError(f"no agent named {agent!r} in {config.path} (agents: {known})")
     allowed = config.agents[agent].services
     chosen = tuple(services) if services else allowed
     if not chosen:
-        raise KeyError_(f"agent {agent!r} has no services: list some under agents.{agent}.services")
+        raise KeyCommandError(f"agent {agent!r} has no services: list some under agents.{agent}.services")
     extra = [s for s in chosen if s not in allowed]
     if extra:
-        raise KeyError_(
+        raise KeyCommandError(
             f"agent {agent!r} may not use {', '.join(extra)} (agents.{agent}.services: {', '.join(allowed)})"
         )
     session = session or f"s-{secrets.token_hex(6)}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", session):
-        raise KeyError_(f"{session!r} is not a valid session id (letters, digits, '_', '.', ':', '-')")
+        raise KeyCommandError(f"{session!r} is not a valid session id (letters, digits, '_', '.', ':', '-')")
     seconds = parse_ttl(ttl)
     try:
         hmac_key = load_or_create_hmac_key(config.ca_dir, create=False)
     except FileNotFoundError:
-        raise KeyError_(f"no fake-key HMAC key in {config.ca_dir}: run 'egress-guard init'") from None
-    conn = connect_rw(config)
-    try:
-        record = insert_key(conn, agent, session, chosen, seconds)
-    finally:
-        conn.close()
+        raise KeyCommandError(f"no fake-key HMAC key in {config.ca_dir}: run 'egress-guard init'") from None
+    now = utcnow()
+    record = KeyRecord(new_key_id(), agent, session, chosen, iso(now), iso(now + datetime.timedelta(seconds=seconds)))
+    with store.open_store(config, write=True) as db:
+        db.write(store.InsertKey(record))
     env: dict[str, str] = {}
     for name in chosen:
         service = config.service(name)
@@ -94,16 +80,9 @@ def mint(
 def list_keys(config: Config, agent: str | None = None, include_inactive: bool = False) -> list[dict]:
     if not config.audit_path.exists():
         return []
-    conn = audit.connect(config.audit_path, readonly=True)
-    try:
-        sql, args = SELECT_KEYS, []
-        if agent:
-            sql += " WHERE agent = ?"
-            args.append(agent)
-        rows = [KeyRecord.from_row(r) for r in conn.execute(sql + " ORDER BY created_at", args)]
-    finally:
-        conn.close()
-    now = iso(utcnow())
+    with store.open_store(config) as db:
+        rows = db.keys(agent)
+    now = now_iso()
     out = []
     for r in rows:
         status = r.status(now)
@@ -126,11 +105,8 @@ def list_keys(config: Config, agent: str | None = None, include_inactive: bool =
 def revoke_keys(
     config: Config, *, agent: str | None = None, session: str | None = None, key_id: str | None = None, reason: str
 ) -> int:
-    conn = connect_rw(config)
-    try:
-        return revoke(conn, agent=agent, session=session, key_id=key_id, reason=reason)
-    finally:
-        conn.close()
+    with store.open_store(config, write=True) as db:
+        return db.write(store.RevokeKeys(reason, now_iso(), agent=agent, session=session, key_id=key_id))
 
 
 def secret_env_names(config: Config) -> set[str]:

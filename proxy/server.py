@@ -22,7 +22,6 @@ from egress_guard import addons
 from egress_guard.addons import _mitm
 from egress_guard.addons.budget_follower import BudgetFollower
 from egress_guard.addons.timeouts import Timeouts
-from egress_guard.audit import AuditLog
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
 from egress_guard.fakekeys import load_or_create_hmac_key
@@ -31,6 +30,7 @@ from egress_guard.ledger import Ledger
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
+from egress_guard.store import AuditLog, open_engine
 
 log = logging.getLogger("egress_guard")
 
@@ -65,9 +65,10 @@ class EgressProxy:
         self.config = config
         self.listen = listen or (config.listen_host, config.listen_port)
         self.timeouts = timeouts or Timeouts.from_config(config)
-        self.audit = AuditLog(config.audit_path, synchronous=config.audit_synchronous.upper())
+        self.store = open_engine(config)  # opened and closed by the audit log, its one writer
+        self.audit = AuditLog(self.store)
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
-        self.keys = KeyCache(config.audit_path)
+        self.keys = KeyCache(self.store)
         self.secrets = SecretStore(make_backend(config.vault), ttl=config.secrets_cache_ttl)
         self.ledger = Ledger(config.spend)
         self.budgets = BudgetFollower(config.audit_path, self.ledger)
@@ -178,7 +179,6 @@ class EgressProxy:
                 await asyncio.wait_for(self._task, 10)
         self.master = None
         await self.secrets.close()
-        await self.keys.close()
         if self._scrubbing:
             LOG_SCRUBBER.uninstall()
             self._scrubbing = False

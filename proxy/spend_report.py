@@ -1,38 +1,30 @@
 """What the CLI reports and changes about spend: sums from the audit log (exact decimals),
-budget overrides in the DB (followed by the running proxy), and budget status."""
+budget overrides in the store (followed by the running proxy), and budget status."""
 
 from __future__ import annotations
 
 import datetime
-import sqlite3
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from egress_guard.audit import Filters
+from egress_guard import store
 from egress_guard.config import Config
-from egress_guard.fakekeys import iso, utcnow
-from egress_guard.keys import connect_rw
 from egress_guard.ledger import Ledger
 from egress_guard.spend import SpendSettings
+from egress_guard.store import Filters, Store
+from egress_guard.timeutil import DayOf, day_start, iso, now_iso, utcnow
 
 
-def spend_by(conn: sqlite3.Connection, filters: Filters, by: str, settings: SpendSettings) -> list[dict[str, Any]]:
-    where, args = filters.where()
-    where = (where + " AND" if where else " WHERE") + " cost_usd IS NOT NULL"
-    sql = (
-        "SELECT agent, session, model, service, ts, input_tokens, output_tokens, cached_tokens, cost_usd "
-        f"FROM audit{where}"
-    )
+def spend_by(db: Store, filters: Filters, by: str, settings: SpendSettings) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
-    ledger = Ledger(settings)
-    for r in conn.execute(sql, args):
-        key = {
-            "agent": r["agent"],
-            "session": f"{r['agent']}/{r['session']}",
-            "model": r["model"],
-            "service": r["service"],
-            "day": ledger.day(datetime.datetime.fromisoformat(r["ts"].replace("Z", "+00:00"))),
-        }[by] or "-"
+    day_of = DayOf(settings.zone)
+    for r in db.costed(filters):
+        if by == "day":
+            key = day_of(r["ts"])
+        elif by == "session":
+            key = f"{r['agent']}/{r['session']}"
+        else:
+            key = r[by] or "-"
         g = groups.setdefault(
             key,
             {by: key, "requests": 0, "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0, "cost_usd": Decimal(0)},
@@ -63,43 +55,33 @@ def set_budget(config: Config, agent: str, scope: str, session: str | None, usd:
         raise ValueError(f"{usd!r} is not an amount: write e.g. 5 or 0.25") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"{usd!r} is not an amount: write a number of dollars, 0 or more")
-    conn = connect_rw(config)
-    with conn:
-        conn.execute(
-            "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (agent, scope) DO UPDATE SET "
-            "limit_usd = excluded.limit_usd, updated_at = excluded.updated_at",
-            (agent, key, f"{value:f}", iso(utcnow())),
-        )
-    conn.close()
+    with store.open_store(config, write=True) as db:
+        db.write(store.SetBudget(agent, key, value, now_iso()))
 
 
 def reset_budget(config: Config, agent: str, scope: str, session: str | None) -> int:
     key = _scope_key(config, agent, scope, session)
-    conn = connect_rw(config)
-    with conn:
-        n = conn.execute("DELETE FROM budgets WHERE agent = ? AND scope = ?", (agent, key)).rowcount
-    conn.close()
-    return n
+    with store.open_store(config, write=True) as db:
+        return db.write(store.ResetBudget(agent, key))
 
 
-def budget_rows(conn: sqlite3.Connection, config: Config, only: str | None) -> list[dict[str, Any]]:
+def budget_rows(db: Store, config: Config, only: str | None) -> list[dict[str, Any]]:
+    """Each budget of each agent (of `only`): limit, spent, reserved, remaining, reset. The
+    session and total scopes read the running totals; the day scope reads the day's rows."""
     ledger = Ledger(config.spend)
-    ledger.overrides = {(a, s): Decimal(v) for a, s, v in conn.execute("SELECT agent, scope, limit_usd FROM budgets")}
-    reserved = {k: Decimal(v) for k, v in conn.execute("SELECT key, usd FROM budget_reserved")}
+    ledger.overrides = db.overrides()
+    reserved = db.reserved()
     today = ledger.day()
     spent: dict[str, Decimal] = {}
-    for agent, session, ts, cost in conn.execute(
-        "SELECT agent, session, ts, cost_usd FROM audit WHERE cost_usd IS NOT NULL AND agent IS NOT NULL"
-    ):
-        day = ledger.day(datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")))
-        for _, (scope, key) in Ledger.keys(agent, session or "", day):
-            spent[f"{scope}:{key}"] = spent.get(f"{scope}:{key}", Decimal(0)) + Decimal(cost)
-    now = iso(utcnow())
+    for t in db.totals():
+        for key in (f"session:{t.agent}/{t.session}", f"total:{t.agent}"):
+            spent[key] = spent.get(key, Decimal(0)) + t.usd
+    since = iso(day_start(datetime.date.fromisoformat(today), config.spend.zone))
+    for name, usd in db.spent_since(since).items():
+        spent[f"day:{name}/{today}"] = usd
     sessions: dict[str, list[str]] = {}
-    for agent, session in conn.execute(
-        "SELECT DISTINCT agent, session FROM fake_keys WHERE revoked_at IS NULL AND expires_at > ?", (now,)
-    ):
-        sessions.setdefault(agent, []).append(session)
+    for name, live in db.live_sessions(now_iso()):
+        sessions.setdefault(name, []).append(live)
     rows = []
     for name, agent in sorted(config.agents.items()):
         if only and name != only:
@@ -126,3 +108,13 @@ def budget_rows(conn: sqlite3.Connection, config: Config, only: str | None) -> l
                 }
             )
     return rows
+
+
+def prune_before(settings: SpendSettings, older_than: int, now: datetime.datetime | None = None) -> tuple[str, bool]:
+    """The instant before which `audit prune --older-than` deletes rows: `older_than` seconds
+    ago, but never inside the budget day still open (its day budget reads its rows). Returns
+    it, and whether the open day moved it back."""
+    now = now or utcnow()
+    wanted = now - datetime.timedelta(seconds=older_than)
+    today = day_start(now.astimezone(settings.zone).date(), settings.zone)
+    return iso(min(wanted, today)), today < wanted

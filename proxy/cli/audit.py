@@ -1,23 +1,26 @@
-"""`audit`: ask the audit log what agents did — `query` (the default), `tail`, `stats`, `spend`.
+"""`audit`: ask the audit log what agents did — `query` (the default), `tail`, `stats`, `spend` —
+and keep its size in check (`prune`).
 
-Every query command takes the same filters (`filter_options`) and output formats; the DB is
-opened read-only, so these never disturb a running proxy's writer.
+Every query command takes the same filters (`filter_options`) and output formats; the store
+is opened read-only, so these never disturb a running proxy's writer.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from egress_guard import audit as audit_db
 from egress_guard import spend_report as spend_mod
 from egress_guard.cli.common import config_option, format_option, load, open_db
 from egress_guard.cli.output import emit, table
+from egress_guard.store import Filters, Store
+from egress_guard.timeutil import parse_duration, parse_when
 
 TABLE_COLUMNS = ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
 
@@ -26,7 +29,7 @@ def _when(value: str | None, param: str) -> str | None:
     if value is None:
         return None
     try:
-        return audit_db.parse_when(value)
+        return parse_when(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=param) from None
 
@@ -44,7 +47,7 @@ def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         until: str | None,
         **kwargs: Any,
     ) -> Any:
-        filters = audit_db.Filters(
+        filters = Filters(
             agent,
             host.lower().rstrip(".") if host else None,
             decision,
@@ -77,13 +80,14 @@ class _DefaultQueryGroup(click.Group):
 
 @click.group(cls=_DefaultQueryGroup)
 def audit() -> None:
-    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`.
+    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`; `prune` old rows.
 
     \b
     Examples:
       egress-guard audit --agent researcher --since 1d
       egress-guard audit --decision deny --since 2h --format json
       egress-guard audit stats --since 1d
+      egress-guard audit prune --older-than 30d
     """
 
 
@@ -91,15 +95,15 @@ def audit() -> None:
 @filter_options
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="The newest N rows.")
 @format_option("table", "json", "csv")
-def query(config_path: Path | None, filters: audit_db.Filters, limit: int, fmt: str) -> None:
+def query(config_path: Path | None, filters: Filters, limit: int, fmt: str) -> None:
     """Rows matching the filters, oldest first (the newest --limit of them).
 
     \b
     Example:
       egress-guard audit query --host api.openai.com --since 2026-11-22T00:00 --format csv
     """
-    with open_db(config_path) as conn:
-        rows = audit_db.query(conn, filters, limit)
+    with open_db(config_path) as db:
+        rows = db.rows(filters, limit)
     emit(rows, fmt, None if fmt != "table" else TABLE_COLUMNS)
 
 
@@ -109,18 +113,16 @@ def query(config_path: Path | None, filters: audit_db.Filters, limit: int, fmt: 
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new rows.")
 @click.option("--interval", type=click.FloatRange(0.05), default=0.5, show_default=True, help="Poll interval, seconds.")
 @format_option("table", "jsonl")
-def tail(
-    config_path: Path | None, filters: audit_db.Filters, lines: int, follow: bool, interval: float, fmt: str
-) -> None:
+def tail(config_path: Path | None, filters: Filters, lines: int, follow: bool, interval: float, fmt: str) -> None:
     """Show the newest rows, then follow new ones as the proxy writes them (Ctrl-C stops).
 
     \b
     Example:
       egress-guard audit tail --decision deny
     """
-    with open_db(config_path) as conn:
-        first = audit_db.query(conn, filters, lines) if lines else []
-        last_id = first[-1]["id"] if first else (conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+    with open_db(config_path) as db:
+        first = db.rows(filters, lines) if lines else []
+        last_id = first[-1]["id"] if first else db.last_id()
         printer = (
             (lambda rows, header: click.echo(table(rows, TABLE_COLUMNS, header=header), nl=False))
             if fmt == "table"
@@ -130,25 +132,35 @@ def tail(
         if not follow:
             return
         try:
-            for row in audit_db.follow(conn, filters, last_id, interval):
+            for row in _follow(db, filters, last_id, interval):
                 printer([row], False)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
 
 
+def _follow(db: Store, filters: Filters, after_id: int, interval: float) -> Iterator[dict[str, Any]]:
+    while True:
+        rows = db.rows(filters, None, after_id=after_id)
+        for row in rows:
+            after_id = row["id"]
+            yield row
+        if not rows:
+            time.sleep(interval)
+
+
 @audit.command()
 @filter_options
 @format_option("table", "json", "csv")
-def stats(config_path: Path | None, filters: audit_db.Filters, fmt: str) -> None:
+def stats(config_path: Path | None, filters: Filters, fmt: str) -> None:
     """Counts and bytes by host and decision.
 
     \b
     Example:
       egress-guard audit stats --since 1d --agent researcher
     """
-    with open_db(config_path) as conn:
-        rows = audit_db.stats(conn, filters)
+    with open_db(config_path) as db:
+        rows = db.stats(filters)
     emit(rows, fmt, ["host", "decision", "requests", "request_bytes", "response_bytes", "first", "last"])
 
 
@@ -158,7 +170,7 @@ def stats(config_path: Path | None, filters: audit_db.Filters, fmt: str) -> None
     "--by", "by", type=click.Choice(["agent", "session", "model", "day", "service"]), default="agent", show_default=True
 )
 @format_option("table", "json", "csv")
-def spend(config_path: Path | None, filters: audit_db.Filters, by: str, fmt: str) -> None:
+def spend(config_path: Path | None, filters: Filters, by: str, fmt: str) -> None:
     """What agents spent, from the real token usage of each call (exact decimals).
 
     \b
@@ -166,6 +178,39 @@ def spend(config_path: Path | None, filters: audit_db.Filters, by: str, fmt: str
       egress-guard audit spend --by model --since 1d
     """
     config = load(config_path)
-    with open_db(config_path) as conn:
-        rows = spend_mod.spend_by(conn, filters, by, config.spend)
+    with open_db(config_path) as db:
+        rows = spend_mod.spend_by(db, filters, by, config.spend)
     emit(rows, fmt, [by, "requests", "input_tokens", "output_tokens", "cached_tokens", "cost_usd"])
+
+
+@audit.command()
+@config_option
+@click.option("--older-than", "older_than", required=True, help="Delete rows older than this: 30d, 12w, 36h.")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+def prune(config_path: Path | None, older_than: str, yes: bool) -> None:
+    """Delete audit rows older than an age, to keep the log's size in check.
+
+    Budgets are unaffected: they read running totals kept beside the rows, and the rows of
+    the budget day still open are never deleted. Intents of calls in flight, keys and
+    budget overrides are kept. Safe while the proxy runs (rows go a few thousand at a time).
+
+    \b
+    Example:
+      egress-guard audit prune --older-than 30d --yes
+    """
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    config = load(config_path)
+    before, clamped = spend_mod.prune_before(config.spend, seconds)
+    kept = " (the open budget day's rows are kept)" if clamped else ""
+    with open_db(config_path, write=True) as db:
+        n = db.count(Filters(until=before))
+        if not n:
+            click.echo(f"nothing to prune: no audit rows before {before}{kept}")
+            return
+        if not yes:
+            click.confirm(f"delete {n} audit rows before {before} from {config.audit_path}{kept}?", abort=True)
+        deleted = db.prune(before)
+    click.echo(f"pruned {deleted} audit rows before {before}{kept}")

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from egress_guard import audit as audit_db
 from egress_guard import spend_report as spend_mod
-from egress_guard.cli.common import config_option, format_option, load
+from egress_guard.cli.common import config_option, format_option, load, open_db
 from egress_guard.cli.output import emit
 
 
@@ -44,8 +43,8 @@ def budget_show(config_path: Path | None, agent: str | None, fmt: str) -> None:
         raise click.ClickException(f"no agent named {agent!r}. Fix: use one of {', '.join(sorted(config.agents))}")
     if not config.audit_path.exists():
         raise click.ClickException(f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init'")
-    with audit_db.connect(config.audit_path, readonly=True) as conn:
-        rows = spend_mod.budget_rows(conn, config, agent)
+    with open_db(config_path) as db:
+        rows = spend_mod.budget_rows(db, config, agent)
     emit(rows, fmt, ["agent", "scope", "key", "limit_usd", "spent_usd", "reserved_usd", "remaining_usd", "resets_at"])
 
 

@@ -1,20 +1,19 @@
 """What every command family shares: loading the config (a bad one exits 2), the --config
-and --format options, opening the audit DB read-only, minting an agent's fake keys.
+and --format options, opening the store (read-only unless told), minting an agent's fake keys.
 
 Library errors become `click.ClickException`s that name the problem and the fix.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from egress_guard import audit as audit_db
 from egress_guard import keys as keys_mod
+from egress_guard import store
 from egress_guard.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
 
 CONFIG_HELP = f"Config file (default: ./{DEFAULT_CONFIG_NAME}, or $EGRESS_GUARD_CONFIG)."
@@ -45,16 +44,17 @@ def format_option(*choices: str) -> Callable[[Callable[..., Any]], Callable[...,
     return click.option("--format", "fmt", type=click.Choice(list(choices)), default=choices[0], show_default=True)
 
 
-def open_db(config_path: Path | None) -> sqlite3.Connection:
+def open_db(config_path: Path | None, *, write: bool = False) -> store.Store:
+    """The config's store, to use in a `with` block (which closes it)."""
     config = load(config_path)
     if not config.audit_path.exists():
         raise click.ClickException(
             f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init', or pass the --config that names it"
         )
     try:
-        return audit_db.connect(config.audit_path, readonly=True)
-    except sqlite3.Error as exc:
-        raise click.ClickException(f"cannot open {config.audit_path}: {exc}") from None
+        return store.open_store(config, write=write)
+    except store.StoreError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def mint(config: Config, agent: str, ttl: str, services: str | None, session: str | None) -> keys_mod.Minted:
@@ -66,5 +66,5 @@ def mint(config: Config, agent: str, ttl: str, services: str | None, session: st
             session=session,
             services=[s.strip() for s in services.split(",") if s.strip()] if services else None,
         )
-    except keys_mod.KeyError_ as exc:
+    except (keys_mod.KeyCommandError, store.StoreError) as exc:
         raise click.ClickException(str(exc)) from None

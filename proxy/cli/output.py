@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from egress_guard import audit as audit_db
+from egress_guard.store import COLUMNS
 
 
 def emit(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> None:
@@ -24,7 +24,7 @@ def emit(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None)
             click.echo(json.dumps(row))
     elif fmt == "csv":
         out = io.StringIO()
-        fields = list(rows[0]) if rows else (columns or audit_db.COLUMNS)
+        fields = list(rows[0]) if rows else (columns or COLUMNS)
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)

@@ -4,19 +4,18 @@ health while the DB cannot be written, and the queries the CLI runs."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from egress_guard import audit
-from egress_guard.audit import AuditLog, AuditRow, Filters, parse_when
+from egress_guard.store import COLUMNS, AuditLog, AuditRow, Filters, SQLiteStore, migrate
+from egress_guard.timeutil import now_iso
 
 
 def row(i: int = 0, **kw) -> AuditRow:
     base = {
-        "ts": audit.now_iso(),
+        "ts": now_iso(),
         "request_id": f"r{i}",
         "kind": "request",
         "decision": "allow",
@@ -31,14 +30,22 @@ def row(i: int = 0, **kw) -> AuditRow:
 
 def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    names = ["0001_audit", "0002_fake_keys", "0003_spend", "0004_spend_intents", "0005_websocket"]
-    assert audit.migrate(db) == names
-    assert audit.migrate(db) == []
+    names = [
+        "0001_audit",
+        "0002_fake_keys",
+        "0003_spend",
+        "0004_spend_intents",
+        "0005_websocket",
+        "0006_spend_totals",
+    ]
+    assert migrate(db) == names
+    assert migrate(db) == []
     conn = sqlite3.connect(db)
     assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == names
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     columns = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
-    assert columns == audit.COLUMNS
+    assert columns == COLUMNS
+    conn.close()
 
 
 async def test_every_row_is_written_by_close(tmp_path: Path) -> None:
@@ -89,18 +96,6 @@ async def test_open_fails_on_unwritable_path(tmp_path: Path) -> None:
         await log.open()
 
 
-def test_parse_when() -> None:
-    now = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
-    assert parse_when("15m", now) == "2026-11-22T11:45:00.000Z"
-    assert parse_when("2h", now) == "2026-11-22T10:00:00.000Z"
-    assert parse_when("3d", now) == "2026-11-19T12:00:00.000Z"
-    assert parse_when("2026-11-22T09:30", now) == "2026-11-22T09:30:00.000Z"
-    assert parse_when("2026-11-22T09:30+01:00", now) == "2026-11-22T08:30:00.000Z"
-    assert parse_when("2026-11-22T09:30:00Z", now) == "2026-11-22T09:30:00.000Z"
-    with pytest.raises(ValueError, match="15m, 2h, 3d"):
-        parse_when("yesterday")
-
-
 async def test_queries_filter_and_count(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a.db")
     await log.open()
@@ -108,15 +103,15 @@ async def test_queries_filter_and_count(tmp_path: Path) -> None:
     log.record(row(2, ts="2026-11-21T10:00:00.000Z", agent="b", decision="deny", host="evil.test"))
     log.record(row(3, ts="2026-11-22T10:00:00.000Z", agent="a", request_bytes=10, response_bytes=20))
     await log.close()
-    conn = audit.connect(tmp_path / "a.db", readonly=True)
-    assert [r["request_id"] for r in audit.query(conn, Filters(agent="a"), None)] == ["r1", "r3"]
-    assert [r["request_id"] for r in audit.query(conn, Filters(), 2)] == ["r2", "r3"]
-    assert [
-        r["request_id"]
-        for r in audit.query(conn, Filters(since="2026-11-21T00:00:00.000Z", until="2026-11-22T00:00:00.000Z"), None)
-    ] == ["r2"]
-    assert [r["request_id"] for r in audit.query(conn, Filters(decision="deny"), None)] == ["r2"]
-    stats = audit.stats(conn, Filters())
+    with SQLiteStore(tmp_path / "a.db") as db:
+        assert [r["request_id"] for r in db.rows(Filters(agent="a"), None)] == ["r1", "r3"]
+        assert [r["request_id"] for r in db.rows(Filters(), 2)] == ["r2", "r3"]
+        assert [r["request_id"] for r in db.rows(Filters(), None, after_id=2)] == ["r3"]
+        window = Filters(since="2026-11-21T00:00:00.000Z", until="2026-11-22T00:00:00.000Z")
+        assert [r["request_id"] for r in db.rows(window, None)] == ["r2"]
+        assert [r["request_id"] for r in db.rows(Filters(decision="deny"), None)] == ["r2"]
+        assert db.count(window) == 1 and db.last_id() == 3
+        stats = db.stats(Filters())
     assert [(s["host"], s["decision"], s["requests"]) for s in stats] == [
         ("api.test.local", "allow", 2),
         ("evil.test", "deny", 1),

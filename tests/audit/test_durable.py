@@ -18,8 +18,8 @@ import pytest
 from small_disk import fill, small_disk
 from test_audit_log import row
 
-from egress_guard import audit
-from egress_guard.audit import AuditLog, AuditUnavailable, Intent
+from egress_guard.store import SETTLED_AT_RESERVATION, AuditLog, AuditUnavailable, Intent
+from egress_guard.store.sqlite import writes
 
 
 def intent(request_id: str = "r1", usd: str = "0.25") -> Intent:
@@ -66,18 +66,18 @@ async def test_durable_returns_once_the_row_is_committed_and_without_the_batch_d
     await log.close()
 
 
-async def test_waiters_share_commits(tmp_path: Path) -> None:
+async def test_waiters_share_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = AuditLog(tmp_path / "a.db")
     await log.open()
     commits = 0
-    inner = log._commit_sync
+    inner = writes.commit
 
     def counted(*args):  # the real commit, counted
         nonlocal commits
         commits += 1
         inner(*args)
 
-    log._commit_sync = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(writes, "commit", counted)
 
     async def one(i: int) -> None:
         await asyncio.sleep(0)
@@ -107,7 +107,7 @@ import asyncio, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_durable import intent
-from egress_guard.audit import AuditLog
+from egress_guard.store import AuditLog
 
 async def main():
     log = AuditLog(Path(sys.argv[1]))
@@ -147,7 +147,7 @@ async def test_next_start_settles_unfinished_intents_at_their_reservation(tmp_pa
         "bot",
         "s1",
         "allow",
-        audit.SETTLED_AT_RESERVATION,
+        SETTLED_AT_RESERVATION,
         "gpt-4o-mini",
         "0.5",
         "api.openai.com",
@@ -304,13 +304,13 @@ async def test_a_lock_held_briefly_elsewhere_delays_the_commit_instead_of_failin
 async def test_the_log_checkpoints_its_wal_itself(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
     log = AuditLog(db)
-    log.CHECKPOINT_EVERY = 10
+    log.engine.CHECKPOINT_EVERY = 10  # type: ignore[attr-defined]
     await log.open()
     before = db.stat().st_size
     for i in range(100):
         await log.durable(log.record(row(i, reason="x" * 500)))
     for _ in range(100):  # the last checkpoint runs in the background
-        if log._checkpointing is None:
+        if log.engine._upkeep is None:  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.01)
     assert db.stat().st_size > before  # pages were copied from the WAL into the DB file

@@ -126,3 +126,12 @@ def test_scrubber_does_not_hold_back_sse_events() -> None:
     scrub = Scrubber(SecretForms("sk-proj-REALsecretVALUE_0123456789"))
     event = b'data: {"x": 1}\n\n'
     assert scrub(event, False) == event  # delivered at once, nothing held for the next chunk
+
+
+def test_key_lifetimes_parse_with_the_one_duration_parser() -> None:
+    from egress_guard.keys import KeyCommandError, parse_ttl
+
+    assert [parse_ttl(t) for t in ("90", "90s", "30m", "8h", "7d", "2w")] == [90, 90, 1800, 28800, 604800, 1209600]
+    for bad, why in [("0", "not a duration"), ("8 hours", "not a duration"), ("91d", "longer than the 90 days")]:
+        with pytest.raises(KeyCommandError, match=why):
+            parse_ttl(bad)

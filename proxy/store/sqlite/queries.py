@@ -1,0 +1,178 @@
+"""`SQLiteStore`: the SQLite store as a command sees it (the CLI, the bench), and the reads
+the running proxy makes, as plain functions of a connection so both faces share them.
+
+A query with a time window reads the window: `ts` is indexed, and the planner has the
+statistics to prefer that index (`schema.analyze`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from egress_guard.fakekeys import KeyRecord
+from egress_guard.store.records import Filters, Revocation, Spent, StoreError, Write
+from egress_guard.store.sqlite import schema, writes
+
+SELECT_KEYS = (
+    "SELECT key_id, agent, session, services, created_at, expires_at, revoked_at, revoked_reason FROM fake_keys"
+)
+SELECT_REVOCATIONS = "SELECT id, ts, agent, session, key_id, reason FROM revocations WHERE id > ? ORDER BY id"
+SELECT_OVERRIDES = "SELECT agent, scope, limit_usd FROM budgets"
+SELECT_TOTALS = "SELECT agent, session, day, usd FROM spend_totals"
+SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= ? AND cost_usd IS NOT NULL AND agent IS NOT NULL"
+PRUNE_CHUNK = 5000  # rows a prune deletes per transaction: the proxy's writer never waits long
+
+
+def key_record(row: sqlite3.Row | tuple) -> KeyRecord:
+    r = tuple(row)
+    return KeyRecord(r[0], r[1], r[2], tuple(s for s in r[3].split(",") if s), r[4], r[5], r[6], r[7])
+
+
+def overrides(rows: Any) -> dict[tuple[str, str], Decimal]:
+    return {(agent, scope): Decimal(usd) for agent, scope, usd in rows}
+
+
+def totals(rows: Any) -> list[Spent]:
+    return [Spent(agent, session, day, Decimal(usd)) for agent, session, day, usd in rows]
+
+
+def per_agent(rows: Any) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for agent, usd in rows:
+        out[agent] = out.get(agent, Decimal(0)) + Decimal(usd)
+    return out
+
+
+def where(f: Filters, *more: str) -> tuple[str, list[Any]]:
+    clauses, args = list(more), []
+    for column, value, op in [
+        ("agent", f.agent, "="),
+        ("host", f.host, "="),
+        ("decision", f.decision, "="),
+        ("ts", f.since, ">="),
+        ("ts", f.until, "<"),
+    ]:
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            args.append(value)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+class SQLiteStore:
+    """One SQLite audit DB, opened by a command: read-only, or migrated and writable."""
+
+    def __init__(self, path: Path, *, readonly: bool = True) -> None:
+        self.path, self.name = path, str(path)
+        try:
+            if not readonly:
+                schema.migrate(path)
+            self._conn = schema.connect(path, readonly=readonly)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def migrate(self) -> list[str]:
+        return schema.migrate(self.path)
+
+    def write(self, op: Write) -> int:
+        return writes.write_now(self._conn, op)
+
+    # --- the audit rows ------------------------------------------------------------------
+
+    def rows(self, filters: Filters, limit: int | None, *, after_id: int = 0) -> list[dict[str, Any]]:
+        clause, args = where(filters, "id > ?")
+        sql = f"SELECT * FROM audit{clause} ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = [dict(r) for r in self._conn.execute(sql, [after_id, *args])]
+        rows.reverse()
+        return rows
+
+    def last_id(self) -> int:
+        return int(self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+
+    def count(self, filters: Filters) -> int:
+        clause, args = where(filters)
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM audit{clause}", args).fetchone()[0])
+
+    def stats(self, filters: Filters) -> list[dict[str, Any]]:
+        clause, args = where(filters)
+        sql = (
+            "SELECT host, decision, COUNT(*) AS requests, COALESCE(SUM(request_bytes), 0) AS request_bytes, "
+            "COALESCE(SUM(response_bytes), 0) AS response_bytes, MIN(ts) AS first, MAX(ts) AS last "
+            f"FROM audit{clause} GROUP BY host, decision ORDER BY requests DESC, host, decision"
+        )
+        return [dict(r) for r in self._conn.execute(sql, args)]
+
+    def costed(self, filters: Filters) -> Iterator[dict[str, Any]]:
+        clause, args = where(filters, "cost_usd IS NOT NULL")
+        sql = (
+            "SELECT agent, session, model, service, ts, input_tokens, output_tokens, cached_tokens, cost_usd "
+            f"FROM audit{clause}"
+        )
+        for r in self._conn.execute(sql, args):
+            yield dict(r)
+
+    def prune(self, before: str) -> int:
+        deleted = 0
+        while True:
+            with schema.transaction(self._conn):
+                n = self._conn.execute(
+                    "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE ts < ? LIMIT ?)", (before, PRUNE_CHUNK)
+                ).rowcount
+            deleted += n
+            if n < PRUNE_CHUNK:
+                break
+        if deleted:
+            schema.analyze(self._conn)
+        return deleted
+
+    # --- keys and budgets ----------------------------------------------------------------
+
+    def keys(self, agent: str | None = None) -> list[KeyRecord]:
+        sql, args = SELECT_KEYS, []
+        if agent:
+            sql += " WHERE agent = ?"
+            args.append(agent)
+        return [key_record(r) for r in self._conn.execute(sql + " ORDER BY created_at", args)]
+
+    def live_sessions(self, now: str) -> list[tuple[str, str]]:
+        return [
+            (agent, session)
+            for agent, session in self._conn.execute(
+                "SELECT DISTINCT agent, session FROM fake_keys WHERE revoked_at IS NULL AND expires_at > ?", (now,)
+            )
+        ]
+
+    def overrides(self) -> dict[tuple[str, str], Decimal]:
+        return overrides(self._conn.execute(SELECT_OVERRIDES))
+
+    def reserved(self) -> dict[str, Decimal]:
+        return {key: Decimal(usd) for key, usd in self._conn.execute("SELECT key, usd FROM budget_reserved")}
+
+    def totals(self) -> list[Spent]:
+        try:
+            return totals(self._conn.execute(SELECT_TOTALS))
+        except sqlite3.OperationalError:  # a DB from before 0006 that nothing has migrated yet: count the rows
+            found = schema.sum_totals(self._conn.execute(schema.SELECT_PRICED))
+            return [Spent(*key, usd) for key, usd in found.items()]
+
+    def spent_since(self, since: str) -> dict[str, Decimal]:
+        return per_agent(self._conn.execute(SELECT_SPENT_SINCE, (since,)))
+
+    def revocations(self, after: int) -> list[Revocation]:
+        return [Revocation(*r) for r in self._conn.execute(SELECT_REVOCATIONS, (after,))]

@@ -1,0 +1,179 @@
+"""Every write to the SQLite store: a writer's batch (intents, audit rows with their running
+totals, settled intents, amendments, typed writes) and each typed write alone.
+
+A batch is bound on the event loop (`bind`: values only, cheap) and committed wherever the
+engine decides (`commit`). Called inside a transaction unless the name says it makes one.
+"""
+
+from __future__ import annotations
+
+import operator
+import sqlite3
+from dataclasses import dataclass
+
+from egress_guard.store.interface import Batch
+from egress_guard.store.records import (
+    COLUMNS,
+    INTENT_COLUMNS,
+    SETTLED_AT_RESERVATION,
+    AuditRow,
+    InsertKey,
+    Intent,
+    Reservations,
+    ResetBudget,
+    RevokeKeys,
+    SetBudget,
+    Write,
+)
+from egress_guard.store.sqlite.schema import add_totals, transaction
+
+INSERT_ROW = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
+INSERT_INTENT = "INSERT OR REPLACE INTO spend_intents ({}) VALUES ({})".format(
+    ", ".join(INTENT_COLUMNS), ", ".join("?" * len(INTENT_COLUMNS))
+)
+SETTLE_INTENT = "DELETE FROM spend_intents WHERE request_id = ?"
+AMEND = (
+    "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || ? "
+    "WHERE request_id = ? AND kind = 'request'"
+)
+_row_fields = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
+_intent_fields = operator.attrgetter(*INTENT_COLUMNS)
+
+
+def bindable(values: tuple) -> tuple:
+    """The values with every text made encodable: mitmproxy decodes wire bytes with
+    surrogateescape (an HTTP/2 :path of b"/a\\xff"), and one lone surrogate that sqlite3
+    cannot bind would fail its batch again and again, stopping the log (every request then
+    refused). ASCII, nearly every value, costs one check."""
+    return tuple(
+        v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if isinstance(v, str) and not v.isascii() else v
+        for v in values
+    )
+
+
+@dataclass
+class Bound:
+    """A batch as SQL parameters."""
+
+    intents: list[tuple]
+    rows: list[tuple]
+    priced: list[tuple[str, str | None, str, str]]  # (agent, session, ts, cost) for the running totals
+    settles: list[tuple[str]]
+    amends: list[tuple]
+    writes: list[Write]
+
+    def __len__(self) -> int:
+        return len(self.intents) + len(self.rows) + len(self.amends) + len(self.writes)
+
+
+def bind(batch: Batch) -> Bound:
+    return Bound(
+        [bindable(_intent_fields(i)) for i in batch.intents],
+        [bindable(_row_fields(r)) for r in batch.rows],
+        [(r.agent, r.session, r.ts, r.cost_usd) for r in batch.rows if r.cost_usd is not None and r.agent is not None],
+        [(request_id,) for request_id in batch.settles],
+        [bindable((note, request_id)) for request_id, note in batch.amends],
+        batch.writes,
+    )
+
+
+def apply(conn: sqlite3.Connection, b: Bound) -> None:
+    if b.intents:
+        conn.executemany(INSERT_INTENT, b.intents)
+    if b.rows:
+        conn.executemany(INSERT_ROW, b.rows)
+    if b.priced:
+        add_totals(conn, b.priced)
+    if b.settles:
+        conn.executemany(SETTLE_INTENT, b.settles)
+    if b.amends:
+        conn.executemany(AMEND, b.amends)
+    for op in b.writes:
+        apply_write(conn, op)
+
+
+def commit(conn: sqlite3.Connection, b: Bound) -> None:
+    """One transaction (DEFERRED: the first insert takes the write lock)."""
+    with transaction(conn, "DEFERRED"):
+        apply(conn, b)
+
+
+def apply_write(conn: sqlite3.Connection, op: Write) -> int:
+    """One typed write; returns the rows it changed."""
+    match op:
+        case InsertKey(record=r):
+            return conn.execute(
+                "INSERT INTO fake_keys (key_id, agent, session, services, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (r.key_id, r.agent, r.session, ",".join(r.services), r.created_at, r.expires_at),
+            ).rowcount
+        case RevokeKeys():
+            column, value = next(
+                (c, v)
+                for c, v in (("agent", op.agent), ("session", op.session), ("key_id", op.key_id))
+                if v is not None
+            )
+            count = conn.execute(
+                f"UPDATE fake_keys SET revoked_at = ?, revoked_reason = ? WHERE {column} = ? AND revoked_at IS NULL",
+                (op.ts, op.reason, value),
+            ).rowcount
+            conn.execute(
+                "INSERT INTO revocations (ts, agent, session, key_id, reason) VALUES (?, ?, ?, ?, ?)",
+                (op.ts, op.agent, op.session, op.key_id, op.reason),
+            )
+            return count
+        case SetBudget():
+            return conn.execute(
+                "INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT (agent, scope) DO UPDATE SET "
+                "limit_usd = excluded.limit_usd, updated_at = excluded.updated_at",
+                (op.agent, op.scope, f"{op.limit_usd:f}", op.ts),
+            ).rowcount
+        case ResetBudget():
+            return conn.execute("DELETE FROM budgets WHERE agent = ? AND scope = ?", (op.agent, op.scope)).rowcount
+        case Reservations():
+            conn.executemany(
+                "INSERT INTO budget_reserved VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "usd = excluded.usd, updated_at = excluded.updated_at",
+                [(key, f"{usd:f}", op.ts) for key, usd in op.changed],
+            )
+            conn.executemany("DELETE FROM budget_reserved WHERE key = ?", [(key,) for key in op.removed])
+            return len(op.changed) + len(op.removed)
+    raise TypeError(f"not a store write: {op!r}")
+
+
+def settle_intents(conn: sqlite3.Connection) -> int:
+    """Bill every unfinished metered call at its reservation: one audit row each, written
+    with the intent's removal. Only the proxy's own writer may run this, at start (a
+    running proxy's intents are its calls in flight). Returns how many were settled."""
+    found = conn.execute(f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents ORDER BY ts").fetchall()
+    batch = Batch()
+    for r in found:
+        i = Intent(**{k: r[k] for k in INTENT_COLUMNS})
+        batch.rows.append(
+            AuditRow(
+                ts=i.ts,  # when the call was made: it counts against that day
+                request_id=i.request_id,
+                kind="request",
+                agent=i.agent,
+                session=i.session,
+                decision="allow",
+                reason=SETTLED_AT_RESERVATION,
+                method=i.method,
+                scheme="https",
+                host=i.host,
+                port=i.port,
+                path=i.path,
+                service=i.service,
+                model=i.model,
+                cost_usd=i.reserved_usd,
+            )
+        )
+        batch.settles.append(i.request_id)
+    apply(conn, bind(batch))
+    return len(found)
+
+
+def write_now(conn: sqlite3.Connection, op: Write) -> int:
+    """One typed write in a transaction of its own."""
+    with transaction(conn):
+        return apply_write(conn, op)
