@@ -18,7 +18,7 @@ from egress_guard.audit import AuditLog
 from egress_guard.hosts import Host
 from egress_guard.ledger import Ledger
 from egress_guard.policy import Decision, Verdict
-from egress_guard.spend import meter
+from egress_guard.providers import meter
 
 
 def guard(tmp_path: Path, audit: AuditLog | None) -> SpendGuard:
