@@ -12,10 +12,12 @@ import datetime
 import math
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from egress_guard.spend import Limits, SpendSettings
+from egress_guard.timeutil import day_start
 
 SCOPES = ("session", "day", "total")  # the budgets every call counts against
 
@@ -33,6 +35,21 @@ class Hold:
     window_entry: list[float] | None = None  # [time, tokens] in the agent's tokens-per-minute window
 
 
+class Amounts(dict[tuple[str, str], Decimal]):
+    """Dollars by budget key ("session"|"day"|"total", key). A key holding nothing is absent
+    (reads as 0): the ledger keeps only what is spent or reserved, not every key ever seen."""
+
+    def __missing__(self, key: tuple[str, str]) -> Decimal:
+        return Decimal(0)
+
+    def add(self, key: tuple[str, str], usd: Decimal) -> None:
+        total = self.get(key, Decimal(0)) + usd
+        if total:
+            self[key] = total
+        else:
+            self.pop(key, None)
+
+
 class Refusal(Exception):
     def __init__(self, reason: str, retry_after: int, status: int = 429) -> None:
         super().__init__(reason)
@@ -42,8 +59,8 @@ class Refusal(Exception):
 @dataclass
 class Ledger:
     settings: SpendSettings
-    spent: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # ("session"|"day"|"total", key)
-    reserved: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    spent: Amounts = field(default_factory=Amounts)
+    reserved: Amounts = field(default_factory=Amounts)
     overrides: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # (agent, scope[:session]) -> limit
     _requests: dict[str, deque[float]] = field(default_factory=dict)
     _tokens: dict[str, deque[list[float]]] = field(default_factory=dict)  # [time, tokens], oldest first
@@ -61,6 +78,10 @@ class Ledger:
             self._today = (self.next_day_start().timestamp(), today)
             return today
         return when.astimezone(self.settings.zone).date().isoformat()
+
+    def day_start(self) -> datetime.datetime:
+        """When the current budget day began, in UTC."""
+        return day_start(datetime.date.fromisoformat(self.day()), self.settings.zone)
 
     def next_day_start(self) -> datetime.datetime:
         now = datetime.datetime.now(self.settings.zone)
@@ -140,7 +161,7 @@ class Ledger:
                     max(1, retry),
                 )
         for _, key in self.keys(agent, session, day):
-            self.reserved[key] = self.reserved.get(key, Decimal(0)) + usd
+            self.reserved.add(key, usd)
         window.append(now)
         entry = [now, float(tokens)]
         tok.append(entry)
@@ -170,8 +191,8 @@ class Ledger:
             return
         hold.settled = True
         for _, key in self.keys(hold.agent, hold.session, hold.day):
-            self.reserved[key] = self.reserved.get(key, Decimal(0)) - hold.usd
-            self.spent[key] = self.spent.get(key, Decimal(0)) + usd
+            self.reserved.add(key, -hold.usd)
+            self.spent.add(key, usd)
         self._inflight[hold.agent] = max(0, self._inflight.get(hold.agent, 1) - 1)
         entry = hold.window_entry
         if tokens is not None and entry is not None and entry[0] > time.monotonic() - 60:  # still in the window
@@ -180,7 +201,17 @@ class Ledger:
 
     def add_spent(self, agent: str, session: str, day: str, usd: Decimal) -> None:
         for _, key in self.keys(agent, session, day):
-            self.spent[key] = self.spent.get(key, Decimal(0)) + usd
+            self.spent.add(key, usd)
+
+    def load(self, sessions: Iterable[tuple[str, str, Decimal]], today: Mapping[str, Decimal]) -> None:
+        """Start from the spend recorded before: (agent, session, dollars) for the session and
+        total budgets, and each agent's spend on the current budget day."""
+        for agent, session, usd in sessions:
+            self.spent.add(("session", f"{agent}/{session}"), usd)
+            self.spent.add(("total", agent), usd)
+        day = self.day()
+        for agent, usd in today.items():
+            self.spent.add(("day", f"{agent}/{day}"), usd)
 
 
 def _fmt(value: Decimal) -> str:

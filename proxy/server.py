@@ -71,7 +71,7 @@ class EgressProxy:
         self.keys = KeyCache(self.store)
         self.secrets = SecretStore(make_backend(config.vault), ttl=config.secrets_cache_ttl)
         self.ledger = Ledger(config.spend)
-        self.budgets = BudgetFollower(config.audit_path, self.ledger)
+        self.budgets = BudgetFollower(self.store, self.audit, self.ledger)
         self.master: Master | None = None
         self._scrubbing = False  # LOG_SCRUBBER installed by start()
         self._proxyserver: proxyserver.Proxyserver | None = None
