@@ -21,12 +21,12 @@ from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
 from egress_guard.addons.websocket import WebSocketGuard
-from egress_guard.audit import AuditLog
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
 from egress_guard.ledger import Ledger
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
+from egress_guard.store import AuditLog
 
 log = logging.getLogger("egress_guard")
 

@@ -9,9 +9,10 @@ import time
 from mitmproxy import http
 
 from egress_guard.addons.flow import state
-from egress_guard.audit import AuditRow, now_iso
 from egress_guard.credentials import Credential
 from egress_guard.policy import Verdict
+from egress_guard.store import AuditRow
+from egress_guard.timeutil import now_iso
 from egress_guard.ws_conn import WsConn
 from egress_guard.ws_meter import Settled
 

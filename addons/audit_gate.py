@@ -6,8 +6,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from egress_guard.addons._flow import answered, fail_closed, reject
-from egress_guard.audit import AuditLog
 from egress_guard.policy import Decision, Verdict
+from egress_guard.store import AuditLog
 
 
 class AuditGate:

@@ -25,7 +25,6 @@ from mitmproxy import connection, http
 from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
 from egress_guard.addons.flow import state
-from egress_guard.audit import now_iso
 from egress_guard.credential_verdict import (
     CredentialVerdict,
     Presented,
@@ -44,6 +43,7 @@ from egress_guard.keycache import KeyCache
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
+from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard")
 

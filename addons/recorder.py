@@ -24,8 +24,9 @@ from egress_guard.addons.attribution import Attribution, Who
 from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.failures import refused_head
 from egress_guard.addons.flow import state
-from egress_guard.audit import AuditLog, AuditRow, now_iso
 from egress_guard.policy import Decision, Verdict
+from egress_guard.store import AuditLog, AuditRow
+from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard")
 NO_DECISION = Decision(Verdict.ERROR, "no egress-guard decision was made for this request; refused")

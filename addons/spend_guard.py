@@ -31,7 +31,6 @@ from mitmproxy import http
 from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
 from egress_guard.addons.flow import state
-from egress_guard.audit import AuditLog, AuditUnavailable, Intent, now_iso
 from egress_guard.config import Config
 from egress_guard.ledger import SCOPES, Hold, Ledger, Refusal
 from egress_guard.policy import Decision, Verdict
@@ -39,6 +38,8 @@ from egress_guard.pricing import Cost, Unpriced
 from egress_guard.providers import Metered, get, meter_of
 from egress_guard.providers.stream import Overrun, RunningCost, StreamTap
 from egress_guard.spend import allowed_models, model_allowed
+from egress_guard.store import AuditLog, AuditUnavailable, Intent
+from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard")
 

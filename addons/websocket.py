@@ -41,12 +41,13 @@ from egress_guard.addons._mitm import WS_CONTROL
 from egress_guard.addons._ws_close import close_websocket
 from egress_guard.addons._ws_rows import call_row, close_row, ws_row
 from egress_guard.addons.flow import state
-from egress_guard.audit import AuditLog, Intent, now_iso
 from egress_guard.config import Config
 from egress_guard.credentials import Credential, Service
 from egress_guard.ledger import Ledger
 from egress_guard.policy import Decision, Verdict
 from egress_guard.providers.ws import Create, Failed, Finished, SetModel, Started, Unreadable
+from egress_guard.store import AuditLog, Intent
+from egress_guard.timeutil import now_iso
 from egress_guard.ws_conn import WsConn
 from egress_guard.ws_meter import Refused, Settled, WsCall, WsMeter, upgrade_refusal
 from egress_guard.ws_relay import KeyScan, Relay, blanked, control_data, masked_control

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress_guard import audit, ca, fakekeys
+from egress_guard import ca, fakekeys, store
 from egress_guard.config import DEFAULT_CONFIG_NAME, load_config
 
 DEFAULT_CONFIG = """\
@@ -124,7 +124,7 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
         fakekeys.load_or_create_hmac_key(config.ca_dir)
         report.created.append(f"fake-key HMAC key {hmac_file} (mode 0600)")
     existed = config.audit_path.exists()
-    applied = audit.migrate(config.audit_path)
+    applied = store.migrate(config.audit_path)
     if existed:
         note = f" (applied migrations {', '.join(applied)})" if applied else ""
         report.kept.append(f"audit DB {config.audit_path}{note}")

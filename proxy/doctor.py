@@ -14,10 +14,11 @@ from collections.abc import Iterator
 
 from cryptography import x509
 
-from egress_guard import audit, ca, status
+from egress_guard import ca, status
 from egress_guard.config import Config
 from egress_guard.fakekeys import HMAC_KEY_FILE, load_or_create_hmac_key
 from egress_guard.secrets import SecretStore, SecretUnavailable, make_backend
+from egress_guard.store import migrate
 
 
 def run_checks(config: Config) -> Iterator[tuple[bool, str]]:
@@ -42,7 +43,7 @@ def run_checks(config: Config) -> Iterator[tuple[bool, str]]:
     except (FileNotFoundError, ValueError) as exc:
         yield False, f"fake-key HMAC key: {exc}. Fix: run 'egress-guard init'"
     try:
-        audit.migrate(config.audit_path)
+        migrate(config.audit_path)
         writable = os.access(config.audit_path, os.W_OK)
         yield writable, f"audit DB {config.audit_path} " + ("writable" if writable else "NOT writable")
     except Exception as exc:

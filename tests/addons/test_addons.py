@@ -19,9 +19,9 @@ from egress_guard.addons.failures import refused_head, upstream_reason
 from egress_guard.addons.flow import state
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
-from egress_guard.audit import AuditLog
 from egress_guard.policy import Decision, Rule, Verdict
 from egress_guard.resolve import Resolver
+from egress_guard.store import AuditLog
 
 
 async def test_recorder_refuses_a_request_no_guard_decided_on(tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ from mitmproxy.test import tflow
 
 from egress_guard.addons.flow import state
 from egress_guard.addons.spend_guard import SpendGuard
-from egress_guard.audit import AuditLog
 from egress_guard.hosts import Host
 from egress_guard.ledger import Ledger
 from egress_guard.policy import Decision, Verdict
 from egress_guard.providers import meter
+from egress_guard.store import AuditLog
 
 
 def guard(tmp_path: Path, audit: AuditLog | None) -> SpendGuard:

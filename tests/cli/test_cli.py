@@ -19,7 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from egress_guard import audit, ca
+from egress_guard import ca, store
 from egress_guard.cli import main
 
 EG = [sys.executable, "-m", "egress_guard"]
@@ -204,7 +204,7 @@ def test_audit_query_json(audit_db: Path) -> None:
     assert [r["request_id"] for r in rows] == ["r1", "r2", "r3"]
     assert rows[1] | {"id": 2} == rows[1] and rows[1]["path"] == "/v1/chat/completions"
     assert rows[1]["response_bytes"] == 900 and rows[1]["agent"] == "agent-a"
-    assert set(rows[0]) == set(audit.COLUMNS)
+    assert set(rows[0]) == set(store.COLUMNS)
     denied = json.loads(
         invoke("audit", "query", "--config", str(audit_db), "--decision", "deny", "--format", "json").output
     )
@@ -233,9 +233,9 @@ def test_audit_query_csv(audit_db: Path) -> None:
     assert len(rows) == 1
     assert rows[0]["reason"] == 'host evil.com, "x" is not on the allowlist'  # quoting survives
     assert rows[0]["status"] == "403" and rows[0]["path"] == "" and rows[0]["decision"] == "deny"
-    assert list(rows[0]) == audit.COLUMNS
+    assert list(rows[0]) == store.COLUMNS
     empty = invoke("audit", "--config", str(audit_db), "--format", "csv", "--host", "nowhere")
-    assert empty.output.strip() == ",".join(audit.COLUMNS)
+    assert empty.output.strip() == ",".join(store.COLUMNS)
 
 
 def test_audit_table_stats_and_tail(audit_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ from small_disk import fill, small_disk
 from test_credentials import http_client, openai_client
 
 from egress_guard import keys
-from egress_guard.audit import SETTLED_AT_RESERVATION
+from egress_guard.store import SETTLED_AT_RESERVATION
 
 EG = [sys.executable, "-m", "egress_guard"]
 CLIENTS = 16

@@ -59,7 +59,7 @@ def test_a_response_is_complete_only_once_its_row_is_committed(proxy, upstream, 
     import asyncio
     import time
 
-    from egress_guard.audit import AuditLog
+    from egress_guard.store import AuditLog
 
     durable = AuditLog.durable
 
