@@ -3,19 +3,20 @@
 For audit logs of 10k, 100k and 1M rows (a realistic mix at ≈ 600 B a row: metered LLM
 calls with tokens and cost, other allowed requests, CONNECTs, denials, errors; twelve agents
 in sessions of ~250 calls; one busy fleet's rate, ≈ 33k rows a day, so 1M rows is a month of
-history) it times, as a user runs them (a fresh `egress-guard` process each):
-  * `up`: from exec to the listener accepting connections (migrations, intent settlement,
-    loading the budgets' spend so far, then mitmproxy);
-  * `budget show`;
-  * `audit stats --since 1d`;
-  * `audit --since 1h` (the newest 100 rows of the last hour).
-A 0-row log is the baseline: what a command costs with nothing to read (interpreter, imports).
+history) it times:
+  * `up`, as a user starts it: from exec to the listener accepting connections (migrations,
+    intent settlement, loading the budgets' spend so far, then mitmproxy). A 0-row log is
+    the baseline (interpreter, imports, mitmproxy); `first up` is the first start on the log,
+    which applies any pending migration (an older log's upgrade);
+  * `budget show`, `audit stats --since 1d` and `audit --since 1h` (the newest 100 rows of
+    the last hour), each run in this process (the command's own work, without the ~0.5 s
+    of imports a fresh process adds).
 Each figure is the median of --repeat runs.
 
 The rows are written through the store's own writer (as the proxy writes them), so whatever
 the store keeps beside them (running totals) is kept too. Generating 1M rows takes a minute
 or two: `--keep DIR` keeps the generated logs for the next run.
-Run: ./dev bench store   (or .venv/bin/python bench/store.py; options: --rows, --repeat, --keep)
+Run: .venv/bin/python bench/store.py   (options: --rows, --repeat, --keep)
 """
 
 from __future__ import annotations
@@ -186,14 +187,14 @@ def rows(n: int, end: float, seed: int = 9) -> Any:
         yield AuditRow(**base)
 
 
-async def _generate(db: Path, n: int, end: float) -> list[tuple[str, str, float]]:
+async def _generate(db: Path, n: int, end: float, seed: int) -> list[tuple[str, str, float]]:
     AuditLog, _ = _api()
     log = AuditLog(db)
     await log.open()
     sessions: list[tuple[str, str, float]] = []
     last = 0
     try:
-        for item in rows(n, end):
+        for item in rows(n, end, seed):
             if isinstance(item, tuple):
                 sessions.append(item[1:])
                 continue
@@ -207,7 +208,7 @@ async def _generate(db: Path, n: int, end: float) -> list[tuple[str, str, float]
     return sessions
 
 
-def _keys(db: Path, sessions: list[tuple[str, str, float]], end: float) -> None:
+def _keys(db: Path, sessions: list[tuple[str, str, float]], end: float, first_id: int) -> None:
     """One fake key per session (the table's schema has not changed): each expired 8 h after
     its session began, except each agent's last, which is live."""
     last = {agent: session for agent, session, _ in sessions}
@@ -216,7 +217,7 @@ def _keys(db: Path, sessions: list[tuple[str, str, float]], end: float) -> None:
             "INSERT INTO fake_keys (key_id, agent, session, services, created_at, expires_at) VALUES (?,?,?,?,?,?)",
             [
                 (
-                    f"{i:020x}",
+                    f"{first_id:010x}{i:010x}",
                     agent,
                     session,
                     "openai,anthropic,google-gemini",
@@ -232,10 +233,24 @@ def _egress_guard(*args: str) -> list[str]:
     return [sys.executable, "-m", "egress_guard", *args]
 
 
+def _add_rows(db: Path, n: int, end: float, seed: int) -> None:
+    started = time.monotonic()
+    sessions = asyncio.run(_generate(db, n, end, seed))
+    _keys(db, sessions, end, first_id=int(end))
+    print(f"  wrote {n:,} rows in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
 def prepare(directory: Path, n: int) -> Path:
-    """A config and an audit log of `n` rows in `directory` (kept if it is already there)."""
-    config = directory / "egress-guard.yaml"
-    if (directory / "ready").exists():
+    """A config and an audit log of `n` rows ending now in `directory`. A log kept from an
+    earlier run is topped up to now at the same rate, so the last hour and day hold what
+    they would."""
+    config, ready = directory / "egress-guard.yaml", directory / "ready"
+    if ready.exists():
+        end, now = float(ready.read_text() or time.time()), time.time()
+        extra = int((now - end) * ROWS_PER_DAY / 86400)
+        if n and extra:
+            _add_rows(directory / "egress-guard.db", extra, now, seed=int(end))
+            ready.write_text(str(now))
         return config
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -244,13 +259,10 @@ def prepare(directory: Path, n: int) -> Path:
     limits = {"budget_usd": {"session": 5, "day": 200, "total": 100_000}}
     data["agents"] = {a: {"services": ["openai", "anthropic", "google-gemini"], "limits": limits} for a in AGENTS}
     config.write_text(yaml.safe_dump(data))
+    end = time.time()
     if n:
-        end = time.time()
-        started = time.monotonic()
-        sessions = asyncio.run(_generate(directory / "egress-guard.db", n, end))
-        _keys(directory / "egress-guard.db", sessions, end)
-        print(f"  generated {n:,} rows in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    (directory / "ready").touch()
+        _add_rows(directory / "egress-guard.db", n, end, seed=9)
+    ready.write_text(str(end))
     return config
 
 
@@ -291,11 +303,16 @@ def time_up(config: Path) -> float:
 
 
 def time_command(config: Path, *args: str) -> float:
+    from click.testing import CliRunner
+
+    from egress_guard.cli import main
+
     started = time.monotonic()
-    subprocess.run(
-        _egress_guard(*args, "--config", str(config)), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    return time.monotonic() - started
+    result = CliRunner().invoke(main, [*args, "--config", str(config)])
+    elapsed = time.monotonic() - started
+    if result.exit_code != 0:
+        raise RuntimeError(f"egress-guard {' '.join(args)} failed: {result.output}")
+    return elapsed
 
 
 COMMANDS = {
@@ -306,6 +323,8 @@ COMMANDS = {
 
 
 def measure(config: Path, repeat: int) -> dict[str, float]:
+    import egress_guard.cli  # noqa: F401 - imported before the clock starts
+
     out = {"up": statistics.median(time_up(config) for _ in range(repeat))}
     for name, args in COMMANDS.items():
         out[name] = statistics.median(time_command(config, *args) for _ in range(repeat))
@@ -326,10 +345,12 @@ def main() -> int:
             print(f"{n:,} rows", file=sys.stderr)
             config = prepare(work / f"rows-{n}", n)
             db = config.parent / "egress-guard.db"
-            size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
             first = time_up(config)  # a log of an older schema is migrated here, once
+            size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                count = conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
             figures = measure(config, args.repeat)
-            results.append((n, size, first, figures))
+            results.append((count, size, first, figures))
             print(f"  {figures}", file=sys.stderr)
     finally:
         if args.keep is None:
@@ -339,12 +360,12 @@ def main() -> int:
         f"\n{datetime.date.today()}, SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs; median of {args.repeat} runs, seconds\n"
     )
-    header = f"{'rows':>9}  {'DB MB':>6}  {'B/row':>5}  {'1st up':>6}  " + "  ".join(f"{n:>22}" for n in names)
+    header = f"{'rows':>9}  {'DB MB':>6}  {'B/row':>5}  {'first up':>8}  " + "  ".join(f"{n:>22}" for n in names)
     print(header)
     for n, size, first, figures in results:
         per_row = f"{size / n:5.0f}" if n else "    -"
         print(
-            f"{n:>9,}  {size / 1e6:6.1f}  {per_row}  {first:6.2f}  " + "  ".join(f"{figures[k]:22.2f}" for k in names)
+            f"{n:>9,}  {size / 1e6:6.1f}  {per_row}  {first:8.2f}  " + "  ".join(f"{figures[k]:22.3f}" for k in names)
         )
     return 0
 

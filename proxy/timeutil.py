@@ -90,7 +90,3 @@ class DayOf:
             date.isoformat(),
         )
         return self._bounds[2]
-
-    def end(self, day: str) -> str:
-        """The first instant after budget day `day`."""
-        return iso(day_start(datetime.date.fromisoformat(day) + datetime.timedelta(days=1), self.zone))

@@ -89,7 +89,7 @@ class Spent:
 
     agent: str
     session: str  # "" for calls made outside a session
-    day: str  # UTC date: a total for a budget day of any time zone is read from the rows
+    day: str  # the rows' UTC date (a day budget in another time zone is counted from its rows)
     usd: Decimal
 
 

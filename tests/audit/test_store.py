@@ -16,10 +16,12 @@ from test_durable import intent, select
 from egress_guard import spend_report
 from egress_guard.bootstrap import init
 from egress_guard.config import Config, load_config
+from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import (
     AuditLog,
     Batch,
     Filters,
+    InsertKey,
     Reservations,
     ResetBudget,
     RevokeKeys,
@@ -210,7 +212,16 @@ def test_typed_writes_for_budgets_and_keys(tmp_path: Path) -> None:
         assert store.write(ResetBudget("a", "day")) == 1
         assert store.write(ResetBudget("a", "day")) == 0
         assert store.write(RevokeKeys("gone", TODAY, agent="a")) == 0  # no key yet; the revocation is recorded
-        assert [(r.agent, r.reason) for r in store.revocations(0)] == [("a", "gone")]
+        key = KeyRecord("k1", "a", "s1", ("openai", "anthropic"), TODAY, "2999-01-01T00:00:00.000Z")
+        assert store.write(InsertKey(key)) == 1
+        assert store.keys("a") == [key] and store.keys("b") == []
+        assert store.live_sessions(TODAY) == [("a", "s1")]
+        assert store.write(RevokeKeys("leaked", TODAY, key_id="k1")) == 1
+        assert store.keys()[0].revoked_reason == "leaked" and store.live_sessions(TODAY) == []
+    assert select(tmp_path / "a.db", "SELECT agent, key_id, reason FROM revocations") == [
+        ("a", None, "gone"),
+        (None, "k1", "leaked"),
+    ]
     with pytest.raises(ValueError, match="exactly one"):
         RevokeKeys("x", TODAY, agent="a", session="s")
 

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from egress_guard.fakekeys import KeyRecord
-from egress_guard.store.records import Filters, Revocation, Spent, StoreError, Write
+from egress_guard.store.records import Filters, Spent, StoreError, Write
 from egress_guard.store.sqlite import schema, writes
 
 SELECT_KEYS = (
@@ -173,6 +173,3 @@ class SQLiteStore:
 
     def spent_since(self, since: str) -> dict[str, Decimal]:
         return per_agent(self._conn.execute(SELECT_SPENT_SINCE, (since,)))
-
-    def revocations(self, after: int) -> list[Revocation]:
-        return [Revocation(*r) for r in self._conn.execute(SELECT_REVOCATIONS, (after,))]
