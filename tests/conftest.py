@@ -10,7 +10,8 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import RunningProxy, Upstream, write_config
+from support.proxy import RunningProxy, write_config
+from support.upstream import Upstream
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,7 +21,7 @@ def no_real_secret_anywhere(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     import base64
     import logging
 
-    from llm_upstream import REAL
+    from support.llm.common import REAL
 
     log_file = tmp_path_factory.mktemp("logs") / "suite.log"
     handler = logging.FileHandler(log_file)
@@ -104,7 +105,8 @@ def proxy(make_proxy: Callable[..., RunningProxy]) -> RunningProxy:
 
 @pytest.fixture
 def llm_upstream(test_ca: tuple[trustme.CA, Path]) -> Iterator[Upstream]:
-    from llm_upstream import LLMHandler, SlowStream
+    from support.llm import LLMHandler
+    from support.llm.openai import SlowStream
 
     SlowStream.stop.clear()
     server = Upstream(test_ca[0], LLMHandler)
@@ -139,7 +141,7 @@ def cred_config(llm_upstream: Upstream, upstream: Upstream, test_ca: tuple[trust
 @pytest.fixture
 def real_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The real keys, in the environment of the (in-process) proxy: the env backend."""
-    from llm_upstream import REAL_ENV
+    from support.llm.common import REAL_ENV
 
     for name, value in REAL_ENV.items():
         monkeypatch.setenv(name, value)
@@ -154,7 +156,7 @@ def cred_proxy(make_proxy: Callable[..., RunningProxy], cred_config: dict[str, A
 @pytest.fixture
 def ws_up(test_ca: tuple[trustme.CA, Path]) -> Iterator[Any]:
     """The fake OpenAI API over HTTP and WebSocket (Responses, Realtime, echo) on one TLS port."""
-    from ws_upstream import start
+    from support.ws_upstream import start
 
     server = start(test_ca[0])
     yield server

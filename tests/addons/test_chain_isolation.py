@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import RunningProxy, Upstream, curl, raw_connect
+from support.clients import curl, raw_connect
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 from egress_guard import addons
 from egress_guard.addons.connect_guard import ConnectGuard

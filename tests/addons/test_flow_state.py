@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import write_config
 from mitmproxy.test import tflow
+from support.proxy import write_config
 
 from egress_guard.addons.connect_guard import ConnectGuard
 from egress_guard.addons.flow import KEY, FlowState, state

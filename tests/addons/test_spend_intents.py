@@ -9,8 +9,8 @@ import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
-from helpers import write_config
 from mitmproxy.test import tflow
+from support.proxy import write_config
 
 from egress_guard.addons.flow import state
 from egress_guard.addons.spend_guard import SpendGuard

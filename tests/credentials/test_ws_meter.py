@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import write_config
+from support.proxy import write_config
 
 from egress_guard import providers
 from egress_guard.credentials import Agent

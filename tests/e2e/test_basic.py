@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
-from helpers import RunningProxy, Upstream, curl
+from support.clients import curl
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 
 def test_allowed_request_reaches_upstream_with_curl(proxy: RunningProxy, upstream: Upstream) -> None:

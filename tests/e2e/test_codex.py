@@ -5,7 +5,7 @@ WebSockets (the built-in `openai` provider does) and falls back to HTTPS when th
 refused with 426 or its WebSocket retries run out. Here it is driven as egress-guard users
 run it: `codex exec` with the fake key in CODEX_API_KEY, HTTPS_PROXY pointing at the proxy,
 SSL_CERT_FILE at egress-guard's CA, and only `openai_base_url` changed (the fake API listens
-on a loopback port). The fake API (tests/ws_upstream.py) accepts only the real key.
+on a loopback port). The fake API (tests/support/ws_upstream.py) accepts only the real key.
 
 The package is installed once into a cache outside the repo (EGRESS_GUARD_TEST_CACHE, default
 ~/.cache/egress-guard-tests); the tests are skipped, saying why, only if npm cannot install it.
@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 from genai_prices import Usage, calc_price
-from helpers import RunningProxy, Upstream
-from llm_upstream import REAL
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import assert_no_real_secret, mint
 
 CODEX_VERSION = "0.169.0"  # the version these findings were made with; bump deliberately

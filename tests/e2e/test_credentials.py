@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from helpers import RunningProxy, Upstream
-from llm_upstream import REAL
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 from egress_guard import keys
 from egress_guard.cli import main

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import RunningProxy, Upstream
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import http_client, mint
 
 

@@ -17,8 +17,10 @@ import httpx
 import pytest
 import zstandard
 from genai_prices import Usage, calc_price
-from helpers import RunningProxy, Upstream, read_http_response
-from llm_upstream import REAL
+from support.clients import read_http_response
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import anthropic_client, http_client, mint, openai_client
 
 from egress_guard.forms import views

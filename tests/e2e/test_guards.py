@@ -8,15 +8,9 @@ import sqlite3
 import time
 
 import pytest
-from helpers import (
-    RunningProxy,
-    Upstream,
-    curl,
-    plain_proxy_request,
-    raw_connect,
-    read_http_response,
-    tunnel_request,
-)
+from support.clients import curl, plain_proxy_request, raw_connect, read_http_response, tunnel_request
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 import egress_guard.addons.connect_guard as connect_guard
 import egress_guard.addons.request_guard as request_guard

@@ -13,7 +13,7 @@ Plus: a stage that raises cuts the upload; a decompression bomb is refused quick
 proxy goes on serving.
 
 The peers are real: mitmproxy on a free port, TLS upstreams on loopback (HTTP/1.1 from
-helpers, HTTP/2 from h2_support), raw-socket and hyper-h2 agents where httpx cannot send or
+support.upstream, HTTP/2 from support.h2), raw-socket and hyper-h2 agents where httpx cannot send or
 show the bytes that matter.
 """
 
@@ -33,9 +33,11 @@ import brotli
 import httpx
 import pytest
 import zstandard
-from h2_support import H2Upstream, h2_request
-from helpers import RunningProxy, Upstream, raw_connect
-from llm_upstream import REAL
+from support.clients import raw_connect
+from support.h2 import H2Upstream, h2_request
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import http_client, mint
 
 from egress_guard.addons import credential_guard

@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import logging
 
-from helpers import RunningProxy
-from llm_upstream import REAL
+from support.llm.common import REAL
+from support.proxy import RunningProxy
 from test_credentials import http_client, mint
 from test_upstream_faults import Fault
 

@@ -14,7 +14,9 @@ import h2.connection
 import h2.events
 import httpx
 from click.testing import CliRunner
-from helpers import RunningProxy, Upstream, raw_connect, read_http_response
+from support.clients import raw_connect, read_http_response
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 from egress_guard import keys
 from egress_guard.cli import main

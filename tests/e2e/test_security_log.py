@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import RunningProxy, Upstream
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 from egress_guard import keys
 

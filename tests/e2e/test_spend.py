@@ -12,8 +12,9 @@ import openai
 import pytest
 from click.testing import CliRunner
 from genai_prices import Usage, calc_price
-from helpers import RunningProxy, Upstream
-from llm_upstream import SlowStream
+from support.llm.openai import SlowStream
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import anthropic_client, http_client, mint, openai_client
 
 from egress_guard.cli import main

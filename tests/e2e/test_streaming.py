@@ -6,7 +6,9 @@ import subprocess
 
 import httpx
 import pytest
-from helpers import RunningProxy, Upstream, curl
+from support.clients import curl
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 
 
 def test_sse_first_event_arrives_before_upstream_sends_the_rest(proxy: RunningProxy, upstream: Upstream) -> None:

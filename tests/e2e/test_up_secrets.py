@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from llm_upstream import REAL
+from support.llm.common import REAL
 from test_vault import Bao, free_port, vault_config
 
 from egress_guard.cli import main

@@ -20,8 +20,10 @@ import httpx
 import openai
 import pytest
 import trustme
-from helpers import UPSTREAM_NAMES, RunningProxy, curl, read_http_response, write_config
-from llm_upstream import REAL
+from support.clients import curl, read_http_response
+from support.llm.common import REAL
+from support.proxy import RunningProxy, write_config
+from support.upstream import UPSTREAM_NAMES
 
 from egress_guard import keys
 from egress_guard.addons import spend_guard

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import Upstream, curl
+from support.clients import curl
+from support.upstream import Upstream
 
 from egress_guard import ca
 

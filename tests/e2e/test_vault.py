@@ -15,8 +15,9 @@ import hvac
 import openai
 import pytest
 from click.testing import CliRunner
-from helpers import RunningProxy, Upstream
-from llm_upstream import REAL
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import anthropic_client, assert_no_real_secret, mint, openai_client
 
 from egress_guard.cli import main

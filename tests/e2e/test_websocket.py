@@ -1,5 +1,5 @@
 """WebSocket end to end: a real client (the `websockets` package, through the proxy as an
-HTTP proxy) talks to a local TLS WebSocket API (tests/ws_upstream.py) through the real
+HTTP proxy) talks to a local TLS WebSocket API (tests/support/ws_upstream.py) through the real
 proxy. Secrets echoed back are masked in every shape a frame can carry them; fake keys sent
 to an unbound host close the connection; model calls over WebSocket are refused, reserved
 and priced like HTTP calls; the kill switch cuts an open connection."""
@@ -19,8 +19,10 @@ import pytest
 import websockets
 from click.testing import CliRunner
 from genai_prices import Usage, calc_price
-from helpers import RunningProxy, Upstream, raw_connect
-from llm_upstream import REAL
+from support.clients import raw_connect
+from support.llm.common import REAL
+from support.proxy import RunningProxy
+from support.upstream import Upstream
 from test_credentials import assert_no_real_secret, mint
 from websockets.asyncio.client import ClientConnection, connect
 

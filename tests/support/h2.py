@@ -27,7 +27,10 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import trustme
-from helpers import UPSTREAM_NAMES, RunningProxy, raw_connect
+
+from support.clients import raw_connect
+from support.proxy import RunningProxy
+from support.upstream import UPSTREAM_NAMES
 
 Fields = list[tuple[str, str]]
 

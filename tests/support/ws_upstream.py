@@ -1,6 +1,6 @@
 """A local stand-in for the WebSocket APIs egress-guard must guard, on the same TLS port as
-the HTTP ones (LLMHandler): a client that falls back from WebSocket to HTTP (Codex CLI does)
-reaches the same fake API either way.
+the HTTP ones (`support.llm.LLMHandler`): a client that falls back from WebSocket to HTTP
+(Codex CLI does) reaches the same fake API either way.
 
 - `wss://api.openai.com/v1/responses` speaks the Responses API's WebSocket mode: every
   `response.create` gets `response.created`, a streamed message and `response.completed`
@@ -31,9 +31,11 @@ from urllib.parse import parse_qs, urlsplit
 import trustme
 import wsproto
 import wsproto.events as ev
-from helpers import Upstream
-from llm_upstream import REAL, LLMHandler
 from wsproto.extensions import PerMessageDeflate
+
+from support.llm import LLMHandler
+from support.llm.common import REAL
+from support.upstream import Upstream
 
 WS_KEY_HEADER = "sec-websocket-key"
 
