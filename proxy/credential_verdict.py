@@ -61,19 +61,24 @@ def judge(
     now: str,
     *,
     plain_http: str | None = None,
+    origin: str | None = None,
 ) -> CredentialVerdict:
     """The verdict on the credentials a request to `service`'s host carries.
 
     `presented`: each credential found in the service's slots, in order; `records`: the key
     record of each genuine key's id (None: unknown to this proxy); `agents`: the configured
     agents; `now`: UTC ISO-8601 as in the records; `plain_http`: the request's host if it is
-    plain HTTP (None: HTTPS). Evaluated in this order, the first that applies deciding:
+    plain HTTP (None: HTTPS); `origin`: the agent the connection came from, when egress-guard
+    knows it by where it came in (an isolated sandbox of `run --isolate`: "" for a sandbox
+    with no agent), None when only the key can say. Evaluated in this order, the first that
+    applies deciding:
 
     1. nothing presented: anonymous if the service allows it, else denied-missing;
     2. each credential in turn — another service's genuine key (flagged), a forged or
-       altered key (flagged), not an egress-guard key (flagged), a key unknown to this proxy
-       or revoked, expired, not minted for this service (flagged), an agent not (or no
-       longer) permitted to use the service (403);
+       altered key (flagged), not an egress-guard key (flagged), a key unknown to this proxy,
+       another agent's key from a sandbox (flagged, 403: whatever the key's state), a key
+       revoked, expired, not minted for this service (flagged), an agent not (or no longer)
+       permitted to use the service (403);
     3. more than one key (each valid) in one request: denied-forged;
     4. plain HTTP: denied-cleartext (403), attributed to the key;
     5. swapped, attributed to the key. (A secret that cannot be read is `secret_unavailable`,
@@ -88,7 +93,7 @@ def judge(
         )
     keys: list[KeyRecord] = []
     for p in presented:
-        verdict = _one(service, p, records, agents, now)
+        verdict = _one(service, p, records, agents, now, origin)
         if isinstance(verdict, CredentialVerdict):
             return verdict
         keys.append(verdict)
@@ -114,6 +119,7 @@ def _one(
     records: Mapping[str, KeyRecord | None],
     agents: Mapping[str, Agent],
     now: str,
+    origin: str | None,
 ) -> CredentialVerdict | KeyRecord:
     """A refusal of one presented credential, or its key record if it may be used."""
     if p.key_id is None:
@@ -139,6 +145,14 @@ def _one(
     record = records.get(key_id)
     if record is None:
         return CredentialVerdict(Credential.REVOKED, f"egress-guard key {key_id} is unknown to this proxy", 401)
+    if origin is not None and record.agent != origin:
+        came_from = f"agent {origin!r}'s sandbox" if origin else "a sandbox with no agent"
+        return CredentialVerdict(
+            Credential.NOT_PERMITTED,
+            f"egress-guard key {key_id} is agent {record.agent!r}'s, and this connection comes from {came_from}{FLAG}",
+            403,
+            flagged=True,
+        )
     if record.revoked_at:
         return CredentialVerdict(
             Credential.REVOKED, f"egress-guard key {key_id} was revoked ({record.revoked_reason})", 401

@@ -74,10 +74,14 @@ def sent(*values: str, to: Service = OPENAI) -> list[Presented]:
 
 
 def on_openai(
-    *values: str, rec: KeyRecord | None = None, plain_http: str | None = None, service: Service = OPENAI
+    *values: str,
+    rec: KeyRecord | None = None,
+    plain_http: str | None = None,
+    service: Service = OPENAI,
+    origin: str | None = None,
 ) -> CredentialVerdict:
     records = {rec.key_id: rec} if rec is not None else {}
-    return judge(service, sent(*values, to=service), records, AGENTS, NOW, plain_http=plain_http)
+    return judge(service, sent(*values, to=service), records, AGENTS, NOW, plain_http=plain_http, origin=origin)
 
 
 ANONYMOUS_OPENAI = Service(**{**OPENAI.__dict__, "anonymous": True})
@@ -201,6 +205,32 @@ ROWS = [
         False,
     ),
     Row(
+        "another agent's valid key, from an isolated agent's sandbox",
+        lambda: on_openai(key(OPENAI), rec=record(agent="writer"), origin="researcher"),
+        Credential.NOT_PERMITTED,
+        f"egress-guard key {KID} is agent 'writer''s, and this connection comes from agent 'researcher''s sandbox"
+        + FLAG,
+        403,
+        True,
+    ),
+    Row(
+        "a valid key, from a sandbox with no agent",
+        lambda: on_openai(key(OPENAI), rec=record(), origin=""),
+        Credential.NOT_PERMITTED,
+        f"egress-guard key {KID} is agent 'researcher''s, and this connection comes from a sandbox with no agent"
+        + FLAG,
+        403,
+        True,
+    ),
+    Row(
+        "a valid key, from its own agent's sandbox",
+        lambda: on_openai(key(OPENAI), rec=record(), origin="researcher"),
+        Credential.SWAPPED,
+        "",
+        None,
+        False,
+    ),
+    Row(
         "a fake key to a host it is not bound to",
         lambda: unbound_host("openai", "api.test.local", "the body"),
         Credential.UNBOUND_HOST,
@@ -286,6 +316,9 @@ def test_the_first_refused_credential_decides_before_the_count_of_keys() -> None
     # revocation is checked before expiry, and both before the service
     both = record(revoked_at=NOW, revoked_reason="r", expires_at=NOW, services=("anthropic",))
     assert on_openai(key(OPENAI), rec=both).outcome == Credential.REVOKED
+    # another agent's key in a sandbox is flagged whatever the key's state: a stolen key
+    stolen = on_openai(key(OPENAI), rec=record(agent="writer", revoked_at=NOW, revoked_reason="r"), origin="researcher")
+    assert (stolen.outcome, stolen.flagged, stolen.key) == (Credential.NOT_PERMITTED, True, None)
 
 
 def test_present_says_what_a_value_is() -> None:
