@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import options
@@ -31,6 +32,7 @@ from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
 from egress_guard.store import AuditLog, open_engine
+from egress_guard.unix_relay import UnixRelay, UnixRelayError
 
 log = logging.getLogger("egress_guard")
 
@@ -60,10 +62,17 @@ class _ErrorCapture(logging.Handler):
 
 class EgressProxy:
     def __init__(
-        self, config: Config, *, listen: tuple[str, int] | None = None, timeouts: Timeouts | None = None
+        self,
+        config: Config,
+        *,
+        listen: tuple[str, int] | None = None,
+        timeouts: Timeouts | None = None,
+        listen_unix: Path | None = None,
     ) -> None:
         self.config = config
         self.listen = listen or (config.listen_host, config.listen_port)
+        self.listen_unix = listen_unix  # a Unix-socket entrance, relayed (network-less containers)
+        self.relay: UnixRelay | None = None
         self.timeouts = timeouts or Timeouts.from_config(config)
         self.store = open_engine(config)  # opened and closed by the audit log, its one writer
         self.audit = AuditLog(self.store)
@@ -164,10 +173,19 @@ class EgressProxy:
         for task in self._background:
             task.running()
         self.address = (str(addrs[0][0]), int(addrs[0][1]))
+        if self.listen_unix is not None:
+            self.relay = UnixRelay(self.listen_unix, self.address)
+            try:
+                await self.relay.start()
+            except UnixRelayError as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
         return self.address
 
     async def stop(self) -> int:
         """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""
+        if self.relay is not None:
+            await self.relay.stop()
         for task in self._background:
             await task.done()
         if self._proxyserver is not None:

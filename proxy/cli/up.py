@@ -64,8 +64,14 @@ def _init(directory: Path, *, err: bool) -> None:
 @click.command()
 @config_option
 @click.option("--listen", help="HOST:PORT to listen on, overriding the config (default 127.0.0.1:8080).")
+@click.option(
+    "--listen-unix",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also accept agents on this Unix socket (mode 0666), e.g. /run/egress-guard/proxy.sock "
+    "mounted into a network-less container.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every decision, not only denials and errors.")
-def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
+def up(config_path: Path | None, listen: str | None, listen_unix: Path | None, verbose: bool) -> None:
     """Run the proxy in the foreground until Ctrl-C or SIGTERM.
 
     With no --config and no ./egress-guard.yaml, it first creates the default config, CA
@@ -95,13 +101,13 @@ def up(config_path: Path | None, listen: str | None, verbose: bool) -> None:
     ca.write_bundle(config.ca_dir)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("egress_guard").setLevel(logging.DEBUG if verbose else logging.INFO)
-    sys.exit(asyncio.run(_serve(config, address)))
+    sys.exit(asyncio.run(_serve(config, address, listen_unix)))
 
 
-async def _serve(config: Config, listen: tuple[str, int] | None) -> int:
+async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Path | None = None) -> int:
     from egress_guard.server import EgressProxy, StartupError
 
-    proxy = EgressProxy(config, listen=listen)
+    proxy = EgressProxy(config, listen=listen, listen_unix=listen_unix)
     try:
         host, port = await proxy.start()
     except StartupError as exc:
@@ -115,7 +121,8 @@ async def _serve(config: Config, listen: tuple[str, int] | None) -> int:
     sources = ", ".join(config.presets) or "no presets"
     click.echo(
         f"egress-guard listening on http://{shown_host}:{port}\n"
-        f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
+        + (f"  and on:   unix:{listen_unix} (relayed to it)\n" if listen_unix else "")
+        + f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
         f"{', inline' if any(r.id.startswith('inline') for r in config.rules) else ''})\n"
         f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
         f"  audit DB: {config.audit_path}\n" + _next_steps(config),

@@ -1,0 +1,104 @@
+"""`up --listen-unix`: the Unix-socket entrance network-less containers use. Real proxy, real
+TLS upstream; a client on the socket gets exactly what a TCP client gets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.clients import read_http_response
+from support.proxy import RunningProxy, write_config
+from support.upstream import Upstream
+
+from egress_guard.server import StartupError
+from egress_guard.unix_relay import UnixRelay, UnixRelayError
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="egs-", dir="/tmp") as d:  # short: sun_path is 108 bytes
+        yield Path(d)
+
+
+def unix_connect(path: Path, target: str) -> tuple[socket.socket, bytes]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_a_client_on_the_socket_is_proxied_and_audited(
+    tmp_path: Path, sock_dir: Path, upstream: Upstream, test_ca
+) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "allow": [{"host": "api.test.local", "ports": [upstream.port]}],
+            "network": {"hosts": {"api.test.local": ["127.0.0.1"]}, "upstream_ca": str(test_ca[1])},
+        },
+    )
+    path = sock_dir / "proxy.sock"
+    proxy = RunningProxy(config, listen_unix=path).start()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666
+        sock, head = unix_connect(path, f"api.test.local:{upstream.port}")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        tls = proxy.client_context().wrap_socket(sock, server_hostname="api.test.local")
+        tls.sendall(f"GET /json HTTP/1.1\r\nHost: api.test.local:{upstream.port}\r\nConnection: close\r\n\r\n".encode())
+        status, _, _ = read_http_response(tls)
+        tls.close()
+        assert status == 200
+        denied, head = unix_connect(path, "evil.example:443")
+        denied.close()
+        assert head.startswith(b"HTTP/1.1 403"), head
+        deadline = time.monotonic() + 5
+        while not any(r["host"] == "evil.example" for r in proxy.rows()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = proxy.rows()
+        assert [r["decision"] for r in rows if r["host"] == "api.test.local"][-1] == "allow"
+        assert any(r["host"] == "evil.example" and r["decision"] == "deny" for r in rows)
+    finally:
+        proxy.stop()
+    assert not path.exists(), "stop() removes the socket"
+
+
+def test_a_path_too_long_for_a_socket_is_a_clear_startup_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"allow": []})
+    path = Path("/tmp/" + "x" * 120 + "/proxy.sock")
+    with pytest.raises(StartupError, match=r"is 136 bytes; at most 107 fit.*Fix: choose a shorter path"):
+        RunningProxy(config, listen_unix=path).start()
+
+
+def test_a_stale_socket_is_replaced_a_live_one_or_a_file_is_refused(sock_dir: Path) -> None:
+    async def main() -> None:
+        stale = sock_dir / "stale.sock"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(stale))
+        s.close()  # bound, nobody listens: what a killed proxy leaves
+        relay = UnixRelay(stale, ("127.0.0.1", 9))
+        await relay.start()
+        with pytest.raises(UnixRelayError, match="in use by another process"):
+            await UnixRelay(stale, ("127.0.0.1", 9)).start()
+        await relay.stop()
+        plain = sock_dir / "file"
+        plain.write_text("")
+        with pytest.raises(UnixRelayError, match="is not a socket"):
+            await UnixRelay(plain, ("127.0.0.1", 9)).start()
+        assert plain.exists()
+
+    asyncio.run(main())
+    assert os.listdir(sock_dir) == ["file"]
