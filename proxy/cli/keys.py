@@ -1,5 +1,6 @@
 """`keys` (mint, list, revoke agents' fake keys) and `kill` (revoke every key of an agent or
-session at once). A key is printed once, when minted; lists show ids, never keys."""
+session at once, and SIGKILL its containers). A key is printed once, when minted; lists
+show ids, never keys."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 from egress_guard import keys as keys_mod
 from egress_guard.cli.common import config_option, format_option, load, mint
 from egress_guard.cli.output import emit
+from egress_guard.docker_kill import kill_containers
 from egress_guard.envvars import render
 
 
@@ -87,14 +89,19 @@ def keys_revoke(config_path: Path | None, key_ids: tuple[str, ...], reason: str)
 
 @click.command()
 @config_option
-@click.option("--agent", help="Revoke every key of this agent.")
-@click.option("--session", help="Revoke every key of this session.")
+@click.option("--agent", help="Revoke every key of this agent and kill its containers.")
+@click.option("--session", help="Revoke every key of this session and kill its containers.")
 @click.option("--reason", default="kill switch", show_default=True)
-def kill(config_path: Path | None, agent: str | None, session: str | None, reason: str) -> None:
-    """Kill switch: revoke every key of an agent or session at once.
+@click.option("-v", "--verbose", is_flag=True, help="Also say when no Docker engine or no container was found.")
+def kill(config_path: Path | None, agent: str | None, session: str | None, reason: str, verbose: bool) -> None:
+    """Kill switch: revoke every key of an agent or session, and SIGKILL its containers.
 
     A running proxy refuses their next request within a second and cuts their open
-    connections, streams included. Revocations are stored and survive restarts.
+    connections, streams included. Revocations are stored and survive restarts. Then every
+    running container labelled egress-guard.agent=A (with --session: egress-guard.session=S)
+    on the Docker engine DOCKER_HOST names is killed with SIGKILL; the kill record notes
+    which. No engine there: only the keys (silently, unless -v). Exit status 1 if a labelled
+    container could not be killed (the keys are revoked all the same).
 
     \b
     Example:
@@ -102,5 +109,22 @@ def kill(config_path: Path | None, agent: str | None, session: str | None, reaso
     """
     if bool(agent) == bool(session):
         raise click.UsageError("name exactly one of --agent or --session")
-    n = keys_mod.revoke_keys(load(config_path), agent=agent, session=session, reason=reason)
-    click.echo(f"revoked {n} key(s) of {'agent ' + agent if agent else 'session ' + str(session)}")
+    config = load(config_path)
+    n = keys_mod.revoke_keys(config, agent=agent, session=session, reason=reason)
+    who = f"agent {agent}" if agent else f"session {session}"
+    click.echo(f"revoked {n} key(s) of {who}")
+    containers = kill_containers(agent=agent, session=session)
+    for shown in containers.killed:
+        click.echo(f"killed container {shown} (SIGKILL)")
+    if containers.note():  # the kill record says what happened to the containers too
+        keys_mod.revoke_keys(config, agent=agent, session=session, reason=f"{reason}: {containers.note()}")
+    if verbose and containers.unreachable:
+        click.echo(f"containers: {containers.unreachable}: none to kill", err=True)
+    elif verbose and not containers.killed and not containers.failed and not containers.error:
+        click.echo(f"containers: none running with label {containers.selector} at {containers.engine}", err=True)
+    problems = [f"could not kill container {f}" for f in containers.failed]
+    problems += [containers.error] if containers.error else []
+    if problems:
+        for line in problems:
+            click.echo(f"egress-guard: {line}", err=True)
+        raise SystemExit(1)
