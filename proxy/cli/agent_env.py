@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from egress_guard import keys as keys_mod
 from egress_guard import status as status_mod
 from egress_guard.cli.common import config_option, load, mint
 from egress_guard.envvars import agent_env, render
+from egress_guard.timeutil import parse_duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,22 +122,91 @@ def env(wanted: AgentEnvRequest, fmt: str) -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @env_options
+@click.option(
+    "--isolate",
+    is_flag=True,
+    help="Linux, root: run in a sandbox whose only way out is the running `up` (no other network).",
+)
+@click.option(
+    "--max-time",
+    metavar="DURATION",
+    help="With --isolate: hard window (90s, 30m, 8h): the keys expire and the sandbox is killed at its end.",
+)
+@click.option(
+    "--user",
+    help="With --isolate: run the command as this user (default: the sudo caller, else nobody/65534).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(wanted: AgentEnvRequest, command: tuple[str, ...]) -> None:
+def run(
+    wanted: AgentEnvRequest, isolate: bool, max_time: str | None, user: str | None, command: tuple[str, ...]
+) -> None:
     """Run a local command with the agent environment (see `env`).
 
     The command never inherits the host's real secrets (the variables the config's env:
     secrets and vault credentials name); with --agent it gets fresh fake keys instead.
 
+    With --isolate (Linux, as root, while `egress-guard up` runs) the command runs in its
+    own network, mount and PID namespaces, as the sudo caller (or --user), with no way out
+    but egress-guard: TCP to any address is captured and checked, DNS is answered by
+    egress-guard, nothing else leaves. Its exit status is the command's; ^C works; when it
+    ends, every process in the sandbox ends with it.
+
     \b
-    Example:
+    Examples:
       egress-guard run --agent researcher -- python my_agent.py --task "summarise the repo"
+      sudo egress-guard run --isolate --agent researcher --max-time 30m -- node agent.js
     """
-    variables, hidden = _agent_env(wanted)
-    environment = {k: v for k, v in os.environ.items() if k not in hidden} | variables
+    if not isolate:
+        if max_time is not None or user is not None:
+            raise click.UsageError("--max-time and --user go with --isolate")
+        variables, hidden = _agent_env(wanted)
+        environment = {k: v for k, v in os.environ.items() if k not in hidden} | variables
+        try:
+            os.execvpe(command[0], list(command), environment)  # noqa: S606 - the user's own command
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot run {command[0]!r}: {exc.strerror}. Fix: check the command and PATH"
+            ) from None
+    sys.exit(_run_isolated(wanted, max_time, user, list(command)))
+
+
+def _run_isolated(wanted: AgentEnvRequest, max_time: str | None, user: str | None, command: list[str]) -> int:
+    from egress_guard import sandbox
+    from egress_guard.sandbox import control as control_mod
+    from egress_guard.sandbox import isolate
+
+    window = None
+    if max_time is not None:
+        try:
+            window = parse_duration(max_time)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-time") from None
+        if window == 0:
+            raise click.BadParameter("must be longer than 0s", param_hint="--max-time")
+        wanted = dataclasses.replace(wanted, ttl=max_time)  # the keys expire with the window
+    config = load(wanted.config_path)
     try:
-        os.execvpe(command[0], list(command), environment)  # noqa: S606 - the user's own command
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot run {command[0]!r}: {exc.strerror}. Fix: check the command and PATH"
-        ) from None
+        sandbox.preflight()
+        who = isolate.sandbox_user(user, os.environ)
+        control = control_mod.ControlClient(control_mod.socket_path(config.ca_dir))
+    except sandbox.SandboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    with control, isolate.run_dir() as directory:
+        t_start = time.monotonic()  # t_exp = t_start + window, for the keys and the kill
+        variables, hidden = _agent_env(wanted)
+        try:
+            opened = control.open(variables.get("EGRESS_GUARD_AGENT"), variables.get("EGRESS_GUARD_SESSION"))
+            base = {k: v for k, v in os.environ.items() if k not in hidden}
+            return isolate.run_isolated(
+                control,
+                opened,
+                command,
+                isolate.sandbox_env(base, variables, opened, directory, who),
+                who,
+                resolv_conf=isolate.write_resolv_conf(directory, opened.dns),
+                hide=isolate.hidden_dirs(config.ca_dir, Path.cwd()),
+                deadline=None if window is None else t_start + window,
+                max_time=max_time or "",
+            )
+        except sandbox.SandboxError as exc:
+            raise click.ClickException(str(exc)) from None

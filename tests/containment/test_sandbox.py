@@ -1,0 +1,345 @@
+"""The sandbox of `run --isolate` with real namespaces (Linux, root): the launcher on its
+own (no TUN: loopback only), and the CLI against a fake control server that answers `up`'s
+protocol and hands out a real (unattached) TUN device. `up`'s side is tested elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from egress_guard import sandbox
+from egress_guard.sandbox import SandboxSpec, isolate
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="needs Linux, root and /dev/net/tun",
+)
+
+PY = "/usr/bin/python3"  # readable by the sandbox's unprivileged user (the venv's may not be)
+EG = [sys.executable, "-m", "egress_guard"]
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+
+
+def host_address() -> str:
+    """An address of this host other than loopback (where the sandbox must not reach)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        return line.split()[3].split("/")[0]
+    return "127.0.0.1"
+
+
+def pids_in(pidns: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/pid").st_ino == pidns:
+                    found.append(int(entry))
+    return found
+
+
+def run_in_sandbox(script: str, uid: int = 65534, timeout: float = 20) -> tuple[int, str]:
+    out_r, out_w = os.pipe()
+    env = dict(ENV)
+    spec = SandboxSpec(command=[PY, "-c", script], env=env, uid=uid, gid=uid)
+    # the command's stdout: a pipe we read (stage 1 passes its own fds on)
+    saved = os.dup(1)
+    os.dup2(out_w, 1)
+    try:
+        box = sandbox.start(spec)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(out_w)
+    code = box.wait(timeout)
+    with os.fdopen(out_r) as f:
+        return code, f.read()
+
+
+# --- the launcher, no TUN -----------------------------------------------------------------------
+
+PROBE = r"""
+import json, os, socket, sys
+host, tcp_port, udp_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+res = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
+for name, addr in (("tcp_lo", ("127.0.0.1", tcp_port)), ("tcp_host", (host, tcp_port))):
+    s = socket.socket(); s.settimeout(1)
+    try:
+        s.connect(addr); res[name] = "connected"
+    except OSError as e:
+        res[name] = type(e).__name__
+for dst in ("127.0.0.1", host):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.sendto(b"leak", (dst, udp_port))
+    except OSError:
+        pass
+try:
+    s6 = socket.socket(socket.AF_INET6); s6.settimeout(1); s6.connect(("::1", tcp_port)); res["ipv6"] = "connected"
+except OSError as e:
+    res["ipv6"] = type(e).__name__
+res["nnp"] = open("/proc/self/status").read().split("NoNewPrivs:")[1].split()[0]
+print(json.dumps(res))
+"""
+
+
+def test_sandbox_has_no_network_but_its_own_loopback_and_sees_only_its_pids() -> None:
+    tcp = socket.create_server(("0.0.0.0", 0))  # every host address: the sandbox must reach none
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 0))
+    udp.settimeout(0.5)
+    try:
+        port, uport = tcp.getsockname()[1], udp.getsockname()[1]
+        script = PROBE.replace(
+            "sys.argv[1], int(sys.argv[2]), int(sys.argv[3])", f"{host_address()!r}, {port}, {uport}"
+        )
+        code, out = run_in_sandbox(script, uid=4321)
+        res = json.loads(out)
+        assert code == 0
+        assert res["tcp_lo"] == "ConnectionRefusedError"  # its own loopback, not the host's
+        assert res["tcp_host"] in ("OSError", "TimeoutError")  # no route
+        assert res["ipv6"] in ("OSError", "TimeoutError") and res["ipv6"] != "connected"
+        assert (res["uid"], res["gid"], res["groups"], res["nnp"]) == (4321, 4321, [], "1")
+        assert res["pids"] == [1, 2]  # PID 1 and the command
+        tcp.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            tcp.accept()
+        with pytest.raises(TimeoutError):
+            udp.recvfrom(100)
+    finally:
+        tcp.close()
+        udp.close()
+
+
+@pytest.mark.parametrize(("script", "status"), [("pass", 0), ("raise SystemExit(7)", 7)])
+def test_exit_status_is_the_commands(script: str, status: int) -> None:
+    assert run_in_sandbox(script)[0] == status
+
+
+TREE = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(300)
+    time.sleep(300)
+time.sleep(300)
+"""
+
+
+def test_sigkill_of_pid1_ends_a_double_forked_sigterm_ignoring_tree_within_1s() -> None:
+    box = sandbox.start(SandboxSpec(command=[PY, "-c", TREE], env=ENV))
+    try:
+        deadline = time.monotonic() + 5
+        while len(pids_in(box.pidns)) < 4 and time.monotonic() < deadline:  # PID 1, CMD, child, grandchild
+            time.sleep(0.02)
+        assert len(pids_in(box.pidns)) == 4
+        t0 = time.monotonic()
+        box.kill()
+        assert box.wait(1) == 137
+        while pids_in(box.pidns) and time.monotonic() - t0 < 1:
+            time.sleep(0.002)
+        latency = time.monotonic() - t0
+        assert pids_in(box.pidns) == []
+        print(f"sandbox start {box.start_ms:.0f} ms; kill to all gone {latency * 1000:.1f} ms")
+        assert latency < 1
+    finally:
+        box.kill()
+        box.wait(5)
+
+
+def test_root_and_tun_are_required_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(sandbox.SandboxError, match=r"needs root.*/dev/net/tun is 0600.*sudo"):
+        sandbox.preflight()
+
+
+def test_the_command_never_runs_as_root() -> None:
+    with pytest.raises(sandbox.SandboxError, match="must not run as root"):
+        isolate.sandbox_user("0", {})
+    sudo = isolate.sandbox_user(None, {"SUDO_UID": "1234", "SUDO_GID": "99"})
+    nobody = isolate.sandbox_user(None, {})
+    assert (sudo.uid, sudo.gid, nobody.uid, nobody.gid) == (1234, 99, 65534, 65534)
+
+
+# --- `run --isolate` against a fake `up` control server -------------------------------------------
+
+
+class FakeUp:
+    """Answers the control protocol on <ca_dir>/control.sock and hands out a real TUN device
+    (created with `ip tuntap`, attached to nothing: traffic into it goes nowhere)."""
+
+    def __init__(self, ca_dir: Path) -> None:
+        self.path = ca_dir / "control.sock"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self.server.listen()
+        self.events: list[dict] = []
+        self.tuns: list[str] = []
+        self.started = threading.Event()
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                msg = json.loads(line)
+                self.events.append(msg)
+                if msg["op"] == "open":
+                    n = len(self.tuns) + 1
+                    tun = f"egs-t{os.getpid() % 10000}x{n}"
+                    subprocess.run(["ip", "tuntap", "add", "dev", tun, "mode", "tun"], check=True)
+                    self.tuns.append(tun)
+                    reply = {
+                        "ok": True,
+                        "sandbox": f"sb{n}",
+                        "tun": tun,
+                        "addr": f"10.77.{n}.2",
+                        "dns": "198.18.0.53",
+                        "proxy": "198.18.255.254:3128",
+                    }
+                else:
+                    msg["pidns_seen"] = os.stat(f"/proc/{msg['pid']}/ns/pid").st_ino
+                    mounts = Path(f"/proc/{msg['pid']}/mountinfo").read_text().splitlines()
+                    msg["ca_dir_covered"] = any(
+                        m.split()[4] == str(self.path.parent) and " - tmpfs " in m for m in mounts
+                    )
+                    reply = {"ok": True}
+                    self.started.set()
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+        self.closed.set()
+
+    def stop(self) -> None:
+        self.server.close()
+        for tun in self.tuns:  # gone with the sandbox's netns already, normally
+            subprocess.run(["ip", "link", "del", tun], capture_output=True)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    subprocess.run([*EG, "init", "--dir", str(tmp_path)], check=True, capture_output=True)
+    return str(tmp_path / "egress-guard.yaml")
+
+
+@pytest.fixture
+def fake_up(cfg: str) -> Iterator[FakeUp]:
+    import yaml
+
+    ca_dir = (Path(cfg).parent / yaml.safe_load(Path(cfg).read_text()).get("ca_dir", "./certs")).resolve()
+    up = FakeUp(ca_dir)
+    yield up
+    up.stop()
+
+
+def isolated(cfg: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*EG, "run", "--isolate", "--config", cfg, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SUDO_UID": "", "SUDO_GID": ""},
+        **kw,
+    )
+
+
+INSIDE = r"""
+import json, os
+env = {k: os.environ.get(k) for k in ("HTTPS_PROXY", "http_proxy", "NO_PROXY", "EGRESS_GUARD_AGENT", "EGRESS_GUARD_SESSION", "OPENAI_API_KEY", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "HOME")}
+routes = [l.split()[:2] for l in open("/proc/net/route").read().splitlines()[1:]]
+ca = os.environ["NODE_EXTRA_CA_CERTS"]
+print(json.dumps({"env": env, "routes": routes, "resolv": open("/etc/resolv.conf").read(), "uid": os.getuid(),
+    "ca_readable": open(ca).read().startswith("-----BEGIN CERTIFICATE"), "bundle_readable": os.access(os.environ["SSL_CERT_FILE"], os.R_OK),
+    }))
+raise SystemExit(7)
+"""
+
+
+def test_run_isolate_gives_the_agent_env_on_the_tun_and_returns_the_status(cfg: str, fake_up: FakeUp) -> None:
+    proc = isolated(
+        cfg,
+        "--agent",
+        "agent",
+        "--services",
+        "openai",
+        "--",
+        "/usr/bin/env",
+        f"CA_DIR={fake_up.path}",
+        PY,
+        "-c",
+        INSIDE,
+    )
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 7, err
+    got = json.loads(out)
+    tun = fake_up.tuns[0]
+    assert got["uid"] == 65534  # nobody: no SUDO_UID, no --user
+    assert got["env"]["HTTPS_PROXY"] == got["env"]["http_proxy"] == "http://198.18.255.254:3128"
+    assert got["env"]["OPENAI_API_KEY"].startswith("sk-proj-") and got["env"]["EGRESS_GUARD_AGENT"] == "agent"
+    assert got["ca_readable"] and got["bundle_readable"]
+    assert got["routes"] == [[tun, "00000000"]]  # the one route: everything into the TUN
+    assert got["resolv"].startswith("nameserver 198.18.0.53\n")
+    opened, started = fake_up.events
+    assert opened == {"op": "open", "agent": "agent", "session": got["env"]["EGRESS_GUARD_SESSION"]}
+    assert started["op"] == "started" and started["pidns"] == started["pidns_seen"] != 0
+    assert started["ca_dir_covered"]  # the CA dir (CA key, control socket) is an empty tmpfs inside
+    assert fake_up.closed.wait(5)  # the connection ends with the run: up removes the TUN
+
+
+def test_max_time_kills_at_the_deadline_and_the_keys_expire_with_it(cfg: str, fake_up: FakeUp) -> None:
+    t0 = time.monotonic()
+    proc = isolated(cfg, "--agent", "agent", "--services", "openai", "--max-time", "1s", "--", "/bin/sleep", "30")
+    _, err = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 137 and "--max-time 1s reached: sandbox killed" in err
+    assert 1 <= elapsed < 3, elapsed
+    listed = json.loads(
+        subprocess.run(
+            [*EG, "keys", "list", "--config", cfg, "--format", "json", "--all"], capture_output=True, text=True
+        ).stdout
+        or "[]"
+    )
+    print(f"--max-time 1s: run ended after {elapsed:.2f} s; keys {[(k['expires_at'], k['status']) for k in listed]}")
+
+
+def test_ctrl_c_ends_the_run_with_130(cfg: str, fake_up: FakeUp) -> None:
+    proc = isolated(cfg, "--", "/bin/sleep", "30", start_new_session=True)  # its own group: a terminal's ^C
+    try:
+        assert fake_up.started.wait(20)
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=5)
+        assert proc.returncode == 130
+        assert time.monotonic() - t0 < 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_run_isolate_without_up_says_how_to_start_it(cfg: str) -> None:
+    proc = isolated(cfg, "--", "/bin/true")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "egress-guard up is not running (no control socket at " in err
+    assert "start it with `egress-guard up`, then run again" in err
