@@ -167,16 +167,21 @@ def run_isolated(
     )
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     sandbox: Sandbox | None = None
+    early: list[int] = []
 
     def forward(sig: int, _frame: object) -> None:
         if sandbox is not None:
             sandbox.signal(sig)
+        else:
+            early.append(sig)  # passed on once the sandbox runs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGHUP, forward)
     try:
         sandbox = start(spec)
+        for sig in early:
+            sandbox.signal(sig)
         try:
             control.started(sandbox.init_pid, sandbox.pidns)
         except (SandboxError, OSError):

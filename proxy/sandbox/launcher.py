@@ -28,6 +28,14 @@ class SandboxError(Exception):
     """Cannot start a sandbox; the message names the fix."""
 
 
+def ip_path() -> str:
+    """iproute2's `ip`, by absolute path (this runs as root: no PATH lookup)."""
+    for path in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"):
+        if os.access(path, os.X_OK):
+            return path
+    raise SandboxError("no `ip` command (iproute2). Fix: install iproute2")
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     """What to run and how. `tun`/`addr`: the TUN device (in the host netns now) to move
@@ -142,9 +150,8 @@ def start(spec: SandboxSpec) -> Sandbox:
         if os.read(from_stage_r, 1) != b"U":
             raise SandboxError(f"sandbox stage 1 failed to start (exit {proc.wait()})")
         if spec.tun is not None:
-            moved = subprocess.run(
-                ["ip", "link", "set", spec.tun, "netns", str(proc.pid)], capture_output=True, text=True, check=False
-            )
+            move = [ip_path(), "link", "set", spec.tun, "netns", str(proc.pid)]
+            moved = subprocess.run(move, capture_output=True, text=True, check=False)
             if moved.returncode != 0:
                 raise SandboxError(f"cannot move {spec.tun} into the sandbox: {moved.stderr.strip()}")
         os.write(to_stage_w, b"G")

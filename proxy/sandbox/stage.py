@@ -17,18 +17,23 @@ itself: nobody calls setsid); SIGTERM and SIGHUP are forwarded down to the comma
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from egress_guard.sandbox.launcher import SandboxError, ip_path
 
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 38, 1
 SETUP_FAILED = 125
+FORWARDED = {signal.SIGTERM, signal.SIGHUP}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -46,7 +51,7 @@ def _mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str 
 
 
 def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    done = subprocess.run([ip_path(), *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
@@ -57,6 +62,14 @@ def _die_with_parent() -> None:
 
 def _status(st: int) -> int:
     return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+
+
+def _forward_to(pid: int) -> Callable[[int, object], None]:
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    return forward
 
 
 def _read_config(rfd: int) -> dict[str, Any]:
@@ -119,21 +132,22 @@ def stage1(rfd: int, wfd: int) -> None:
             os._exit(SETUP_FAILED)
         _network(cfg)
         _filesystem(cfg)
-        r2, w2 = os.pipe()
         # CLONE_NEWPID only now: the first fork after it becomes the namespace's PID 1, and
         # once that exits every later fork fails (an `ip` child must not be that first one).
         os.unshare(CLONE_NEWPID)
-    except (OSError, SetupError) as exc:
+    except (OSError, SetupError, SandboxError) as exc:
         os.write(wfd, f"E{exc}\n".encode())
         os._exit(SETUP_FAILED)
+    # SIGTERM/SIGHUP stay blocked until each stage has its forwarding handler: a PID 1 drops
+    # signals from outside its namespace that have no handler, but blocked ones wait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     init_pid = os.fork()
     if init_pid == 0:
-        os.close(r2)
-        _init(cfg, w2)
-    os.close(w2)
+        _init(cfg)
+    for s in FORWARDED:
+        signal.signal(s, _forward_to(init_pid))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     os.write(wfd, f"P{init_pid}\n".encode())
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(init_pid, signal.SIGTERM))
-    signal.signal(signal.SIGHUP, lambda *_: os.kill(init_pid, signal.SIGHUP))
     while True:
         try:
             _, st = os.waitpid(init_pid, 0)
@@ -143,7 +157,7 @@ def stage1(rfd: int, wfd: int) -> None:
     os._exit(_status(st))
 
 
-def _init(cfg: dict[str, Any], w2: int) -> None:
+def _init(cfg: dict[str, Any]) -> None:
     """PID 1 of the sandbox: a fresh /proc, the command as its only child, reaps everything,
     exits with the command's status (the kernel then kills whatever is left)."""
     try:
@@ -155,8 +169,9 @@ def _init(cfg: dict[str, Any], w2: int) -> None:
     cmd_pid = os.fork()
     if cmd_pid == 0:
         _exec_command(cfg)
-    signal.signal(signal.SIGTERM, lambda sig, _f: os.kill(cmd_pid, sig))
-    signal.signal(signal.SIGHUP, lambda sig, _f: os.kill(cmd_pid, sig))
+    for s in FORWARDED:
+        signal.signal(s, _forward_to(cmd_pid))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # what came meanwhile goes on now
     code = None
     while code is None:
         try:
@@ -173,6 +188,7 @@ def _init(cfg: dict[str, Any], w2: int) -> None:
 def _exec_command(cfg: dict[str, Any]) -> None:
     for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     cmd = cfg["command"]
     try:
         os.setgroups([])

@@ -40,12 +40,16 @@ def host_address() -> str:
 
 
 def pids_in(pidns: int) -> list[int]:
+    """Live processes in the PID namespace (zombies are dead: a PID 1 whose parent died
+    first is reparented to the host's init, which here does not reap)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
                 if os.stat(f"/proc/{entry}/ns/pid").st_ino == pidns:
-                    found.append(int(entry))
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state not in ("Z", "X"):
+                        found.append(int(entry))
     return found
 
 
@@ -62,7 +66,10 @@ def run_in_sandbox(script: str, uid: int = 65534, timeout: float = 20) -> tuple[
         os.dup2(saved, 1)
         os.close(saved)
         os.close(out_w)
-    code = box.wait(timeout)
+    try:
+        code = box.wait(timeout)
+    finally:
+        box.kill()
     with os.fdopen(out_r) as f:
         return code, f.read()
 
@@ -183,6 +190,7 @@ class FakeUp:
     (created with `ip tuntap`, attached to nothing: traffic into it goes nowhere)."""
 
     def __init__(self, ca_dir: Path) -> None:
+        self.hang_up = False  # True: close the connection right after `started` (up gone)
         self.path = ca_dir / "control.sock"
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(self.path))
@@ -228,6 +236,8 @@ class FakeUp:
                     self.started.set()
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
+                if msg["op"] == "started" and self.hang_up:
+                    break
         self.closed.set()
 
     def stop(self) -> None:
@@ -252,8 +262,21 @@ def fake_up(cfg: str) -> Iterator[FakeUp]:
     up.stop()
 
 
+_spawned: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_behind() -> Iterator[None]:
+    yield
+    while _spawned:
+        proc = _spawned.pop()
+        if proc.poll() is None:
+            proc.kill()  # its sandbox dies with it (parent-death signals)
+            proc.communicate()
+
+
 def isolated(cfg: str, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*EG, "run", "--isolate", "--config", cfg, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -261,6 +284,8 @@ def isolated(cfg: str, *args: str, **kw) -> subprocess.Popen:
         env={**os.environ, "SUDO_UID": "", "SUDO_GID": ""},
         **kw,
     )
+    _spawned.append(proc)
+    return proc
 
 
 INSIDE = r"""
@@ -343,3 +368,45 @@ def test_run_isolate_without_up_says_how_to_start_it(cfg: str) -> None:
     assert proc.returncode == 1
     assert "egress-guard up is not running (no control socket at " in err
     assert "start it with `egress-guard up`, then run again" in err
+
+
+def started_pidns(fake_up: FakeUp) -> int:
+    assert fake_up.started.wait(20)
+    return next(e["pidns"] for e in fake_up.events if e["op"] == "started")
+
+
+def gone_within(pidns: int, seconds: float) -> float:
+    t0 = time.monotonic()
+    while pids_in(pidns) and time.monotonic() - t0 < seconds:
+        time.sleep(0.002)
+    assert pids_in(pidns) == []
+    return time.monotonic() - t0
+
+
+def test_sigterm_to_run_reaches_the_command(cfg: str, fake_up: FakeUp) -> None:
+    proc = isolated(cfg, "--", "/bin/sleep", "30")
+    pidns = started_pidns(fake_up)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=5)
+    assert proc.returncode == 143
+    gone_within(pidns, 1)
+
+
+def test_the_sandbox_dies_with_run(cfg: str, fake_up: FakeUp) -> None:
+    proc = isolated(cfg, "--", PY, "-c", TREE)
+    pidns = started_pidns(fake_up)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    proc.kill()  # SIGKILL: no cleanup code runs; the parent-death signals do it
+    proc.communicate(timeout=5)
+    gone_within(pidns, 1)
+    print(f"run SIGKILLed: sandbox gone after {(time.monotonic() - t0) * 1000:.1f} ms")
+
+
+def test_up_going_away_kills_the_sandbox(cfg: str, fake_up: FakeUp) -> None:
+    fake_up.hang_up = True
+    proc = isolated(cfg, "--", "/bin/sleep", "30")
+    pidns = started_pidns(fake_up)
+    _, err = proc.communicate(timeout=5)
+    assert proc.returncode == 137 and "egress-guard up went away" in err
+    gone_within(pidns, 1)
