@@ -191,6 +191,7 @@ class FakeUp:
 
     def __init__(self, ca_dir: Path) -> None:
         self.hang_up = False  # True: close the connection right after `started` (up gone)
+        self.kill_at_start = False  # True: SIGKILL the sandbox's PID 1 on `started` (kill switch)
         self.path = ca_dir / "control.sock"
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(self.path))
@@ -236,6 +237,8 @@ class FakeUp:
                     self.started.set()
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
+                if msg["op"] == "started" and self.kill_at_start:
+                    os.kill(msg["pid"], signal.SIGKILL)
                 if msg["op"] == "started" and self.hang_up:
                     break
         self.closed.set()
@@ -409,4 +412,13 @@ def test_up_going_away_kills_the_sandbox(cfg: str, fake_up: FakeUp) -> None:
     pidns = started_pidns(fake_up)
     _, err = proc.communicate(timeout=5)
     assert proc.returncode == 137 and "egress-guard up went away" in err
+    gone_within(pidns, 1)
+
+
+def test_a_kill_by_up_ends_the_run_with_137(cfg: str, fake_up: FakeUp) -> None:
+    fake_up.kill_at_start = True
+    proc = isolated(cfg, "--", PY, "-c", TREE)
+    pidns = started_pidns(fake_up)
+    proc.communicate(timeout=5)
+    assert proc.returncode == 137
     gone_within(pidns, 1)
