@@ -82,6 +82,22 @@ async def test_each_priced_row_adds_to_its_running_total_exactly(tmp_path: Path)
     ) == [("0.3",)]
 
 
+async def test_a_row_whose_cost_or_agent_is_unusual_never_stops_the_log(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    log = AuditLog(db)
+    await log.open()
+    for i, (agent, usd) in enumerate([("bot", "not a number"), ("bot", "NaN"), ("b\udcffot", "0.5")]):
+        await log.durable(log.record(priced(i, agent=agent, usd=usd)))
+    await log.durable(log.record(priced(9, agent="bot", usd="0.25")))
+    assert await log.close() == 0
+    assert select(db, "SELECT COUNT(*) FROM audit") == [(4,)]
+    with SQLiteStore(db) as store:
+        assert sorted((t.agent, t.usd) for t in store.totals()) == [
+            ("bot", Decimal("0.25")),
+            (writes.bindable(("b\udcffot",))[0], Decimal("0.5")),  # as the row itself names it
+        ]
+
+
 async def test_an_intent_settled_at_start_counts_in_the_totals(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
     log = AuditLog(db)

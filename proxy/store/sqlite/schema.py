@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -154,17 +154,27 @@ SELECT_PRICED = "SELECT agent, session, ts, cost_usd FROM audit WHERE cost_usd I
 
 
 def sum_totals(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str, str], Decimal]:
-    """Priced rows (agent, session, ts, cost) summed by agent, session and UTC day."""
+    """Priced rows (agent, session, ts, cost) summed by agent, session and UTC day. A cost
+    that is not a finite number is no spend (and must not stop a commit or a migration)."""
     sums: dict[tuple[str, str, str], Decimal] = {}
     for agent, session, ts, cost in rows:
-        key = (agent, session or "", ts[:10])  # an instant's first 10 characters are its UTC date
-        sums[key] = sums.get(key, Decimal(0)) + Decimal(cost)
+        try:
+            usd = Decimal(cost)
+        except (InvalidOperation, TypeError, ValueError):
+            continue
+        if usd.is_finite():
+            key = (agent, session or "", ts[:10])  # an instant's first 10 characters are its UTC date
+            sums[key] = sums.get(key, Decimal(0)) + usd
     return sums
+
+
+def totals_rows(sums: dict[tuple[str, str, str], Decimal]) -> list[tuple[str, str, str, str]]:
+    return [(*key, f"{usd:f}") for key, usd in sums.items()]
 
 
 def add_totals(conn: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> None:
     """Add priced rows to the running totals: one upsert per (agent, session, day)."""
-    conn.executemany(ADD_TOTAL, [(*key, f"{usd:f}") for key, usd in sum_totals(rows).items()])
+    conn.executemany(ADD_TOTAL, totals_rows(sum_totals(rows)))
 
 
 def _fill_totals(conn: sqlite3.Connection) -> None:

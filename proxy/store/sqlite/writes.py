@@ -25,7 +25,7 @@ from egress_guard.store.records import (
     SetBudget,
     Write,
 )
-from egress_guard.store.sqlite.schema import add_totals, transaction
+from egress_guard.store.sqlite.schema import ADD_TOTAL, sum_totals, totals_rows, transaction
 
 INSERT_ROW = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
 INSERT_INTENT = "INSERT OR REPLACE INTO spend_intents ({}) VALUES ({})".format(
@@ -57,7 +57,7 @@ class Bound:
 
     intents: list[tuple]
     rows: list[tuple]
-    priced: list[tuple[str, str | None, str, str]]  # (agent, session, ts, cost) for the running totals
+    totals: list[tuple[str, str, str, str]]  # (agent, session, day, usd) to add to the running totals
     settles: list[tuple[str]]
     amends: list[tuple]
     writes: list[Write]
@@ -66,11 +66,17 @@ class Bound:
         return len(self.intents) + len(self.rows) + len(self.amends) + len(self.writes)
 
 
+def priced(r: AuditRow) -> bool:
+    """Whether a row counts in a budget: it has a cost and an agent to charge it to."""
+    return r.cost_usd is not None and r.agent is not None
+
+
 def bind(batch: Batch) -> Bound:
+    """The batch as parameters; running totals summed here, on the event loop."""
     return Bound(
         [bindable(_intent_fields(i)) for i in batch.intents],
         [bindable(_row_fields(r)) for r in batch.rows],
-        [(r.agent, r.session, r.ts, r.cost_usd) for r in batch.rows if r.cost_usd is not None and r.agent is not None],
+        totals_rows(sum_totals(bindable((r.agent, r.session, r.ts, r.cost_usd)) for r in batch.rows if priced(r))),
         [(request_id,) for request_id in batch.settles],
         [bindable((note, request_id)) for request_id, note in batch.amends],
         batch.writes,
@@ -82,8 +88,8 @@ def apply(conn: sqlite3.Connection, b: Bound) -> None:
         conn.executemany(INSERT_INTENT, b.intents)
     if b.rows:
         conn.executemany(INSERT_ROW, b.rows)
-    if b.priced:
-        add_totals(conn, b.priced)
+    if b.totals:
+        conn.executemany(ADD_TOTAL, b.totals)
     if b.settles:
         conn.executemany(SETTLE_INTENT, b.settles)
     if b.amends:
