@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from small_disk import fill, small_disk
+from support.small_disk import fill, small_disk
 from test_audit_log import row
 
 from egress_guard.store import SETTLED_AT_RESERVATION, AuditLog, AuditUnavailable, Intent

@@ -29,9 +29,9 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import openai
 import pytest
-from small_disk import fill, small_disk
 from support.llm.common import REAL_ENV
 from support.proxy import RunningProxy, write_config
+from support.small_disk import fill, small_disk
 from support.upstream import Upstream
 from test_credentials import http_client, openai_client
 
