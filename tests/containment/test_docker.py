@@ -361,3 +361,53 @@ def test_compose_file_runs_agent_without_network_through_egress_guard(engine: Do
         ), rows
     finally:
         run("down", "-v", "-t", "5")
+
+
+STREAMER = r"""
+import os, signal, urllib.request
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+req = urllib.request.Request("https://api.openai.com:%s/v1/slow" % os.environ["UPSTREAM_PORT"],
+                             headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]})
+with urllib.request.urlopen(req, timeout=60) as r:
+    for n, line in enumerate(r):
+        if n == 0:
+            print("streaming", flush=True)
+print("stream ended", flush=True)
+"""
+
+
+def test_kill_while_the_container_streams_through_egress_guard(
+    engine: Dockerd, sock_dir: Path, tmp_path: Path, cred_config: dict, real_env: dict, llm_upstream: Upstream
+) -> None:
+    config = write_config(tmp_path, cred_config)
+    proxy = RunningProxy(config, listen_unix=sock_dir / "proxy.sock").start()
+    try:
+        env = agent_env(config.path)
+        share_like_compose(env, config.ca_dir, sock_dir)
+        container = engine.docker(
+            "run", "-d", "--network", "none", "--user", "10002:10002", "--cap-drop", "ALL",
+            "--label", "egress-guard.agent=researcher", "--label", f"egress-guard.session={env['EGRESS_GUARD_SESSION']}",
+            "-v", f"{sock_dir}:/run/egress-guard:ro", "-e", "EG_ENV_FILE=/run/egress-guard/agent.env",
+            "-e", f"UPSTREAM_PORT={llm_upstream.port}", AGENT_IMAGE, "python3", "-c", STREAMER,
+        ).stdout.strip()  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "streaming" not in engine.docker("logs", container).stdout and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "streaming" in engine.docker("logs", container).stdout, engine.docker("logs", container).stderr
+        pid = engine.pid(container)
+        started = time.monotonic()
+        result = CliRunner().invoke(
+            main,
+            ["kill", "--config", str(config.path), "--session", env["EGRESS_GUARD_SESSION"]],
+            env={"DOCKER_HOST": engine.host},
+        )
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() - started < 5:
+            time.sleep(0.005)
+        gone = time.monotonic() - started
+        engine.timings["kill --session while streaming: container process gone"] = gone
+        assert result.exit_code == 0 and "killed container" in result.output, result.output
+        assert gone < 1.0
+        assert engine.state(container)["ExitCode"] == 137
+        assert "stream ended" not in engine.docker("logs", container).stdout
+    finally:
+        proxy.stop()
