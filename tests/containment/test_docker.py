@@ -10,13 +10,16 @@ containers/). Skipped — loudly — only where no Docker engine can be started.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import socket
+import socketserver
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -411,3 +414,56 @@ def test_kill_while_the_container_streams_through_egress_guard(
         assert "stream ended" not in engine.docker("logs", container).stdout
     finally:
         proxy.stop()
+
+
+class _Engine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def test_kill_says_so_and_exits_1_when_the_engine_will_not_kill(tmp_path: Path) -> None:
+    """An engine that lists the agent's container but refuses to kill it: the keys are
+    revoked all the same, the failure is named, the exit status is 1, the record notes it."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def address_string(self) -> str:
+            return "docker"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            assert "egress-guard.agent%3Dresearcher" in self.path
+            self._send(200, [{"Id": "f" * 64, "Names": ["/stuck"], "Labels": {"egress-guard.agent": "researcher"}}])
+
+        def do_POST(self) -> None:
+            self._send(500, {"message": "cannot kill container: permission denied"})
+
+    config = write_config(tmp_path, {"allowlists": ["openai"], "services": ["openai"], "agents": {"researcher": {"services": ["openai"]}}})  # fmt: skip
+    agent_env(config.path)
+    path = tmp_path / "d.sock"
+    server = _Engine(str(path), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(main, ["kill", "--config", str(config.path), "--agent", "researcher"], env={"DOCKER_HOST": f"unix://{path}"})  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 1
+    assert "revoked 1 key(s) of agent researcher" in result.stdout
+    assert (
+        "could not kill container stuck (ffffffffffff): 500 cannot kill container: permission denied" in result.stderr
+    )
+    with sqlite3.connect(config.audit_path) as db:
+        reasons = [r for (r,) in db.execute("SELECT reason FROM revocations ORDER BY id")]
+    assert reasons == [
+        "kill switch",
+        "kill switch: could not kill stuck (ffffffffffff): 500 cannot kill container: permission denied",
+    ]
