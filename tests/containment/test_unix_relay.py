@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -102,3 +105,38 @@ def test_a_stale_socket_is_replaced_a_live_one_or_a_file_is_refused(sock_dir: Pa
 
     asyncio.run(main())
     assert os.listdir(sock_dir) == ["file"]
+
+
+def test_up_listen_unix_from_the_command_line(tmp_path: Path, sock_dir: Path) -> None:
+    """`egress-guard up --listen-unix`: the banner names the socket, a client on it reaches the
+    proxy (a denied CONNECT gets egress-guard's 403), SIGTERM removes it; a path too long
+    is refused before anything listens."""
+    write_config(tmp_path, {"allow": []})
+    config = str(tmp_path / "egress-guard.yaml")
+    eg = [sys.executable, "-m", "egress_guard", "up", "--config", config]
+    too_long = subprocess.run(
+        [*eg, "--listen-unix", "/tmp/" + "y" * 110 + "/p.sock"], capture_output=True, text=True, timeout=60
+    )
+    assert too_long.returncode == 1 and "at most 107 fit" in too_long.stderr, too_long.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = sock_dir / "proxy.sock"
+    proc = subprocess.Popen(
+        [*eg, "--listen", f"127.0.0.1:{port}", "--listen-unix", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(2)]
+        assert banner[1].strip() == f"and on:   unix:{path} (relayed to it)", banner
+        sock, head = unix_connect(path, "evil.example:443")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 403"), head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert proc.returncode == 0
+    assert not path.exists()
