@@ -7,8 +7,10 @@
 Starts a forwarder in the background — TCP 127.0.0.1:8080 inside the container to
 egress-guard's Unix socket mounted at /run/egress-guard/proxy.sock — waits until it
 listens, then execs CMD (its exit status is the container's). The proxy variables
-(`egress-guard env`) point at http://127.0.0.1:8080, so every client that honours them
+(`egress-guard env`) point at http://127.0.0.1:PORT, so every client that honours them
 reaches egress-guard, and nothing else exists to reach: the container has only `lo`.
+Without --listen (or EG_FORWARD_LISTEN) it listens where HTTPS_PROXY points when that is
+a loopback address, else on 127.0.0.1:8080.
 With --env-file (or EG_ENV_FILE), CMD also gets the variables of that dotenv file (what
 `egress-guard env --agent A --format dotenv` printed: fake keys, proxy, CA). Without CMD,
 it only forwards (in the foreground).
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import os
 import sys
+import urllib.parse
 
 CHUNK = 65536
 
@@ -79,18 +82,26 @@ def read_env_file(path):
     return out
 
 
+def proxy_listen(env):
+    """Where the agent's proxy variables point, if that is loopback; else 127.0.0.1:8080."""
+    url = urllib.parse.urlsplit(env.get("HTTPS_PROXY") or env.get("https_proxy") or "")
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.hostname in ("127.0.0.1", "localhost") and port:
+        return f"127.0.0.1:{port}"
+    return "127.0.0.1:8080"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="eg-forward", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--listen", default=os.environ.get("EG_FORWARD_LISTEN", "127.0.0.1:8080"))
+    parser.add_argument("--listen", default=os.environ.get("EG_FORWARD_LISTEN"))
     parser.add_argument("--socket", default=os.environ.get("EG_SOCKET", "/run/egress-guard/proxy.sock"))
     parser.add_argument("--env-file", default=os.environ.get("EG_ENV_FILE"))
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    host, _, port = args.listen.rpartition(":")
-    if not command:
-        asyncio.run(forward(host, int(port), args.socket))
-        return 0
     env = dict(os.environ)
     if args.env_file:
         try:
@@ -98,6 +109,11 @@ def main(argv=None):
         except OSError as exc:
             print(f"eg-forward: cannot read {args.env_file}: {exc.strerror}", file=sys.stderr)
             return 1
+    listen = args.listen or proxy_listen(env)
+    host, _, port = listen.rpartition(":")
+    if not command:
+        asyncio.run(forward(host, int(port), args.socket))
+        return 0
     ready_r, ready_w = os.pipe()
     if os.fork() == 0:  # the forwarder: outlives the exec below, dies with the container
         os.close(ready_r)
@@ -111,7 +127,7 @@ def main(argv=None):
     ready = os.read(ready_r, 1)  # b"" when the forwarder died before listening
     os.close(ready_r)
     if not ready:
-        print(f"eg-forward: could not listen on {args.listen}", file=sys.stderr)
+        print(f"eg-forward: could not listen on {listen}", file=sys.stderr)
         return 1
     if not os.path.exists(args.socket):
         print(f"eg-forward: warning: {args.socket} does not exist (mount egress-guard's socket there)", file=sys.stderr)

@@ -382,10 +382,12 @@ print("stream ended", flush=True)
 def test_kill_while_the_container_streams_through_egress_guard(
     engine: Dockerd, sock_dir: Path, tmp_path: Path, cred_config: dict, real_env: dict, llm_upstream: Upstream
 ) -> None:
-    config = write_config(tmp_path, cred_config)
+    # another port than 8080 in the proxy variables: eg-forward listens where they point
+    config = write_config(tmp_path, {**cred_config, "listen": "127.0.0.1:18999"})
     proxy = RunningProxy(config, listen_unix=sock_dir / "proxy.sock").start()
     try:
         env = agent_env(config.path)
+        assert env["HTTPS_PROXY"] == "http://127.0.0.1:18999"
         share_like_compose(env, config.ca_dir, sock_dir)
         container = engine.docker(
             "run", "-d", "--network", "none", "--user", "10002:10002", "--cap-drop", "ALL",
