@@ -17,6 +17,7 @@ from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
+from egress_guard.addons.sandboxes import Sandboxes, SandboxGuard
 from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
@@ -48,6 +49,8 @@ class Chain:
 
     HOOKS = (
         "client_connected",
+        "next_layer",
+        "dns_request",
         "http_connect",
         "requestheaders",
         "request",
@@ -148,6 +151,9 @@ class Runtime:
 def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
     """The addons in the order every hook runs through them, and the background tasks.
 
+     0. SandboxGuard     connections from `run --isolate` sandboxes (TUN modes): names their
+                         agent on every flow, answers their DNS, turns captured TCP into
+                         tunnels or refuses it (first, so every row from a sandbox names it)
      1. TimeoutWatch     connect, TLS and response-header timeouts upstream; a request head
                          in time from the agent (first, so a slow guard never counts as the
                          agent's delay)
@@ -167,9 +173,12 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
                          parser refusals and connections closed before any request
      Background (not addons: every hook walks every addon, so those with no flow hooks
      stay out of the chain): KillSwitch follows revocations and cuts the connections of
-     revoked keys; BudgetFollower follows run-time budget changes.
+     revoked keys (and kills the revoked agents' sandboxes); BudgetFollower follows run-time
+     budget changes; Sandboxes serves the control socket `run --isolate` opens sandboxes by.
     """
     tunnels: Tunnels = {}
+    attribution = Attribution(rt.hmac_key, rt.config.services, rt.keys)
+    sandboxes = Sandboxes(rt.config, rt.audit, rt.proxyserver, attribution)
     credentials = CredentialGuard(
         rt.config.services,
         rt.config.agents,
@@ -177,14 +186,16 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         rt.keys,
         rt.secrets,
         lambda client_id: cut_client(rt.proxyserver, client_id),
+        sandboxes.origin,
     )
     recorder = AuditRecorder(
         rt.audit,
         query_strings=rt.config.audit_query_strings,
-        attribution=Attribution(rt.hmac_key, rt.config.services, rt.keys),
+        attribution=attribution,
         tunnels=tunnels,
     )
     return [
+        SandboxGuard(sandboxes, rt.config.rules, tunnels),
         TimeoutWatch(rt.timeouts, rt.proxyserver, recorder.idle_closed),
         AuditGate(rt.audit),
         ConnectGuard(rt.config.rules, tunnels, rt.config.services),
@@ -200,4 +211,4 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         ),
         FailureAnswers(rt.timeouts),
         recorder,
-    ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver), rt.budgets]
+    ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver, sandboxes=sandboxes), rt.budgets, sandboxes]

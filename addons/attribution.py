@@ -4,8 +4,10 @@ A refusal often comes before (or instead of) the credential swap that names the 
 wrong host, a forbidden path, a key sent where it does not belong, a request mitmproxy's
 parser refused. Such a request still names its agent when it carries a genuine egress-guard
 key anywhere in its headers, URL or (buffered) body — identified by its HMAC, never swapped —
-and a connection that once presented a key keeps naming that agent. Used for refusal rows
-only: allowed requests are named by the credential guard, and the hot path pays nothing.
+and a connection that once presented a key keeps naming that agent. A connection from an
+isolated sandbox (`run --isolate`) is pinned to the sandbox's agent: it names that agent
+whatever keys it carries. Used for refusal rows only: allowed requests are named by the
+credential guard (or the sandbox), and the hot path pays nothing.
 """
 
 from __future__ import annotations
@@ -27,19 +29,31 @@ class Attribution:
         self.scanner = FakeKeyScanner(hmac_key, services)
         self.keys = keys
         self.by_client: dict[str, Who] = {}  # client connection id -> the agent it last presented
+        self.pinned: dict[str, Who] = {}  # client connection id -> its sandbox's agent (addons/sandboxes.py)
+
+    def pin(self, client_id: str, who: Who) -> None:
+        self.pinned[client_id] = who
+
+    def unpin(self, client_id: str) -> None:
+        self.pinned.pop(client_id, None)
 
     def remember(self, client_id: str, agent: str, session: str | None) -> None:
         self.by_client[client_id] = (agent, session)
 
     def forget(self, client_id: str) -> None:
         self.by_client.pop(client_id, None)
+        self.pinned.pop(client_id, None)
 
     def known(self, client_id: str) -> Who | None:
-        return self.by_client.get(client_id)
+        return self.pinned.get(client_id) or self.by_client.get(client_id)
 
     async def identify(self, request: http.Request | None, client_id: str) -> Who | None:
-        """The agent of the first genuine egress-guard key in `request`, else the one the
-        client connection presented before, else None."""
+        """The sandbox's agent for a connection from one; else the agent of the first genuine
+        egress-guard key in `request`, else the one the client connection presented before,
+        else None."""
+        pinned = self.pinned.get(client_id)
+        if pinned is not None:
+            return pinned
         if request is not None and self.scanner.max_len:
             places = [value for _, value in request.headers.fields]
             places.append(request.path.encode("latin-1", "replace"))

@@ -102,6 +102,7 @@ class CredentialGuard:
         keys: KeyCache,
         store: SecretStore,
         cut: Callable[[str], object],
+        origin: Callable[[connection.Client], str | None] = lambda client: None,
     ) -> None:
         self.services = services
         self.agents = agents
@@ -111,6 +112,7 @@ class CredentialGuard:
         self.keys = keys
         self.store = store
         self.cut = cut  # closes a client connection by id (the kill switch's tool too)
+        self.origin = origin  # the agent a connection came from by where it came in (a sandbox), else None
         self.scanner = FakeKeyScanner(hmac_key, services)
         self.clients: dict[str, set[str]] = {}  # key id -> client connection ids that used it
         self._forms: dict[str, tuple[str, SecretForms]] = {}  # service -> (its secret, its forms)
@@ -240,7 +242,9 @@ class CredentialGuard:
             if p.key_id is not None and p.service == service.name and p.key_id not in records:
                 records[p.key_id] = await self.keys.lookup(p.key_id)
         plain_http = None if req.scheme == "https" else req.pretty_host
-        return judge(service, presented, records, self.agents, now_iso(), plain_http=plain_http), found
+        origin = self.origin(flow.client_conn)
+        verdict = judge(service, presented, records, self.agents, now_iso(), plain_http=plain_http, origin=origin)
+        return verdict, found
 
     async def _swap(self, flow: http.HTTPFlow, service: Service) -> CredentialVerdict | None:
         """Judges the request's credentials and, if they may be used, puts the real secret in

@@ -145,11 +145,13 @@ class EgressProxy:
                 self.timeouts,
             )
             flow_addons, self._background = addons.chain(runtime)
+            # The chain before NextLayer: its next_layer hook (a sandbox's explicit proxy
+            # address, addons/sandboxes.py) must choose before mitmproxy's default does.
             self.master.addons.add(
                 self._proxyserver,
+                addons.Chain(flow_addons),
                 next_layer.NextLayer(),
                 tlsconfig.TlsConfig(),
-                addons.Chain(flow_addons),
                 ready,
             )
             self.master.options.update(**self.options())
@@ -181,6 +183,12 @@ class EgressProxy:
                 await self.stop()
                 raise StartupError(str(exc)) from None
         return self.address
+
+    @property
+    def used_tun(self) -> bool:
+        """A TUN device (a `run --isolate` sandbox) existed in this process: mitmproxy_rs's
+        threads may then crash at interpreter exit, so `up` leaves with os._exit."""
+        return any(getattr(task, "used_tun", False) for task in self._background)
 
     async def stop(self) -> int:
         """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""

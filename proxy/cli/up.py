@@ -101,7 +101,18 @@ def up(config_path: Path | None, listen: str | None, listen_unix: Path | None, v
     ca.write_bundle(config.ca_dir)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("egress_guard").setLevel(logging.DEBUG if verbose else logging.INFO)
-    sys.exit(asyncio.run(_serve(config, address, listen_unix)))
+    code = asyncio.run(_serve(config, address, listen_unix))
+    if _USED_TUN:
+        # mitmproxy_rs's threads crash now and then during interpreter finalization once a TUN
+        # existed (exit 139): everything is flushed and closed, so leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+_USED_TUN = False  # set by _serve when the proxy had a TUN (a `run --isolate` sandbox)
 
 
 async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Path | None = None) -> int:
@@ -142,6 +153,8 @@ async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Pa
     status_mod.remove(status_mod.status_path(config), status.pid)
     click.echo("shutting down: closing listener, flushing audit log", err=True)
     lost = await proxy.stop()
+    global _USED_TUN
+    _USED_TUN = proxy.used_tun
     click.echo(f"stopped; {proxy.audit.written} audit rows written, {lost} lost", err=True)
     return 0 if lost == 0 else 1
 

