@@ -140,3 +140,101 @@ def test_up_listen_unix_from_the_command_line(tmp_path: Path, sock_dir: Path) ->
         proc.wait(20)
     assert proc.returncode == 0
     assert not path.exists()
+
+
+def test_connections_over_the_cap_do_not_exhaust_the_proxy(tmp_path: Path, sock_dir: Path) -> None:
+    """An agent opening far more connections to the socket than the relay takes (MAX_CONNECTIONS)
+    cannot starve `up` of file descriptors: its TCP listener still answers, and the log
+    stays a few lines (no traceback per refused connection). `up` runs with 1,024 fds:
+    without the cap, 1,300 idle connections (two fds each in `up`) would exhaust them."""
+    import resource
+
+    from egress_guard.unix_relay import MAX_CONNECTIONS
+
+    write_config(tmp_path, {"allow": []})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = sock_dir / "proxy.sock"
+    log_path = tmp_path / "up.log"
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "egress_guard", "up", "--config", str(tmp_path / "egress-guard.yaml"),
+             "--listen", f"127.0.0.1:{port}", "--listen-unix", str(path)],
+            stdout=subprocess.PIPE, stderr=log_file, text=True, preexec_fn=low_fd_limit,
+        )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        deadline = time.monotonic() + 15
+        while len(clients) < 1300 and time.monotonic() < deadline:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            clients.append(c)
+            while time.monotonic() < deadline:
+                try:
+                    c.connect(str(path))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.005)  # the backlog is full for a moment: wait until the relay accepts
+        time.sleep(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as tcp:
+            tcp.sendall(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
+            assert tcp.recv(4096).startswith(b"HTTP/1.1 403")
+
+        def through_socket() -> bytes:
+            try:
+                sock, head = unix_connect(path, "evil.example:443")
+                sock.close()
+                return head
+            except OSError as exc:
+                return repr(exc).encode()
+
+        assert not through_socket().startswith(b"HTTP/1.1"), "no slot free: closed at once"
+        for c in clients[: MAX_CONNECTIONS + 50]:
+            c.close()  # slots free up
+        deadline = time.monotonic() + 10
+        while not (head := through_socket()).startswith(b"HTTP/1.1 403") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert head.startswith(b"HTTP/1.1 403"), head
+    finally:
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    log_text = log_path.read_text()
+    assert log_path.stat().st_size < 4000, log_text[:4000]
+    assert f"{MAX_CONNECTIONS} connections on {path} already" in log_text
+    assert "Traceback" not in log_text
+
+
+def test_a_directory_others_can_write_is_refused_unless_sticky(sock_dir: Path) -> None:
+    """Another user who can write the socket's directory could swap the socket (or, before,
+    a symlink the chmod followed): refused, naming the fix. Sticky (like /tmp) is fine; the
+    socket is 0666 whatever the umask, and nothing is left next to it."""
+
+    async def main() -> None:
+        shared = sock_dir / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        with pytest.raises(UnixRelayError, match=r"writable by group or others and not sticky.*Fix: chmod go-w"):
+            await UnixRelay(shared / "p.sock", ("127.0.0.1", 9)).start()
+        assert os.listdir(shared) == []
+        shared.chmod(0o1777)
+        old = os.umask(0o077)
+        try:
+            relay = UnixRelay(shared / "p.sock", ("127.0.0.1", 9))
+            await relay.start()
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((shared / "p.sock").lstat().st_mode) == 0o666
+        assert os.listdir(shared) == ["p.sock"]
+        await relay.stop()
+        assert os.listdir(shared) == []
+
+    asyncio.run(main())
