@@ -476,3 +476,79 @@ def test_captured_requests_cost_about_what_explicit_ones_do(world: World, box: B
         f"{exp50}/{exp90}; on the host via the regular listener {reg50}/{reg90}; sandbox ready in {box.start_ms:.0f} ms"
     )
     assert cap50 < 20 and exp50 < 20  # no delayed-ACK stalls (the route's quickack 1)
+
+
+SDK_RUN = """
+import json, os, ssl, sys
+sys.path.insert(0, sys.argv[3])
+import openai
+proxy = sys.argv[2] == 'proxy'
+if not proxy:
+    for name in ('HTTPS_PROXY', 'HTTP_PROXY', 'https_proxy', 'http_proxy', 'ALL_PROXY', 'all_proxy'):
+        os.environ.pop(name, None)
+http = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=os.environ['SSL_CERT_FILE']))
+client = openai.OpenAI(base_url='https://api.openai.com:' + sys.argv[1] + '/v1', max_retries=0, http_client=http)
+r = client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}])
+print(json.dumps({'proxy': proxy, 'content': r.choices[0].message.content, 'via': os.environ.get('HTTPS_PROXY')}))
+"""
+CACHE = Path(os.environ.get("EGRESS_GUARD_TEST_CACHE_SHARED") or "/var/cache/egress-guard-tests")
+
+
+@pytest.fixture(scope="module")
+def agent_site() -> Path:
+    """The openai SDK (the venv's version) for the system Python, which the sandbox's user can
+    run (the venv's Python lives under /root), installed once where that user can read it."""
+    import openai
+
+    version = openai.__version__
+    tag = subprocess.run([PY, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    site = CACHE / f"agent-site-openai-{version}-{tag}-x86_64"
+    if not (site / "openai").is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(
+            [
+                PY,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--target",
+                str(site),
+                f"openai=={version}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if out.returncode != 0:
+            shutil.rmtree(site, ignore_errors=True)
+            pytest.skip(f"SKIPPED: pip could not install openai=={version} for {PY}: {out.stderr[-600:]}")
+    os.chmod(CACHE, 0o755)
+    return site
+
+
+def test_run_isolate_python_openai_sdk_with_and_without_proxy_variables_is_priced(
+    world: World, agent_site: Path
+) -> None:
+    """Through the launcher (`run --isolate`, as nobody): the SDK reaches the provider through
+    the proxy variables and, with them removed, through capture; both calls priced."""
+    argv = [*EG, "run", "--isolate", "--config", str(world.config.path), "--agent", "researcher"]
+    priced = "host = 'api.openai.com' AND cost_usd IS NOT NULL AND agent = 'researcher'"
+    before = len(world.rows(priced, expect=0))
+    for mode in ("proxy", "captured"):
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [*argv, "--", PY, "-c", SDK_RUN, str(world.llm_port), mode, str(agent_site)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+        )
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["content"] and got["proxy"] == (mode == "proxy") and (got["via"] is None) == (mode != "proxy")
+        print(f"run --isolate python openai SDK ({mode}): {(time.monotonic() - t0) * 1000:.0f} ms end to end")
+    rows = world.rows(priced, expect=before + 2)[before:]
+    assert len(rows) == 2 and all(r["session"] and r["credential"] == "swapped" for r in rows), rows
