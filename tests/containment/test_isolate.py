@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,12 @@ def test_kill_the_agent_kills_its_sandbox_within_a_second(world: World) -> None:
         assert gone - t_cli < 1.0
         rows = world.rows("agent = 'runner' AND reason LIKE 'kill: sandbox%'")
         assert rows and "SIGKILLed" in rows[0]["reason"], rows
+        conn = sqlite3.connect(world.config.audit_path)
+        (revoked,) = conn.execute("SELECT ts FROM revocations WHERE agent = 'runner'").fetchone()
+        conn.close()
+        lag = datetime.fromisoformat(rows[0]["ts"]) - datetime.fromisoformat(revoked)
+        print(f"kill: revocation written -> sandbox SIGKILLed: {lag.total_seconds() * 1000:.0f} ms")
+        assert lag.total_seconds() < 1.0
         proc.wait(5)
     finally:
         b.close()
