@@ -17,7 +17,8 @@ from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
-from egress_guard.addons.sandboxes import Sandboxes, SandboxGuard
+from egress_guard.addons.sandbox_guard import SandboxGuard
+from egress_guard.addons.sandboxes import Sandboxes
 from egress_guard.addons.spend_guard import SpendGuard
 from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch

@@ -14,7 +14,7 @@ and PID namespaces of its own whose only network device is a TUN this process ho
 mitmproxy's `tun` mode hands every packet from the TUN to the proxy; `Sandboxes` knows which
 sandbox, and so which agent and session, each TUN belongs to. A connection's identity comes
 from where it came in (`client.proxy_mode`), which nothing inside the sandbox can forge.
-`SandboxGuard` (first in the chain) then:
+`SandboxGuard` (addons/sandbox_guard.py, first in the chain) then:
 
 - names the sandbox's agent and session on every flow and refusal from it;
 - answers every DNS query itself: names an allow rule covers get an address of its own from
@@ -41,25 +41,19 @@ import secrets
 import signal
 import socket
 import struct
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import connection, dns, http
-from mitmproxy.proxy import layer, layers
-from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy import connection
 from mitmproxy.proxy.mode_specs import ProxyMode, TunMode
 
 from egress_guard.addons._flow import safe_text
 from egress_guard.addons.attribution import Attribution
-from egress_guard.addons.connect_guard import Tunnels
-from egress_guard.addons.flow import state
 from egress_guard.addons.killswitch import cut_client
 from egress_guard.config import Config
-from egress_guard.hosts import HostError, normalize_host
-from egress_guard.policy import Destination, Rule, Verdict, decide
+from egress_guard.policy import Verdict
 from egress_guard.store import AuditLog, AuditRow
 from egress_guard.timeutil import now_iso
 
@@ -72,8 +66,6 @@ DNS_ADDR = "198.18.0.53"  # the sandbox's nameserver (any address reaches us; th
 PROXY_ADDR = ("198.18.255.254", 3128)  # the explicit proxy inside (HTTP(S)_PROXY)
 CONTROL_SOCKET = "control.sock"
 MAX_SANDBOXES = 254  # 10.77.N.2, N = 1..254
-REFUSE_AFTER = 0.05  # seconds a refused captured TCP connection stays open (see client_connected)
-DNS_ROW_EVERY = 2.0  # seconds: one NXDOMAIN row per name and sandbox in this window (A + AAAA)
 
 
 def control_path(ca_dir: Path) -> Path:
@@ -323,152 +315,3 @@ class Sandboxes:
                 session=sb.session,
             )
         )
-
-
-class SandboxGuard:
-    """The chain member for flows from sandboxes (first in the chain: it names them)."""
-
-    def __init__(self, sandboxes: Sandboxes, rules: tuple[Rule, ...], tunnels: Tunnels) -> None:
-        self.sandboxes = sandboxes
-        self.rules = rules
-        self.tunnels = tunnels
-        self.audit = sandboxes.audit
-
-    def _covered(self, name: str) -> bool:
-        try:
-            host = normalize_host(name)
-        except HostError:
-            return False
-        return host.ip is None and any(r.matches_host(host) for r in self.rules)
-
-    def _refuse(
-        self, sb: Sandbox, client: connection.Client, reason: str, host: str | None, port: int | None, **kw: Any
-    ) -> None:
-        peer = client.peername
-        row = AuditRow(
-            ts=now_iso(),
-            request_id=str(uuid.uuid4()),
-            kind="connect",
-            decision=Verdict.DENY.value,
-            reason=safe_text(reason, 300),
-            client=f"{peer[0]}:{peer[1]}" if peer else None,
-            host=safe_text(host, 255) if host else None,
-            port=port,
-            agent=sb.agent,
-            session=sb.session,
-            **kw,
-        )
-        self.audit.record(row)
-        log.info("deny %s:%s from sandbox %s (agent %s): %s", host, port, sb.id, sb.agent, row.reason)
-
-    # --- connections -----------------------------------------------------------------------
-
-    async def client_connected(self, client: connection.Client) -> None:
-        sb = self.sandboxes.of(client)
-        if sb is None:
-            return
-        if sb.agent is not None:
-            self.sandboxes.attribution.pin(client.id, (sb.agent, sb.session))
-        refusal = self._admit(sb, client)
-        if refusal is not None and client.transport_protocol == "tcp":
-            # mitmproxy_rs hands over a TCP stream before the handshake is done; closed at
-            # once, the FIN was sometimes lost and the sandbox's connect hung (measured): let
-            # the handshake finish first
-            await asyncio.sleep(REFUSE_AFTER)
-        if refusal is not None:
-            client.error = f"egress-guard: {refusal}"
-
-    def _admit(self, sb: Sandbox, client: connection.Client) -> str | None:
-        """Why a sandbox's connection is refused (recorded), or None: it goes on."""
-        ip, port = str(client.sockname[0]), int(client.sockname[1])
-        if client.transport_protocol == "udp":
-            if port == 53:
-                return None  # DNS, answered by dns_request
-            reason = f"UDP to {ip}:{port} refused: a sandbox may send only DNS"
-            self._refuse(sb, client, reason, ip, port)
-            return reason
-        if (ip, port) == PROXY_ADDR or port == 53:
-            return None  # the explicit proxy (next_layer); DNS over TCP, answered by dns_request
-        name = sb.name_by_fake.get(ip)
-        if name is None:
-            reason = (
-                f"captured TCP to {ip}:{port} refused: not an address egress-guard's DNS handed out "
-                "(hard-coded addresses and other resolvers are not reachable from a sandbox)"
-            )
-            self._refuse(sb, client, reason, ip, port)
-            return reason
-        host = normalize_host(name)
-        decision = decide(self.rules, Destination(host, port))
-        if not decision.allowed:
-            self._refuse(sb, client, f"captured TCP: {decision.reason}", name, port, rule=decision.rule)
-            return decision.reason
-        self.tunnels[client.id] = (host, port)  # RequestGuard checks Host and SNI against it
-        return None
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.sandboxes.attribution.unpin(client.id)
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """The explicit proxy address inside a sandbox speaks HTTP proxy (CONNECT and absolute
-        URLs), as the regular listener does (the chain runs before mitmproxy's NextLayer)."""
-        context = nextlayer.context
-        if nextlayer.layer is not None or len(context.layers) != 1 or context.client.transport_protocol != "tcp":
-            return
-        if self.sandboxes.of(context.client) is None or tuple(context.client.sockname) != PROXY_ADDR:
-            return
-        context.server.address = None
-        nextlayer.layer = layers.HttpLayer(context, HTTPMode.regular)
-
-    # --- flows: the identity ---------------------------------------------------------------
-
-    def _name(self, flow: http.HTTPFlow) -> None:
-        sb = self.sandboxes.of(flow.client_conn)
-        if sb is not None:
-            st = state(flow)
-            st.agent, st.session = sb.agent, sb.session
-
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        self._name(flow)
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._name(flow)
-
-    # --- DNS -------------------------------------------------------------------------------
-
-    def dns_request(self, flow: dns.DNSFlow) -> None:
-        """Answer every query (an unanswered one would go to wherever the sandbox sent it)."""
-        from mitmproxy.net.dns import response_codes, types
-
-        try:
-            sb = self.sandboxes.of(flow.client_conn)
-            question = flow.request.question
-            if sb is None or question is None:
-                flow.response = flow.request.fail(response_codes.REFUSED)
-                return
-            name = question.name.lower().rstrip(".")
-            if self._covered(name):
-                fake = sb.fake_ip(name) if question.type == types.A else None
-                if question.type == types.A and fake is None:
-                    flow.response = flow.request.fail(response_codes.SERVFAIL)
-                    return
-                answers = [dns.ResourceRecord.A(question.name, ipaddress.IPv4Address(fake), ttl=300)] if fake else []
-                flow.response = flow.request.succeed(answers)  # AAAA, HTTPS, ...: no data
-                return
-            flow.response = flow.request.fail(response_codes.NXDOMAIN)
-            now = time.monotonic()
-            if now - sb.denied_names.get(name, -1e9) >= DNS_ROW_EVERY:
-                if len(sb.denied_names) > 4096:
-                    sb.denied_names.clear()
-                sb.denied_names[name] = now
-                self._refuse(
-                    sb,
-                    flow.client_conn,
-                    f"dns: no allow rule covers {safe_text(name, 120)!r}: answered NXDOMAIN",
-                    name,
-                    53,
-                    scheme="dns",
-                    method=types.to_str(question.type)[:20],
-                )
-        finally:
-            if flow.response is None:
-                flow.response = flow.request.fail(response_codes.REFUSED)
