@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,14 @@ class InitReport:
     kept: list[str] = field(default_factory=list)
 
 
+def _create_private(path: Path, data: bytes) -> None:
+    """Create `path` 0600 (never readable by others: a sandboxed agent runs as another user),
+    failing if it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def init(directory: Path, config_path: Path | None = None) -> InitReport:
     """Create whatever of config, CA and audit DB is missing under `directory`."""
     report = InitReport()
@@ -108,8 +117,8 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
     if config_path.exists():
         report.kept.append(f"config {config_path}")
     else:
-        config_path.write_text(DEFAULT_CONFIG)
-        report.created.append(f"config {config_path}")
+        _create_private(config_path, DEFAULT_CONFIG.encode())
+        report.created.append(f"config {config_path} (mode 0600)")
     config = load_config(config_path)  # a kept config must still be valid
     ca_cert = ca.CAFiles(config.ca_dir).cert
     if ca.create_ca(config.ca_dir):
@@ -124,10 +133,13 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
         fakekeys.load_or_create_hmac_key(config.ca_dir)
         report.created.append(f"fake-key HMAC key {hmac_file} (mode 0600)")
     existed = config.audit_path.exists()
+    if not existed:  # 0600 before SQLite opens it: its -wal and -shm files take the DB's mode
+        config.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(config.audit_path, b"")
     applied = store.migrate(config.audit_path)
     if existed:
         note = f" (applied migrations {', '.join(applied)})" if applied else ""
         report.kept.append(f"audit DB {config.audit_path}{note}")
     else:
-        report.created.append(f"audit DB {config.audit_path}")
+        report.created.append(f"audit DB {config.audit_path} (mode 0600)")
     return report

@@ -134,7 +134,8 @@ def env(wanted: AgentEnvRequest, fmt: str) -> None:
 )
 @click.option(
     "--user",
-    help="With --isolate: run the command as this user (default: the sudo caller, else nobody/65534).",
+    help="With --isolate: run the command as this user (default: nobody/65534; as your own user it can act "
+    "through your files and sockets).",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -146,7 +147,7 @@ def run(
     secrets and vault credentials name); with --agent it gets fresh fake keys instead.
 
     With --isolate (Linux, as root, while `egress-guard up` runs) the command runs in its
-    own network, mount and PID namespaces, as the sudo caller (or --user), with no way out
+    own network, mount, IPC and PID namespaces, as nobody (or --user), with no way out
     but egress-guard: TCP to any address is captured and checked, DNS is answered by
     egress-guard, nothing else leaves. Its exit status is the command's; ^C works; when it
     ends, every process in the sandbox ends with it.
@@ -187,7 +188,7 @@ def _run_isolated(wanted: AgentEnvRequest, max_time: str | None, user: str | Non
     config = load(wanted.config_path)
     try:
         sandbox.preflight()
-        who = isolate.sandbox_user(user, os.environ)
+        who = isolate.sandbox_user(user)
         control = control_mod.ControlClient(control_mod.socket_path(config.ca_dir))
     except sandbox.SandboxError as exc:
         raise click.ClickException(str(exc)) from None
@@ -196,7 +197,7 @@ def _run_isolated(wanted: AgentEnvRequest, max_time: str | None, user: str | Non
         variables, hidden = _agent_env(wanted)
         try:
             opened = control.open(variables.get("EGRESS_GUARD_AGENT"), variables.get("EGRESS_GUARD_SESSION"))
-            base = {k: v for k, v in os.environ.items() if k not in hidden}
+            base = {k: v for k, v in os.environ.items() if k not in hidden}  # sandbox_env: allowlist
             return isolate.run_isolated(
                 control,
                 opened,

@@ -6,6 +6,7 @@ The caller (the CLI) mints the session's fake keys; this module only runs things
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import selectors
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egress_guard.sandbox.control import ControlClient, Opened
-from egress_guard.sandbox.launcher import Sandbox, SandboxError, SandboxSpec, start
+from egress_guard.sandbox.launcher import SHARE_MOUNT, Sandbox, SandboxError, SandboxSpec, start
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 
@@ -33,18 +34,13 @@ class User:
     name: str
 
 
-def sandbox_user(explicit: str | None, environ: Mapping[str, str]) -> User:
-    """Who the command runs as: --user if given, else the sudo caller (SUDO_UID/SUDO_GID),
-    else nobody (65534). Never root: root in the initial user namespace could re-route or
-    leave the namespace."""
+def sandbox_user(explicit: str | None) -> User:
+    """Who the command runs as: nobody (65534), or --user if given. Never the sudo caller
+    implicitly: as that user the agent could act through the caller's files (~/.bashrc,
+    .git/hooks, venvs) and sockets. Never root: root in the initial user namespace could
+    re-route or leave the namespace."""
     gid: int | None = None
-    if explicit is not None:
-        spec = explicit
-    elif environ.get("SUDO_UID"):
-        spec = environ["SUDO_UID"]
-        gid = int(environ["SUDO_GID"]) if environ.get("SUDO_GID", "").isdigit() else None
-    else:
-        spec = "65534"
+    spec = explicit if explicit is not None else "65534"
     try:
         entry: pwd.struct_passwd | None = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
     except KeyError:
@@ -57,16 +53,25 @@ def sandbox_user(explicit: str | None, environ: Mapping[str, str]) -> User:
             "the isolated command must not run as root (root could leave the sandbox's network). "
             "Fix: pass --user NAME, or run egress-guard with sudo from your own account"
         )
-    home = entry.pw_dir if entry and os.path.isdir(entry.pw_dir) else "/tmp"  # noqa: S108
+    home = entry.pw_dir if explicit is not None and entry and os.path.isdir(entry.pw_dir) else "/tmp"  # noqa: S108
     return User(
         uid, gid if gid is not None else (entry.pw_gid if entry else uid), home, entry.pw_name if entry else spec
     )
 
 
+# What the command inherits from run's environment (allowlist: no cloud credentials, agent
+# sockets, session buses or tokens of the caller); `env --agent`'s variables come on top.
+INHERITED = frozenset({"PATH", "LANG", "TERM", "TZ", "COLORTERM", "NO_COLOR"})
+
+
+def inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k in INHERITED or k.startswith("LC_")}
+
+
 @contextmanager
 def run_dir() -> Iterator[Path]:
     """A directory the sandbox's user can read (0755; files 0644): the CA copies and the
-    resolv.conf. Removed afterwards."""
+    resolv.conf, bound read-only at SHARE_MOUNT inside. Removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix="egress-guard-sandbox-"))
     try:
         path.chmod(0o755)
@@ -89,17 +94,18 @@ def sandbox_env(
     directory: Path,
     user: User,
 ) -> dict[str, str]:
-    """`variables` (what `env --agent` prints) over `base`, with the proxy at the address
-    `up` gave for this sandbox and every CA path pointing at a copy the user can read."""
-    env = dict(base) | dict(variables)
+    """`variables` (what `env --agent` prints) over the allowed part of `base`, with the
+    proxy at the address `up` gave for this sandbox and every CA path pointing at a copy the
+    user can read (in `directory`, seen inside at SHARE_MOUNT)."""
+    env = inherited(base) | dict(variables)
     copies: dict[str, str] = {}
     for key, value in variables.items():
         if key.endswith(("_PROXY", "_proxy")) or key in PROXY_VARS:
             continue
         if value.endswith(".pem") and os.path.isfile(value) and value not in copies:
-            copies[value] = str(
-                _publish(directory, f"{len(copies)}-{os.path.basename(value)}", Path(value).read_bytes())
-            )
+            name = f"{len(copies)}-{os.path.basename(value)}"
+            _publish(directory, name, Path(value).read_bytes())
+            copies[value] = f"{SHARE_MOUNT}/{name}"
         if value in copies:
             env[key] = copies[value]
     url = f"http://{opened.proxy}"
@@ -112,23 +118,85 @@ def _kill_message(reason: str) -> None:
     print(f"egress-guard: {reason}: sandbox killed", file=sys.stderr, flush=True)
 
 
-def supervise(sandbox: Sandbox, control: ControlClient | None, deadline: float | None, max_time: str = "") -> int:
-    """Wait for the command; SIGKILL the sandbox at `deadline` (time.monotonic()) or when
-    `up` goes away (fail closed). Returns the command's status."""
+TERM_GRACE = 3.0  # seconds a command has to obey SIGTERM/SIGHUP before the sandbox is killed
+
+
+class Signals:
+    """What `run` received while the sandbox ran: the first ^C (SIGINT/SIGQUIT) and SIGTERM/
+    SIGHUP are forwarded to the command; a second ^C kills the sandbox, and so does a
+    SIGTERM/SIGHUP not obeyed within TERM_GRACE. A pipe wakes `supervise`."""
+
+    def __init__(self) -> None:
+        self.sandbox: Sandbox | None = None
+        self.early: list[int] = []
+        self.interrupts = 0
+        self.term_deadline: float | None = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def close(self) -> None:
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def handle(self, sig: int, _frame: object) -> None:
+        if self.sandbox is None:
+            self.early.append(sig)  # passed on once the sandbox runs
+            return
+        self.deliver(sig)
+
+    def deliver(self, sig: int) -> None:
+        assert self.sandbox is not None
+        if sig in (signal.SIGINT, signal.SIGQUIT):
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                self.sandbox.kill()
+                _kill_message("interrupted twice")
+                return
+        elif self.term_deadline is None:
+            self.term_deadline = time.monotonic() + TERM_GRACE
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wake_w, b"t")
+        self.sandbox.signal(sig)
+
+
+def supervise(
+    sandbox: Sandbox,
+    control: ControlClient | None,
+    deadline: float | None,
+    max_time: str = "",
+    signals: Signals | None = None,
+) -> int:
+    """Wait for the command; SIGKILL the sandbox at `deadline` (time.monotonic()), when
+    `up` goes away (fail closed), or TERM_GRACE after a SIGTERM it does not obey. Returns
+    the command's status."""
     pidfd = sandbox.pidfd()
     sel = selectors.DefaultSelector()
     try:
         sel.register(pidfd, selectors.EVENT_READ, "ended")
         if control is not None:
             sel.register(control.fileno(), selectors.EVENT_READ, "control")
+        if signals is not None:
+            sel.register(signals.wake_r, selectors.EVENT_READ, "signal")
         while sandbox.proc.poll() is None:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
+            now = time.monotonic()
+            term = signals.term_deadline if signals is not None else None
+            if term is not None and term <= now:
+                sandbox.kill()
+                _kill_message(f"the command did not end within {TERM_GRACE:.0f} s of SIGTERM")
+                assert signals is not None
+                signals.term_deadline = float("inf")
+                continue
+            if deadline is not None and deadline <= now:
                 sandbox.kill()
                 _kill_message(f"--max-time {max_time} reached")
                 deadline = None
                 continue
+            ends = [t for t in (deadline, term) if t is not None and t != float("inf")]
+            timeout = min(ends) - now if ends else None
             for key, _ in sel.select(timeout):
+                if key.data == "signal" and signals is not None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(signals.wake_r, 64)
                 if key.data == "control" and control is not None and control.gone():
                     sel.unregister(control.fileno())
                     control = None
@@ -152,9 +220,9 @@ def run_isolated(
     deadline: float | None = None,
     max_time: str = "",
 ) -> int:
-    """Start the sandbox on `opened`'s TUN, report it to `up`, supervise it. SIGINT is
-    ignored here (a terminal's ^C reaches the command, whose status is returned: 130);
-    SIGTERM and SIGHUP are forwarded to the command."""
+    """Start the sandbox on `opened`'s TUN, report it to `up`, supervise it. The command
+    has no controlling terminal: the terminal's ^C reaches `run`, which forwards it (the
+    command's status is returned: 130); see `Signals` for the rest."""
     spec = SandboxSpec(
         command=command,
         env=env,
@@ -162,39 +230,35 @@ def run_isolated(
         gid=user.gid,
         tun=opened.tun,
         addr=opened.addr,
-        resolv_conf=str(resolv_conf),
+        share=str(resolv_conf.parent),
+        resolv_conf=resolv_conf.name,
         hide=hide,
     )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    caught = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {s: signal.getsignal(s) for s in caught}
+    signals = Signals()
     sandbox: Sandbox | None = None
-    early: list[int] = []
-
-    def forward(sig: int, _frame: object) -> None:
-        if sandbox is not None:
-            sandbox.signal(sig)
-        else:
-            early.append(sig)  # passed on once the sandbox runs
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGHUP, forward)
+    for s in caught:
+        signal.signal(s, signals.handle)
     try:
         sandbox = start(spec)
-        for sig in early:
-            sandbox.signal(sig)
+        signals.sandbox = sandbox
+        for sig in signals.early:
+            signals.deliver(sig)
         try:
             control.started(sandbox.init_pid, sandbox.pidns)
         except (SandboxError, OSError):
             sandbox.kill()
             sandbox.wait()
             raise
-        return supervise(sandbox, control, deadline, max_time)
+        return supervise(sandbox, control, deadline, max_time, signals)
     finally:
         if sandbox is not None and sandbox.proc.poll() is None:
             sandbox.kill()
             sandbox.wait()
         for s, h in handlers.items():
             signal.signal(s, h)
+        signals.close()
 
 
 def write_resolv_conf(directory: Path, nameserver: str) -> Path:

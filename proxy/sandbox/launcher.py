@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 STAGE_MODULE = "egress_guard.sandbox.stage"  # run as its own process: not imported here
+SHARE_MOUNT = "/run/egress-guard"  # where SandboxSpec.share appears inside
 TUN_NAME = re.compile(r"^egs-[A-Za-z0-9_-]{1,11}$")
 
 
@@ -40,8 +41,10 @@ def ip_path() -> str:
 class SandboxSpec:
     """What to run and how. `tun`/`addr`: the TUN device (in the host netns now) to move
     in and the sandbox's address on it; without them the sandbox has loopback only.
-    `resolv_conf`: a file bind-mounted over /etc/resolv.conf. `hide`: directories covered
-    by an empty tmpfs inside (the CA dir with its key and control socket)."""
+    `share`: a host directory bound read-only at /run/egress-guard inside (the CA copies);
+    `resolv_conf`: the name of a file in it bound over /etc/resolv.conf. `hide`: directories
+    covered by an empty tmpfs inside (the CA dir with its key and control socket); /tmp,
+    /var/tmp, /dev/shm and /run always get fresh ones."""
 
     command: Sequence[str]
     env: Mapping[str, str]
@@ -49,6 +52,7 @@ class SandboxSpec:
     gid: int = 65534
     tun: str | None = None
     addr: str | None = None
+    share: str | None = None
     resolv_conf: str | None = None
     hide: Sequence[str] = ()
     cwd: str | None = None
@@ -61,6 +65,7 @@ class SandboxSpec:
             "gid": self.gid,
             "tun": self.tun,
             "addr": self.addr,
+            "share": self.share,
             "resolv_conf": self.resolv_conf,
             "hide": list(self.hide),
             "cwd": self.cwd,
@@ -75,7 +80,7 @@ def preflight() -> None:
         raise SandboxError(
             "--isolate needs root: it creates namespaces and moves a TUN device, and /dev/net/tun is "
             "0600 root, so a rootless sandbox (user namespace) cannot be given one. "
-            "Fix: run it with sudo (the command itself runs as you, via SUDO_UID, or as --user)"
+            "Fix: run it with sudo (the command itself runs as nobody, or as --user)"
         )
     if not os.path.exists("/dev/net/tun"):
         raise SandboxError("no /dev/net/tun: the kernel has no TUN support here. Fix: `modprobe tun`")
@@ -83,24 +88,33 @@ def preflight() -> None:
 
 class Sandbox:
     """A running sandbox. `pid`: stage 1 (our child); `init_pid`: the sandbox's PID 1
-    (host pid); `pidns`: the inode of its PID namespace (guards against PID reuse)."""
+    (host pid), `init_fd` a pidfd for it (kill() signals through it: no PID reuse);
+    `pidns`: the inode of its PID namespace."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], init_pid: int, pidns: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], init_pid: int, pidns: int, init_fd: int | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.init_pid = init_pid
+        self.init_fd = init_fd
         self.pidns = pidns
         self.killed_at: float | None = None
         self.start_ms = 0.0  # from start() called to PID 1 running
 
     def kill(self) -> None:
-        """SIGKILL PID 1: the kernel then kills every process in the PID namespace. PID 1 is
-        stage 1's unreaped child until stage 1 exits, so the pid cannot have been reused."""
-        if self.proc.poll() is None:
-            if self.killed_at is None:
-                self.killed_at = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init_pid, signal.SIGKILL)
+        """SIGKILL PID 1 through its pidfd: the kernel then kills every process in the PID
+        namespace. The pidfd was opened before stage 1 may reap PID 1, so it names that
+        process or a dead one, never a reused pid."""
+        if self.init_fd is None or self.proc.poll() is not None:
+            return
+        if self.killed_at is None:
+            self.killed_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.init_fd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.init_fd is not None:
+            os.close(self.init_fd)
+            self.init_fd = None
 
     def signal(self, sig: int) -> None:
         """Send `sig` to stage 1, which forwards SIGTERM/SIGHUP to the command."""
@@ -114,6 +128,7 @@ class Sandbox:
     def wait(self, timeout: float | None = None) -> int:
         """The command's exit status (128+N after signal N). Raises subprocess.TimeoutExpired."""
         code = self.proc.wait(timeout)
+        self.close()
         return code if code >= 0 else 128 - code
 
 
@@ -140,6 +155,7 @@ def start(spec: SandboxSpec) -> Sandbox:
             [sys.executable, "-I", "-m", STAGE_MODULE, str(to_stage_r), str(from_stage_w)],
             pass_fds=(to_stage_r, from_stage_w),
             close_fds=True,
+            start_new_session=True,  # no controlling terminal in the sandbox; ^C comes through run
         )
     finally:
         os.close(to_stage_r)
@@ -160,6 +176,8 @@ def start(spec: SandboxSpec) -> Sandbox:
             detail = line[1:] if line.startswith("E") else f"exit {proc.wait()}"
             raise SandboxError(f"sandbox setup failed: {detail}")
         init_pid = int(line[1:])
+        init_fd = os.pidfd_open(init_pid)  # stage 1 reaps PID 1 only after "K"
+        os.write(to_stage_w, b"K")
         try:
             pidns = os.stat(f"/proc/{init_pid}/ns/pid").st_ino
         except FileNotFoundError:  # the command has already ended
@@ -171,6 +189,6 @@ def start(spec: SandboxSpec) -> Sandbox:
     finally:
         os.close(to_stage_w)
         os.close(from_stage_r)
-    sandbox = Sandbox(proc, init_pid, pidns)
+    sandbox = Sandbox(proc, init_pid, pidns, init_fd)
     sandbox.start_ms = (time.monotonic() - t0) * 1000
     return sandbox

@@ -9,10 +9,22 @@ over the two pipes:
     launcher -> stage  "G"            go on
     stage -> launcher  "P<pid>\\n"     PID 1 of the sandbox (host pid); the command starts
                        "E<message>\\n" setup failed (stage exits 125)
+    launcher -> stage  "K"            the launcher holds a pidfd for PID 1: only now may
+                                      stage 1 reap it (its pid cannot be reused before)
 
 Exit status: the command's (128+N if a signal N ended it, e.g. 137 after SIGKILL).
-Signals: SIGINT/SIGQUIT are ignored by both stages (a terminal's ^C reaches the command
-itself: nobody calls setsid); SIGTERM and SIGHUP are forwarded down to the command.
+Sessions and signals: stage 1 runs in a session of its own (the launcher starts it so) and
+the command in another (setsid before exec), so no process in the sandbox has a
+controlling terminal: TIOCSTI into the caller's terminal fails with EPERM, and the
+terminal's ^C reaches `run` only. SIGINT, SIGQUIT, SIGTERM and SIGHUP sent to stage 1 are
+forwarded down to the command.
+
+Mounts: "/" is made private, then the directories in `hide` get an empty tmpfs, then /tmp,
+/var/tmp, /dev/shm and /run get fresh ones (no host sockets, no shared files between
+sandboxes), then `share` (the host directory with the CA copies and resolv.conf) is bound
+read-only at /run/egress-guard and its resolv.conf over /etc/resolv.conf (over its target
+when that is a symlink into a fresh tmpfs, e.g. /run/systemd/resolve/stub-resolv.conf).
+The sandbox has its own System V IPC namespace too.
 """
 
 from __future__ import annotations
@@ -27,13 +39,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from egress_guard.sandbox.launcher import SandboxError, ip_path
+from egress_guard.sandbox.launcher import SHARE_MOUNT, SandboxError, ip_path
 
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_REMOUNT = 1, 32
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 38, 1
 SETUP_FAILED = 125
-FORWARDED = {signal.SIGTERM, signal.SIGHUP}
+FORWARDED = {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP}
+FRESH = {"/tmp": "1777", "/var/tmp": "1777", "/dev/shm": "1777", "/run": "0755"}  # noqa: S108
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -106,13 +120,32 @@ def _network(cfg: dict[str, Any]) -> None:
         _ip("route", "add", "default", "dev", tun, "src", addr, "quickack", "1")
 
 
+def _covered(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in FRESH)
+
+
 def _filesystem(cfg: dict[str, Any]) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
-    if cfg.get("resolv_conf"):
-        _mount(cfg["resolv_conf"], "/etc/resolv.conf", None, MS_BIND)
+    # What the fresh tmpfs mounts will cover, opened now (O_PATH: bound via /proc/self/fd).
+    share = os.open(cfg["share"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if cfg.get("share") else None
+    resolv_target = os.path.realpath("/etc/resolv.conf")  # may be a symlink into /run
     for path in cfg.get("hide", []):  # e.g. the CA dir: CA key, control socket
         if os.path.isdir(path):
             _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700,size=4k")
+    for path, mode in FRESH.items():  # the host's sockets (tmux, D-Bus, ssh-agent, docker) and files
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
+    if share is None:
+        return
+    os.makedirs(SHARE_MOUNT, mode=0o755)
+    _mount(f"/proc/self/fd/{share}", SHARE_MOUNT, None, MS_BIND)
+    _mount(None, SHARE_MOUNT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.close(share)
+    if cfg.get("resolv_conf"):
+        if _covered(resolv_target) and not os.path.exists(resolv_target):
+            os.makedirs(os.path.dirname(resolv_target), mode=0o755, exist_ok=True)
+            os.close(os.open(resolv_target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        _mount(f"{SHARE_MOUNT}/{cfg['resolv_conf']}", resolv_target, None, MS_BIND)
 
 
 def stage1(rfd: int, wfd: int) -> None:
@@ -120,13 +153,11 @@ def stage1(rfd: int, wfd: int) -> None:
     _die_with_parent()
     if os.getppid() == 1:
         os._exit(SETUP_FAILED)
-    for s in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(s, signal.SIG_IGN)
     for fd in (rfd, wfd):
         os.set_inheritable(fd, False)  # the command must not get the pipes
     cfg = _read_config(rfd)
     try:
-        os.unshare(CLONE_NEWNET | CLONE_NEWNS)  # the PID namespace comes later: see below
+        os.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)  # the PID namespace comes later: see below
         os.write(wfd, b"U")
         if _read_exact(rfd, 1) != b"G":
             os._exit(SETUP_FAILED)
@@ -138,7 +169,7 @@ def stage1(rfd: int, wfd: int) -> None:
     except (OSError, SetupError, SandboxError) as exc:
         os.write(wfd, f"E{exc}\n".encode())
         os._exit(SETUP_FAILED)
-    # SIGTERM/SIGHUP stay blocked until each stage has its forwarding handler: a PID 1 drops
+    # The forwarded signals stay blocked until each stage has its forwarding handler: a PID 1 drops
     # signals from outside its namespace that have no handler, but blocked ones wait.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     init_pid = os.fork()
@@ -148,6 +179,8 @@ def stage1(rfd: int, wfd: int) -> None:
         signal.signal(s, _forward_to(init_pid))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     os.write(wfd, f"P{init_pid}\n".encode())
+    with contextlib.suppress(OSError):
+        os.read(rfd, 1)  # "K" (or EOF: the launcher is gone)
     while True:
         try:
             _, st = os.waitpid(init_pid, 0)
@@ -191,6 +224,7 @@ def _exec_command(cfg: dict[str, Any]) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     cmd = cfg["command"]
     try:
+        os.setsid()  # no controlling terminal: no TIOCSTI into the caller's shell
         os.setgroups([])
         os.setgid(cfg["gid"])
         os.setuid(cfg["uid"])

@@ -174,12 +174,110 @@ def test_root_and_tun_are_required_with_a_clear_message(monkeypatch: pytest.Monk
         sandbox.preflight()
 
 
-def test_the_command_never_runs_as_root() -> None:
+def test_the_command_never_runs_as_root_and_by_default_as_nobody(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(sandbox.SandboxError, match="must not run as root"):
-        isolate.sandbox_user("0", {})
-    sudo = isolate.sandbox_user(None, {"SUDO_UID": "1234", "SUDO_GID": "99"})
-    nobody = isolate.sandbox_user(None, {})
-    assert (sudo.uid, sudo.gid, nobody.uid, nobody.gid) == (1234, 99, 65534, 65534)
+        isolate.sandbox_user("0")
+    monkeypatch.setenv("SUDO_UID", "1234")  # the sudo caller only with an explicit --user
+    monkeypatch.setenv("SUDO_GID", "99")
+    nobody = isolate.sandbox_user(None)
+    explicit = isolate.sandbox_user("1234")
+    assert (nobody.uid, nobody.gid, nobody.home, explicit.uid) == (65534, 65534, "/tmp", 1234)
+
+
+def start_in_sandbox(script: str, uid: int = 65534) -> tuple[sandbox.Sandbox, int]:
+    """A running sandbox and the read end of its command's stdout."""
+    out_r, out_w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(out_w, 1)
+    try:
+        box = sandbox.start(SandboxSpec(command=[PY, "-c", script], env=ENV, uid=uid, gid=uid))
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(out_w)
+    return box, out_r
+
+
+SYSV = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+def shm(key, flags):
+    return libc.shmget(ctypes.c_int(key), ctypes.c_size_t(4096 if flags else 0), ctypes.c_int(flags))
+"""
+
+WRITER = (
+    SYSV
+    + """
+import os, socket, sys, time
+for d in ("/tmp", "/dev/shm", "/var/tmp", "/run"):
+    try:
+        open(f"{d}/eg-mark-MARK", "w").write("x")
+    except OSError:
+        pass
+srv = socket.socket(socket.AF_UNIX); srv.bind("/tmp/eg-sock-MARK"); srv.listen()
+assert shm(KEY, 0o1000 | 0o666) >= 0  # IPC_CREAT
+print("ready", flush=True)
+time.sleep(30)
+"""
+)
+
+READER = (
+    SYSV
+    + """
+import json, os, socket
+res = {"files": [p for d in ("/tmp", "/dev/shm", "/var/tmp", "/run") for p in os.listdir(d) if "MARK" in p]}
+for path in ("/tmp/eg-sock-MARK", "HOST_TMP", "HOST_RUN"):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path); res[path] = "connected"
+    except OSError as e:
+        res[path] = type(e).__name__
+res["shm_other_sandbox"] = shm(KEY, 0)
+res["shm_host"] = shm(HOST_KEY, 0)
+print(json.dumps(res))
+"""
+)
+
+
+def test_no_host_sockets_no_shared_tmp_shm_or_sysv_ipc_between_sandboxes(tmp_path: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    mark = f"{os.getpid()}x{time.monotonic_ns()}"
+    key, host_key = 0x4567000 + os.getpid() % 4096, 0x5678000 + os.getpid() % 4096
+    host_tmp = f"/tmp/eg-host-{mark}.sock"  # where tmux, ssh-agent... put theirs
+    host_run = f"/run/eg-host-{mark}.sock"
+    listeners = []
+    for path in (host_tmp, host_run):
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        os.chmod(path, 0o777)  # even a world-writable socket must be out of reach
+        srv.listen()
+        listeners.append(srv)
+    host_shm = libc.shmget(ctypes.c_int(host_key), ctypes.c_size_t(4096), ctypes.c_int(0o1000 | 0o666))
+    assert host_shm >= 0
+    writer, out = start_in_sandbox(WRITER.replace("MARK", mark).replace("KEY", str(key)))
+    try:
+        with os.fdopen(out) as f:
+            assert f.readline() == "ready\n"
+            script = (
+                READER.replace("HOST_TMP", host_tmp).replace("HOST_RUN", host_run).replace("HOST_KEY", str(host_key))
+            )
+            code, got = run_in_sandbox(script.replace("MARK", mark).replace("KEY", str(key)))
+        res = json.loads(got)
+        assert code == 0
+        assert res["files"] == []  # nothing of the other sandbox's in /tmp, /dev/shm, /var/tmp, /run
+        assert res[f"/tmp/eg-sock-{mark}"] == res[host_tmp] == res[host_run] == "FileNotFoundError"
+        assert res["shm_other_sandbox"] == res["shm_host"] == -1
+        assert not [p for d in ("/tmp", "/dev/shm", "/var/tmp") for p in os.listdir(d) if f"eg-mark-{mark}" in p]
+        assert libc.shmget(ctypes.c_int(key), ctypes.c_size_t(0), ctypes.c_int(0)) == -1
+    finally:
+        writer.kill()
+        writer.wait(5)
+        for srv, path in zip(listeners, (host_tmp, host_run), strict=True):
+            srv.close()
+            os.unlink(path)
+        libc.shmctl(ctypes.c_int(host_shm), ctypes.c_int(0), None)  # IPC_RMID
 
 
 # --- `run --isolate` against a fake `up` control server -------------------------------------------
@@ -278,13 +376,13 @@ def _no_run_left_behind() -> Iterator[None]:
             proc.communicate()
 
 
-def isolated(cfg: str, *args: str, **kw) -> subprocess.Popen:
+def isolated(cfg: str, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*EG, "run", "--isolate", "--config", cfg, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "SUDO_UID": "", "SUDO_GID": ""},
+        env={**os.environ, "SUDO_UID": "", "SUDO_GID": "", **(env or {})},
         **kw,
     )
     _spawned.append(proc)
@@ -326,7 +424,8 @@ def test_run_isolate_gives_the_agent_env_on_the_tun_and_returns_the_status(cfg: 
     assert got["env"]["OPENAI_API_KEY"].startswith("sk-proj-") and got["env"]["EGRESS_GUARD_AGENT"] == "agent"
     assert got["ca_readable"] and got["bundle_readable"]
     assert got["routes"] == [[tun, "00000000"]]  # the one route: everything into the TUN
-    assert got["resolv"].startswith("nameserver 198.18.0.53\n")
+    assert got["resolv"].startswith("nameserver 198.18.0.53\n")  # the sandbox's, symlink or not
+    assert got["env"]["SSL_CERT_FILE"].startswith("/run/egress-guard/")  # bound in over the fresh /run
     opened, started = fake_up.events
     assert opened == {"op": "open", "agent": "agent", "session": got["env"]["EGRESS_GUARD_SESSION"]}
     assert started["op"] == "started" and started["pidns"] == started["pidns_seen"] != 0
@@ -421,4 +520,141 @@ def test_a_kill_by_up_ends_the_run_with_137(cfg: str, fake_up: FakeUp) -> None:
     pidns = started_pidns(fake_up)
     proc.communicate(timeout=5)
     assert proc.returncode == 137
+    gone_within(pidns, 1)
+
+
+LEAKY = {
+    "AWS_SECRET_ACCESS_KEY": "aws-real",
+    "AWS_PROFILE": "prod",
+    "GITHUB_TOKEN": "ghp_real",
+    "SSH_AUTH_SOCK": "/tmp/ssh-x/agent.1",
+    "DOCKER_HOST": "unix:///run/user/1000/docker.sock",
+    "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus",
+    "XDG_RUNTIME_DIR": "/run/user/1000",
+    "TMUX": "/tmp/tmux-1000/default,1,0",
+    "SUDO_COMMAND": "/bin/sh",
+    "LC_TIME": "C",
+    "TZ": "UTC",
+}
+
+
+def test_the_command_inherits_only_an_allowlist_of_runs_environment(cfg: str, fake_up: FakeUp) -> None:
+    script = "import json, os; print(json.dumps(dict(os.environ)))"
+    proc = isolated(cfg, "--agent", "agent", "--services", "openai", "--", PY, "-c", script, env=LEAKY)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    got = json.loads(out)
+    leaked = sorted(k for k in LEAKY if k in got and k not in ("LC_TIME", "TZ"))
+    assert leaked == []
+    assert (got["LC_TIME"], got["TZ"], got["HOME"], got["USER"]) == ("C", "UTC", "/tmp", "nobody")
+    assert got["OPENAI_API_KEY"].startswith("sk-proj-") and got["PATH"] == os.environ["PATH"]
+
+
+# --- the terminal: no TIOCSTI, ^C through run -------------------------------------------------------
+
+
+def on_pty(cfg: str, *command: str) -> tuple[subprocess.Popen, int]:
+    """`run --isolate` as a terminal's foreground job: a new session whose controlling
+    terminal is a fresh pty (util-linux `setsid --ctty`, which execs in place)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        ["setsid", "--ctty", *EG, "run", "--isolate", "--config", cfg, "--", *command],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "SUDO_UID": "", "SUDO_GID": ""},
+    )
+    os.close(slave)
+    _spawned.append(proc)
+    return proc, master
+
+
+def pty_read_until(master: int, marker: bytes, timeout: float = 20) -> bytes:
+    import select
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+    return out
+
+
+def pty_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return proc.wait(timeout)
+    return None
+
+
+def pty_cleanup(proc: subprocess.Popen, master: int) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    os.close(master)
+
+
+TIOCSTI = r"""
+import fcntl, termios
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"#")
+    print("INJECTED", flush=True)
+except OSError as e:
+    print("REFUSED", e.errno, flush=True)
+"""
+
+
+def test_the_command_cannot_push_input_into_the_callers_terminal(cfg: str, fake_up: FakeUp) -> None:
+    import errno
+
+    proc, master = on_pty(cfg, PY, "-c", TIOCSTI)
+    try:
+        out = pty_read_until(master, b"\n", 30)
+        out += pty_read_until(master, b"\n", 1)
+        assert pty_exit(proc, 10) == 0, out
+        assert b"REFUSED" in out and b"INJECTED" not in out, out
+        assert f"REFUSED {errno.EPERM}".encode() in out or f"REFUSED {errno.EIO}".encode() in out
+    finally:
+        pty_cleanup(proc, master)
+
+
+def test_ctrl_c_on_the_terminal_reaches_the_command_130(cfg: str, fake_up: FakeUp) -> None:
+    proc, master = on_pty(cfg, PY, "-c", "import time; print('ready', flush=True); time.sleep(30)")
+    try:
+        assert b"ready" in pty_read_until(master, b"ready")
+        os.write(master, b"\x03")
+        assert pty_exit(proc, 5) == 130
+    finally:
+        pty_cleanup(proc, master)
+
+
+IGNORES = "import signal, time; [signal.signal(s, signal.SIG_IGN) for s in (2, 15)]; print('ready', flush=True); time.sleep(30)"
+
+
+def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(cfg: str, fake_up: FakeUp) -> None:
+    proc, master = on_pty(cfg, PY, "-c", IGNORES)
+    try:
+        assert b"ready" in pty_read_until(master, b"ready")
+        os.write(master, b"\x03")
+        assert pty_exit(proc, 0.5) is None  # ignored
+        t0 = time.monotonic()
+        os.write(master, b"\x03")
+        assert pty_exit(proc, 2) == 137
+        print(f"second ^C: run ended after {(time.monotonic() - t0) * 1000:.0f} ms")
+    finally:
+        pty_cleanup(proc, master)
+
+
+def test_sigterm_not_obeyed_within_3s_kills_the_sandbox(cfg: str, fake_up: FakeUp) -> None:
+    proc = isolated(cfg, "--", PY, "-c", IGNORES)
+    pidns = started_pidns(fake_up)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 137 and "did not end within 3 s of SIGTERM" in err
+    assert 2.9 <= elapsed < 4.5, elapsed
     gone_within(pidns, 1)
