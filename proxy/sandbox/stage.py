@@ -137,6 +137,8 @@ def _filesystem(cfg: dict[str, Any]) -> None:
             _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
     if share is None:
         return
+    if not os.path.ismount("/run"):  # never create SHARE_MOUNT on the host's filesystem
+        raise SetupError("no /run directory to mount a fresh tmpfs on")
     os.makedirs(SHARE_MOUNT, mode=0o755)
     _mount(f"/proc/self/fd/{share}", SHARE_MOUNT, None, MS_BIND)
     _mount(None, SHARE_MOUNT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)

@@ -658,3 +658,39 @@ def test_sigterm_not_obeyed_within_3s_kills_the_sandbox(cfg: str, fake_up: FakeU
     assert proc.returncode == 137 and "did not end within 3 s of SIGTERM" in err
     assert 2.9 <= elapsed < 4.5, elapsed
     gone_within(pidns, 1)
+
+
+SYMLINKED_RESOLV = r"""
+import os, subprocess, sys
+from egress_guard import sandbox
+from egress_guard.sandbox import SandboxSpec
+from egress_guard.sandbox.stage import MS_BIND, MS_PRIVATE, MS_REC, _mount
+
+share, py = sys.argv[1], sys.argv[2]
+os.unshare(0x00020000)  # a private mount namespace for this test only
+_mount(None, "/", None, MS_REC | MS_PRIVATE)
+_mount("tmpfs", "/mnt", "tmpfs", 0, "mode=0755")
+os.makedirs("/mnt/real-etc")
+os.makedirs("/mnt/etc")
+_mount("/etc", "/mnt/real-etc", None, MS_BIND)
+for name in os.listdir("/etc"):  # /etc as on systemd-resolved hosts: resolv.conf -> /run/...
+    target = "/run/systemd/resolve/stub-resolv.conf" if name == "resolv.conf" else f"/mnt/real-etc/{name}"
+    os.symlink(target, f"/mnt/etc/{name}")
+_mount("/mnt/etc", "/etc", None, MS_BIND)
+script = "import os; print(os.path.realpath('/etc/resolv.conf')); print(open('/etc/resolv.conf').read(), end='')"
+box = sandbox.start(SandboxSpec(command=[py, "-c", script], env={"PATH": "/usr/bin:/bin"}, share=share, resolv_conf="resolv.conf"))
+sys.exit(box.wait(20))
+"""
+
+
+def test_resolv_conf_inside_is_the_sandboxs_even_as_a_symlink_into_the_fresh_run(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir(mode=0o755)
+    (share / "resolv.conf").write_text("nameserver 198.18.0.53\n")
+    (share / "resolv.conf").chmod(0o644)
+    tmp_path.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, "-c", SYMLINKED_RESOLV, str(share), PY], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "/run/systemd/resolve/stub-resolv.conf\nnameserver 198.18.0.53\n"
