@@ -444,20 +444,19 @@ def test_an_unknown_agent_gets_no_sandbox(world: World) -> None:
     assert answer["ok"] is False and "unknown agent" in answer["error"]
 
 
-BENCH = """
-import http.client, json, ssl, time
+KEPT_ALIVE = """
+import http.client, json, ssl
 ctx = ssl.create_default_context(cafile={ca!r})
-def run(conn, n=120):
-    times = []
+def run(conn, n=20):
+    statuses = []
     for i in range(n):
-        t = time.perf_counter()
         conn.request('GET', '/bench', headers={{'Host': 'other.test.local:{port}'}})
         r = conn.getresponse()
         r.read()
-        assert r.status == 200, r.status
-        times.append((time.perf_counter() - t) * 1000)
-    times = sorted(times[10:])
-    return [round(times[len(times) // 2], 2), round(times[int(len(times) * 0.9)], 2)]
+        statuses.append(r.status)
+        if i == 0:
+            sock = conn.sock
+    return {{'statuses': statuses, 'one_connection': conn.sock is sock}}
 out = {{}}
 if {proxy!r}:
     regular = http.client.HTTPSConnection('127.0.0.1', {proxy!r}, context=ctx)
@@ -472,17 +471,19 @@ print(json.dumps(out))
 """
 
 
-def test_captured_requests_cost_about_what_explicit_ones_do(world: World, box: Box) -> None:
-    got = box.python(BENCH.format(ca=world.ca, port=world.bench_port, proxy=None))
-    (cap50, cap90), (exp50, exp90) = got["captured"], got["explicit"]
-    script = BENCH.format(ca=world.ca, port=world.bench_port, proxy=world.listen)
-    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
-    (reg50, reg90) = json.loads(out.stdout)["regular"]
-    print(
-        f"kept-alive HTTPS requests, ms p50/p90: in a sandbox captured {cap50}/{cap90}, explicit proxy "
-        f"{exp50}/{exp90}; on the host via the regular listener {reg50}/{reg90}; sandbox ready in {box.start_ms:.0f} ms"
+def test_captured_and_explicit_requests_keep_alive_and_the_route_acks_at_once(world: World, box: Box) -> None:
+    """Functional only: what capture costs is measured by bench/isolate.py, never here."""
+    route = subprocess.run(
+        ["ip", "netns", "exec", box.ns, "ip", "route", "show", "default"], capture_output=True, text=True
     )
-    assert cap50 < 20 and exp50 < 20  # no delayed-ACK stalls (the route's quickack 1)
+    assert "quickack 1" in route.stdout, route  # no ~40 ms delayed-ACK stall per kept-alive request
+    got = box.python(KEPT_ALIVE.format(ca=world.ca, port=world.bench_port, proxy=None))
+    script = KEPT_ALIVE.format(ca=world.ca, port=world.bench_port, proxy=world.listen)
+    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got.update(json.loads(out.stdout))
+    for path in ("captured", "explicit", "regular"):
+        assert got[path] == {"statuses": [200] * 20, "one_connection": True}, (path, got[path])
 
 
 SDK_RUN = """
