@@ -22,6 +22,7 @@ from typing import Any
 from mitmproxy import connection, dns, http
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.mode_specs import TunMode
 
 from egress_guard.addons._flow import safe_text
 from egress_guard.addons.connect_guard import Tunnels
@@ -79,10 +80,15 @@ class SandboxGuard:
     async def client_connected(self, client: connection.Client) -> None:
         sb = self.sandboxes.of(client)
         if sb is None:
+            if isinstance(client.proxy_mode, TunMode):  # a TUN no sandbox owns (any more): fail closed
+                client.error = "egress-guard: this TUN belongs to no open sandbox"
             return
         if sb.agent is not None:
             self.sandboxes.attribution.pin(client.id, (sb.agent, sb.session))
-        refusal = self._admit(sb, client)
+        if sb.killed or sb.closed:
+            refusal: str | None = "the sandbox was killed or closed"
+        else:
+            refusal = self._admit(sb, client)
         if refusal is not None and client.transport_protocol == "tcp":
             # mitmproxy_rs hands over a TCP stream before the handshake is done; closed at
             # once, the FIN was sometimes lost and the sandbox's connect hung (measured): let
@@ -155,7 +161,7 @@ class SandboxGuard:
         try:
             sb = self.sandboxes.of(flow.client_conn)
             question = flow.request.question
-            if sb is None or question is None:
+            if sb is None or sb.killed or sb.closed or question is None:
                 flow.response = flow.request.fail(response_codes.REFUSED)
                 return
             name = question.name.lower().rstrip(".")

@@ -82,6 +82,8 @@ class Sandbox:
     pid: int | None = None  # host PID of the sandbox's PID 1
     pidns: int | None = None  # inode of its PID namespace (guards against PID reuse)
     killed: bool = False
+    killed_pid: int | None = None  # the PID 1 a kill reached (a kill before `started` reaches none)
+    closed: bool = False  # being closed: its TUN mode is being removed
     fake_by_name: dict[str, str] = field(default_factory=dict)
     name_by_fake: dict[str, str] = field(default_factory=dict)
     denied_names: dict[str, float] = field(default_factory=dict)
@@ -190,7 +192,11 @@ class Sandboxes:
                     pid, pidns = msg.get("pid"), msg.get("pidns")
                     if isinstance(pid, int) and isinstance(pidns, int) and pid > 1:
                         sb.pid, sb.pidns = pid, pidns
-                        answer = {"ok": True}
+                        if sb.killed:  # a kill landed between open and started: it holds
+                            self.kill(sb, "killed before it started")
+                            answer = {"ok": False, "error": "the sandbox was killed (kill switch)"}
+                        else:
+                            answer = {"ok": True}
                     else:
                         answer = {"ok": False, "error": "started: pid and pidns must be integers"}
                 else:
@@ -256,13 +262,14 @@ class Sandboxes:
 
     async def close(self, sb: Sandbox) -> None:
         """Forget a sandbox: cut its connections (a vanished TUN sends no FIN or RST), remove its mode."""
-        if self.by_tun.get(sb.tun) is not sb:
-            return
+        if sb.closed or self.by_tun.get(sb.tun) is not sb:
+            return  # closed already (done() and the control connection's end both close it)
+        sb.closed = True  # before awaiting: a second close is a no-op; its connections are refused
         self.cut(sb)
         async with self._modes:
             with contextlib.suppress(Exception):
                 await self._set_modes([m for m in self._mode_list() if m != f"tun:{sb.tun}"])
-        del self.by_tun[sb.tun]
+        self.by_tun.pop(sb.tun, None)
         log.info("sandbox %s closed", sb.id)
 
     def cut(self, sb: Sandbox) -> int:
@@ -280,12 +287,13 @@ class Sandboxes:
         opened before it."""
         for sb in list(self.by_tun.values()):
             hit = (agent is not None and sb.agent == agent) or (session is not None and sb.session == session)
-            if hit and not sb.killed and sb.opened_at <= since:
+            if hit and not (sb.killed and sb.killed_pid == sb.pid) and sb.opened_at <= since:
                 self.kill(sb, reason or "revoked")
 
     def kill(self, sb: Sandbox, reason: str) -> None:
         """SIGKILL the sandbox's PID 1: the kernel kills every process in its PID namespace."""
         sb.killed = True
+        sb.killed_pid = sb.pid
         if sb.pid is None or sb.pidns is None:
             what = "no process started in it yet: its network is cut"
         else:

@@ -195,7 +195,10 @@ class EgressProxy:
         if self.relay is not None:
             await self.relay.stop()
         for task in self._background:
-            await task.done()
+            try:
+                await task.done()
+            except Exception as exc:  # the audit log is flushed whatever a background task does
+                log.error("stopping %s failed: %r", getattr(task, "name", task), exc)
         if self._proxyserver is not None:
             with contextlib.suppress(Exception):
                 await self._proxyserver.servers.update([])

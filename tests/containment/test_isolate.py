@@ -46,7 +46,7 @@ PY = "/usr/bin/python3"  # readable by the sandbox's unprivileged user (stdlib p
 SDK_PY = sys.executable  # the venv's Python with the openai SDK; under /root: run as root inside
 NOBODY = "65534"
 PROXY = "http://198.18.255.254:3128"
-AGENTS = ("researcher", "writer", "runner")
+AGENTS = ("researcher", "writer", "runner", "late")
 
 
 def host_address() -> str:
@@ -142,7 +142,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_ca: tuple[trustme.CA, P
     try:
         assert sock.exists(), (home / "up.log").read_text()
         assert sock.stat().st_mode & 0o777 == 0o600
-        yield World(config, up, public, llm.port, web.port, web, bench.port, listen)
+        w = World(config, up, public, llm.port, web.port, web, bench.port, listen)
+        yield w
+        left = Box(w, "researcher", "s-left-open")  # `up` stops cleanly with a sandbox still open
     finally:
         up.terminate()
         try:
@@ -151,6 +153,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_ca: tuple[trustme.CA, P
             up.kill()
             code = up.wait()
         log.close()
+        with contextlib.suppress(NameError):
+            left.close()
         SlowStream.stop.set()
         web.state.sse_gate.set()
         llm.close()
@@ -418,6 +422,35 @@ def test_kill_the_agent_kills_its_sandbox_within_a_second(world: World) -> None:
         assert lag.total_seconds() < 1.0
         proc.wait(5)
     finally:
+        b.close()
+
+
+def test_a_kill_between_open_and_started_holds(world: World) -> None:
+    """A kill that lands before the sandbox reports its PID 1 kills it when it does, and the
+    killed sandbox's network stays cut."""
+    b = Box(world, "late", f"s-{secrets.token_hex(4)}")
+    proc = None
+    try:
+        subprocess.run(
+            [*EG, "kill", "--config", str(world.config.path), "--agent", "late"], check=True, capture_output=True
+        )
+        world.rows("agent = 'late' AND reason LIKE 'kill: sandbox%'")  # the kill switch saw it
+        proc = subprocess.Popen(b.argv(["sleep", "60"], pidns=True), env=b.env())
+        init = pid1(proc.pid)
+        got = b.ask({"op": "started", "pid": init, "pidns": os.stat(f"/proc/{init}/ns/pid").st_ino})
+        assert not got["ok"] and "killed" in got["error"], got
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{init}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not os.path.exists(f"/proc/{init}")
+        out = b.run(["curl", "-sS", "-m", "5", "-o", "/dev/null", "--noproxy", "*", "--cacert", world.ca, url(world)])
+        assert out.returncode != 0, out
+        rows = world.rows("agent = 'late' AND reason LIKE 'kill: sandbox%SIGKILLed%'")
+        assert rows, rows
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         b.close()
 
 
