@@ -53,6 +53,7 @@ from egress_guard.addons._flow import safe_text
 from egress_guard.addons.attribution import Attribution
 from egress_guard.addons.killswitch import cut_client
 from egress_guard.config import Config
+from egress_guard.credential_verdict import Origin
 from egress_guard.policy import Verdict
 from egress_guard.store import AuditLog, AuditRow
 from egress_guard.timeutil import now_iso
@@ -132,9 +133,9 @@ class Sandboxes:
 
     def origin(self, client: connection.Client) -> str | None:
         """The agent a connection came from by where it came in ("" for a sandbox with no
-        agent), None when it did not come from a sandbox."""
+        agent), with its session, None when it did not come from a sandbox."""
         sb = self.of(client)
-        return None if sb is None else sb.agent or ""
+        return None if sb is None else Origin(sb.agent or "", sb.session)
 
     # --- the control server ----------------------------------------------------------------
 

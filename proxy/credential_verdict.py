@@ -21,6 +21,18 @@ from egress_guard.fakekeys import KeyRecord, looks_like
 FLAG = "; flagged as a possible exfiltration attempt"
 
 
+class Origin(str):
+    """The agent a connection came from by where it came in (a sandbox), as a `str`, with the
+    sandbox's session: a key of the same agent but another session is refused there too."""
+
+    session: str | None
+
+    def __new__(cls, agent: str, session: str | None = None) -> Origin:
+        self = super().__new__(cls, agent)
+        self.session = session
+        return self
+
+
 @dataclass(frozen=True)
 class CredentialVerdict:
     outcome: Credential
@@ -70,13 +82,14 @@ def judge(
     agents; `now`: UTC ISO-8601 as in the records; `plain_http`: the request's host if it is
     plain HTTP (None: HTTPS); `origin`: the agent the connection came from, when egress-guard
     knows it by where it came in (an isolated sandbox of `run --isolate`: "" for a sandbox
-    with no agent), None when only the key can say. Evaluated in this order, the first that
-    applies deciding:
+    with no agent; an `Origin` also names the sandbox's session), None when only the key can
+    say. Evaluated in this order, the first that applies deciding:
 
     1. nothing presented: anonymous if the service allows it, else denied-missing;
     2. each credential in turn — another service's genuine key (flagged), a forged or
        altered key (flagged), not an egress-guard key (flagged), a key unknown to this proxy,
-       another agent's key from a sandbox (flagged, 403: whatever the key's state), a key
+       another agent's key from a sandbox (flagged, 403: whatever the key's state), or another
+       session's key from a sandbox for a session (flagged, 403), a key
        revoked, expired, not minted for this service (flagged), an agent not (or no longer)
        permitted to use the service (403);
     3. more than one key (each valid) in one request: denied-forged;
@@ -150,6 +163,15 @@ def _one(
         return CredentialVerdict(
             Credential.NOT_PERMITTED,
             f"egress-guard key {key_id} is agent {record.agent!r}'s, and this connection comes from {came_from}{FLAG}",
+            403,
+            flagged=True,
+        )
+    session = getattr(origin, "session", None)
+    if session is not None and record.session != session:
+        return CredentialVerdict(
+            Credential.NOT_PERMITTED,
+            f"egress-guard key {key_id} is session {record.session!r}'s, and this connection comes from "
+            f"agent {origin!r}'s sandbox for session {session!r}{FLAG}",
             403,
             flagged=True,
         )

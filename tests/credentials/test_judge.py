@@ -12,6 +12,7 @@ import pytest
 from egress_guard.credential_verdict import (
     FLAG,
     CredentialVerdict,
+    Origin,
     Presented,
     judge,
     present,
@@ -221,6 +222,23 @@ ROWS = [
         + FLAG,
         403,
         True,
+    ),
+    Row(
+        "the agent's key for another session, from its sandbox for a session",
+        lambda: on_openai(key(OPENAI), rec=record(), origin=Origin("researcher", "s2")),
+        Credential.NOT_PERMITTED,
+        f"egress-guard key {KID} is session 's1''s, and this connection comes from agent 'researcher''s sandbox"
+        " for session 's2'" + FLAG,
+        403,
+        True,
+    ),
+    Row(
+        "the agent's key for its session, from its sandbox for that session",
+        lambda: on_openai(key(OPENAI), rec=record(), origin=Origin("researcher", "s1")),
+        Credential.SWAPPED,
+        "",
+        None,
+        False,
     ),
     Row(
         "a valid key, from its own agent's sandbox",
