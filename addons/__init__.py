@@ -103,6 +103,9 @@ class Chain:
             if hook == "server_connect":
                 log.error("egress-guard hook %s failed: %r; not dialling", name, exc, exc_info=exc)
                 args[0].server.error = f"egress-guard: {name} failed ({type(exc).__name__})"
+            elif hook == "client_connected":  # fail closed: the connection is not admitted
+                log.error("egress-guard hook %s failed: %r; closing the connection", name, exc, exc_info=exc)
+                args[0].error = f"egress-guard: {name} failed ({type(exc).__name__})"
             else:
                 _flow.crashed(name, cls.ON_CRASH.get(hook, "log"), args[0] if args else None, exc)
         except Exception:  # never let the handling of one crash stop the other members
