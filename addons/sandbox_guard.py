@@ -129,9 +129,17 @@ class SandboxGuard:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """The explicit proxy address inside a sandbox speaks HTTP proxy (CONNECT and absolute
-        URLs), as the regular listener does (the chain runs before mitmproxy's NextLayer)."""
+        URLs), as the regular listener does, and port 53 speaks DNS only, never TLS or HTTP
+        (the chain runs before mitmproxy's NextLayer)."""
         context = nextlayer.context
-        if nextlayer.layer is not None or len(context.layers) != 1 or context.client.transport_protocol != "tcp":
+        if nextlayer.layer is not None:
+            return
+        if context.client.sockname[1] == 53 and self.sandboxes.of(context.client) is not None:
+            # port 53 was admitted as DNS (_admit): it speaks DNS, whatever its first bytes look like
+            if not any(isinstance(lay, layers.DNSLayer) for lay in context.layers):
+                nextlayer.layer = layers.DNSLayer(context)
+            return
+        if len(context.layers) != 1 or context.client.transport_protocol != "tcp":
             return
         if self.sandboxes.of(context.client) is None or tuple(context.client.sockname) != PROXY_ADDR:
             return

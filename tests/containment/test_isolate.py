@@ -454,6 +454,41 @@ def test_a_kill_between_open_and_started_holds(world: World) -> None:
         b.close()
 
 
+def test_port_53_speaks_only_dns(world: World, box: Box) -> None:
+    """A sandbox's TCP to any address on port 53 is DNS, answered by egress-guard: TLS or HTTP
+    there never reaches an upstream."""
+    target = host_address()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((target, 53))  # were port 53 anything but DNS, egress-guard would dial here
+    listener.listen(8)
+    listener.settimeout(0.5)
+    got = box.python(
+        PROBE
+        + f"""
+import ssl
+def tls53(ip, host):
+    c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
+    s = c.wrap_socket(socket.create_connection((ip, 53), timeout=3), server_hostname=host)
+    s.sendall(('GET /json HTTP/1.1\\r\\nHost: ' + host + '\\r\\n\\r\\n').encode())
+    return s.recv(300).decode(errors='replace')[:200]
+attempt('tls53', lambda: tls53('{target}', 'api.test.local:{world.web_port}'))
+attempt('plain53', lambda: tcp(('{target}', 53)))
+print(json.dumps(out))
+"""
+    )
+    try:
+        dialled = listener.accept()[0]
+        dialled.close()
+    except TimeoutError:
+        dialled = None
+    finally:
+        listener.close()
+    print(got)
+    assert dialled is None, got
+    assert "HTTP/1.1" not in str(got.get("tls53")) and got.get("plain53") != "answered", got
+
+
 def pid1(unshare_pid: int) -> int:
     """The host PID of the sandbox's PID 1: the child `unshare --fork` started."""
     deadline = time.monotonic() + 5
