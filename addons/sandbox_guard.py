@@ -27,7 +27,7 @@ from mitmproxy.proxy.mode_specs import TunMode
 from egress_guard.addons._flow import safe_text
 from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.flow import state
-from egress_guard.addons.sandboxes import PROXY_ADDR, Sandbox, Sandboxes
+from egress_guard.addons.sandboxes import PROXY_ADDR, REFUSALS_PER_SECOND, Sandbox, Sandboxes
 from egress_guard.hosts import HostError, normalize_host
 from egress_guard.policy import Destination, Rule, Verdict, decide
 from egress_guard.store import AuditRow
@@ -58,6 +58,13 @@ class SandboxGuard:
     def _refuse(
         self, sb: Sandbox, client: connection.Client, reason: str, host: str | None, port: int | None, **kw: Any
     ) -> None:
+        budget = sb.refusals
+        if not budget.take(time.monotonic()):
+            log.debug("deny %s:%s from sandbox %s (over the row budget): %s", host, port, sb.id, reason)
+            if not budget.flushing:
+                budget.flushing = True
+                asyncio.get_running_loop().call_later(1.0, self._aggregate, sb)
+            return
         peer = client.peername
         row = AuditRow(
             ts=now_iso(),
@@ -74,6 +81,32 @@ class SandboxGuard:
         )
         self.audit.record(row)
         log.info("deny %s:%s from sandbox %s (agent %s): %s", host, port, sb.id, sb.agent, row.reason)
+
+    def _aggregate(self, sb: Sandbox) -> None:
+        """One row for the refusals a sandbox's budget left unwritten in the last second."""
+        budget = sb.refusals
+        n, budget.suppressed = budget.suppressed, 0
+        if n == 0:
+            budget.flushing = False
+            return
+        asyncio.get_running_loop().call_later(1.0, self._aggregate, sb)  # until a quiet second
+        reason = f"{n} more refusals from sandbox {sb.id} (over {REFUSALS_PER_SECOND:g}/s: not written one by one)"
+        log.info("deny: %s (agent %s)", reason, sb.agent)
+        try:
+            self.audit.record(
+                AuditRow(
+                    ts=now_iso(),
+                    request_id=str(uuid.uuid4()),
+                    kind="connect",
+                    decision=Verdict.DENY.value,
+                    reason=reason,
+                    client=sb.addr,
+                    agent=sb.agent,
+                    session=sb.session,
+                )
+            )
+        except Exception as exc:  # the audit log closed (egress-guard stopping)
+            log.warning("cannot record %s: %r", reason, exc)
 
     # --- connections -----------------------------------------------------------------------
 

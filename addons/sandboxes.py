@@ -73,6 +73,31 @@ def control_path(ca_dir: Path) -> Path:
     return ca_dir / CONTROL_SOCKET
 
 
+REFUSALS_PER_SECOND = 50.0  # refusal rows and log lines a sandbox gets, sustained ...
+REFUSAL_BURST = 200.0  # ... and at once; past it, one aggregated row a second (a flood's cost)
+
+
+@dataclass
+class RefusalBudget:
+    """A token bucket for one sandbox's refusal rows and log lines (a flood of unique
+    addresses or names must not write one row each)."""
+
+    tokens: float = REFUSAL_BURST
+    at: float = 0.0
+    suppressed: int = 0  # refusals since the last aggregated row, none written
+    flushing: bool = False  # an aggregated row is scheduled
+
+    def take(self, now: float) -> bool:
+        if self.at:
+            self.tokens = min(REFUSAL_BURST, self.tokens + (now - self.at) * REFUSALS_PER_SECOND)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.suppressed += 1
+        return False
+
+
 @dataclass
 class Sandbox:
     id: str
@@ -88,6 +113,7 @@ class Sandbox:
     fake_by_name: dict[str, str] = field(default_factory=dict)
     name_by_fake: dict[str, str] = field(default_factory=dict)
     denied_names: dict[str, float] = field(default_factory=dict)
+    refusals: RefusalBudget = field(default_factory=RefusalBudget)
 
     @property
     def tun(self) -> str:

@@ -489,6 +489,51 @@ print(json.dumps(out))
     assert "HTTP/1.1" not in str(got.get("tls53")) and got.get("plain53") != "answered", got
 
 
+FLOOD_DNS = """
+import socket, struct, os, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+n = 0
+while n < 2000:
+    q = struct.pack('!HHHHHH', n, 0x100, 1, 0, 0, 0) + bytes([40]) + os.urandom(20).hex().encode()
+    try:
+        s.sendto(q + b'\\x04evil\\x07example\\x00\\x00\\x01\\x00\\x01', ('198.18.0.53', 53))
+        n += 1
+    except BlockingIOError:
+        time.sleep(0.0005)
+print(n)
+"""
+
+
+def test_a_refusal_flood_writes_few_rows_and_another_sandbox_still_resolves(world: World) -> None:
+    flood = Box(world, "researcher", f"s-{secrets.token_hex(4)}")
+    other = Box(world, "writer", f"s-{secrets.token_hex(4)}")
+    try:
+        t0 = time.monotonic()
+        out = flood.run([PY, "-c", FLOOD_DNS], timeout=60)
+        assert out.stdout.strip() == "2000", out
+        got = other.python(PROBE + "attempt('name', lambda: resolve('api.test.local'))\nprint(json.dumps(out))")
+        assert str(got["name"][0]).startswith("198.18."), got
+        assert (
+            other.run(
+                ["curl", "-sS", "-m", "10", "-o", "/dev/null", "--noproxy", "*", "--cacert", world.ca, url(world)]
+            ).returncode
+            == 0
+        )
+        rows = world.rows("reason LIKE '%more refusals from sandbox%' AND session = ?", (flood.session,), timeout=5)
+        time.sleep(1.5)  # the last aggregated row
+        rows = world.rows("session = ?", (flood.session,), expect=0, timeout=0)
+        named = [r for r in rows if r["scheme"] == "dns"]
+        summed = sum(int(r["reason"].split()[0]) for r in rows if "more refusals" in r["reason"])
+        print(
+            f"2000 NXDOMAIN queries in {time.monotonic() - t0:.1f} s: {len(named)} rows one by one, {len(rows) - len(named)} aggregated ({summed})"
+        )
+        assert len(named) < 600 and len(named) + summed <= 2000 and summed > 0
+    finally:
+        flood.close()
+        other.close()
+
+
 def pid1(unshare_pid: int) -> int:
     """The host PID of the sandbox's PID 1: the child `unshare --fork` started."""
     deadline = time.monotonic() + 5
