@@ -79,14 +79,9 @@ class World:
         return str(self.public / "ca.pem")
 
     def rows(self, where: str = "1", args: tuple[Any, ...] = (), expect: int = 1, timeout: float = 5) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = sqlite3.connect(self.config.audit_path)
-            conn.row_factory = sqlite3.Row
-            rows = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id", args)]
-            conn.close()
-            if len(rows) >= expect or time.monotonic() > deadline:
-                return rows
+        from support.proxy import audit_rows
+
+        return audit_rows(self.config.audit_path, where, args, expect, timeout)
 
     def key(self, agent: str, session: str) -> str:
         return keys.mint(self.config, agent, session=session).env["OPENAI_API_KEY"]

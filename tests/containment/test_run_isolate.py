@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -50,15 +49,9 @@ class World:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env())
 
     def rows(self, where: str, args: tuple[Any, ...] = (), expect: int = 1, timeout: float = 5) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = sqlite3.connect(self.config.audit_path)
-            conn.row_factory = sqlite3.Row
-            rows = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id", args)]
-            conn.close()
-            if len(rows) >= expect or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.05)
+        from support.proxy import audit_rows
+
+        return audit_rows(self.config.audit_path, where, args, expect, timeout)
 
 
 def _env() -> dict[str, str]:

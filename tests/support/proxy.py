@@ -18,6 +18,24 @@ from egress_guard.config import Config, load_config
 from egress_guard.server import EgressProxy
 
 
+def audit_rows(
+    db: Path, where: str = "1", args: tuple[Any, ...] = (), expect: int | None = None, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """The audit rows matching `where`, waiting (bounded) until at least `expect` are there:
+    the proxy's writer commits in batches, from another process or thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(db)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY id", args)]
+        finally:
+            conn.close()
+        if expect is None or len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
 class RunningProxy:
     """The real EgressProxy, on a free port, in a thread with its own event loop."""
 
@@ -74,15 +92,7 @@ class RunningProxy:
 
     def rows(self, expect: int | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Audit rows, waiting (bounded) for the writer to flush at least `expect` of them."""
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = sqlite3.connect(self.config.audit_path)
-            conn.row_factory = sqlite3.Row
-            rows = [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY id")]
-            conn.close()
-            if expect is None or len(rows) >= expect or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.05)
+        return audit_rows(self.config.audit_path, expect=expect, timeout=timeout)
 
     def row_for(self, request_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 5
