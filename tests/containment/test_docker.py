@@ -547,8 +547,9 @@ def test_kill_while_the_container_streams_through_egress_guard(
         engine.timings["kill --session while streaming: container process gone"] = gone
         assert result.exit_code == 0 and "killed container" in result.output, result.output
         assert gone < 1.0
+        # 137: SIGKILL, which the agent cannot ignore. Whether its stream was cut first by the
+        # proxy (the key is revoked in the store) or by the kill is a race both ways end well.
         assert engine.state(container)["ExitCode"] == 137
-        assert "stream ended" not in engine.docker("logs", container).stdout
     finally:
         proxy.stop()
 
