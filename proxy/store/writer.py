@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,9 @@ class AuditLog:
         self.error: str | None = None
         self.written = 0  # audit rows committed
         self.settled_at_start = 0  # intents a previous run left, billed at their reservation
+        self.failures = 0  # commits that failed (each retry counts)
+        # Called after each commit with what it wrote and how long it took (seconds): metrics.
+        self.listeners: list[Callable[[Batch, float], None]] = []
         # Queued items, oldest first: AuditRow, Intent, _Amend or a typed write. Item number
         # n (1-based, counted since open) is _pending[n - _committed - 1].
         self._pending: list[Any] = []
@@ -99,6 +104,11 @@ class AuditLog:
     @property
     def healthy(self) -> bool:
         return self.error is None and len(self._pending) < self.max_backlog
+
+    @property
+    def backlog(self) -> int:
+        """Items queued and not yet committed."""
+        return len(self._pending)
 
     @property
     def unhealthy_reason(self) -> str:
@@ -221,10 +231,12 @@ class AuditLog:
             batch = self._batch(items)
             first = self._committed + 1
             self._writing = (first, first + len(items) - 1)
+            started = time.perf_counter()
             try:
                 await self._commit(batch)
             except Exception as exc:
                 self._writing = None
+                self.failures += 1
                 if self.error is None or self.error.startswith("a commit has not finished"):
                     log.error(
                         "audit log %s: write failed (%s); refusing new requests until it recovers", self.path, exc
@@ -246,6 +258,12 @@ class AuditLog:
                 log.warning("audit log %s: writable again; accepting requests", self.path)
                 self.error = None
             self.engine.committed()
+            elapsed = time.perf_counter() - started
+            for listener in self.listeners:
+                try:
+                    listener(batch, elapsed)
+                except Exception:  # an observer never stops the writer
+                    log.exception("audit log %s: a commit listener failed", self.path)
 
     async def _commit(self, batch: Batch) -> None:
         if self.error is None and self.engine.commit_now(batch):

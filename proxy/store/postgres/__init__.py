@@ -1,0 +1,1 @@
+"""The PostgreSQL store (a fleet of replicas): see docs/fleet.md."""
