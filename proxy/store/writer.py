@@ -159,6 +159,11 @@ class AuditLog:
         self._open_intents.add(intent.request_id)
         await self.durable(self._enqueue(intent))
 
+    def track_intent(self, request_id: str) -> None:
+        """An intent the engine committed itself (the shared ledger's reservation, PostgreSQL):
+        the call's row removes it, in the row's transaction."""
+        self._open_intents.add(request_id)
+
     async def durable(self, n: int) -> None:
         """Wait until item `n` (from `record`) is committed. Raises AuditUnavailable if a
         commit fails, if the log is already failing, or after `wait_timeout`; the item stays
