@@ -9,11 +9,13 @@ names below are the package's public face: import them from `egress_guard.config
     errors    ConfigError, and a ValidationError phrased as one
     rules     allowlist rules and presets (allowlists/*.yaml)
     services  credentialed services
+    fleet     `store:` (PostgreSQL, shared by replicas)
     build     load_config: the wire models turned into the frozen Config
 """
 
 from egress_guard.config.build import DEFAULT_CONFIG_NAME, Config, load_config, parse_listen
 from egress_guard.config.errors import ConfigError
+from egress_guard.config.fleet import StoreSettings
 from egress_guard.config.rules import load_preset, preset_names
 from egress_guard.config.wire import (
     AgentWire,
@@ -58,6 +60,7 @@ __all__ = [
     "SessionLimitsWire",
     "SlotWire",
     "SpendWire",
+    "StoreSettings",
     "VaultAuthWire",
     "VaultWire",
     "load_config",

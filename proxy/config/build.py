@@ -18,10 +18,11 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from egress_guard.config.errors import ConfigError, validate
+from egress_guard.config.fleet import StoreSettings, parse_store
 from egress_guard.config.rules import load_preset, to_rules
 from egress_guard.config.services import NAME, check_priced, to_services
 from egress_guard.config.source import read_yaml
-from egress_guard.config.wire import ConfigWire, NetworkWire, SecretsWire, SpendWire
+from egress_guard.config.wire import ConfigWire, MetricsWire, NetworkWire, SecretsWire, SpendWire
 from egress_guard.credentials import Agent, Service
 from egress_guard.hosts import HostError, IPAddress, normalize_host, split_host_port
 from egress_guard.policy import Rule
@@ -58,6 +59,13 @@ class Config:
     vault: VaultSettings | None = None
     secrets_cache_ttl: float = 300.0
     spend: SpendSettings = field(default_factory=SpendSettings)
+    store: StoreSettings | None = None  # PostgreSQL, shared by replicas; None: SQLite at audit_path
+    metrics_listen: tuple[str, int] | None = None  # where /metrics is served; None: off
+
+    @property
+    def store_name(self) -> str:
+        """The store, as messages name it: a PostgreSQL URL (no password) or the SQLite file."""
+        return self.store.name if self.store is not None else str(self.audit_path)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
@@ -138,6 +146,20 @@ def parse_listen(text: str, file: Path | str = "--listen", key: str = "") -> tup
         raise ConfigError(file, key, f"{text!r} is not HOST:PORT", "use e.g. 127.0.0.1:8080") from None
 
 
+def parse_metrics(file: Path, wire: MetricsWire | None) -> tuple[str, int] | None:
+    """Where /metrics is served (`metrics: {listen: …}`), or None: off."""
+    if wire is None:
+        return None
+    host, port = parse_listen(wire.listen, file, "metrics.listen")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            file, "metrics.listen", f"{host!r} is not an IP address", "use an address, e.g. 127.0.0.1:9464"
+        ) from None
+    return host, port
+
+
 def load_config(path: Path | str) -> Config:
     file = Path(path)
     try:
@@ -193,6 +215,8 @@ def _load(file: Path, data: dict[str, Any]) -> Config:
         vault=vault,
         secrets_cache_ttl=wire.secrets.cache_ttl,
         spend=spend,
+        store=parse_store(file, base, wire.store),
+        metrics_listen=parse_metrics(file, wire.metrics),
     )
 
 

@@ -167,6 +167,34 @@ class AuditWire(_Wire):
     synchronous: Literal["normal", "full"] = "normal"
 
 
+class StoreWire(_Wire):
+    url: str
+    password_file: str | None = None
+    replica: str | None = None
+    timeout: float = Field(default=2.0, gt=0, le=60)  # seconds; slower fails closed (503)
+
+
+def _store_shape(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "url"
+    return "store" if isinstance(value, dict | StoreWire) else None
+
+
+# `store:`: a URL, or a mapping with `url` and the rest.
+StoreEntryWire = Annotated[
+    Annotated[str, Tag("url")] | Annotated[StoreWire, Tag("store")],
+    Discriminator(
+        _store_shape,
+        custom_error_type="store_shape",
+        custom_error_message="expected a postgresql:// URL or a mapping with url",
+    ),
+]
+
+
+class MetricsWire(_Wire):
+    listen: str = "127.0.0.1:9464"
+
+
 class NetworkWire(_Wire):
     allow_private: list[str] = Field(default_factory=list)
     hosts: dict[str, list[str]] = Field(default_factory=dict)
@@ -185,6 +213,8 @@ class ConfigWire(_Wire):
     listen: str = "127.0.0.1:8080"
     ca_dir: str = "./certs"
     audit: AuditWire = Field(default_factory=AuditWire)
+    store: StoreEntryWire | None = None
+    metrics: MetricsWire | None = None
     allowlists: list[str] = Field(default_factory=list)
     allow: list[RuleWire] = Field(default_factory=list)
     network: NetworkWire = Field(default_factory=NetworkWire)

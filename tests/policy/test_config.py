@@ -248,6 +248,25 @@ BROKEN = [
         "CODEX_API_KEY already carries the fake key of service 'openai'",
         "its own env_var",
     ),
+    ("version: 1\nstore: 'postgresql://eg:hunter2@db/eg'\n", "store", "holds a password", "PGPASSWORD"),
+    ("version: 1\nstore: 'mysql://eg@db/eg'\n", "store", "not a store egress-guard knows", "postgresql://"),
+    ("version: 1\nstore: 'postgresql://eg@db'\n", "store", "names no host or no database", "USER@HOST:PORT/DB"),
+    ("version: 1\nstore: 'postgresql://eg:hunter2@db:99999/eg'\n", "store", "not a URL", "USER@HOST:PORT/DB"),
+    (
+        "version: 1\nstore: {url: 'postgresql://eg@db/eg', replica: 'a b'}\n",
+        "store.replica",
+        "not a replica",
+        "letters",
+    ),
+    (
+        "version: 1\nstore: {url: 'postgresql://eg@db/eg', password_file: nope}\n",
+        "store.password_file",
+        "does not exist",
+        "password",
+    ),
+    ("version: 1\nstore: {url: 'postgresql://eg@db/eg', timeout: 0}\n", "store.timeout", "greater than 0", ""),
+    ("version: 1\nmetrics: {listen: 'metrics.local:9464'}\n", "metrics.listen", "not an IP address", "127.0.0.1:9464"),
+    ("version: 1\nmetrics: {listen: '127.0.0.1'}\n", "metrics.listen", "is not HOST:PORT", "127.0.0.1:8080"),
     (
         "version: 1\nsecrets: {backend: vault, vault: {address: vault.local}}\n",
         "secrets.vault.address",
@@ -303,6 +322,26 @@ def test_broken_preset_file_names_the_preset_file(tmp_path: Path) -> None:
     (tmp_path / "egress-guard.yaml").write_text("version: 1\nallowlists: [./mine.yaml]\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml:3: allow\[0\]\.host: a bare"):
         load_config(tmp_path / "egress-guard.yaml")
+
+
+def test_store_and_metrics_load(tmp_path: Path) -> None:
+    path = tmp_path / "egress-guard.yaml"
+    (tmp_path / "pw").write_text("hunter2\n")
+    path.write_text(
+        "version: 1\nstore: {url: 'postgresql://eg@db.internal:5432/eg', password_file: pw, replica: eu-1, timeout: 0.5}\n"
+        "metrics: {listen: '127.0.0.1:9464'}\n"
+    )
+    config = load_config(path)
+    assert config.store is not None and config.store.replica == "eu-1" and config.store.timeout == 0.5
+    assert config.store_name == "postgresql://eg@db.internal:5432/eg"
+    assert "hunter2" in config.store.conninfo() and "hunter2" not in repr(config.store)
+    assert config.metrics_listen == ("127.0.0.1", 9464)
+    path.write_text("version: 1\nstore: 'postgresql://eg@db/eg'\n")
+    one, two = load_config(path).store, load_config(path).store
+    assert one is not None and two is not None and one.replica != two.replica  # never two replicas on one chain
+    assert load_config(path).metrics_listen is None
+    path.write_text("version: 1\n")
+    assert load_config(path).store is None and load_config(path).store_name == str(tmp_path / "egress-guard.db")
 
 
 def test_missing_file() -> None:
