@@ -50,7 +50,6 @@ class ConfigError(Exception):
 # anchor is the key); agents' limits and the spend settings have a page of their own.
 CONFIG_DOC = "docs/configuration.md"
 SPEND_DOC = "docs/spend.md#rate-limits-and-spend-caps"
-FLEET_DOCS = {"store": "docs/fleet.md#store", "metrics": "docs/fleet.md#metrics"}
 _LIMITS = re.compile(r"^agents\..+\.limits(?:$|[.\[])")
 _PRESET_SECTIONS = {"allow": "rules", "service": "services", "name": "allowlists", "description": "allowlists"}
 CONFIG_SECTIONS = frozenset(ConfigWire.model_fields) | {"rules"}
@@ -62,8 +61,6 @@ def reference(key: str) -> str:
     top = re.split(r"[.\[]", key, maxsplit=1)[0]
     if top == "spend" or _LIMITS.match(key):
         return SPEND_DOC
-    if top in FLEET_DOCS:
-        return FLEET_DOCS[top]
     section = _PRESET_SECTIONS.get(top, top)
     return f"{CONFIG_DOC}#{section}" if section in CONFIG_SECTIONS else CONFIG_DOC
 
