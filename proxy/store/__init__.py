@@ -41,11 +41,19 @@ if TYPE_CHECKING:
 def open_store(config: Config, *, write: bool = False) -> Store:
     """The store a config names, for a command: read-only, or migrated and writable. Close it
     (`with`). Raises StoreError if it cannot be opened."""
+    if config.store is not None:
+        from egress_guard.store.postgres import PGStore
+
+        return PGStore(config.store, readonly=not write)
     return SQLiteStore(config.audit_path, readonly=not write)
 
 
 def open_engine(config: Config) -> Engine:
     """The store a config names, for the running proxy (opened by `AuditLog.open`)."""
+    if config.store is not None:
+        from egress_guard.store.postgres import PGEngine
+
+        return PGEngine(config.store)
     return SQLiteEngine(config.audit_path, synchronous=config.audit_synchronous)
 
 

@@ -1,0 +1,197 @@
+"""Every write to the PostgreSQL store: a writer's batch (one transaction: intents, audit rows
+with their running totals, settles, amendments, typed writes) and each typed write alone.
+
+The SQL of a typed write is planned once (`plan`) and run by either face: the engine's async
+cursor in a batch, or a command's sync cursor in a transaction of its own. `Reservations`
+is nothing here: on PostgreSQL the open reservations are shared rows of their own (fleet.py).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from egress_guard.store.interface import Batch
+from egress_guard.store.postgres import fleet
+from egress_guard.store.postgres.schema import ADD_TOTAL
+from egress_guard.store.records import (
+    COLUMNS,
+    INTENT_COLUMNS,
+    SETTLED_AT_RESERVATION,
+    AuditRow,
+    InsertKey,
+    Intent,
+    Reservations,
+    ResetBudget,
+    RevokeKeys,
+    SetBudget,
+    Write,
+)
+from egress_guard.store.sqlite.schema import sum_totals, totals_rows
+from egress_guard.store.sqlite.writes import priced
+
+ROW_COLUMNS = COLUMNS[1:]
+INSERT_ROW = f"INSERT INTO audit ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join(['%s'] * len(ROW_COLUMNS))})"  # noqa: S608
+INSERT_INTENT = (
+    f"INSERT INTO spend_intents ({', '.join(INTENT_COLUMNS)}, replica) "  # noqa: S608
+    f"VALUES ({', '.join(['%s'] * (len(INTENT_COLUMNS) + 1))}) "
+    f"ON CONFLICT (request_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in INTENT_COLUMNS[1:])}"
+)
+SETTLE_INTENTS = "DELETE FROM spend_intents WHERE request_id = ANY(%s)"
+AMEND = (
+    "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || %s "
+    "WHERE request_id = %s AND kind = 'request'"
+)
+_row_fields = operator.attrgetter(*ROW_COLUMNS)
+_intent_fields = operator.attrgetter(*INTENT_COLUMNS)
+
+
+def text(v: Any) -> Any:
+    """A value PostgreSQL can hold: text with a lone surrogate (mitmproxy decodes wire bytes
+    with surrogateescape) or a NUL byte would fail its batch again and again, stopping the
+    log. ASCII without NUL, nearly every value, costs two checks."""
+    if not isinstance(v, str):
+        return v
+    if not v.isascii():
+        v = v.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return v.replace("\x00", "\ufffd") if "\x00" in v else v
+
+
+def bindable(values: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(text(v) for v in values)
+
+
+@dataclass
+class Bound:
+    """A batch as SQL parameters (bound on the event loop: values only, cheap)."""
+
+    batch: Batch
+    intents: list[tuple[Any, ...]]
+    rows: list[tuple[Any, ...]]
+    totals: list[tuple[str, str, str, str]]
+    settles: list[str]
+    amends: list[tuple[Any, ...]]
+    writes: list[Write]
+
+
+def bind(batch: Batch, replica: str) -> Bound:
+    return Bound(
+        batch,
+        [(*bindable(_intent_fields(i)), replica) for i in batch.intents],
+        [bindable(_row_fields(r)) for r in batch.rows],
+        # sorted: replicas' transactions take the rows' locks in one order (no deadlock)
+        sorted(
+            totals_rows(sum_totals(bindable((r.agent, r.session, r.ts, r.cost_usd)) for r in batch.rows if priced(r)))
+        ),
+        list(batch.settles),
+        [bindable((note, request_id)) for request_id, note in batch.amends],
+        [w for w in batch.writes if not isinstance(w, Reservations)],
+    )
+
+
+async def apply(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
+    """A batch, inside the caller's transaction."""
+    if b.intents:
+        await cur.executemany(INSERT_INTENT, b.intents)
+    if b.rows:
+        await cur.executemany(INSERT_ROW, b.rows)
+    if b.totals:
+        await cur.executemany(ADD_TOTAL, b.totals)
+    if b.settles:
+        await fleet.settle(cur, b.batch)
+        await cur.execute(SETTLE_INTENTS, (b.settles,))
+    if b.amends:
+        await cur.executemany(AMEND, b.amends)
+    for op in b.writes:
+        for sql, args, _counts in plan(op):
+            await cur.execute(sql, args)
+
+
+def plan(op: Write) -> list[tuple[str, tuple[Any, ...], bool]]:
+    """A typed write's statements: (sql, args, whether its rowcount is the write's count)."""
+    match op:
+        case InsertKey(record=r):
+            return [
+                (
+                    "INSERT INTO fake_keys (key_id, agent, session, services, created_at, expires_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    bindable((r.key_id, r.agent, r.session, ",".join(r.services), r.created_at, r.expires_at)),
+                    True,
+                )
+            ]
+        case RevokeKeys():
+            column, value = next(
+                (c, v)
+                for c, v in (("agent", op.agent), ("session", op.session), ("key_id", op.key_id))
+                if v is not None
+            )
+            return [
+                (
+                    "UPDATE fake_keys SET revoked_at = %s, revoked_reason = %s "  # noqa: S608
+                    f"WHERE {column} = %s AND revoked_at IS NULL",
+                    bindable((op.ts, op.reason, value)),
+                    True,
+                ),
+                (
+                    "INSERT INTO revocations (ts, agent, session, key_id, reason) VALUES (%s, %s, %s, %s, %s)",
+                    bindable((op.ts, op.agent, op.session, op.key_id, op.reason)),
+                    False,
+                ),
+            ]
+        case SetBudget():
+            return [
+                (
+                    "INSERT INTO budgets VALUES (%s, %s, %s, %s) ON CONFLICT (agent, scope) DO UPDATE SET "
+                    "limit_usd = excluded.limit_usd, updated_at = excluded.updated_at",
+                    bindable((op.agent, op.scope, f"{op.limit_usd:f}", op.ts)),
+                    True,
+                )
+            ]
+        case ResetBudget():
+            return [("DELETE FROM budgets WHERE agent = %s AND scope = %s", bindable((op.agent, op.scope)), True)]
+        case Reservations():
+            return []
+    raise TypeError(f"not a store write: {op!r}")
+
+
+def write_now(conn: psycopg.Connection[Any], op: Write) -> int:
+    """One typed write in a transaction of its own (conn in autocommit)."""
+    count = 0
+    with conn.transaction(), conn.cursor() as cur:
+        for sql, args, counts in plan(op):
+            cur.execute(sql, args)
+            if counts:
+                count += max(cur.rowcount, 0)
+    return count
+
+
+def settled_rows(found: list[tuple[Any, ...]]) -> tuple[list[AuditRow], list[str]]:
+    """Rows billing unfinished calls (intent rows, INTENT_COLUMNS order) at their reservation."""
+    rows, ids = [], []
+    for r in found:
+        i = Intent(**dict(zip(INTENT_COLUMNS, r, strict=True)))
+        rows.append(
+            AuditRow(
+                ts=i.ts,
+                request_id=i.request_id,
+                kind="request",
+                agent=i.agent,
+                session=i.session,
+                decision="allow",
+                reason=SETTLED_AT_RESERVATION,
+                method=i.method,
+                scheme="https",
+                host=i.host,
+                port=i.port,
+                path=i.path,
+                service=i.service,
+                model=i.model,
+                cost_usd=i.reserved_usd,
+            )
+        )
+        ids.append(i.request_id)
+    return rows, ids
