@@ -15,6 +15,7 @@ from egress_guard.addons.connect_guard import ConnectGuard, Tunnels
 from egress_guard.addons.credential_guard import CredentialGuard
 from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
+from egress_guard.addons.metrics import FlowMetrics
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.sandbox_guard import SandboxGuard
@@ -26,6 +27,7 @@ from egress_guard.addons.websocket import WebSocketGuard
 from egress_guard.config import Config
 from egress_guard.keycache import KeyCache
 from egress_guard.ledger import Ledger
+from egress_guard.metrics import Metrics
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
 from egress_guard.store import AuditLog
@@ -150,6 +152,7 @@ class Runtime:
     ledger: Ledger
     budgets: BudgetFollower
     timeouts: Timeouts = field(default_factory=Timeouts)
+    metrics: Metrics | None = None  # Prometheus (config metrics.listen); None: off
 
 
 def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
@@ -175,6 +178,8 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
                          in the provider's shape, not mitmproxy's HTML page
     10. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
                          parser refusals and connections closed before any request
+    11. FlowMetrics      (only with metrics.listen) times forwarded requests, counts upstream
+                         failures; an observer, last so every guard has run (addons/metrics.py)
      Background (not addons: every hook walks every addon, so those with no flow hooks
      stay out of the chain): KillSwitch follows revocations and cuts the connections of
      revoked keys (and kills the revoked agents' sandboxes); BudgetFollower follows run-time
@@ -215,4 +220,5 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         ),
         FailureAnswers(rt.timeouts),
         recorder,
+        *([FlowMetrics(rt.metrics)] if rt.metrics is not None else []),
     ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver, sandboxes=sandboxes), rt.budgets, sandboxes]

@@ -22,6 +22,7 @@ from mitmproxy.master import Master
 from egress_guard import addons
 from egress_guard.addons import _mitm
 from egress_guard.addons.budget_follower import BudgetFollower
+from egress_guard.addons.killswitch import KillSwitch
 from egress_guard.addons.timeouts import Timeouts
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
@@ -29,9 +30,12 @@ from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
 from egress_guard.ledger import Ledger
 from egress_guard.logscrub import LOG_SCRUBBER
+from egress_guard.metrics import Metrics, MetricsServer
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
+from egress_guard.shared_ledger import SharedLedger
 from egress_guard.store import AuditLog, open_engine
+from egress_guard.store.postgres.listen import Listener
 from egress_guard.unix_relay import UnixRelay, UnixRelayError
 
 log = logging.getLogger("egress_guard")
@@ -77,10 +81,21 @@ class EgressProxy:
         self.store = open_engine(config)  # opened and closed by the audit log, its one writer
         self.audit = AuditLog(self.store)
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
-        self.keys = KeyCache(self.store)
+        # C2: on a shared store the key cache hears revocations (LISTEN/NOTIFY, started by the
+        # kill switch) and refuses keys while it cannot confirm they are current
+        self.keys = KeyCache(self.store, Listener.for_store(config.store) if config.store is not None else None)
         self.secrets = SecretStore(make_backend(config.vault), ttl=config.secrets_cache_ttl)
-        self.ledger = Ledger(config.spend)
+        # C1: a fleet (store: PostgreSQL) admits calls in the store, shared by every replica
+        self.ledger = SharedLedger(config.spend, self.store) if config.store is not None else Ledger(config.spend)
         self.budgets = BudgetFollower(self.store, self.audit, self.ledger)
+        # Prometheus metrics (proxy/metrics.py), served by start() when the config asks
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics_listen is not None:
+            self.metrics = Metrics(
+                config.agents, (s.name for s in config.services), ledger=self.ledger, engine=self.store
+            )
+            self.metrics.follow(self.audit)
         self.master: Master | None = None
         self._scrubbing = False  # LOG_SCRUBBER installed by start()
         self._proxyserver: proxyserver.Proxyserver | None = None
@@ -118,6 +133,12 @@ class EgressProxy:
                 f"audit log {self.config.audit_path} cannot be opened for writing ({exc}); "
                 "fix its path or permissions in the config's audit.path"
             ) from None
+        if isinstance(self.ledger, SharedLedger):  # C1: before the first call is admitted
+            try:
+                await self.ledger.open(self.audit)
+            except Exception as exc:
+                await self.audit.close()
+                raise StartupError(f"store {self.store.name}: the shared budgets cannot be read ({exc})") from None
         await self.keys.open()
         await self.budgets.load_spent()  # spend so far: budgets survive restarts
         hmac_key = load_or_create_hmac_key(self.config.ca_dir)
@@ -143,8 +164,11 @@ class EgressProxy:
                 self.ledger,
                 self.budgets,
                 self.timeouts,
+                metrics=self.metrics,
             )
             flow_addons, self._background = addons.chain(runtime)
+            if self.metrics is not None:  # revocation lag, read at scrape
+                self.metrics.revocations = next((t for t in self._background if isinstance(t, KillSwitch)), None)
             # The chain before NextLayer: its next_layer hook (a sandbox's explicit proxy
             # address, addons/sandboxes.py) must choose before mitmproxy's default does.
             self.master.addons.add(
@@ -182,6 +206,16 @@ class EgressProxy:
             except UnixRelayError as exc:
                 await self.stop()
                 raise StartupError(str(exc)) from None
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen
+            try:
+                self.metrics_server = self.metrics.serve(host, port)
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(
+                    f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
+                    "change metrics.listen in the config"
+                ) from None
         return self.address
 
     @property
@@ -192,6 +226,9 @@ class EgressProxy:
 
     async def stop(self) -> int:
         """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
+            self.metrics_server = None
         if self.relay is not None:
             await self.relay.stop()
         for task in self._background:
