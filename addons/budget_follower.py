@@ -5,6 +5,8 @@ before (`load_spent`: the running totals, and the open budget day's rows), then 
 interval it reads the budget overrides set at run time (`budget set/reset`) and hands the
 audit log's writer what changed in the open reservations, for `budget show`. It opens no
 connection of its own: reads go through the store's engine, writes through the one writer.
+With a shared ledger (a fleet on PostgreSQL) the store holds spend and reservations itself:
+each poll is the ledger's `tick` (heartbeat, gone replicas' calls, a fresh snapshot).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from decimal import Decimal
 
 from egress_guard.addons._background import Poller
 from egress_guard.ledger import Ledger
+from egress_guard.shared_ledger import SharedLedger
 from egress_guard.store import AuditLog, Engine, Reservations
 from egress_guard.timeutil import iso, now_iso
 
@@ -27,6 +30,9 @@ class BudgetFollower(Poller):
 
     async def load_spent(self) -> None:
         """Budgets survive restarts: each session's spend so far, and each agent's today."""
+        if isinstance(self.ledger, SharedLedger):  # a fleet's are in the store (read by its open)
+            self.ledger.overrides = await self.store.overrides()
+            return
         totals = await self.store.totals()
         today = await self.store.spent_since(iso(self.ledger.day_start()))
         self.ledger.load(((t.agent, t.session, t.usd) for t in totals), today)
@@ -41,5 +47,9 @@ class BudgetFollower(Poller):
             self._written = now
 
     async def poll(self) -> None:
+        if isinstance(self.ledger, SharedLedger):  # heartbeat first: a failing read must not stop it
+            await self.ledger.tick()
+            self.ledger.overrides = await self.store.overrides()
+            return
         self.ledger.overrides = await self.store.overrides()
         self._write_reserved()

@@ -37,6 +37,7 @@ from egress_guard.policy import Decision, Verdict
 from egress_guard.pricing import Cost, Unpriced
 from egress_guard.providers import Metered, get, meter_of
 from egress_guard.providers.stream import Overrun, RunningCost, StreamTap
+from egress_guard.shared_ledger import SharedLedger
 from egress_guard.spend import allowed_models, model_allowed
 from egress_guard.store import AuditLog, AuditUnavailable, Intent
 from egress_guard.timeutil import now_iso
@@ -120,13 +121,40 @@ class SpendGuard:
                     st.drop_usage_chunk = True
                 st.metered = m
         try:
-            hold = self.ledger.admit(agent.limits, agent_name, st.session or "", usd, tokens)
+            if isinstance(self.ledger, SharedLedger):  # a fleet: admitted in the store, with its intent
+                hold = await self.ledger.reserve(
+                    agent.limits, agent_name, st.session or "", usd, tokens, self._intent_of(flow, m, service)
+                )
+            else:
+                hold = self.ledger.admit(agent.limits, agent_name, st.session or "", usd, tokens)
         except Refusal as refusal:
             self._refuse(flow, refusal.reason, refusal.status, refusal.retry_after)
             return
         st.hold = hold
-        if m is not None:
+        if hold.shared and self.audit is not None:
+            self.audit.track_intent(flow.id)  # committed with the reservation; the call's row removes it
+        elif m is not None:
             await self._intent(flow, hold, m, service)
+
+    def _intent_of(self, flow: http.HTTPFlow, m: Metered | None, service: str) -> Intent:
+        """The call's intent as the shared ledger commits it (it fills in agent, session, day
+        and the reservation)."""
+        target = state(flow).target
+        host, port = (str(target[0]), target[1]) if target else (flow.request.host, flow.request.port)
+        return Intent(
+            request_id=flow.id,
+            ts=now_iso(),
+            agent="",
+            session=None,
+            service=service,
+            model=m.model if m is not None else None,
+            day="",
+            reserved_usd="0",
+            method=flow.request.method,
+            host=host,
+            port=port,
+            path=flow.request.path if self.query_strings else flow.request.path.split("?", 1)[0],
+        )
 
     async def _intent(self, flow: http.HTTPFlow, hold: Hold, m: Metered, service: str) -> None:
         """Commit the call's reservation before it is forwarded. If the proxy stops before the

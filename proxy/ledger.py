@@ -33,6 +33,7 @@ class Hold:
     tokens: int
     settled: bool = False
     window_entry: list[float] | None = None  # [time, tokens] in the agent's tokens-per-minute window
+    shared: bool = False  # reserved in the store, shared by replicas (shared_ledger.SharedLedger)
 
 
 class Amounts(dict[tuple[str, str], Decimal]):
@@ -118,25 +119,17 @@ class Ledger:
         while window and window[0] <= now - 60:
             window.popleft()
         if limits.requests_per_minute is not None and len(window) >= limits.requests_per_minute:
-            raise Refusal(
-                f"rate limit: {limits.requests_per_minute} requests per minute for agent {agent}",
-                max(1, math.ceil(window[0] + 60 - now)),
-            )
+            raise rpm_refusal(limits.requests_per_minute, agent, window[0] + 60 - now)
         tok = self._tokens.setdefault(agent, deque())
         used = self._token_sums.get(agent, 0.0)
         while tok and tok[0][0] <= now - 60:
             used -= tok.popleft()[1]
         self._token_sums[agent] = used
         if limits.tokens_per_minute is not None and used + tokens > limits.tokens_per_minute:
-            wait = 60 - (now - tok[0][0]) if tok else 60
-            raise Refusal(
-                f"rate limit: {limits.tokens_per_minute} tokens per minute for agent {agent} "
-                f"({int(used)} used, this request may use {tokens})",
-                max(1, math.ceil(wait)),
-            )
+            raise tpm_refusal(limits.tokens_per_minute, agent, used, tokens, 60 - (now - tok[0][0]) if tok else 60)
         inflight = self._inflight.get(agent, 0)
         if limits.concurrent is not None and inflight >= limits.concurrent:
-            raise Refusal(f"concurrency limit: {limits.concurrent} requests at a time for agent {agent}", 1)
+            raise concurrency_refusal(limits.concurrent, agent)
         day = self.day()
         for scope, key in self.keys(agent, session, day):
             cap = self.limit(limits, agent, scope, session)
@@ -144,22 +137,7 @@ class Ledger:
                 continue
             spent, held = self.spent.get(key, Decimal(0)), self.reserved.get(key, Decimal(0))
             if spent + held + usd > cap:
-                resets = {
-                    "session": "when a new session starts",
-                    "total": "never (raise it with budget set)",
-                    "day": f"at {self.next_day_start().isoformat(timespec='seconds')}",
-                }[scope]
-                retry = (
-                    math.ceil((self.next_day_start() - datetime.datetime.now(datetime.UTC)).total_seconds())
-                    if scope == "day"
-                    else 3600
-                )
-                raise Refusal(
-                    f"budget: {scope} budget of ${cap} for agent {agent} would be exceeded "
-                    f"(spent ${_fmt(spent)}, reserved ${_fmt(held)}, this request may cost up to ${_fmt(usd)}); "
-                    f"resets {resets}",
-                    max(1, retry),
-                )
+                raise self.budget_refusal(scope, cap, agent, spent, held, usd)
         for _, key in self.keys(agent, session, day):
             self.reserved.add(key, usd)
         window.append(now)
@@ -168,6 +146,28 @@ class Ledger:
         self._token_sums[agent] = used + tokens
         self._inflight[agent] = inflight + 1
         return Hold(agent, session, day, usd, tokens, window_entry=entry)
+
+    def budget_refusal(
+        self, scope: str, cap: Decimal, agent: str, spent: Decimal, held: Decimal, usd: Decimal
+    ) -> Refusal:
+        """A request refused because `scope`'s budget `cap` would be exceeded (the wording
+        both ledgers use: this one and the shared one, egress_guard.shared_ledger)."""
+        resets = {
+            "session": "when a new session starts",
+            "total": "never (raise it with budget set)",
+            "day": f"at {self.next_day_start().isoformat(timespec='seconds')}",
+        }[scope]
+        retry = (
+            math.ceil((self.next_day_start() - datetime.datetime.now(datetime.UTC)).total_seconds())
+            if scope == "day"
+            else 3600
+        )
+        return Refusal(
+            f"budget: {scope} budget of ${cap} for agent {agent} would be exceeded "
+            f"(spent ${_fmt(spent)}, reserved ${_fmt(held)}, this request may cost up to ${_fmt(usd)}); "
+            f"resets {resets}",
+            max(1, retry),
+        )
 
     def overrun(self, limits: Limits, hold: Hold, usd: Decimal) -> str | None:
         """Which budget an admitted request would break if it cost `usd` (rather than what it
@@ -212,6 +212,22 @@ class Ledger:
         day = self.day()
         for agent, usd in today.items():
             self.spent.add(("day", f"{agent}/{day}"), usd)
+
+
+def rpm_refusal(limit: int, agent: str, wait: float) -> Refusal:
+    """Refused by a requests-per-minute limit; `wait`: seconds until the oldest call leaves the window."""
+    return Refusal(f"rate limit: {limit} requests per minute for agent {agent}", max(1, math.ceil(wait)))
+
+
+def tpm_refusal(limit: int, agent: str, used: float, tokens: int, wait: float) -> Refusal:
+    return Refusal(
+        f"rate limit: {limit} tokens per minute for agent {agent} ({int(used)} used, this request may use {tokens})",
+        max(1, math.ceil(wait)),
+    )
+
+
+def concurrency_refusal(limit: int, agent: str) -> Refusal:
+    return Refusal(f"concurrency limit: {limit} requests at a time for agent {agent}", 1)
 
 
 def _fmt(value: Decimal) -> str:

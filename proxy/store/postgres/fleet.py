@@ -1,19 +1,276 @@
-"""Budgets and rate limits shared by the replicas of a fleet (PostgreSQL): migration
-0008_fleet and what a batch commit settles. Owned by C1 (a stub until then).
+"""Budgets and rate limits shared by replicas: migration 0008_fleet and the SQL that admits
+and settles a call.
 
-`settle(cur, batch)` runs inside the writer's batch transaction, after the batch's rows are
-inserted: for each request id in `batch.settles`, release the shared reservation.
+Every replica checks a call against the same rows, in one statement (`eg_admit`): it locks the
+agent's row (so one agent's admissions, settlements and first-use fills are serial, whatever
+replica runs them), checks requests and tokens per minute over `rate_events` and the calls in
+flight, locks the three budget keys (session, day, total: `Ledger.keys`), checks
+`spent + reserved + cost <= cap` for each cap given, then reserves on all three and commits the
+call's intent, marked `held` (its reservation is in `budget_usage`). Concurrent calls spread
+over replicas therefore overshoot a budget by at most what one call's real cost exceeds its
+reservation, as in one process.
+
+The writer's batch transaction calls `settle(cur, batch)`: each settled call's intent is
+deleted, its reservation released and its real cost added to `spent` (every priced row's cost
+is, intent or not); the call leaves the agent's in-flight count and its rate event gets the
+real token count.
+
+A budget key is filled on first use from the spend recorded before (`spend_totals` for session
+and total, the day's audit rows for the day), under the agent's lock: a settlement that
+commits meanwhile is either in that sum or updates the row after it (it takes the same lock).
+
+Times are the database's (`clock_timestamp()`): replicas' clocks never disagree about a window
+or a heartbeat. Never holds a password; nothing here logs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from typing import Any
 
-if TYPE_CHECKING:
-    from egress_guard.store.interface import Batch
+from psycopg import AsyncCursor
 
-MIGRATION = ""
+from egress_guard.store.interface import Batch
+
+STALE_SECONDS = 30  # a replica not seen for this long is gone: its calls are settled at their reservation
+
+SQL = r"""
+CREATE FUNCTION eg_num(t text) RETURNS numeric LANGUAGE sql IMMUTABLE AS $$
+    -- an amount stored as text, or NULL if it is not a finite number (never stops a commit)
+    SELECT CASE WHEN t ~ '^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$' THEN t::numeric END
+$$;
+
+CREATE TABLE budget_usage (             -- every budget key's spend and open reservations, all replicas
+    scope      TEXT        NOT NULL,    -- session | day | total
+    key        TEXT        NOT NULL,    -- <agent>/<session> | <agent>/<budget day> | <agent>
+    spent      NUMERIC     NOT NULL DEFAULT 0,
+    reserved   NUMERIC     NOT NULL DEFAULT 0,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX budget_usage_updated ON budget_usage (updated_at);
+
+CREATE TABLE agent_usage (              -- one row per agent: its lock, and its calls in flight
+    agent    TEXT PRIMARY KEY,
+    inflight INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE rate_events (              -- the last minute's calls of agents with a rate limit
+    agent      TEXT        NOT NULL,
+    at         TIMESTAMPTZ NOT NULL,
+    tokens     BIGINT      NOT NULL,    -- the estimate, then the real count once settled
+    request_id TEXT        NOT NULL
+);
+CREATE INDEX rate_events_agent_at ON rate_events (agent, at);
+CREATE INDEX rate_events_request ON rate_events (request_id);
+
+CREATE TABLE replicas (                 -- heartbeats: a replica unseen for 30 s is gone
+    id       TEXT PRIMARY KEY,
+    seen_at  TIMESTAMPTZ NOT NULL,
+    timezone TEXT        NOT NULL DEFAULT 'UTC'   -- the budget day's time zone (spend.timezone)
+);
+
+ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS replica TEXT;
+ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS held BOOLEAN NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS spend_intents_replica ON spend_intents (replica);
+
+CREATE FUNCTION eg_keys(p_agent text, p_session text, p_day text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    -- the three budget keys in SCOPES' order, as ledger.Ledger.keys names them
+    SELECT ARRAY[p_agent || '/' || coalesce(p_session, ''), p_agent || '/' || p_day, p_agent]
+$$;
+
+CREATE FUNCTION eg_spent_before(p_scope text, p_agent text, p_session text, p_day_start text)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT CASE p_scope
+        WHEN 'session' THEN (SELECT coalesce(sum(eg_num(usd::text)), 0) FROM spend_totals
+                             WHERE agent = p_agent AND session = coalesce(p_session, ''))
+        WHEN 'total' THEN (SELECT coalesce(sum(eg_num(usd::text)), 0) FROM spend_totals WHERE agent = p_agent)
+        ELSE (SELECT coalesce(sum(eg_num(cost_usd::text)), 0) FROM audit
+              WHERE agent = p_agent AND ts >= p_day_start AND cost_usd IS NOT NULL)
+    END
+$$;
+
+CREATE FUNCTION eg_admit(
+    p_replica text, p_agent text, p_session text, p_day text, p_day_start text,
+    p_caps numeric[],                   -- session, day, total: NULL = no cap
+    p_usd numeric, p_tokens bigint,
+    p_rpm integer, p_tpm bigint, p_concurrent integer,
+    p_intent jsonb                      -- the call's intent (records.Intent)
+) RETURNS TABLE (refused text, limit_ numeric, used numeric, held numeric, wait double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    now_     timestamptz := clock_timestamp();
+    scopes   text[] := ARRAY['session', 'day', 'total'];
+    keys     text[] := eg_keys(p_agent, p_session, p_day);
+    inflight integer;
+    n        bigint;
+    tok      numeric;
+    oldest   timestamptz;
+    v_spent  numeric;
+    v_held   numeric;
+BEGIN
+    INSERT INTO agent_usage (agent) VALUES (p_agent) ON CONFLICT DO NOTHING;
+    SELECT a.inflight INTO inflight FROM agent_usage a WHERE a.agent = p_agent FOR UPDATE;
+    IF p_rpm IS NOT NULL OR p_tpm IS NOT NULL THEN
+        DELETE FROM rate_events r WHERE r.agent = p_agent AND r.at <= now_ - interval '60 seconds';
+        SELECT count(*), coalesce(sum(r.tokens), 0), min(r.at) INTO n, tok, oldest
+            FROM rate_events r WHERE r.agent = p_agent;
+        IF p_rpm IS NOT NULL AND n >= p_rpm THEN
+            RETURN QUERY SELECT 'rpm', p_rpm::numeric, n::numeric, NULL::numeric,
+                extract(epoch FROM oldest + interval '60 seconds' - now_)::double precision;
+            RETURN;
+        END IF;
+        IF p_tpm IS NOT NULL AND tok + p_tokens > p_tpm THEN
+            RETURN QUERY SELECT 'tpm', p_tpm::numeric, tok, p_tokens::numeric,
+                coalesce(extract(epoch FROM oldest + interval '60 seconds' - now_)::double precision, 60);
+            RETURN;
+        END IF;
+    END IF;
+    IF p_concurrent IS NOT NULL AND inflight >= p_concurrent THEN
+        RETURN QUERY SELECT 'concurrent', p_concurrent::numeric, inflight::numeric, NULL::numeric, 1::double precision;
+        RETURN;
+    END IF;
+    FOR i IN 1..3 LOOP
+        IF NOT EXISTS (SELECT 1 FROM budget_usage b WHERE b.scope = scopes[i] AND b.key = keys[i]) THEN
+            INSERT INTO budget_usage (scope, key, spent)
+                VALUES (scopes[i], keys[i], eg_spent_before(scopes[i], p_agent, p_session, p_day_start))
+                ON CONFLICT DO NOTHING;
+        END IF;
+        SELECT b.spent, b.reserved INTO v_spent, v_held FROM budget_usage b
+            WHERE b.scope = scopes[i] AND b.key = keys[i] FOR UPDATE;
+        IF p_caps[i] IS NOT NULL AND v_spent + v_held + p_usd > p_caps[i] THEN
+            RETURN QUERY SELECT scopes[i], p_caps[i], v_spent, v_held, NULL::double precision;
+            RETURN;
+        END IF;
+    END LOOP;
+    UPDATE budget_usage b SET reserved = b.reserved + p_usd, updated_at = now_
+        WHERE (b.scope, b.key) IN ((scopes[1], keys[1]), (scopes[2], keys[2]), (scopes[3], keys[3]));
+    UPDATE agent_usage a SET inflight = a.inflight + 1 WHERE a.agent = p_agent;
+    IF p_rpm IS NOT NULL OR p_tpm IS NOT NULL THEN
+        INSERT INTO rate_events VALUES (p_agent, now_, p_tokens, p_intent->>'request_id');
+    END IF;
+    INSERT INTO spend_intents SELECT * FROM jsonb_populate_record(
+        NULL::spend_intents, p_intent || jsonb_build_object('replica', p_replica, 'held', true));
+    RETURN QUERY SELECT NULL::text, NULL::numeric, NULL::numeric, NULL::numeric, NULL::double precision;
+END $$;
+
+CREATE FUNCTION eg_settle(p_rows jsonb) RETURNS void LANGUAGE plpgsql AS $$
+-- p_rows: [{request_id, agent, session, ts, cost, tokens, settles}] — the batch's priced rows
+-- and the rows that settle an intent
+DECLARE
+    it      record;
+    r       jsonb;
+    keys    text[];
+    cost    numeric;
+    zone    text;
+    ids     text[] := ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(p_rows) x
+                            WHERE (x->>'settles')::boolean);
+BEGIN
+    -- every agent whose keys this touches is locked first, in one order (see eg_admit)
+    INSERT INTO agent_usage (agent)
+        SELECT DISTINCT a FROM (
+            SELECT x->>'agent' AS a FROM jsonb_array_elements(p_rows) x
+            UNION SELECT s.agent FROM spend_intents s WHERE s.request_id = ANY(ids)
+        ) q WHERE a IS NOT NULL ORDER BY a
+        ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM agent_usage a WHERE a.agent IN (
+            SELECT x->>'agent' FROM jsonb_array_elements(p_rows) x
+            UNION SELECT s.agent FROM spend_intents s WHERE s.request_id = ANY(ids))
+        ORDER BY a.agent FOR UPDATE;
+    FOR it IN DELETE FROM spend_intents s WHERE s.request_id = ANY(ids)
+            RETURNING s.request_id, s.agent, s.session, s.day, s.reserved_usd::text AS reserved, s.held LOOP
+        keys := eg_keys(it.agent, it.session, it.day);
+        SELECT x INTO r FROM jsonb_array_elements(p_rows) x WHERE x->>'request_id' = it.request_id LIMIT 1;
+        cost := coalesce(eg_num(r->>'cost'), 0);
+        IF it.held THEN
+            UPDATE budget_usage b SET reserved = b.reserved - coalesce(eg_num(it.reserved), 0) + 0,
+                                      spent = b.spent + cost, updated_at = clock_timestamp()
+                WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
+            UPDATE agent_usage a SET inflight = greatest(a.inflight - 1, 0) WHERE a.agent = it.agent;
+        ELSIF cost <> 0 THEN
+            UPDATE budget_usage b SET spent = b.spent + cost, updated_at = clock_timestamp()
+                WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
+        END IF;
+        IF r->>'tokens' IS NOT NULL THEN
+            UPDATE rate_events e SET tokens = (r->>'tokens')::bigint WHERE e.request_id = it.request_id;
+        END IF;
+    END LOOP;
+    -- priced rows no intent held: counted on their agent's keys (a row whose intent is already
+    -- gone was billed at its reservation by the replica that settled it: not counted twice)
+    FOR r IN SELECT x FROM jsonb_array_elements(p_rows) x
+             WHERE NOT (x->>'settles')::boolean AND x->>'agent' IS NOT NULL AND eg_num(x->>'cost') <> 0 LOOP
+        IF zone IS NULL THEN
+            zone := coalesce((SELECT p.timezone FROM replicas p ORDER BY p.seen_at DESC LIMIT 1), 'UTC');
+        END IF;
+        keys := eg_keys(r->>'agent', r->>'session',
+                        to_char(((r->>'ts')::timestamptz) AT TIME ZONE zone, 'YYYY-MM-DD'));
+        UPDATE budget_usage b SET spent = b.spent + eg_num(r->>'cost'), updated_at = clock_timestamp()
+            WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
+    END LOOP;
+END $$;
+
+CREATE FUNCTION eg_claim(p_me text, p_stale interval)
+RETURNS SETOF spend_intents LANGUAGE plpgsql AS $$
+-- Take over the intents of replicas not seen for p_stale (and this replica's own, left by its
+-- previous run: call it before admitting anything). An unmetered call's intent is settled here
+-- (it only held a place in flight); a metered call's is returned, for the caller's writer to
+-- record at its reservation: the row settles it as any row does.
+DECLARE
+    it record;
+BEGIN
+    FOR it IN UPDATE spend_intents s SET replica = p_me
+            WHERE s.request_id IN (
+                SELECT q.request_id FROM spend_intents q
+                WHERE q.replica IS NULL OR q.replica = p_me OR q.replica NOT IN (
+                    SELECT p.id FROM replicas p WHERE p.seen_at >= clock_timestamp() - p_stale)
+                FOR UPDATE SKIP LOCKED)
+            RETURNING s.* LOOP
+        IF it.model IS NULL THEN
+            PERFORM eg_settle(jsonb_build_array(jsonb_build_object(
+                'request_id', it.request_id, 'agent', it.agent, 'session', it.session,
+                'ts', it.ts, 'cost', NULL, 'tokens', NULL, 'settles', true)));
+        ELSE
+            RETURN NEXT it;
+        END IF;
+    END LOOP;
+    DELETE FROM replicas p WHERE p.seen_at < clock_timestamp() - p_stale
+        AND NOT EXISTS (SELECT 1 FROM spend_intents s WHERE s.replica = p.id);
+END $$;
+"""
+
+MIGRATION = SQL  # 0008_fleet (schema.MIGRATIONS)
+
+# The open reservations, for `budget show` (queries.SELECT_RESERVED): key "<scope>:<key>", amount
+SELECT_RESERVED = "SELECT scope || ':' || key, reserved::text FROM budget_usage WHERE reserved <> 0"
 
 
-async def settle(cur: Any, batch: Batch) -> None:
-    """Settle the reservations of `batch.settles` (cur: the batch transaction's AsyncCursor)."""
+def settle_params(batch: Batch) -> str | None:
+    """What `eg_settle` needs of a batch (JSON), or None if nothing in it touches a budget."""
+    settles = set(batch.settles)
+    rows = [
+        {
+            "request_id": r.request_id,
+            "agent": r.agent,
+            "session": r.session or "",
+            "ts": r.ts,
+            "cost": r.cost_usd,
+            "tokens": (
+                (r.input_tokens or 0) + (r.output_tokens or 0)
+                if r.input_tokens is not None or r.output_tokens is not None
+                else (0 if r.cost_usd is None else None)  # None: the estimate stands
+            ),
+            "settles": r.request_id in settles,
+        }
+        for r in batch.rows
+        if r.request_id in settles or (r.cost_usd is not None and r.agent is not None)
+    ]
+    return json.dumps(rows) if rows else None
+
+
+async def settle(cur: AsyncCursor[Any], batch: Batch) -> None:
+    """In the writer's batch transaction, after its rows and running totals: settle the calls
+    those rows finish, and count every priced row in the shared budgets."""
+    params = settle_params(batch)
+    if params is not None:
+        await cur.execute("SELECT eg_settle(%s::jsonb)", (params,))

@@ -1,0 +1,265 @@
+"""SharedLedger: the ledger of one replica in a fleet whose budgets and rate limits live in
+PostgreSQL (`store:`), shared by every replica.
+
+A call is admitted by one atomic statement in the store (`fleet.py`, `eg_admit`): rate limits,
+calls in flight and the three budgets are checked and the reservation and the call's intent
+committed together, before the call is forwarded. The call's audit row settles it, in the
+row's transaction (`fleet.settle`). So N replicas enforce one budget, not N, and overshoot it
+by at most one reservation, as one process does. An agent with no limit making a call that
+costs nothing never touches the store.
+
+If the store cannot answer within its timeout, the call is refused (503, naming the store):
+there is never a per-replica fallback. What this replica knows locally — `spent`/`reserved`, a
+snapshot of the shared rows refreshed by BudgetFollower (`tick`) — only serves the mid-stream
+overrun check, `budget show`-like reads and WebSocket calls (`admit`, synchronous: checked
+against the snapshot, so across replicas they are as current as the last refresh).
+
+Each replica heartbeats (1 s); one unseen for 30 s is gone: another takes over its unfinished
+calls and records them at their reservation through its own writer (`reap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+from egress_guard.ledger import (
+    SCOPES,
+    Hold,
+    Ledger,
+    Refusal,
+    concurrency_refusal,
+    rpm_refusal,
+    tpm_refusal,
+)
+from egress_guard.spend import Limits, SpendSettings
+from egress_guard.store import SETTLED_AT_RESERVATION, AuditLog, AuditRow, Intent, StoreError
+from egress_guard.store.postgres.fleet import STALE_SECONDS
+from egress_guard.store.records import INTENT_COLUMNS
+from egress_guard.timeutil import iso
+
+log = logging.getLogger("egress_guard")
+
+ADMIT = "SELECT * FROM eg_admit(%s, %s, %s, %s, %s, %s::numeric[], %s, %s, %s, %s, %s, %s::jsonb)"
+HEARTBEAT = (
+    "INSERT INTO replicas (id, seen_at, timezone) VALUES (%s, clock_timestamp(), %s) "
+    "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, timezone = excluded.timezone"
+)
+CLAIM = f"SELECT {', '.join(INTENT_COLUMNS)} FROM eg_claim(%s, make_interval(secs => %s))"  # noqa: S608
+SNAPSHOT = (
+    "SELECT scope, key, spent, reserved FROM budget_usage "
+    "WHERE %s::timestamptz IS NULL OR updated_at >= %s::timestamptz - interval '5 seconds'"
+)
+RELEASE = "SELECT eg_settle(%s::jsonb)"
+
+
+class SharedLedger(Ledger):
+    HEARTBEAT_EVERY = 1.0
+    REAP_EVERY = 5.0
+
+    def __init__(self, settings: SpendSettings, engine: Any) -> None:
+        super().__init__(settings)
+        self.engine = engine  # PGEngine: run(fn) within the store's timeout, replica
+        self.replica: str = engine.replica
+        self.audit: AuditLog | None = None
+        self.reaped = 0  # calls of gone replicas this one recorded at their reservation
+        self._beat = 0.0
+        self._reap = 0.0
+        self._since: Any = None  # the store's time of the last snapshot
+        self._unsure: dict[str, float] = {}  # request id -> until: admissions whose answer was lost
+
+    # --- the hot path --------------------------------------------------------------------------
+
+    def limited(self, limits: Limits, agent: str, session: str) -> bool:
+        """Whether the agent has any rate limit or budget (else a free call skips the store)."""
+        return (
+            limits.requests_per_minute is not None
+            or limits.tokens_per_minute is not None
+            or limits.concurrent is not None
+            or any(self.limit(limits, agent, scope, session) is not None for scope in SCOPES)
+        )
+
+    async def reserve(
+        self, limits: Limits, agent: str, session: str, usd: Decimal, tokens: int, intent: Intent
+    ) -> Hold:
+        """Check every rate limit and budget across the fleet for one more call and reserve, or
+        raise Refusal (429, or 503 if the store cannot answer). The call's intent (`intent`:
+        its request id, what and where) is committed with the reservation; its row settles it."""
+        day = self.day()
+        if not usd and not self.limited(limits, agent, session):
+            return Hold(agent, session, day, usd, tokens)  # nothing to share: never waits on the store
+        caps = [self.limit(limits, agent, scope, session) for scope in SCOPES]
+        record = dataclasses.asdict(intent) | {
+            "agent": agent,
+            "session": session,
+            "day": day,
+            "reserved_usd": f"{usd:f}",
+        }
+        args = (
+            self.replica,
+            agent,
+            session,
+            day,
+            iso(self.day_start()),
+            [None if c is None else str(c) for c in caps],
+            usd,
+            tokens,
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.concurrent,
+            json.dumps(record),
+        )
+
+        async def admit(conn: Any) -> tuple[Any, ...]:
+            cur = await conn.execute(ADMIT, args)
+            return tuple(await cur.fetchone())
+
+        try:
+            refused, limit, used, held, wait = await self.engine.run(admit)
+        except (StoreError, OSError) as exc:
+            # it may have been admitted after all: released by `tick` once the store answers
+            self._unsure[intent.request_id] = time.monotonic() + 2 * STALE_SECONDS
+            raise Refusal(f"budgets and rate limits cannot be checked: {exc}", 1, status=503) from None
+        if refused is None:
+            for _, key in self.keys(agent, session, day):
+                self.reserved.add(key, usd)
+            return Hold(agent, session, day, usd, tokens, shared=True)
+        if refused == "rpm":
+            raise rpm_refusal(int(limit), agent, float(wait))
+        if refused == "tpm":
+            raise tpm_refusal(int(limit), agent, float(used), tokens, float(wait))
+        if refused == "concurrent":
+            raise concurrency_refusal(int(limit), agent)
+        raise self.budget_refusal(refused, Decimal(limit), agent, Decimal(used), Decimal(held), usd)
+
+    def settle(self, hold: Hold, usd: Decimal, tokens: int | None) -> None:
+        """Local only: the call's row settles it in the store. Until the next snapshot this
+        replica counts it as settled."""
+        if not hold.shared:
+            super().settle(hold, usd, tokens)
+            return
+        if hold.settled:
+            return
+        hold.settled = True
+        for _, key in self.keys(hold.agent, hold.session, hold.day):
+            self.reserved.add(key, -hold.usd)
+            self.spent.add(key, usd)
+
+    # --- upkeep ------------------------------------------------------------------------------
+
+    async def open(self, audit: AuditLog) -> None:
+        """Before the first call: announce this replica, take over the calls a previous run of
+        it (or a gone replica) left unfinished, read the shared budgets."""
+        self.audit = audit
+        await self._heartbeat()
+        await self.reap()
+        await self.refresh()
+
+    async def tick(self) -> None:
+        """BudgetFollower's poll: heartbeat, take over gone replicas' calls, refresh."""
+        now = time.monotonic()
+        if now - self._beat >= self.HEARTBEAT_EVERY - 0.05:
+            await self._heartbeat()
+        if now - self._reap >= self.REAP_EVERY:
+            await self.reap()
+        if self._unsure:
+            await self._release_unsure()
+        await self.refresh()
+
+    async def _heartbeat(self) -> None:
+        async def beat(conn: Any) -> None:
+            await conn.execute(HEARTBEAT, (self.replica, self.settings.timezone))
+
+        await self.engine.run(beat)
+        self._beat = time.monotonic()
+
+    async def reap(self) -> int:
+        """Take over the unfinished calls of replicas unseen for STALE_SECONDS (and this
+        one's own, left by its previous run); record each at its reservation through this
+        replica's writer: the row settles the call's intent like any row."""
+        self._reap = time.monotonic()
+
+        async def claim(conn: Any) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(CLAIM, (self.replica, STALE_SECONDS))
+            return list(await cur.fetchall())
+
+        found = await self.engine.run(claim)
+        if not found:
+            return 0
+        if self.audit is None:
+            raise RuntimeError("SharedLedger.reap before open")
+        for values in found:
+            i = Intent(**dict(zip(INTENT_COLUMNS, values, strict=True)))
+            self.audit.track_intent(i.request_id)
+            self.audit.record(settled_row(i))
+        self.reaped += len(found)
+        log.warning(
+            "store %s: %d metered calls of stopped replicas were unfinished; billed at their reservation",
+            self.engine.name,
+            len(found),
+        )
+        return len(found)
+
+    async def _release_unsure(self) -> None:
+        now = time.monotonic()
+        ids = [r for r, until in self._unsure.items() if until > now]
+        self._unsure = {r: self._unsure[r] for r in ids}
+        if not ids:
+            return
+        rows = json.dumps(
+            [{"request_id": r, "agent": None, "cost": None, "tokens": None, "settles": True} for r in ids]
+        )
+
+        async def release(conn: Any) -> None:
+            await conn.execute(RELEASE, (rows,))
+
+        with contextlib.suppress(StoreError, OSError):
+            await self.engine.run(release)
+
+    async def refresh(self) -> None:
+        """Read what changed in the shared budgets since the last snapshot (all of it, first)."""
+        since = self._since
+
+        async def read(conn: Any) -> tuple[Any, list[tuple[Any, ...]]]:
+            cur = await conn.execute("SELECT clock_timestamp()")
+            now = (await cur.fetchone())[0]
+            cur = await conn.execute(SNAPSHOT, (since, since))
+            return now, list(await cur.fetchall())
+
+        now, rows = await self.engine.run(read)
+        if since is None:
+            self.spent.clear()
+            self.reserved.clear()
+        for scope, key, spent, reserved in rows:
+            for amounts, value in ((self.spent, spent), (self.reserved, reserved)):
+                if value:
+                    amounts[(scope, key)] = Decimal(value)
+                else:
+                    amounts.pop((scope, key), None)
+        self._since = now
+
+
+def settled_row(i: Intent) -> AuditRow:
+    """The row of a call whose replica stopped before it finished: billed at its reservation."""
+    return AuditRow(
+        ts=i.ts,  # when the call was made: it counts against that day
+        request_id=i.request_id,
+        kind="request",
+        agent=i.agent,
+        session=i.session,
+        decision="allow",
+        reason=SETTLED_AT_RESERVATION,
+        method=i.method,
+        scheme="https",
+        host=i.host,
+        port=i.port,
+        path=i.path,
+        service=i.service,
+        model=i.model,
+        cost_usd=i.reserved_usd,
+    )
