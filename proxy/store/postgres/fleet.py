@@ -237,6 +237,23 @@ BEGIN
     DELETE FROM replicas p WHERE p.seen_at < clock_timestamp() - p_stale
         AND NOT EXISTS (SELECT 1 FROM spend_intents s WHERE s.replica = p.id);
 END $$;
+
+-- C2 (revocations): NOTIFY egress_guard on a revocation or a budget change; the listener
+-- (store/postgres/listen.py) wakes the kill switch / budget follower at once (polling stays the
+-- backstop). Payload "<table>:<id or empty>", a hint only. Sent at COMMIT, never on rollback.
+CREATE OR REPLACE FUNCTION eg_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'revocations' AND TG_OP = 'INSERT' THEN
+        PERFORM pg_notify('egress_guard', 'revocations:' || NEW.id);
+    ELSE
+        PERFORM pg_notify('egress_guard', TG_TABLE_NAME || ':');
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER eg_notify_revocations AFTER INSERT ON revocations
+    FOR EACH ROW EXECUTE FUNCTION eg_notify();
+CREATE TRIGGER eg_notify_budgets AFTER INSERT OR UPDATE OR DELETE ON budgets
+    FOR EACH STATEMENT EXECUTE FUNCTION eg_notify();
 """
 
 MIGRATION = SQL  # 0008_fleet (schema.MIGRATIONS)
