@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 from support.llm.common import REAL
+from support.pg import pg_rows
 from support.proxy import RunningProxy
 from support.upstream import Upstream
 
@@ -87,18 +89,30 @@ def expected_requests(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], float
     return {k: float(v) for k, v in counts.items()}
 
 
+def audit_rows(proxy: RunningProxy, expect: int) -> list[dict[str, Any]]:
+    """The audit rows, from whichever store the proxy writes to."""
+    store = proxy.config.store
+    return proxy.rows(expect=expect) if store is None else pg_rows(store.url, expect=expect)
+
+
 def matching(proxy: RunningProxy, n_rows: int, timeout: float = 10.0) -> tuple[list[dict[str, Any]], Samples, str]:
     """The audit rows (at least `n_rows`) and a scrape whose request counters match them: the
     counters move right after each commit, so a scrape may trail the DB by one commit."""
     deadline = time.monotonic() + timeout
     while True:
-        rows = proxy.rows(expect=n_rows)
+        rows = audit_rows(proxy, n_rows)
         text = scrape(proxy)
         samples = parse(text)
         got = series(samples, "egress_guard_requests_total", "kind", "decision", "service", "agent", "code")
         if got == expected_requests(rows) or time.monotonic() > deadline:
             return rows, samples, text
         time.sleep(0.1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The store the proxy runs on: the embedded SQLite file, or a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
@@ -110,17 +124,27 @@ def metered(
     def make(**extra: Any) -> RunningProxy:
         cred_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": 5}}
         cred_config["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
-        return make_proxy(**{**cred_config, **extra})
+        return make_proxy(**{**cred_config, **{k: v for k, v in extra.items() if v is not None}})
 
     return make
 
 
 def test_counters_match_the_audit_log(
-    metered: Callable[..., RunningProxy], cred_config: dict[str, Any], llm_upstream: Upstream
+    metered: Callable[..., RunningProxy],
+    cred_config: dict[str, Any],
+    llm_upstream: Upstream,
+    store: str | None,
+    tmp_path: Path,
 ) -> None:
     dead = free_port()  # an allowed host whose upstream is not there
     cred_config["allow"].append({"host": "api.test.local", "ports": [dead]})
-    proxy = metered()
+    password = "pg-Pa55word-never-shown"
+    if store is not None:  # the long form, with a password file (trust auth: never asked for)
+        secret = tmp_path / "pg-password"
+        secret.write_text(password)
+        proxy = metered(store={"url": store, "password_file": str(secret)})
+    else:
+        proxy = metered()
     cfg = proxy.config
     fake = keys.mint(cfg, "researcher").env["OPENAI_API_KEY"]
     client = openai.OpenAI(
@@ -173,13 +197,13 @@ def test_counters_match_the_audit_log(
     assert samples[("egress_guard_event_loop_responsive", ())] == 1
     assert ("process_resident_memory_bytes", ()) in samples
 
-    # no secret, no key, no host or path an agent chose
-    for secret in (*REAL.values(), fake, "not-allowed", "/v1/chat"):
+    # no secret, no key, no store password, no host or path an agent chose
+    for secret in (*REAL.values(), fake, password, "not-allowed", "/v1/chat"):
         assert secret not in text
 
 
-def test_revocation_lag(metered: Callable[..., RunningProxy], llm_upstream: Upstream) -> None:
-    proxy = metered()
+def test_revocation_lag(metered: Callable[..., RunningProxy], llm_upstream: Upstream, store: str | None) -> None:
+    proxy = metered(store=store)
     fake = keys.mint(proxy.config, "researcher").env["OPENAI_API_KEY"]
     with http_client(proxy) as http:
         url = f"https://api.openai.com:{llm_upstream.port}/v1/models"
