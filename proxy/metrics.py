@@ -124,6 +124,12 @@ class Metrics:
             ["service", "reason"],
             registry=r,
         )
+        self.revocation_lag = Histogram(
+            f"{PREFIX}_revocation_apply_seconds",
+            "Each applied revocation: from its time (the kill that wrote it) to when this replica applied it",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
         r.register(_Live(self))
         ProcessCollector(registry=r)  # memory, CPU, open files of this replica
 
@@ -159,6 +165,16 @@ class Metrics:
                 self.spent.labels(agent, service).inc(float(amount))
         if batch.amends:
             self.amended.inc(len(batch.amends))
+
+    # --- from the kill switch ----------------------------------------------------------------------
+
+    def follow_revocations(self, follower: Any) -> None:
+        """The KillSwitch (addons): its `last_lag`, `applied`, `current` are read at scrape, and
+        each lag it reports (`on_lag`) is observed."""
+        self.revocations = follower
+        callbacks = getattr(follower, "on_lag", None)
+        if isinstance(callbacks, list):
+            callbacks.append(lambda lag: self.revocation_lag.observe(max(0.0, lag)))
 
     # --- from flows (addons/metrics.py) ---------------------------------------------------------
 

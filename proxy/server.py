@@ -167,8 +167,8 @@ class EgressProxy:
                 metrics=self.metrics,
             )
             flow_addons, self._background = addons.chain(runtime)
-            if self.metrics is not None:  # revocation lag, read at scrape
-                self.metrics.revocations = next((t for t in self._background if isinstance(t, KillSwitch)), None)
+            if self.metrics is not None:  # revocation lag
+                self.metrics.follow_revocations(next((t for t in self._background if isinstance(t, KillSwitch)), None))
             # The chain before NextLayer: its next_layer hook (a sandbox's explicit proxy
             # address, addons/sandboxes.py) must choose before mitmproxy's default does.
             self.master.addons.add(

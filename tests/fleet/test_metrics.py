@@ -224,6 +224,7 @@ def test_revocation_lag(metered: Callable[..., RunningProxy], llm_upstream: Upst
     assert lag is not None, "no revocation lag after a kill"
     assert 0 <= lag <= time.monotonic() - written + 0.05
     assert samples[("egress_guard_revocations_applied_total", ())] >= 1
+    assert samples[("egress_guard_revocation_apply_seconds_count", ())] >= 1
     assert samples[("egress_guard_revocations_current", ())] == 1
 
 
