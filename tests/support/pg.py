@@ -156,8 +156,9 @@ class PGCluster:
     def restart(self) -> None:
         """Start the server again (after kill9 or stop), on the same port."""
         with contextlib.suppress(FileNotFoundError):
-            if not _alive(self.pid):
-                (self.data / "postmaster.pid").unlink()
+            if not _alive(self.pid):  # a killed postmaster may linger as a zombie nobody reaps:
+                for stale in ("postmaster.pid", f".s.PGSQL.{self.port}.lock", f".s.PGSQL.{self.port}"):
+                    (self.data / stale).unlink(missing_ok=True)  # its lock files would stop the restart
         self._pg_ctl_start()
 
     def stop(self) -> None:
