@@ -5,6 +5,7 @@ compared with the audit log row for row."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import time
@@ -353,3 +354,57 @@ def test_flow_observer() -> None:
         ("openai", "connect_timeout"): 1,
     }
     assert samples[("egress_guard_upstream_seconds_count", (("service", "openai"),))] == 2
+
+
+def test_store_down_is_visible_and_metrics_still_answer(
+    metered: Callable[..., RunningProxy], pg_cluster: Any, pg_url: str
+) -> None:
+    """PostgreSQL stopped (SIGSTOP): the scrape still answers (it never waits on the store), and
+    says the audit log refuses requests and its commits fail; SIGCONT: healthy again."""
+    proxy = metered(store={"url": pg_url, "timeout": 1})
+    samples = parse(scrape(proxy))
+    assert samples[("egress_guard_audit_healthy", ())] == 1
+    assert samples[("egress_guard_store_errors_total", (("op", "write"),))] == 0
+    pg_cluster.sigstop()
+    try:
+        # a refusal: its row cannot be committed
+        with httpx.Client(proxy=proxy.url, trust_env=False, timeout=10) as plain, contextlib.suppress(httpx.HTTPError):
+            plain.get(f"http://api.test.local:{free_port()}/")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            samples = parse(scrape(proxy))
+            assert time.monotonic() - started < 1.5, "a scrape waited on the store"
+            if samples[("egress_guard_store_errors_total", (("op", "write"),))] >= 1:
+                break
+            time.sleep(0.2)
+        assert samples[("egress_guard_store_errors_total", (("op", "write"),))] >= 1
+        assert samples[("egress_guard_audit_healthy", ())] == 0
+        assert samples[("egress_guard_audit_backlog", ())] >= 1
+        assert samples[("egress_guard_event_loop_responsive", ())] == 1
+    finally:
+        pg_cluster.sigcont()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        samples = parse(scrape(proxy))
+        if samples[("egress_guard_audit_healthy", ())] == 1 and samples[("egress_guard_audit_backlog", ())] == 0:
+            break
+        time.sleep(0.2)
+    assert samples[("egress_guard_audit_healthy", ())] == 1
+    assert samples[("egress_guard_audit_backlog", ())] == 0
+
+
+def test_a_stuck_event_loop_still_gets_a_scrape() -> None:
+    """The scrape-time values are read on the proxy's event loop; if it does not answer, the
+    counters are still served and event_loop_responsive says 0."""
+    import asyncio
+
+    metrics = Metrics({}, ())
+    loop = asyncio.new_event_loop()  # never run: as good as stuck
+    try:
+        metrics.loop = loop
+        samples = registry_samples(metrics)
+    finally:
+        loop.close()
+    assert samples[("egress_guard_event_loop_responsive", ())] == 0
+    assert ("egress_guard_audit_commit_seconds_count", ()) in samples
