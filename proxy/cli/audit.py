@@ -1,5 +1,5 @@
 """`audit`: ask the audit log what agents did — `query` (the default), `tail`, `stats`, `spend` —
-and keep its size in check (`prune`).
+keep its size in check (`prune`), and check nobody changed it (`verify`).
 
 Every query command takes the same filters (`filter_options`) and output formats; the store
 is opened read-only, so these never disturb a running proxy's writer.
@@ -8,6 +8,7 @@ is opened read-only, so these never disturb a running proxy's writer.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from egress_guard import spend_report as spend_mod
 from egress_guard.cli.common import config_option, format_option, load, open_db
 from egress_guard.cli.output import emit, table
 from egress_guard.store import Filters, Store
+from egress_guard.store.chain import Verifier, parse_anchors
 from egress_guard.timeutil import parse_duration, parse_when
 
 TABLE_COLUMNS = ["id", "ts", "decision", "method", "host", "port", "path", "status", "reason"]
@@ -88,6 +90,7 @@ def audit() -> None:
       egress-guard audit --decision deny --since 2h --format json
       egress-guard audit stats --since 1d
       egress-guard audit prune --older-than 30d
+      egress-guard audit verify --anchors /var/log/egress-guard.log
     """
 
 
@@ -214,3 +217,76 @@ def prune(config_path: Path | None, older_than: str, yes: bool) -> None:
             click.confirm(f"delete {n} audit rows before {before} from {config.audit_path}{kept}?", abort=True)
         deleted = db.prune(before)
     click.echo(f"pruned {deleted} audit rows before {before}{kept}")
+
+
+@audit.command()
+@config_option
+@click.option(
+    "--anchors",
+    "anchors_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A log of the proxy's (or several, concatenated): check each 'audit anchor:' line against the DB.",
+)
+@format_option("text", "json")
+def verify(config_path: Path | None, anchors_path: Path | None, fmt: str) -> None:
+    """Check the audit log's hash chains: exit 1 naming the first row edited, inserted or
+    deleted; else exit 0 with the rows and head of each chain.
+
+    Each writer (the proxy; each replica on PostgreSQL) chains its rows: a row's hash covers
+    the one before it. An edited row, a row inserted by hand and a gap (deleted rows) show.
+    Rewriting the whole table, or deleting its newest rows, shows only against the anchors
+    the proxy logs (`audit anchor: chain=... seq=... hash=...`, every minute and at stop):
+    keep its log elsewhere and pass it as --anchors. Rows from before the chain (schema
+    0007) are counted as unverifiable. Reads the DB only; safe while the proxy runs.
+
+    \b
+    Example:
+      egress-guard audit verify --anchors /var/log/egress-guard.log
+    """
+    anchors = []
+    if anchors_path is not None:
+        with anchors_path.open(encoding="utf-8", errors="replace") as log_file:
+            anchors = parse_anchors(log_file)
+    with open_db(config_path) as db:
+        checker = Verifier(starts=db.chain_starts(), anchors=anchors)
+        for record in db.audit_chain():
+            checker.feed(record)
+        checker.finish()
+        name = db.name
+    if anchors_path is not None and not anchors:
+        checker.problem_count += 1
+        checker.problems.append(f"no 'audit anchor:' lines in {anchors_path} (is it the proxy's log, at INFO?)")
+    report = checker.report()
+    if fmt == "json":
+        click.echo(json.dumps({"store": name, **report}, indent=2))
+    else:
+        click.echo(_verify_text(name, report, anchors_path))
+    if not checker.ok:
+        sys.exit(1)
+
+
+def _verify_text(name: str, report: dict[str, Any], anchors_path: Path | None) -> str:
+    lines = []
+    for problem in report["first_problems"]:
+        lines.append(f"FAILED: {problem}")
+    if report["problems"] > len(report["first_problems"]):
+        lines.append(f"... {report['problems'] - len(report['first_problems'])} more problems")
+    verdict = "FAILED" if report["problems"] else "ok"
+    lines.append(f"{name}: {verdict}: {report['rows']} rows in {len(report['chains'])} chains")
+    for chain_name, c in report["chains"].items():
+        pruned = f", starts after seq {c['starts_after_seq']} (pruned)" if c["starts_after_seq"] else ""
+        amended = f", {c['amended']} amended (responses cut after their row was written)" if c["amended"] else ""
+        lines.append(
+            f"  chain {chain_name}: {c['rows']} rows, head seq {c['head_seq']} hash {c['head_hash']}{pruned}{amended}"
+        )
+    if report["amended_ids"]:
+        lines.append(f"  amended rows: ids {', '.join(map(str, report['amended_ids']))}")
+    if report["unchained_rows"]:
+        lines.append(f"  {report['unchained_rows']} rows from before the hash chain (schema 0007): unverifiable")
+    if anchors_path is not None:
+        a = report["anchors"]
+        lines.append(
+            f"  anchors in {anchors_path}: {a['found']} found, {a['checked']} checked, "
+            f"{a['pruned']} of pruned rows (unchecked)"
+        )
+    return "\n".join(lines)

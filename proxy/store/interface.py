@@ -30,6 +30,8 @@ class Batch:
     settles: list[str] = field(default_factory=list)  # request ids whose intents those rows remove
     amends: list[tuple[str, str]] = field(default_factory=list)  # (request id, note): the row becomes an error
     writes: list[Write] = field(default_factory=list)
+    # (chain, chain_seq, hash) of rows[i], from the writer (`chain.link`); empty: rows unchained
+    links: list[tuple[str, int, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.intents) + len(self.rows) + len(self.amends) + len(self.writes)
@@ -39,6 +41,9 @@ class Engine(Protocol):
     """What the proxy's writer needs of a database, and what the proxy reads from it."""
 
     name: str  # for messages: a path or an address, never a password
+    chain: str  # the hash chain this writer extends (`store.chain`): SQLite "local", a replica its name
+    head: tuple[int, str]  # (chain_seq, hash) of that chain's last row, (0, "") if none: set by `open`,
+    # after any row the engine writes itself; then the writer keeps it (the only one to add rows)
 
     async def open(self) -> int:
         """Migrate, become the database's one writer (else raise OSError), settle the intents
@@ -100,6 +105,15 @@ class Store(Protocol):
         ...
 
     def last_id(self) -> int: ...
+
+    def audit_chain(self) -> Iterator[tuple[Any, ...]]:
+        """Every audit row as a `chain.CHAIN_SELECT` tuple (id, chain, chain_seq, hash,
+        amended_from, then the COLUMNS after id), by id, streamed: memory stays flat."""
+        ...
+
+    def chain_starts(self) -> dict[str, tuple[int, str]]:
+        """Where each pruned chain now starts: chain -> (seq, hash) of its last pruned row."""
+        ...
 
     def count(self, filters: Filters) -> int: ...
 

@@ -10,6 +10,11 @@ reservation, so budgets never undercount. Whatever cannot be written yet stays q
 dropped) and the log reports itself unhealthy, so the proxy refuses new requests until it
 can record them again. Never stores bodies or header values.
 
+Tamper-evident: every row is chained (`store.chain`) when its batch is formed, from the head
+of the last successful commit (a retried batch is chained the same way); the head is logged
+as an anchor (`audit anchor: chain=... seq=... hash=... ts=...`) every ANCHOR_EVERY seconds of
+writing and at close, so `audit verify --anchors LOG` can tell a rewritten or truncated table.
+
 Engine-neutral: where and how a batch is committed is the engine's (`interface.Engine`).
 """
 
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from egress_guard.store import chain
 from egress_guard.store.interface import Batch, Engine
 from egress_guard.store.records import (
     AuditRow,
@@ -38,6 +44,7 @@ from egress_guard.store.records import (
     Write,
 )
 from egress_guard.store.sqlite import SQLiteEngine
+from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard.audit")
 WRITES = (InsertKey, RevokeKeys, SetBudget, ResetBudget, Reservations)
@@ -61,6 +68,8 @@ class AuditLog:
     event loop has a watchdog: if it takes longer than `wait_timeout` its waiters fail and
     the log turns unhealthy until it returns.
     """
+
+    ANCHOR_EVERY = 60.0  # seconds of writing between two anchors in the log
 
     def __init__(
         self,
@@ -100,6 +109,9 @@ class AuditLog:
         self._closing = False
         self._give_up = False
         self._task: asyncio.Task[None] | None = None
+        self._head: chain.Head = (0, "")  # the chain's last committed row (engine.head at open)
+        self._anchored: chain.Head = (0, "")  # the head last logged as an anchor
+        self._anchored_at = 0.0  # time.monotonic() of that
 
     @property
     def healthy(self) -> bool:
@@ -120,6 +132,8 @@ class AuditLog:
         """Open the engine (migrate, prove the DB writable, settle the intents a stopped
         proxy left, before anyone loads budgets); raises OSError/the engine's error if not."""
         self.settled_at_start = await self.engine.open()
+        self._head = self.engine.head
+        self._anchor()  # the head as found: what this run's rows follow
         if self.settled_at_start:
             log.warning(
                 "audit log %s: %d metered calls were unfinished when the proxy last stopped; "
@@ -203,7 +217,15 @@ class AuditLog:
                 else:
                     waiter.set_exception(AuditUnavailable(error))
 
-    def _batch(self, items: list[Any]) -> Batch:
+    def _anchor(self) -> None:
+        """Log the chain's head (not again if unchanged): a copy outside the DB, for verify."""
+        self._anchored_at = time.monotonic()
+        if self._head[0] and self._head != self._anchored:
+            self._anchored = self._head
+            log.info("%s", chain.anchor_line(self.engine.chain, self._head, now_iso()))
+
+    def _batch(self, items: list[Any]) -> tuple[Batch, chain.Head]:
+        """The items as a batch, its rows chained after the committed head; and the head after it."""
         batch = Batch()
         for item in items:
             if isinstance(item, AuditRow):
@@ -218,7 +240,8 @@ class AuditLog:
                 batch.writes.append(item)
             else:
                 raise TypeError(f"not a store item: {item!r}")
-        return batch
+        batch.links, head = chain.link(self.engine.chain, self._head, batch.rows)
+        return batch, head
 
     async def _run(self) -> None:
         while True:
@@ -233,7 +256,7 @@ class AuditLog:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._hurry.wait(), self.batch_delay)
             items = self._pending[: self.max_batch]
-            batch = self._batch(items)
+            batch, head = self._batch(items)
             first = self._committed + 1
             self._writing = (first, first + len(items) - 1)
             started = time.perf_counter()
@@ -253,6 +276,7 @@ class AuditLog:
                 await asyncio.sleep(0.25)
                 continue
             self._writing = None
+            self._head = self.engine.head = head
             del self._pending[: len(items)]
             self._committed += len(items)
             self.written += len(batch.rows)
@@ -263,6 +287,8 @@ class AuditLog:
                 log.warning("audit log %s: writable again; accepting requests", self.path)
                 self.error = None
             self.engine.committed()
+            if batch.rows and time.monotonic() - self._anchored_at >= self.ANCHOR_EVERY:
+                self._anchor()
             elapsed = time.perf_counter() - started
             for listener in self.listeners:
                 try:
@@ -302,5 +328,6 @@ class AuditLog:
         if lost:
             log.error("audit log %s: %d rows could not be written before shutdown", self.path, lost)
         self._resolve_waiters(f"audit log {self.path} closed with {lost} rows unwritten")
+        self._anchor()
         await self.engine.close()
         return lost

@@ -37,6 +37,8 @@ def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
         "0004_spend_intents",
         "0005_websocket",
         "0006_spend_totals",
+        "0007_hash_chain",
+        "0008_fleet",
     ]
     assert migrate(db) == names
     assert migrate(db) == []
@@ -44,7 +46,7 @@ def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
     assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == names
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     columns = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
-    assert columns == COLUMNS
+    assert columns == [*COLUMNS, "chain", "chain_seq", "hash", "amended_from"]
     conn.close()
 
 

@@ -18,6 +18,7 @@ from egress_guard.bootstrap import init
 from egress_guard.config import Config, load_config
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import (
+    COLUMNS,
     AuditLog,
     Batch,
     Filters,
@@ -120,11 +121,12 @@ async def test_migration_0006_fills_the_totals_from_the_log_once(tmp_path: Path)
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, TODAY))
     for r in [priced(1), priced(2, usd="0.25"), priced(3, ts=LONG_AGO), priced(4, agent="b")]:
-        conn.execute(writes.INSERT_ROW, writes.bind(Batch(rows=[r])).rows[0])
+        values = writes.bind(Batch(rows=[r])).rows[0][: len(COLUMNS) - 1]  # no chain columns before 0007
+        conn.execute(f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * len(values))})", values)
     conn.close()
     with SQLiteStore(db) as old:  # before it is migrated, a command counts the rows itself
         before = sorted(old.totals(), key=lambda t: (t.agent, t.day))
-    assert migrate(db) == ["0006_spend_totals"]
+    assert migrate(db) == ["0006_spend_totals", "0007_hash_chain", "0008_fleet"]
     with SQLiteStore(db) as store:
         assert (
             sorted(store.totals(), key=lambda t: (t.agent, t.day))

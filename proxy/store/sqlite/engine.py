@@ -33,6 +33,7 @@ from typing import Any
 import aiosqlite
 
 from egress_guard.fakekeys import KeyRecord
+from egress_guard.store import chain
 from egress_guard.store.interface import Batch
 from egress_guard.store.records import Revocation, Spent
 from egress_guard.store.sqlite import queries, schema, writes
@@ -50,6 +51,8 @@ class SQLiteEngine:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path, self.name = path, str(path)
+        self.chain = chain.LOCAL
+        self.head: tuple[int, str] = (0, "")  # read by open()
         self.synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None  # the thread's: waits on locks, runs the upkeep
         self._fast: sqlite3.Connection | None = None  # the event loop's: never waits (NORMAL only)
@@ -93,7 +96,7 @@ class SQLiteEngine:
         if self.synchronous == "NORMAL":
             self._fast = self._connect(timeout=0)
         with schema.transaction(conn):  # takes the write lock: fails if we cannot write
-            settled = writes.settle_intents(conn)
+            settled, self.head = writes.settle_intents(conn, self.chain)
             conn.execute("DELETE FROM budget_reserved")  # a previous run's: this one writes its own
         if schema.statistics_stale(conn):
             schema.analyze(conn)

@@ -15,8 +15,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from egress_guard.fakekeys import KeyRecord
-from egress_guard.store.records import Filters, Spent, StoreError, Write
+from egress_guard.store import chain
+from egress_guard.store.records import COLUMNS, Filters, Spent, StoreError, Write
 from egress_guard.store.sqlite import schema, writes
+from egress_guard.timeutil import now_iso
 
 SELECT_KEYS = (
     "SELECT key_id, agent, session, services, created_at, expires_at, revoked_at, revoked_reason FROM fake_keys"
@@ -25,6 +27,7 @@ SELECT_REVOCATIONS = "SELECT id, ts, agent, session, key_id, reason FROM revocat
 SELECT_OVERRIDES = "SELECT agent, scope, limit_usd FROM budgets"
 SELECT_TOTALS = "SELECT agent, session, day, usd FROM spend_totals"
 SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= ? AND cost_usd IS NOT NULL AND agent IS NOT NULL"
+ROW_COLUMNS = ", ".join(COLUMNS)  # what a query shows: not the chain's columns
 PRUNE_CHUNK = 5000  # rows a prune deletes per transaction: the proxy's writer never waits long
 
 
@@ -94,7 +97,7 @@ class SQLiteStore:
 
     def rows(self, filters: Filters, limit: int | None, *, after_id: int = 0) -> list[dict[str, Any]]:
         clause, args = where(filters, "id > ?")
-        sql = f"SELECT * FROM audit{clause} ORDER BY id DESC"
+        sql = f"SELECT {ROW_COLUMNS} FROM audit{clause} ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
@@ -104,6 +107,28 @@ class SQLiteStore:
 
     def last_id(self) -> int:
         return int(self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
+
+    def _chained(self) -> bool:
+        """Whether the DB has the chain's columns (a read-only DB may predate 0007)."""
+        return any(r[1] == "chain" for r in self._conn.execute("PRAGMA table_info(audit)"))
+
+    def audit_chain(self) -> Iterator[tuple[Any, ...]]:
+        if self._chained():
+            sql = chain.select_sql("audit")
+        else:  # every row is from before the chain
+            sql = f"SELECT id, NULL, NULL, NULL, NULL, {', '.join(chain.FIELDS)} FROM audit ORDER BY id"
+        cursor = self._conn.execute(sql)  # one read transaction: one snapshot, fetched as it goes
+        try:
+            while batch := cursor.fetchmany(2000):
+                for r in batch:
+                    yield tuple(r)
+        finally:
+            cursor.close()
+
+    def chain_starts(self) -> dict[str, tuple[int, str]]:
+        if not self._chained():
+            return {}
+        return {c: (int(seq), str(h)) for c, seq, h in self._conn.execute("SELECT chain, seq, hash FROM audit_pruned")}
 
     def count(self, filters: Filters) -> int:
         clause, args = where(filters)
@@ -128,11 +153,39 @@ class SQLiteStore:
             yield dict(r)
 
     def prune(self, before: str) -> int:
+        """A chain loses a prefix only (`audit verify` must not see a gap): the rows of each
+        chain up to the first one at or after `before`; where it now starts is kept in
+        audit_pruned, in the transaction of each deletion. Unchained rows go by `ts`."""
         deleted = 0
+        conn = self._conn
+        chains = [r[0] for r in conn.execute("SELECT DISTINCT chain FROM audit WHERE chain IS NOT NULL")]
+        for name in chains:
+            kept = conn.execute(
+                "SELECT MIN(chain_seq) FROM audit WHERE chain = ? AND ts >= ?", (name, before)
+            ).fetchone()[0]
+            last = conn.execute("SELECT MAX(chain_seq) FROM audit WHERE chain = ?", (name,)).fetchone()[0]
+            upto = int(kept) - 1 if kept is not None else int(last)
+            while True:
+                with schema.transaction(conn):
+                    chunk = conn.execute(
+                        "SELECT id, chain_seq, hash FROM audit WHERE chain = ? AND chain_seq <= ? "
+                        "ORDER BY chain_seq LIMIT ?",
+                        (name, upto, PRUNE_CHUNK),
+                    ).fetchall()
+                    if not chunk:
+                        break
+                    conn.executemany("DELETE FROM audit WHERE id = ?", [(r[0],) for r in chunk])
+                    conn.execute(
+                        "INSERT INTO audit_pruned VALUES (?, ?, ?, ?) ON CONFLICT (chain) DO UPDATE SET "
+                        "seq = excluded.seq, hash = excluded.hash, ts = excluded.ts",
+                        (name, chunk[-1][1], chunk[-1][2], now_iso()),
+                    )
+                deleted += len(chunk)
         while True:
-            with schema.transaction(self._conn):
-                n = self._conn.execute(
-                    "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE ts < ? LIMIT ?)", (before, PRUNE_CHUNK)
+            with schema.transaction(conn):
+                n = conn.execute(
+                    "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE chain IS NULL AND ts < ? LIMIT ?)",
+                    (before, PRUNE_CHUNK),
                 ).rowcount
             deleted += n
             if n < PRUNE_CHUNK:

@@ -1,7 +1,8 @@
 """The SQLite schema: named migrations, applied in order, each in one transaction, and the
 connections every part of the SQLite store opens.
 
-Migrations 0001-0005 are as they shipped; a new one goes at the end, under a new name.
+Migrations 0001-0007 are as they shipped (0008 is PostgreSQL's alone: no SQL here); a new
+one goes at the end, under a new name.
 A migration may have a Python step too (`STEPS`), run in its transaction after its SQL:
 0006 fills the running totals from the rows already logged, once.
 """
@@ -138,6 +139,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        "0007_hash_chain",
+        """
+        ALTER TABLE audit ADD COLUMN chain TEXT;         -- the writer's hash chain (store/chain.py): 'local'
+        ALTER TABLE audit ADD COLUMN chain_seq INTEGER;  -- 1, 2, 3 ... within the chain
+        ALTER TABLE audit ADD COLUMN hash TEXT;          -- hex sha256 over the previous hash and this row
+        ALTER TABLE audit ADD COLUMN amended_from TEXT;  -- JSON {"decision", "reason"} as first written
+        CREATE UNIQUE INDEX audit_chain_seq ON audit (chain, chain_seq);
+        CREATE TABLE audit_pruned (           -- where each chain starts after `audit prune`
+            chain TEXT PRIMARY KEY,
+            seq   INTEGER NOT NULL,           -- the last pruned row's chain_seq
+            hash  TEXT NOT NULL,              -- and its hash: the next row's predecessor
+            ts    TEXT NOT NULL
+        );
+        """,
+    ),
+    ("0008_fleet", ""),  # PostgreSQL's fleet tables; recorded here so both engines' migrations match
 ]
 
 

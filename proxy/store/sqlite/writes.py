@@ -11,6 +11,7 @@ import operator
 import sqlite3
 from dataclasses import dataclass
 
+from egress_guard.store import chain as chainmod
 from egress_guard.store.interface import Batch
 from egress_guard.store.records import (
     COLUMNS,
@@ -27,15 +28,18 @@ from egress_guard.store.records import (
 )
 from egress_guard.store.sqlite.schema import ADD_TOTAL, sum_totals, totals_rows, transaction
 
-INSERT_ROW = f"INSERT INTO audit ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
+_INSERTED = [*COLUMNS[1:], "chain", "chain_seq", "hash"]
+INSERT_ROW = f"INSERT INTO audit ({', '.join(_INSERTED)}) VALUES ({', '.join('?' * len(_INSERTED))})"
 INSERT_INTENT = "INSERT OR REPLACE INTO spend_intents ({}) VALUES ({})".format(
     ", ".join(INTENT_COLUMNS), ", ".join("?" * len(INTENT_COLUMNS))
 )
 SETTLE_INTENT = "DELETE FROM spend_intents WHERE request_id = ?"
-AMEND = (
-    "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || ? "
+AMEND = (  # the right-hand sides see the row as it was: amended_from keeps the first original
+    "UPDATE audit SET amended_from = COALESCE(amended_from, json_object('decision', decision, 'reason', reason)), "
+    "decision = 'error', reason = COALESCE(reason || '; ', '') || ? "
     "WHERE request_id = ? AND kind = 'request'"
 )
+UNCHAINED = (None, None, None)
 _row_fields = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
 _intent_fields = operator.attrgetter(*INTENT_COLUMNS)
 
@@ -66,6 +70,10 @@ class Bound:
         return len(self.intents) + len(self.rows) + len(self.amends) + len(self.writes)
 
 
+def _unchained(batch: Batch) -> list[tuple[None, None, None]]:
+    return [UNCHAINED] * len(batch.rows)
+
+
 def priced(r: AuditRow) -> bool:
     """Whether a row counts in a budget: it has a cost and an agent to charge it to."""
     return r.cost_usd is not None and r.agent is not None
@@ -75,7 +83,10 @@ def bind(batch: Batch) -> Bound:
     """The batch as parameters; running totals summed here, on the event loop."""
     return Bound(
         [bindable(_intent_fields(i)) for i in batch.intents],
-        [bindable(_row_fields(r)) for r in batch.rows],
+        [
+            bindable((*_row_fields(r), *link))
+            for r, link in zip(batch.rows, batch.links or _unchained(batch), strict=True)
+        ],
         totals_rows(sum_totals(bindable((r.agent, r.session, r.ts, r.cost_usd)) for r in batch.rows if priced(r))),
         [(request_id,) for request_id in batch.settles],
         [bindable((note, request_id)) for request_id, note in batch.amends],
@@ -147,10 +158,23 @@ def apply_write(conn: sqlite3.Connection, op: Write) -> int:
     raise TypeError(f"not a store write: {op!r}")
 
 
-def settle_intents(conn: sqlite3.Connection) -> int:
-    """Bill every unfinished metered call at its reservation: one audit row each, written
-    with the intent's removal. Only the proxy's own writer may run this, at start (a
-    running proxy's intents are its calls in flight). Returns how many were settled."""
+def head(conn: sqlite3.Connection, chain: str) -> tuple[int, str]:
+    """(chain_seq, hash) of the chain's last row; after a prune that left none, of the last
+    pruned one; (0, "") for a new chain."""
+    row = (
+        conn.execute(
+            "SELECT chain_seq, hash FROM audit WHERE chain = ? ORDER BY chain_seq DESC LIMIT 1", (chain,)
+        ).fetchone()
+        or conn.execute("SELECT seq, hash FROM audit_pruned WHERE chain = ?", (chain,)).fetchone()
+    )
+    return (int(row[0]), str(row[1])) if row is not None else (0, "")
+
+
+def settle_intents(conn: sqlite3.Connection, chain: str) -> tuple[int, tuple[int, str]]:
+    """Bill every unfinished metered call at its reservation: one audit row each (on the
+    chain), written with the intent's removal. Only the proxy's own writer may run this, at
+    start (a running proxy's intents are its calls in flight). Returns how many were settled,
+    and the chain's head after them."""
     found = conn.execute(f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents ORDER BY ts").fetchall()
     batch = Batch()
     for r in found:
@@ -175,8 +199,9 @@ def settle_intents(conn: sqlite3.Connection) -> int:
             )
         )
         batch.settles.append(i.request_id)
+    batch.links, new_head = chainmod.link(chain, head(conn, chain), batch.rows)
     apply(conn, bind(batch))
-    return len(found)
+    return len(found), new_head
 
 
 def write_now(conn: sqlite3.Connection, op: Write) -> int:
