@@ -12,6 +12,11 @@ in a header, the URL or the body, is refused as a possible exfiltration. Every r
 What to answer is egress_guard.credential_verdict's (pure): this addon only looks up what a
 verdict needs (key records, the clock), then swaps the secret in or refuses as told, with a
 SECURITY log line when the verdict is flagged.
+
+On a store shared by replicas, a key is used only while the replica can confirm its
+revocations are current (`KeyCache.stale`): otherwise, and when the store cannot be read
+for a key's record, the request is refused 503 with a reason naming the store — never
+served from a possibly stale cache.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from egress_guard.credential_verdict import (
     undecodable_body,
     unreadable_stream,
 )
-from egress_guard.credentials import FakeKeyScanner, Found, Service, find_credentials, header_value
+from egress_guard.credentials import Credential, FakeKeyScanner, Found, Service, find_credentials, header_value
 from egress_guard.decoding import StreamDecoder, decode_all
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.forms import SecretForms
@@ -43,6 +48,7 @@ from egress_guard.keycache import KeyCache
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.policy import Decision, Verdict
 from egress_guard.secrets import SecretStore, SecretUnavailable
+from egress_guard.store import AuditUnavailable, StoreError
 from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard")
@@ -249,7 +255,11 @@ class CredentialGuard:
     async def _swap(self, flow: http.HTTPFlow, service: Service) -> CredentialVerdict | None:
         """Judges the request's credentials and, if they may be used, puts the real secret in
         their places; a refusal, or None."""
-        verdict, found = await self._judge(flow, service)
+        try:
+            verdict, found = await self._judge(flow, service)
+        except (StoreError, AuditUnavailable, TimeoutError) as exc:  # a key's record cannot be read: fail closed
+            why = str(exc) or f"store {self.keys.store.name} did not answer"
+            return CredentialVerdict(Credential.UNAVAILABLE, why, 503)
         st = state(flow)
         key = verdict.key
         if key is not None:  # a usable key (swapped, or refused for plain HTTP) names the request
@@ -259,6 +269,9 @@ class CredentialGuard:
         if key is None:  # anonymous: nothing to swap
             st.credential = verdict.outcome
             return None
+        stale = self.keys.stale()  # a shared store: is the key's revocation state known current?
+        if stale is not None:
+            return CredentialVerdict(Credential.UNAVAILABLE, stale, 503, key=key)
         try:
             secret = await self.store.get(service.secret)
         except SecretUnavailable as exc:

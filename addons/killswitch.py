@@ -7,15 +7,25 @@ included (mitmproxy cannot kill a flow in transit, so the transport itself is ab
 A revocation of an agent or a session also kills that agent's (or session's) isolated
 sandboxes (`run --isolate`): their PID 1 gets SIGKILL, from the host, no cooperation asked,
 and the audit log records it (addons/sandboxes.py).
+
+On a store shared by replicas (PostgreSQL) the kill switch also runs the store's listener
+(`KeyCache.listener`): a NOTIFY from the revocations trigger wakes the poll at once, so a
+kill written on any host reaches every replica in milliseconds; the poll every `interval`
+stays the backstop. `last_lag` is how late the newest revocation was applied here (from its
+`ts`, the CLI's clock), for the metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from egress_guard.addons._background import Poller
 from egress_guard.keycache import KeyCache
+from egress_guard.timeutil import parse_iso, utcnow
 
 if TYPE_CHECKING:
     from egress_guard.addons.sandboxes import Sandboxes
@@ -67,6 +77,51 @@ class KillSwitch(Poller):
         # The last revocation the sandboxes followed: from the first (once), since a sandbox is
         # killed only by a revocation written after it opened (Sandboxes.kill_matching).
         self._after = 0
+        self.last_lag: float | None = None  # seconds from the newest revocation's ts to its application here
+        self.applied = 0  # revocations applied since start
+        self.on_lag: list[Callable[[float], None]] = []  # called with each poll's lag (metrics)
+        self._wake = asyncio.Event()
+        self._listening: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> bool:
+        """Revocations are known current here (always, on the embedded store)."""
+        return self.keys.stale() is None
+
+    def wake(self, payload: str = "") -> None:
+        """Poll now (a store notification: something was revoked, or the listener reconnected)."""
+        self._wake.set()
+
+    def running(self) -> None:
+        listener = self.keys.listener
+        if listener is not None:
+            listener.on_notify.append(self.wake)
+            self._listening = asyncio.create_task(listener.start(), name="egress-guard store listener start")
+        super().running()
+
+    async def done(self) -> None:
+        await super().done()
+        listener = self.keys.listener
+        if listener is not None:
+            await listener.close()
+
+    async def _loop(self) -> None:
+        failing = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                await self.poll()
+            except Exception as exc:
+                if not failing:
+                    log.error("%s failed: %r (retrying)", self.name, exc)
+                failing = True
+                await asyncio.sleep(self.interval)  # a wake-up storm never turns into a busy loop
+                continue
+            if failing:
+                log.warning("%s works again", self.name)
+            failing = False
 
     async def poll(self) -> None:
         if self.sandboxes is not None:  # first: a sandbox's processes die within one interval
@@ -74,6 +129,17 @@ class KillSwitch(Poller):
         for key_id in await self.keys.poll():
             cut = [c for c in self.clients.pop(key_id, set()) if cut_client(self.proxyserver, c)]
             log.warning("key %s revoked: refusing its requests; cut %d open connection(s)", key_id, len(cut))
+        if self.keys.fresh:
+            newest = self.keys.fresh[-1]
+            self.applied += len(self.keys.fresh)
+            try:
+                lag = max(0.0, (utcnow() - parse_iso(newest.ts)).total_seconds())
+            except ValueError:
+                return
+            self.last_lag = lag
+            log.info("revocation %d applied %.3f s after it was written", newest.id, lag)
+            for callback in self.on_lag:
+                callback(lag)
 
     async def _kill_sandboxes(self, sandboxes: Sandboxes) -> None:
         if not sandboxes.by_tun:

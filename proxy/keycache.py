@@ -2,26 +2,81 @@
 CLI writes (`egress-guard kill`, `keys revoke`), followed by polling.
 
 Reads only, through the store's engine; the CLI is the writer. A key minted while the
-proxy runs is found on first use; a revocation reaches the cache within one poll interval.
+proxy runs is found on first use; a revocation reaches the cache within one poll interval
+(on PostgreSQL sooner: a NOTIFY wakes the poll, addons/killswitch.py).
+
+Currency (a store shared by replicas): revocations written by another host reach this
+replica only through the store, so the cache is trusted only while the replica can confirm
+it is current — its listener (`store.postgres.listen.Listener`) connected, or down for less
+than `CURRENT_WITHIN` seconds, and its last successful revocations poll less than
+`CURRENT_WITHIN` seconds old. `stale()` says why not; a key is then refused 503, never
+served from a possibly stale cache. The embedded SQLite store has no listener and no such
+gate (one proxy, one file).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 from egress_guard.fakekeys import KeyRecord
-from egress_guard.store import Engine
+from egress_guard.store import Engine, Revocation
+
+CURRENT_WITHIN = 3.0  # seconds
+
+
+class Hearing(Protocol):
+    """What the cache needs of a store listener (store.postgres.listen.Listener)."""
+
+    name: str
+    on_notify: list[Callable[[str], None]]
+
+    def down_for(self) -> float: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class KeyCache:
-    def __init__(self, store: Engine) -> None:
+    def __init__(self, store: Engine, listener: Hearing | None = None, current_within: float = CURRENT_WITHIN) -> None:
         self.store = store
+        self.listener = listener  # a shared store's listener: the currency gate applies
+        self.current_within = current_within
+        self.polled: float | None = None  # monotonic start of the last successful poll
+        self.poll_error: str | None = None  # why the last poll failed (None: it succeeded)
+        self.fresh: list[Revocation] = []  # the revocations the last poll applied, oldest first
         self._records: dict[str, KeyRecord] = {}
         self._last_revocation = 0
 
     async def open(self) -> None:
         """Follow revocations from now on (the store is open)."""
+        started = time.monotonic()
         self._last_revocation = await self.store.last_revocation()
+        self.polled = started
+
+    def stale(self) -> str | None:
+        """None while revocations are known current; else why they cannot be confirmed
+        (naming the store). Always None without a listener (the embedded store)."""
+        if self.listener is None:
+            return None
+        within = self.current_within
+        if self.listener.down_for() > within:
+            return f"cannot confirm revocations are current: {self.listener.reason}"
+        age = time.monotonic() - self.polled if self.polled is not None else None
+        if age is None or age > within:
+            last = "never" if age is None else f"{age:.1f} s ago"
+            why = f" ({self.poll_error})" if self.poll_error else ""
+            return (
+                f"cannot confirm revocations are current: store {self.listener.name}: "
+                f"last successful revocations poll {last}{why}"
+            )
+        return None
 
     async def lookup(self, key_id: str) -> KeyRecord | None:
         record = self._records.get(key_id)
@@ -37,8 +92,16 @@ class KeyCache:
 
     async def poll(self) -> set[str]:
         """Apply new revocations to the cache; return the ids of cached keys they revoked."""
+        started = time.monotonic()
+        try:
+            revocations = await self.store.revocations(self._last_revocation)
+        except Exception as exc:
+            self.poll_error = str(exc) or type(exc).__name__
+            raise
+        self.polled, self.poll_error = started, None
         hit: set[str] = set()
-        for rev in await self.store.revocations(self._last_revocation):
+        self.fresh = revocations
+        for rev in revocations:
             self._last_revocation = rev.id
             for kid, rec in list(self._records.items()):
                 if (
