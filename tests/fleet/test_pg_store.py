@@ -202,3 +202,130 @@ def sqlite_rows(path: Path) -> int:
         return 0
     finally:
         conn.close()
+
+
+def verify(url: str) -> Any:
+    from egress_guard.store.chain import Verifier
+
+    with PGStore(settings(url)) as store:
+        verifier = Verifier(starts=store.chain_starts())
+        for record in store.audit_chain():
+            verifier.feed(record)
+    verifier.finish()
+    return verifier
+
+
+def test_writer_chains_rows_amends_keep_the_original_and_prune_keeps_chains_whole(pg_url: str) -> None:
+    from egress_guard.store import AuditLog
+
+    async def run_replica(replica: str, first: int, n: int, leftover: bool = False) -> None:
+        engine = PGEngine(settings(pg_url, replica))
+        log = AuditLog(engine, batch_delay=0)
+        await log.open()
+        numbers = [
+            log.record(row(f"{replica}-{i}", ts=f"2026-01-{1 + i // 10:02d}T00:00:00.000Z", duration_ms=i / 7))
+            for i in range(first, first + n)
+        ]
+        await log.durable(numbers[-1])
+        log.amend(numbers[0], f"{replica}-{first}", "response cut")
+        if leftover:
+            intent = Intent(
+                request_id=f"{replica}-left",
+                ts="2026-01-09T00:00:00.000Z",
+                agent="a",
+                session=None,
+                service="openai",
+                model="m",
+                day="2026-01-09",
+                reserved_usd="0.25",
+            )
+            await log.intent(intent)
+        await log.close()
+
+    asyncio.run(run_replica("r1", 0, 25, leftover=True))
+    asyncio.run(run_replica("r2", 0, 15))
+    asyncio.run(run_replica("r1", 25, 10))  # reopened: settles its leftover, then continues its chain
+    v = verify(pg_url)
+    assert v.ok, v.problems
+    assert v.rows == 25 + 15 + 10 + 1 and v.unchained == 0
+    assert {name: (s.seq, s.amended) for name, s in v.chains.items()} == {"r1": (36, 2), "r2": (15, 1)}
+    with PGStore(settings(pg_url), readonly=False) as store:
+        assert store.prune("2026-01-02T00:00:00.000Z") == 20  # r1-0..9 and r2-0..9
+        assert {name: seq for name, (seq, _) in store.chain_starts().items()} == {"r1": 10, "r2": 10}
+    v = verify(pg_url)
+    assert v.ok, v.problems
+    assert v.rows == 51 - 20
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("UPDATE audit SET status = 201 WHERE request_id = 'r2-12'")
+    v = verify(pg_url)
+    assert not v.ok and "hash mismatch" in v.problems[0]
+
+
+def test_engine_fails_within_its_timeout_when_the_server_stops_and_recovers_by_itself(tmp_path: Path) -> None:
+    """SIGSTOP (nothing answers), then SIGKILL and a restart: every call fails within the
+    store's timeout with a StoreError naming the store, and works again without a reopen."""
+    import time
+
+    cluster = PGCluster.start(Path("/tmp"))
+    try:
+        url = cluster.new_database()
+
+        async def timed(call: Any) -> tuple[float, BaseException | None]:
+            started = time.monotonic()
+            try:
+                await call
+            except BaseException as exc:
+                return time.monotonic() - started, exc
+            return time.monotonic() - started, None
+
+        async def main() -> None:
+            engine = PGEngine(settings(url, timeout=1.0))
+            await engine.open()
+            try:
+                assert await engine.key("nope") is None
+                cluster.sigstop()
+                try:
+                    for call in (engine.key("k"), engine.revocations(0), engine.commit(Batch(rows=[row("x")]))):
+                        took, exc = await timed(call)
+                        assert isinstance(exc, StoreError) and took < 1.5, (took, exc)
+                        assert str(exc) == f"store {url} is unreachable: no answer within 1 s"
+                finally:
+                    cluster.sigcont()
+                await asyncio.sleep(0.2)
+                assert await engine.key("k") is None  # back, no reopen
+                await engine.commit(Batch(rows=[row("after-stop")]))
+                cluster.kill9()
+                took, exc = await timed(engine.key("k"))
+                assert isinstance(exc, StoreError) and took < 1.5 and str(exc).startswith(f"store {url} is unreachable")
+                cluster.restart()
+                assert await engine.key("k") is None
+                await engine.commit(Batch(rows=[row("after-restart")]))
+                assert engine.read_failures >= 3
+            finally:
+                await engine.close()
+
+        asyncio.run(main())
+        assert [r["request_id"] for r in pg_rows(url)] == ["after-stop", "after-restart"]
+    finally:
+        cluster.stop()
+
+
+def test_two_replicas_on_one_chain_fail_closed_and_a_landed_retry_is_not_written_twice(pg_url: str) -> None:
+    async def main() -> None:
+        one, two = PGEngine(settings(pg_url, "same")), PGEngine(settings(pg_url, "same"))
+        await one.open()
+        await two.open()
+        try:
+            await one.commit(Batch(rows=[row("a")], links=[("same", 1, "h1")]))
+            with pytest.raises(StoreError, match=r"do two replicas write chain same\? give each its own `replica:`"):
+                await two.commit(Batch(rows=[row("b")], links=[("same", 1, "h2")]))
+            # a retry of a batch whose commit did land (its answer was lost): counted as committed
+            one._failed = True
+            await one.commit(Batch(rows=[row("a")], links=[("same", 1, "h1")], settles=[]))
+            await one.commit(Batch(rows=[row("c")], links=[("same", 2, "h3")]))
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(main())
+    assert [(r["request_id"], r["chain_seq"]) for r in pg_rows(pg_url)] == [("a", 1), ("c", 2)]

@@ -25,6 +25,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from egress_guard.fakekeys import KeyRecord
+from egress_guard.store import chain as chainmod
 from egress_guard.store.interface import Batch
 from egress_guard.store.postgres import queries, schema, writes
 from egress_guard.store.records import INTENT_COLUMNS, Revocation, Spent, StoreError
@@ -50,6 +51,7 @@ class PGEngine:
         self.head: tuple[int, str] = (0, "")  # this replica's chain head (seq, hash), read at open
         self._pool: AsyncConnectionPool | None = None
         self._orphans: set[asyncio.Task[Any]] = set()  # calls past their deadline, finishing in the background
+        self.read_failures = 0  # reads that failed (metrics)
         self._failed = False  # the last commit failed: the next may be a retry of a batch that did commit
 
     def __repr__(self) -> str:
@@ -102,10 +104,14 @@ class PGEngine:
             return await cur.fetchall()
 
         try:
-            return await self.run(fetch)
-        except _Broken:
-            # a pooled connection the server closed (a restart) fails once: a read is safe to retry
-            return await self.run(fetch)
+            try:
+                return await self.run(fetch)
+            except _Broken:
+                # a pooled connection the server closed (a restart) fails once: a read is safe to retry
+                return await self.run(fetch)
+        except StoreError:
+            self.read_failures += 1
+            raise
 
     # --- opening and closing ---------------------------------------------------------------
 
@@ -138,33 +144,32 @@ class PGEngine:
                 raise self.target.error(exc) from None
 
     async def _open_replica(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        """Read this replica's chain head; settle its own calls a previous run left unfinished."""
-        async with conn.cursor() as cur:
+        """Settle this replica's own calls a previous run left unfinished (chained, as the
+        rows of this replica's chain they are), then read the chain's head for the writer."""
+        async with conn.transaction(), conn.cursor() as cur:
             await cur.execute(
-                "SELECT chain_seq, hash FROM audit WHERE chain = %s ORDER BY chain_seq DESC LIMIT 1", (self.chain,)
-            )
-            row = await cur.fetchone()
-            self.head = (int(row[0]), str(row[1])) if row else (0, "")
-            await cur.execute(
-                f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents WHERE replica = %s ORDER BY ts",  # noqa: S608
+                f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents WHERE replica = %s ORDER BY ts FOR UPDATE",  # noqa: S608
                 (self.replica,),
             )
             found = await cur.fetchall()
-        if not found:
-            return 0
-        batch = Batch()
-        batch.rows, batch.settles = writes.settled_rows(found)
-        self.prepare(batch)
-        async with conn.transaction(), conn.cursor() as cur:
-            await writes.apply(cur, writes.bind(batch, self.replica))
-        self.advance(batch)
+            head = await self._head(cur)
+            if found:
+                batch = Batch()
+                batch.rows, batch.settles = writes.settled_rows(found)
+                batch.links, head = chainmod.link(self.chain, head, batch.rows)
+                await writes.apply(cur, writes.bind(batch, self.replica))
+        self.head = head
         return len(found)
 
-    def prepare(self, batch: Batch) -> None:
-        """Give rows the engine writes itself their chain columns (the writer does its own)."""
-
-    def advance(self, batch: Batch) -> None:
-        """After a commit of rows `prepare` chained: the head moves."""
+    async def _head(self, cur: psycopg.AsyncCursor[Any]) -> tuple[int, str]:
+        await cur.execute(
+            "SELECT chain_seq, hash FROM audit WHERE chain = %s ORDER BY chain_seq DESC LIMIT 1", (self.chain,)
+        )
+        row = await cur.fetchone()
+        if row is None:  # a new chain, or every row of it pruned
+            await cur.execute("SELECT seq, hash FROM audit_pruned WHERE chain = %s", (self.chain,))
+            row = await cur.fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, "")
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -185,16 +190,36 @@ class PGEngine:
         return asyncio.ensure_future(self._commit(writes.bind(batch, self.replica)))
 
     async def _commit(self, bound: writes.Bound) -> None:
+        retry = self._failed
+
         async def transact(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.transaction(), conn.cursor() as cur:
+            # pipeline mode: BEGIN, the statements and COMMIT go in one round trip (or a few)
+            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                if retry and await self._landed(cur, bound.batch):
+                    return
                 await writes.apply(cur, bound)
 
         try:
             await self.run(transact)
-        except StoreError:
+        except StoreError as exc:
             self._failed = True
+            if "audit_chain_seq" in str(exc):
+                raise StoreError(
+                    f"store {self.name}: chain {self.chain} already has these rows: do two replicas write "
+                    f"chain {self.chain}? give each its own `replica:` ({exc})"
+                ) from None
             raise
         self._failed = False
+
+    async def _landed(self, cur: psycopg.AsyncCursor[Any], batch: Batch) -> bool:
+        """Whether a batch retried after a failure was committed after all (the server
+        committed it, its answer was lost or late): its first row is there, same hash."""
+        if not batch.links:
+            return False
+        chain, seq, digest = batch.links[0]
+        await cur.execute("SELECT hash FROM audit WHERE chain = %s AND chain_seq = %s", (chain, seq))
+        row = await cur.fetchone()
+        return row is not None and row[0] == digest
 
     def committed(self) -> None:
         pass

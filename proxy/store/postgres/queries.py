@@ -15,18 +15,19 @@ import psycopg
 from psycopg.rows import dict_row
 
 from egress_guard.fakekeys import KeyRecord
+from egress_guard.store import chain
 from egress_guard.store.postgres import fleet, schema, writes
 from egress_guard.store.records import COLUMNS, Filters, Spent, StoreError, Write
 from egress_guard.store.sqlite import queries as sq
+from egress_guard.timeutil import now_iso
 
 SELECT_KEYS = sq.SELECT_KEYS
 SELECT_REVOCATIONS = "SELECT id, ts, agent, session, key_id, reason FROM revocations WHERE id > %s ORDER BY id"
 SELECT_OVERRIDES = sq.SELECT_OVERRIDES
 SELECT_TOTALS = sq.SELECT_TOTALS
 SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= %s AND cost_usd IS NOT NULL AND agent IS NOT NULL"
-# The open reservations for `budget show`: the shared ones (fleet.py) if it says how to read them.
-SELECT_RESERVED: str = getattr(fleet, "SELECT_RESERVED", "SELECT key, usd FROM budget_reserved")
-CHAIN_COLUMNS = [*COLUMNS, "chain", "chain_seq", "hash", "amended_from"]
+SELECT_RESERVED = fleet.SELECT_RESERVED  # the open reservations for `budget show`: shared ones (budget_usage)
+ROW_COLUMNS = ", ".join(COLUMNS)  # what a query shows: not the chain's columns
 PRUNE_CHUNK = 5000
 
 
@@ -111,7 +112,7 @@ class PGStore:
 
     def rows(self, filters: Filters, limit: int | None, *, after_id: int = 0) -> list[dict[str, Any]]:
         clause, args = where(filters, "id > %s")
-        sql = f"SELECT * FROM audit{clause} ORDER BY id DESC"  # noqa: S608
+        sql = f"SELECT {ROW_COLUMNS} FROM audit{clause} ORDER BY id DESC"  # noqa: S608
         if limit is not None:
             sql += " LIMIT %s"
             args.append(limit)
@@ -153,17 +154,57 @@ class PGStore:
         )
         yield from self._stream(sql, args)
 
-    def audit_chain(self, after_id: int = 0) -> Iterator[dict[str, Any]]:
-        """Every audit row with its chain columns, by id (streamed: memory stays flat)."""
-        yield from self._stream(f"SELECT {', '.join(CHAIN_COLUMNS)} FROM audit WHERE id > %s ORDER BY id", (after_id,))  # noqa: S608
+    def audit_chain(self) -> Iterator[tuple[Any, ...]]:
+        """Every audit row as a `chain.CHAIN_SELECT` tuple, by id: a server-side cursor in one
+        read-only snapshot (REPEATABLE READ), fetched 5000 at a time: memory stays flat."""
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                with self._conn.cursor("egress_guard_audit_chain") as named:
+                    named.itersize = 5000
+                    named.execute(chain.select_sql("audit"))
+                    yield from named
+        except psycopg.Error as exc:
+            raise self.target.error(exc) from None
+
+    def chain_starts(self) -> dict[str, tuple[int, str]]:
+        return {c: (int(seq), str(h)) for c, seq, h in self._all("SELECT chain, seq, hash FROM audit_pruned")}
 
     def prune(self, before: str) -> int:
+        """A chain loses a prefix only (`audit verify` must not see a gap): the rows of each
+        chain up to the first one at or after `before`; where it now starts is kept in
+        audit_pruned, in the transaction of each deletion. Unchained rows go by `ts`."""
         deleted = 0
+        conn = self._conn
         try:
+            for (name,) in self._all("SELECT DISTINCT chain FROM audit WHERE chain IS NOT NULL"):
+                ((kept, last),) = self._all(
+                    "SELECT MIN(chain_seq) FILTER (WHERE ts >= %s), MAX(chain_seq) FROM audit WHERE chain = %s",
+                    (before, name),
+                )
+                upto = int(kept) - 1 if kept is not None else int(last)
+                while True:
+                    with conn.transaction(), conn.cursor() as cur:
+                        cur.execute(
+                            "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE chain = %s AND chain_seq <= %s "
+                            "ORDER BY chain_seq LIMIT %s) RETURNING chain_seq, hash",
+                            (name, upto, PRUNE_CHUNK),
+                        )
+                        chunk = cur.fetchall()
+                        if not chunk:
+                            break
+                        seq, digest = max(chunk)
+                        cur.execute(
+                            "INSERT INTO audit_pruned VALUES (%s, %s, %s, %s) ON CONFLICT (chain) DO UPDATE SET "
+                            "seq = excluded.seq, hash = excluded.hash, ts = excluded.ts "
+                            "WHERE audit_pruned.seq < excluded.seq",
+                            (name, seq, digest, now_iso()),
+                        )
+                    deleted += len(chunk)
             while True:
-                with self._conn.transaction(), self._conn.cursor() as cur:
+                with conn.transaction(), conn.cursor() as cur:
                     cur.execute(
-                        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE ts < %s LIMIT %s)",
+                        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE chain IS NULL AND ts < %s LIMIT %s)",
                         (before, PRUNE_CHUNK),
                     )
                     n = cur.rowcount
@@ -171,7 +212,7 @@ class PGStore:
                 if n < PRUNE_CHUNK:
                     break
             if deleted:
-                self._conn.execute("ANALYZE audit")
+                conn.execute("ANALYZE audit")
         except psycopg.Error as exc:
             raise self.target.error(exc) from None
         return deleted

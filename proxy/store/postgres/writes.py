@@ -34,7 +34,7 @@ from egress_guard.store.records import (
 from egress_guard.store.sqlite.schema import sum_totals, totals_rows
 from egress_guard.store.sqlite.writes import priced
 
-ROW_COLUMNS = COLUMNS[1:]
+ROW_COLUMNS = [*COLUMNS[1:], "chain", "chain_seq", "hash"]  # a row's fields, then its link
 INSERT_ROW = f"INSERT INTO audit ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join(['%s'] * len(ROW_COLUMNS))})"  # noqa: S608
 INSERT_INTENT = (
     f"INSERT INTO spend_intents ({', '.join(INTENT_COLUMNS)}, replica) "  # noqa: S608
@@ -42,11 +42,15 @@ INSERT_INTENT = (
     f"ON CONFLICT (request_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in INTENT_COLUMNS[1:])}"
 )
 SETTLE_INTENTS = "DELETE FROM spend_intents WHERE request_id = ANY(%s)"
+# The original decision and reason are kept (once) in amended_from: `audit verify` hashes them.
 AMEND = (
-    "UPDATE audit SET decision = 'error', reason = COALESCE(reason || '; ', '') || %s "
+    "UPDATE audit SET "
+    "amended_from = COALESCE(amended_from, json_build_object('decision', decision, 'reason', reason)::text), "
+    "decision = 'error', reason = COALESCE(reason || '; ', '') || %s "
     "WHERE request_id = %s AND kind = 'request'"
 )
-_row_fields = operator.attrgetter(*ROW_COLUMNS)
+NO_LINK: tuple[Any, ...] = (None, None, None)
+_row_fields = operator.attrgetter(*COLUMNS[1:])
 _intent_fields = operator.attrgetter(*INTENT_COLUMNS)
 
 
@@ -82,7 +86,12 @@ def bind(batch: Batch, replica: str) -> Bound:
     return Bound(
         batch,
         [(*bindable(_intent_fields(i)), replica) for i in batch.intents],
-        [bindable(_row_fields(r)) for r in batch.rows],
+        [
+            (*bindable(_row_fields(r)), *link)
+            for r, link in zip(
+                batch.rows, list[tuple[Any, ...]](batch.links) or [NO_LINK] * len(batch.rows), strict=True
+            )
+        ],
         # sorted: replicas' transactions take the rows' locks in one order (no deadlock)
         sorted(
             totals_rows(sum_totals(bindable((r.agent, r.session, r.ts, r.cost_usd)) for r in batch.rows if priced(r)))
