@@ -214,7 +214,7 @@ def prune(config_path: Path | None, older_than: str, yes: bool) -> None:
             click.echo(f"nothing to prune: no audit rows before {before}{kept}")
             return
         if not yes:
-            click.confirm(f"delete {n} audit rows before {before} from {config.audit_path}{kept}?", abort=True)
+            click.confirm(f"delete {n} audit rows before {before} from {config.store_name}{kept}?", abort=True)
         deleted = db.prune(before)
     click.echo(f"pruned {deleted} audit rows before {before}{kept}")
 

@@ -62,6 +62,7 @@ class SQLiteEngine:
         self._since_checkpoint = 0
         self._checkpoints = 0
         self._upkeep: asyncio.Future[None] | None = None
+        self.read_failures = 0  # reads that raised
 
     # --- opening and closing ---------------------------------------------------------------
 
@@ -185,8 +186,12 @@ class SQLiteEngine:
         return self._reader
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
-        async with self._read().execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+        try:
+            async with self._read().execute(sql, args) as cursor:
+                return list(await cursor.fetchall())
+        except Exception:
+            self.read_failures += 1  # for the metrics (store errors, op="read")
+            raise
 
     async def key(self, key_id: str) -> KeyRecord | None:
         rows = await self._all(queries.SELECT_KEYS + " WHERE key_id = ?", key_id)
