@@ -308,3 +308,25 @@ async def test_odd_values_verify_after_their_round_trip(home: Path) -> None:
     await log.close()
     code, out = verify(home)
     assert code == 0 and "2 rows" in out, out
+
+
+async def test_the_writer_logs_an_anchor_every_interval_of_writing(
+    home: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, "egress_guard.audit")
+    monkeypatch.setattr(AuditLog, "ANCHOR_EVERY", 0.0)  # every commit of rows, for the test
+    log = AuditLog(db_of(home))
+    await log.open()
+    for burst in range(3):
+        await log.durable(max(log.record(row(burst * 2 + i)) for i in range(2)))
+    await log.close()
+    seqs = [int(m.group("seq")) for r in caplog.records if (m := chain.ANCHOR.search(r.getMessage()))]
+    assert seqs == [2, 4, 6]  # one per commit; not again at close (the head did not move)
+    monkeypatch.setattr(AuditLog, "ANCHOR_EVERY", 3600.0)
+    caplog.clear()
+    log = AuditLog(db_of(home))
+    await log.open()
+    await log.durable(log.record(row(9)))
+    await log.close()
+    seqs = [int(m.group("seq")) for r in caplog.records if (m := chain.ANCHOR.search(r.getMessage()))]
+    assert seqs == [6, 7]  # the head found at open, and at close
