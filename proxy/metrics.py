@@ -49,7 +49,7 @@ SCRAPE_TIMEOUT = 2.0  # seconds the scrape waits for the event loop's snapshot
 
 
 def status_class(status: int | None) -> str:
-    """ "2xx", "4xx", …; "none" when the agent got no status (the connection ended)."""
+    """The status class, 2xx … 5xx; none when the agent got no status (the connection ended)."""
     return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
 
 
@@ -124,6 +124,9 @@ class Metrics:
             ["service", "reason"],
             registry=r,
         )
+        for service in ("", *sorted(self.services)):  # zeros from the start: rate() needs a first sample
+            for reason in UPSTREAM_REASONS:
+                self.upstream_errors.labels(service, reason)
         self.revocation_lag = Histogram(
             f"{PREFIX}_revocation_apply_seconds",
             "Each applied revocation: from its time (the kill that wrote it) to when this replica applied it",
