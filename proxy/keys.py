@@ -78,7 +78,7 @@ def mint(
 
 
 def list_keys(config: Config, agent: str | None = None, include_inactive: bool = False) -> list[dict]:
-    if not config.audit_path.exists():
+    if config.store is None and not config.audit_path.exists():
         return []
     with store.open_store(config) as db:
         rows = db.keys(agent)

@@ -129,10 +129,17 @@ class EgressProxy:
         try:
             await self.audit.open()
         except Exception as exc:
-            raise StartupError(
-                f"audit log {self.config.audit_path} cannot be opened for writing ({exc}); "
+            fix = (
                 "fix its path or permissions in the config's audit.path"
-            ) from None
+                if self.config.store is None
+                else "check that the server is up and store: in the config (URL, password_file or PGPASSWORD)"
+            )
+            what = (
+                f"audit log {self.config.audit_path}"
+                if self.config.store is None
+                else f"store {self.config.store_name}"
+            )
+            raise StartupError(f"{what} cannot be opened for writing ({exc}); {fix}") from None
         if isinstance(self.ledger, SharedLedger):  # C1: before the first call is admitted
             try:
                 await self.ledger.open(self.audit)

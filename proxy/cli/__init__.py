@@ -10,9 +10,18 @@ from __future__ import annotations
 import click
 
 from egress_guard.cli import agent_env, audit, budget, doctor, keys, up
+from egress_guard.store import StoreError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:  # the store (a PostgreSQL server) unreachable mid-command: exit 1, say which
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="egress-guard")
 def main() -> None:
     """egress-guard: a default-deny, auditing TLS egress proxy for AI agents.

@@ -41,7 +41,7 @@ def budget_show(config_path: Path | None, agent: str | None, fmt: str) -> None:
     config = load(config_path)
     if agent and agent not in config.agents:
         raise click.ClickException(f"no agent named {agent!r}. Fix: use one of {', '.join(sorted(config.agents))}")
-    if not config.audit_path.exists():
+    if config.store is None and not config.audit_path.exists():
         raise click.ClickException(f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init'")
     with open_db(config_path) as db:
         rows = spend_mod.budget_rows(db, config, agent)

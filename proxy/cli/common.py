@@ -47,7 +47,7 @@ def format_option(*choices: str) -> Callable[[Callable[..., Any]], Callable[...,
 def open_db(config_path: Path | None, *, write: bool = False) -> store.Store:
     """The config's store, to use in a `with` block (which closes it)."""
     config = load(config_path)
-    if not config.audit_path.exists():
+    if config.store is None and not config.audit_path.exists():
         raise click.ClickException(
             f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init', or pass the --config that names it"
         )
