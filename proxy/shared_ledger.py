@@ -50,7 +50,7 @@ HEARTBEAT = (
     "INSERT INTO replicas (id, seen_at, timezone) VALUES (%s, clock_timestamp(), %s) "
     "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, timezone = excluded.timezone"
 )
-CLAIM = f"SELECT {', '.join(INTENT_COLUMNS)} FROM eg_claim(%s, make_interval(secs => %s))"  # noqa: S608
+CLAIM = f"SELECT {', '.join(INTENT_COLUMNS)} FROM eg_claim(%s, make_interval(secs => %s), %s)"  # noqa: S608
 SNAPSHOT = (
     "SELECT scope, key, spent, reserved FROM budget_usage "
     "WHERE %s::timestamptz IS NULL OR updated_at >= %s::timestamptz - interval '5 seconds'"
@@ -157,7 +157,7 @@ class SharedLedger(Ledger):
         it (or a gone replica) left unfinished, read the shared budgets."""
         self.audit = audit
         await self._heartbeat()
-        await self.reap()
+        await self.reap(own=True)
         await self.refresh()
 
     async def tick(self) -> None:
@@ -178,14 +178,14 @@ class SharedLedger(Ledger):
         await self.engine.run(beat)
         self._beat = time.monotonic()
 
-    async def reap(self) -> int:
-        """Take over the unfinished calls of replicas unseen for STALE_SECONDS (and this
-        one's own, left by its previous run); record each at its reservation through this
+    async def reap(self, *, own: bool = False) -> int:
+        """Take over the unfinished calls of replicas unseen for STALE_SECONDS (and, `own`, this
+        one's own, left by its previous run: only at open); record each at its reservation through this
         replica's writer: the row settles the call's intent like any row."""
         self._reap = time.monotonic()
 
         async def claim(conn: Any) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(CLAIM, (self.replica, STALE_SECONDS))
+            cur = await conn.execute(CLAIM, (self.replica, STALE_SECONDS, own))
             return list(await cur.fetchall())
 
         found = await self.engine.run(claim)

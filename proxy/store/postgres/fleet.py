@@ -163,6 +163,7 @@ DECLARE
     r       jsonb;
     keys    text[];
     cost    numeric;
+    v_tokens bigint;
     zone    text;
     ids     text[] := ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(p_rows) x
                             WHERE (x->>'settles')::boolean);
@@ -181,10 +182,11 @@ BEGIN
     FOR it IN DELETE FROM spend_intents s WHERE s.request_id = ANY(ids)
             RETURNING s.request_id, s.agent, s.session, s.day, s.reserved_usd::text AS reserved, s.held LOOP
         keys := eg_keys(it.agent, it.session, it.day);
-        SELECT x INTO r FROM jsonb_array_elements(p_rows) x WHERE x->>'request_id' = it.request_id LIMIT 1;
-        cost := coalesce(eg_num(r->>'cost'), 0);
+        -- a call may have more than one row in a batch: its cost is theirs together
+        SELECT coalesce(sum(eg_num(x->>'cost')), 0), max((x->>'tokens')::bigint) INTO cost, v_tokens
+            FROM jsonb_array_elements(p_rows) x WHERE x->>'request_id' = it.request_id;
         IF it.held THEN
-            UPDATE budget_usage b SET reserved = b.reserved - coalesce(eg_num(it.reserved), 0) + 0,
+            UPDATE budget_usage b SET reserved = b.reserved - coalesce(eg_num(it.reserved), 0),
                                       spent = b.spent + cost, updated_at = clock_timestamp()
                 WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
             UPDATE agent_usage a SET inflight = greatest(a.inflight - 1, 0) WHERE a.agent = it.agent;
@@ -192,8 +194,8 @@ BEGIN
             UPDATE budget_usage b SET spent = b.spent + cost, updated_at = clock_timestamp()
                 WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
         END IF;
-        IF r->>'tokens' IS NOT NULL THEN
-            UPDATE rate_events e SET tokens = (r->>'tokens')::bigint WHERE e.request_id = it.request_id;
+        IF v_tokens IS NOT NULL THEN
+            UPDATE rate_events e SET tokens = v_tokens WHERE e.request_id = it.request_id;
         END IF;
     END LOOP;
     -- priced rows no intent held: counted on their agent's keys (a row whose intent is already
@@ -210,10 +212,10 @@ BEGIN
     END LOOP;
 END $$;
 
-CREATE FUNCTION eg_claim(p_me text, p_stale interval)
+CREATE FUNCTION eg_claim(p_me text, p_stale interval, p_own boolean)
 RETURNS SETOF spend_intents LANGUAGE plpgsql AS $$
--- Take over the intents of replicas not seen for p_stale (and this replica's own, left by its
--- previous run: call it before admitting anything). An unmetered call's intent is settled here
+-- Take over the intents of replicas not seen for p_stale (with p_own, this replica's own too,
+-- left by its previous run: only before it admits anything). An unmetered call's intent is settled here
 -- (it only held a place in flight); a metered call's is returned, for the caller's writer to
 -- record at its reservation: the row settles it as any row does.
 DECLARE
@@ -222,8 +224,8 @@ BEGIN
     FOR it IN UPDATE spend_intents s SET replica = p_me
             WHERE s.request_id IN (
                 SELECT q.request_id FROM spend_intents q
-                WHERE q.replica IS NULL OR q.replica = p_me OR q.replica NOT IN (
-                    SELECT p.id FROM replicas p WHERE p.seen_at >= clock_timestamp() - p_stale)
+                WHERE q.replica IS NULL OR (p_own AND q.replica = p_me) OR (q.replica <> p_me AND q.replica NOT IN (
+                    SELECT p.id FROM replicas p WHERE p.seen_at >= clock_timestamp() - p_stale))
                 FOR UPDATE SKIP LOCKED)
             RETURNING s.* LOOP
         IF it.model IS NULL THEN
