@@ -91,7 +91,12 @@ class RunningProxy:
         return ssl.create_default_context(cafile=str(self.ca_cert))
 
     def rows(self, expect: int | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Audit rows, waiting (bounded) for the writer to flush at least `expect` of them."""
+        """Audit rows, waiting (bounded) for the writer to flush at least `expect` of them
+        (from the SQLite file, or the PostgreSQL store the config names)."""
+        if self.config.store is not None:
+            from support.pg import pg_rows
+
+            return pg_rows(self.config.store.url, expect=expect, timeout=timeout)  # type: ignore[return-value]
         return audit_rows(self.config.audit_path, expect=expect, timeout=timeout)
 
     def row_for(self, request_id: str) -> dict[str, Any]:
