@@ -347,3 +347,6 @@ def test_three_replicas_share_one_budget_and_one_rate_limit(replicas: Any, pg_ur
     )
     assert wcodes.count(200) == 10 and wcodes.count(429) == 20, wcodes
     assert json.loads(next(r for r in got if r.status_code == 429).text)  # the provider's error shape
+    time.sleep(0.5)  # the rows settle the passed calls' places in flight
+    assert rows(pg_url, "SELECT inflight FROM agent_usage WHERE agent = 'writer'") == [(0,)]
+    assert rows(pg_url, "SELECT count(*) FROM spend_intents") == [(0,)]
