@@ -18,18 +18,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 from click.testing import CliRunner
 from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 from support.llm.common import REAL
 from support.pg import pg_rows
 from support.proxy import RunningProxy
+from support.replicas import Replica, fleet_config
 from support.upstream import Upstream
 
 from egress_guard import keys
 from egress_guard.addons.flow import Failure, state
 from egress_guard.addons.metrics import FlowMetrics
 from egress_guard.cli import main
+from egress_guard.config import load_config
 from egress_guard.credentials import Agent
 from egress_guard.ledger import Ledger
 from egress_guard.metrics import Metrics
@@ -195,6 +198,7 @@ def test_counters_match_the_audit_log(
     assert samples[("egress_guard_audit_backlog", ())] == 0
     assert samples[("egress_guard_audit_healthy", ())] == 1
     assert samples[("egress_guard_store_errors_total", (("op", "write"),))] == 0
+    assert samples[("egress_guard_store_errors_total", (("op", "read"),))] == 0
     assert samples[("egress_guard_event_loop_responsive", ())] == 1
     assert ("process_resident_memory_bytes", ()) in samples
 
@@ -382,6 +386,12 @@ def test_store_down_is_visible_and_metrics_still_answer(
         assert samples[("egress_guard_audit_healthy", ())] == 0
         assert samples[("egress_guard_audit_backlog", ())] >= 1
         assert samples[("egress_guard_event_loop_responsive", ())] == 1
+        while time.monotonic() < deadline:  # the kill switch reads revocations every 0.25 s
+            if samples.get(("egress_guard_store_errors_total", (("op", "read"),)), 0) >= 1:
+                break
+            time.sleep(0.2)
+            samples = parse(scrape(proxy))
+        assert samples[("egress_guard_store_errors_total", (("op", "read"),))] >= 1
     finally:
         pg_cluster.sigcont()
     deadline = time.monotonic() + 15
@@ -408,3 +418,52 @@ def test_a_stuck_event_loop_still_gets_a_scrape() -> None:
         loop.close()
     assert samples[("egress_guard_event_loop_responsive", ())] == 0
     assert ("egress_guard_audit_commit_seconds_count", ()) in samples
+
+
+def test_two_replicas_sum_to_the_shared_audit_log(
+    cred_config: dict[str, Any], llm_upstream: Upstream, pg_url: str, tmp_path: Path
+) -> None:
+    """Two replica processes on one PostgreSQL store, each serving its own /metrics: each counts
+    what it committed; summed over the replicas (as `sum without (instance)` does) the counters
+    are the shared audit log's."""
+    ports = [free_port(), free_port()]
+    first = fleet_config(tmp_path, {**cred_config, "metrics": {"listen": f"127.0.0.1:{ports[0]}"}}, pg_url)
+    body = yaml.safe_load(first.path.read_text())  # the same CA, keys and store; its own metrics port
+    body["metrics"]["listen"] = f"127.0.0.1:{ports[1]}"
+    second = first.path.with_name("replica-2.yaml")
+    second.write_text(yaml.safe_dump(body))
+    replicas = [Replica.start(first), Replica.start(load_config(second))]
+    try:
+        fake = keys.mint(first, "researcher").env["OPENAI_API_KEY"]
+        for i, replica in enumerate(replicas * 3):
+            client = openai.OpenAI(
+                api_key=fake,
+                base_url=f"https://api.openai.com:{llm_upstream.port}/v1",
+                max_retries=0,
+                http_client=replica.client(),
+            )
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=i + 1, messages=[])
+        rows = pg_rows(pg_url, expect=12)
+        assert len(rows) == 12
+        deadline = time.monotonic() + 10
+        while True:
+            scrapes = []
+            for port in ports:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                    scrapes.append(parse(response.read().decode()))
+            total: collections.Counter[tuple[str, ...]] = collections.Counter()
+            for samples in scrapes:
+                got = series(samples, "egress_guard_requests_total", "kind", "decision", "service", "agent", "code")
+                total.update({k: int(v) for k, v in got.items()})
+            if {k: float(v) for k, v in total.items()} == expected_requests(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert {k: float(v) for k, v in total.items()} == expected_requests(rows)
+        each = [series(s, "egress_guard_requests_total", "kind") for s in scrapes]
+        assert each == [{("connect",): 3, ("request",): 3}] * 2  # each replica counts only its own
+        spent = sum(Decimal(r["cost_usd"]) for r in rows if r["cost_usd"])
+        summed = sum(series(s, "egress_guard_spent_usd_total", "agent")[("researcher",)] for s in scrapes)
+        assert summed == pytest.approx(float(spent))
+    finally:
+        for replica in replicas:
+            replica.stop()
