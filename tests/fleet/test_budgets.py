@@ -196,6 +196,35 @@ async def test_a_gone_replicas_calls_are_billed_at_their_reservation_by_another(
         await alive.close()
 
 
+async def test_admission_fails_closed_while_the_store_does_not_answer(pg_url: str, pg_cluster: Any) -> None:
+    engine = PGEngine(StoreSettings(url=pg_url, replica="r0", timeout=1))
+    await engine.open()
+    try:
+        ledger = SharedLedger(SpendSettings(), engine)
+        limits = Limits(requests_per_minute=100)
+        await ledger.reserve(limits, "a", "s", Decimal(0), 1, intent("before"))
+        pg_cluster.sigstop()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Refusal) as refused:
+                await ledger.reserve(limits, "a", "s", Decimal(0), 1, intent("during"))
+            waited = time.monotonic() - started
+        finally:
+            pg_cluster.sigcont()
+        assert refused.value.status == 503 and waited < 2.0
+        assert refused.value.reason == (
+            f"budgets and rate limits cannot be checked: store {pg_url} is unreachable: no answer within 1 s"
+        )
+        # back: admitted again, without a restart; and a free call of an agent without limits never waited
+        await ledger.reserve(limits, "a", "s", Decimal(0), 1, intent("after"))
+        assert not (await ledger.reserve(Limits(), "b", "s", Decimal(0), 1, intent("free"))).shared
+        # the answer lost to the timeout, if the store admitted it after all, is released
+        await ledger.tick()
+        assert rows(pg_url, "SELECT request_id FROM spend_intents ORDER BY request_id") == [("after",), ("before",)]
+    finally:
+        await engine.close()
+
+
 # --- three replica processes on one database ---------------------------------------------
 
 
