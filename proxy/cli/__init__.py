@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from egress_guard.cli import agent_env, audit, budget, doctor, keys, up
+from egress_guard.cli import agent_env, audit, budget, doctor, keys, store_copy, up
 from egress_guard.store import StoreError
 
 
@@ -43,3 +43,4 @@ main.add_command(keys.keys)
 main.add_command(keys.kill)
 main.add_command(doctor.doctor)
 main.add_command(budget.budget)
+main.add_command(store_copy.store)
