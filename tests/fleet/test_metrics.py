@@ -8,6 +8,7 @@ import collections
 import contextlib
 import logging
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,13 +25,14 @@ from mitmproxy.test import tflow
 from prometheus_client.parser import text_string_to_metric_families
 from support.llm.common import REAL
 from support.pg import pg_rows
-from support.proxy import RunningProxy
+from support.proxy import RunningProxy, write_config
 from support.replicas import Replica, fleet_config
 from support.upstream import Upstream
 
 from egress_guard import keys
 from egress_guard.addons.flow import Failure, state
 from egress_guard.addons.metrics import FlowMetrics
+from egress_guard.addons.timeouts import Timeouts
 from egress_guard.cli import main
 from egress_guard.config import load_config
 from egress_guard.credentials import Agent
@@ -467,3 +469,43 @@ def test_two_replicas_sum_to_the_shared_audit_log(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_upstream_timeout_is_counted(tmp_path: Path) -> None:
+    """An upstream that accepts and reads the request but never answers: 504 after the
+    response timeout, counted as the upstream's response_timeout (not as a refusal)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = silent.getsockname()[1]
+    config = write_config(
+        tmp_path,
+        {
+            "allow": [{"host": "api.test.local", "ports": [port]}],
+            "network": {"hosts": {"api.test.local": ["127.0.0.1"]}},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        },
+    )
+    proxy = RunningProxy(config, timeouts=Timeouts(connect=1.0, tls=1.0, response=1.0, header=1.0)).start()
+    try:
+        with httpx.Client(proxy=proxy.url, trust_env=False, timeout=20) as plain:
+            assert plain.get(f"http://api.test.local:{port}/").status_code == 504
+        rows, samples, _ = matching(proxy, 1)
+        assert [(r["decision"], r["status"]) for r in rows] == [("error", 504)]
+        assert series(samples, "egress_guard_upstream_errors_total", "service", "reason") == {
+            ("", "response_timeout"): 1
+        }
+        assert series(samples, "egress_guard_upstream_seconds_count", "service") == {}  # no answer to time
+    finally:
+        proxy.stop()
+        silent.close()
+        for conn in held:
+            conn.close()
