@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import chain as chainmod
@@ -32,6 +33,23 @@ from egress_guard.store.records import INTENT_COLUMNS, Revocation, Spent, StoreE
 
 log = logging.getLogger("egress_guard.audit")
 T = TypeVar("T")
+
+
+class _Attempt(AttemptWithBackoff):
+    """psycopg_pool's reconnection backoff, capped: its own doubles without bound, so after an
+    outage of T seconds the pool would try again only up to ~T seconds after the server is
+    back (minutes of 503s after a long outage). Capped, it tries about once a second."""
+
+    MAX_DELAY = 1.0
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
+
+
+class _Pool(AsyncConnectionPool):
+    async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        await super()._add_connection(attempt or _Attempt(timeout=self.reconnect_timeout), growing)
 
 
 class _Broken(StoreError):
@@ -117,7 +135,7 @@ class PGEngine:
 
     async def open(self) -> int:
         await asyncio.to_thread(self._migrate)
-        self._pool = AsyncConnectionPool(
+        self._pool = _Pool(
             self.conninfo,
             min_size=self.POOL_MIN,
             max_size=self.POOL_MAX,
@@ -148,7 +166,9 @@ class PGEngine:
         rows of this replica's chain they are), then read the chain's head for the writer."""
         async with conn.transaction(), conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents WHERE replica = %s ORDER BY ts FOR UPDATE",  # noqa: S608
+                # a metered call's (model given); an unmetered one is released by SharedLedger.open, without a row
+                f"SELECT {', '.join(INTENT_COLUMNS)} FROM spend_intents "  # noqa: S608
+                "WHERE replica = %s AND model IS NOT NULL ORDER BY ts FOR UPDATE",
                 (self.replica,),
             )
             found = await cur.fetchall()

@@ -110,8 +110,8 @@ async def apply(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
         await cur.executemany(INSERT_ROW, b.rows)
     if b.totals:
         await cur.executemany(ADD_TOTAL, b.totals)
+    await fleet.settle(cur, b.batch)  # shared budgets: priced rows and settled intents (no SQL if neither)
     if b.settles:
-        await fleet.settle(cur, b.batch)
         await cur.execute(SETTLE_INTENTS, (b.settles,))
     if b.amends:
         await cur.executemany(AMEND, b.amends)
