@@ -328,10 +328,19 @@ def start_mitmdump(work: Path, test_ca: Path, *extra: str) -> tuple[subprocess.P
 
 
 def start_egress_guard(
-    work: Path, test_ca: Path, upstream_port: int, spend: bool = True
+    work: Path,
+    test_ca: Path,
+    upstream_port: int,
+    spend: bool = True,
+    extra: dict | None = None,
+    name: str = "egress-guard",
+    mint: bool = True,
 ) -> tuple[subprocess.Popen, int, Path]:
+    """egress-guard in a directory of its own under `work` (`name`), with every addon on;
+    `extra` is merged into its config (e.g. a `store:` and the `ca_dir` of a replica that
+    shares another's CA and fake-key HMAC key; then `mint=False` keeps that one's key)."""
     port = _free_port()
-    directory = work / "egress-guard"
+    directory = work / name
     directory.mkdir()
     # Every addon on: allowlist with method/path rules, SSRF pinning, and a credentialed service
     # metered as OpenAI (`meter: {api: openai}`), so that every request is a fake-key check and
@@ -366,17 +375,20 @@ def start_egress_guard(
             }
         },
     }
+    config.update(extra or {})
     (directory / "egress-guard.yaml").write_text(yaml.safe_dump(config))
     exe = shutil.which("egress-guard", path=str(Path(sys.executable).parent)) or "egress-guard"
     subprocess.run([exe, "init", "--dir", str(directory)], check=True, capture_output=True)
-    minted = subprocess.run(
-        [exe, "keys", "mint", "--config", str(directory / "egress-guard.yaml"), "--agent", "bench", "--format", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    global FAKE_KEY
-    FAKE_KEY = json.loads(minted.stdout)["BENCH_API_KEY"]
+    if mint:
+        config_file = str(directory / "egress-guard.yaml")
+        minted = subprocess.run(
+            [exe, "keys", "mint", "--config", config_file, "--agent", "bench", "--format", "json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        global FAKE_KEY
+        FAKE_KEY = json.loads(minted.stdout)["BENCH_API_KEY"]
     env = os.environ | {"BENCH_REAL_KEY": "sk-real-bench-secret-0123456789abcdef"}
     proc = subprocess.Popen(  # its log goes to a file: an unread pipe would fill and stall it
         [exe, "up", "--config", str(directory / "egress-guard.yaml")],
@@ -386,9 +398,9 @@ def start_egress_guard(
         env=env,
     )
     _wait_port(port, proc)
-    audit_db = directory / "egress-guard.db"
-    AUDIT_DBS.append(audit_db)
-    return proc, port, directory / "certs" / "egress-guard-ca.pem"
+    if not extra:
+        AUDIT_DBS.append(directory / "egress-guard.db")
+    return proc, port, Path(config.get("ca_dir", directory / "certs")) / "egress-guard-ca.pem"
 
 
 def _proof() -> str:

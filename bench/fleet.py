@@ -1,0 +1,159 @@
+"""Benchmark: one egress-guard on PostgreSQL vs on SQLite, and two replicas on one PostgreSQL
+vs one, on this machine.
+
+The same workload as bench/run.py's c=1 / c=8 runs (small priced JSON POSTs over keep-alive
+HTTPS, every addon on, an agent with rate limits and budgets, so every call is admitted
+against the shared budgets and rate windows in PostgreSQL and settled in the row's
+transaction), against:
+  * `sqlite`: the embedded default;
+  * `pg`: one replica on a throwaway PostgreSQL 15 cluster (fsync off: the database's disk is
+    not what is measured; the round trips are);
+  * `pg x2`: two replicas on that one database, sharing the CA and fake keys, the load split
+    evenly between them by one load generator.
+Targets: pg >= 0.9x sqlite (throughput), and the scaling of pg x2 over pg, reported as is:
+on 2 cores the proxies, PostgreSQL and the load generator all share them.
+
+Run: ./dev bench fleet   (options: --seconds N, --rounds N)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trustme
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+
+import run  # bench/run.py: the upstream, the load generator, the config
+from support.pg import PGCluster
+
+
+async def load_split(ports: list[int], upstream_port: int, ctxs: list[ssl.SSLContext], c: int, s: float) -> dict:
+    """`c` connections spread evenly over the proxies at `ports`, at once; summed."""
+    parts = await asyncio.gather(
+        *(run.load(port, upstream_port, ctx, max(1, c // len(ports)), s) for port, ctx in zip(ports, ctxs, strict=True))
+    )
+    total = sum(p["rps"] for p in parts)
+    return {
+        "rps": total,
+        # the latency of the median part (each part's p50 weighted alike: the loads are even)
+        "p50": sorted(p["p50"] for p in parts)[len(parts) // 2],
+        "p99": max(p["p99"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per target (default 3)")
+    args = parser.parse_args()
+    if PGCluster.binaries() is None:
+        print("PostgreSQL's binaries (initdb, pg_ctl, postgres) are missing: apt-get install postgresql")
+        return 1
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert(run.HOST)
+    work = Path(tempfile.mkdtemp(prefix="egress-guard-bench-fleet-"))
+    test_ca = work / "test-ca.pem"
+    ca.cert_pem.write_to_path(str(test_ca))
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    upstream = multiprocessing.Process(
+        target=run._upstream_main,
+        args=(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(), ports),
+        daemon=True,
+    )
+    upstream.start()
+    upstream_port = ports.get(timeout=10)
+    cluster = PGCluster.start(Path("/tmp"))
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict[str, list[dict]]] = {}
+    try:
+        sq, sq_port, sq_ca = run.start_egress_guard(work, test_ca, upstream_port, name="sqlite")
+        sq_key = run.FAKE_KEY
+        procs.append(sq)
+        url = cluster.new_database()
+        pg1, pg1_port, pg_ca = run.start_egress_guard(
+            work, test_ca, upstream_port, name="pg1", extra={"store": {"url": url, "replica": "bench-1"}}
+        )
+        pg_key = run.FAKE_KEY
+        procs.append(pg1)
+        pg2, pg2_port, _ = run.start_egress_guard(
+            work,
+            test_ca,
+            upstream_port,
+            name="pg2",
+            mint=False,
+            extra={"store": {"url": url, "replica": "bench-2"}, "ca_dir": str(work / "pg1" / "certs")},
+        )
+        procs.append(pg2)
+        ctx_sq = ssl.create_default_context(cafile=str(sq_ca))
+        ctx_pg = ssl.create_default_context(cafile=str(pg_ca))
+        targets = [
+            ("sqlite", sq_key, [sq_port], [ctx_sq]),
+            ("pg", pg_key, [pg1_port], [ctx_pg]),
+            ("pg x2", pg_key, [pg1_port, pg2_port], [ctx_pg, ctx_pg]),
+        ]
+        results = {name: {"c1": [], "c8": [], "c16": []} for name, *_ in targets}
+        for i in range(args.rounds):
+            for name, key, target_ports, ctxs in targets:
+                print(f"round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+                run.FAKE_KEY = key
+                for c, seconds in (("c1", args.seconds / 2), ("c8", args.seconds), ("c16", args.seconds)):
+                    n = int(c[1:])
+                    if n < len(target_ports):
+                        continue
+                    results[name][c].append(asyncio.run(load_split(target_ports, upstream_port, ctxs, n, seconds)))
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        upstream.terminate()
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\negress-guard fleet benchmark ({os.cpu_count()} cores, loopback, keep-alive HTTPS, priced POSTs, "
+        f"median of {args.rounds} alternating rounds of {args.seconds:.0f} s)\n"
+    )
+    print(f"{'target':<10}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    median: dict[tuple[str, str], dict] = {}
+    for name, by_c in results.items():
+        for c, runs in by_c.items():
+            if not runs:
+                continue
+            m = median[(name, c)] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+            print(f"{name:<10}{c[1:]:>4}{m['rps']:>9.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}{m['errors']:>8}")
+    print()
+    for c in ("c1", "c8", "c16"):
+        if ("pg", c) in median and ("sqlite", c) in median:
+            ratio = median[("pg", c)]["rps"] / median[("sqlite", c)]["rps"]
+            target = "  (target >= 0.90x)" if c == "c8" else ""
+            print(f"pg / sqlite throughput, c={c[1:]}: {ratio:.2f}x{target}")
+    for c in ("c8", "c16"):
+        if ("pg x2", c) in median and ("pg", c) in median:
+            print(
+                f"two replicas / one, c={c[1:]}: {median[('pg x2', c)]['rps'] / median[('pg', c)]['rps']:.2f}x "
+                "(2 cores shared by both replicas, PostgreSQL and the load generator)"
+            )
+    errors = sum(m["errors"] for m in median.values())
+    print(f"errors: {errors}")
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
