@@ -341,3 +341,55 @@ def test_two_replicas_on_one_chain_fail_closed_and_a_landed_retry_is_not_written
 
     asyncio.run(main())
     assert [(r["request_id"], r["chain_seq"]) for r in pg_rows(pg_url)] == [("a", 1), ("c", 2)]
+
+
+def test_password_from_a_file_reaches_the_server_and_never_a_message_log_or_row(
+    tmp_path: Path, make_proxy: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster that wants a password over TCP: the proxy and the CLI connect with the one in
+    store.password_file; a wrong one fails naming the store; the password is nowhere."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from egress_guard.cli import main as cli
+
+    password = "Tr0ub4dor&3-sw0rdfish 'quoted'"
+    cluster = PGCluster.start(Path("/tmp"), password=password)
+    caplog.set_level(logging.DEBUG)
+    try:
+        url = cluster.new_database()
+        secret = tmp_path / "pg-password"
+        secret.write_text(password + "\n")
+        proxy: RunningProxy = make_proxy(store={"url": url, "password_file": str(secret), "replica": "pw-1"})
+        status, _, _ = curl(proxy, f"https://api.test.local:{upstream.port}/json")
+        assert status == 200
+        cfg = str(proxy.config.path)
+        listed = CliRunner().invoke(cli, ["audit", "--config", cfg, "--format", "json"])
+        assert listed.exit_code == 0 and len(json_rows(listed.output)) >= 1
+        proxy.stop()
+
+        secret.write_text("wrong-" + password)
+        wrong = CliRunner().invoke(cli, ["audit", "--config", cfg])
+        assert wrong.exit_code == 1 and f"store {url} is unreachable" in wrong.output
+        assert "password authentication failed" in wrong.output and "sw0rdfish" not in wrong.output
+        with pytest.raises(Exception, match=rf"store {url} is unreachable: .*password authentication failed") as caught:
+            make_proxy(store={"url": url, "password_file": str(secret), "replica": "pw-2"})
+        assert "sw0rdfish" not in str(caught.value)
+        rows = pg_rows_admin(cluster, url)
+        assert rows and not any("sw0rdfish" in str(r) for r in rows)
+        assert "sw0rdfish" not in caplog.text
+    finally:
+        cluster.stop()
+
+
+def json_rows(text: str) -> list[Any]:
+    import json
+
+    return list(json.loads(text))
+
+
+def pg_rows_admin(cluster: PGCluster, url: str) -> list[tuple[Any, ...]]:
+    dbname = url.rsplit("/", 1)[1]
+    with psycopg.connect(host=str(cluster.data), port=cluster.port, user="eg", dbname=dbname) as conn:
+        return conn.execute("SELECT * FROM audit").fetchall()

@@ -57,7 +57,9 @@ class PGCluster:
         return None
 
     @classmethod
-    def start(cls, tmp: Path | None = None) -> PGCluster:
+    def start(cls, tmp: Path | None = None, *, password: str | None = None) -> PGCluster:
+        """A running cluster. With `password`, TCP connections need it (scram-sha-256) and the
+        admin connection uses the Unix socket (trust)."""
         bindir = cls.binaries()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL binaries (initdb, pg_ctl, postgres) not found: run ./dev setup")
@@ -70,11 +72,21 @@ class PGCluster:
         cluster = cls(bindir, data, _free_port())
         cluster.base = base
         cluster._chown()
-        cluster._run(str(bindir / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync")
+        auth = ["--auth=trust"]
+        if password is not None:
+            pwfile = base / "pwfile"
+            pwfile.write_text(password + "\n")
+            pwfile.chmod(0o644)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        cluster.password = password
+        cluster._run(str(bindir / "initdb"), "-D", str(data), "-U", USER, *auth, "-E", "UTF8", "--no-sync")
+        if password is not None:
+            pwfile.unlink()
         cluster._pg_ctl_start()
         return cluster
 
     base: Path
+    password: str | None = None
 
     # --- running as the postgres user when root -------------------------------------------
 
@@ -107,6 +119,10 @@ class PGCluster:
     # --- databases ---------------------------------------------------------------------------
 
     def admin(self) -> psycopg.Connection:
+        if self.password is not None:  # the Unix socket: trust
+            return psycopg.connect(
+                host=str(self.data), port=self.port, user=USER, dbname="postgres", autocommit=True, connect_timeout=5
+            )
         return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
 
     def new_database(self) -> str:
