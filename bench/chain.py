@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 from egress_guard.store import AuditLog, AuditRow, chain
@@ -100,7 +102,9 @@ def verify(db: Path) -> tuple[float, float, str]:
         "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.exit_code);"
         "print(r.output.splitlines()[0] if r.output else '', file=sys.stderr)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"verify failed: {out.stdout}{out.stderr}")
     seconds, rss, exit_code = out.stdout.split()
     assert exit_code == "0", out.stderr
     return float(seconds), float(rss), out.stderr.strip()
@@ -129,6 +133,8 @@ def main() -> None:
             subprocess.run(init, capture_output=True, check=True)
             db = Path(tmp) / "egress-guard.db"
             asyncio.run(write(db, n))
+            with closing(sqlite3.connect(db, timeout=120)) as conn:  # wait for the writer thread's last checkpoint
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             seconds, rss, verdict = verify(db)
             print(f"verify {n:,} rows: {seconds:.1f} s ({n / seconds:,.0f} rows/s), peak RSS {rss:.0f} MB: {verdict}")
 

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ CHAIN_SELECT = ["id", *CHAIN_COLUMNS, *FIELDS]  # the order of `Store.audit_chai
 _DECISION, _REASON = FIELDS.index("decision"), FIELDS.index("reason")
 _INTS = frozenset(f.name for f in dataclasses.fields(AuditRow) if str(f.type).startswith("int"))
 _FLOATS = frozenset(f.name for f in dataclasses.fields(AuditRow) if str(f.type).startswith("float"))
+_field_values = operator.attrgetter(*FIELDS)
+_json = json.JSONEncoder(
+    separators=(",", ":")
+).encode  # = json.dumps(v, separators=...), without a new encoder each call
 ANCHOR = re.compile(r"audit anchor: chain=(?P<chain>\S+) seq=(?P<seq>\d+) hash=(?P<hash>[0-9a-f]{64})")
 
 Head = tuple[int, str]  # (chain_seq, hash) of a chain's last row; (0, "") before its first
@@ -55,29 +60,38 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
-def normalize(row: AuditRow) -> None:
+def normalize(row: AuditRow) -> tuple[Any, ...]:
     """Make `row` (in place) what the DB will give back, so the hash computed now is the one
     recomputed from the stored row: text storable, a REAL column's value a float (finite,
-    else none: SQLite stores NaN as NULL), an INTEGER column's an int."""
-    for name in FIELDS:
-        value = getattr(row, name)
-        if value is None:
-            continue
-        if isinstance(value, str):
+    else none: SQLite stores NaN as NULL), an INTEGER column's an int. Returns its FIELDS values."""
+    values = _field_values(row)
+    changed = False
+    for name, value in zip(FIELDS, values, strict=True):
+        kind = type(value)
+        if kind is str:
+            if value.isascii() and "\x00" not in value:
+                continue  # nearly every value: one cheap check
             fixed: Any = _text(value)
+        elif value is None or (kind is int and name not in _FLOATS):
+            continue
         elif name in _FLOATS:
+            if kind is float and math.isfinite(value):
+                continue
             fixed = float(value) if math.isfinite(value) else None
+        elif isinstance(value, str):
+            fixed = _text(str(value))
         elif name in _INTS and isinstance(value, float | bool) and float(value).is_integer():
             fixed = int(value)
         else:
             continue
-        if fixed is not value:
-            setattr(row, name, fixed)
+        setattr(row, name, fixed)
+        changed = True
+    return _field_values(row) if changed else values
 
 
 def digest(prev: str, chain: str, seq: int, values: Sequence[Any]) -> str:
     """A row's hash from its predecessor's, its chain and seq, and its FIELDS values."""
-    body = json.dumps([chain, seq, *values], separators=(",", ":"))
+    body = _json([chain, seq, *values])
     return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
 
 
@@ -86,9 +100,9 @@ def link(chain: str, head: Head, rows: Iterable[AuditRow]) -> tuple[list[Link], 
     seq, prev = head
     links: list[Link] = []
     for row in rows:
-        normalize(row)
+        values = normalize(row)
         seq += 1
-        prev = digest(prev, chain, seq, [getattr(row, name) for name in FIELDS])
+        prev = digest(prev, chain, seq, values)
         links.append((chain, seq, prev))
     return links, (seq, prev)
 
