@@ -25,6 +25,7 @@ from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import Engine, Revocation
 
 CURRENT_WITHIN = 3.0  # seconds
+FAIL_FAST = 1.0  # seconds after a failed key lookup during which the next fail at once
 
 
 class Hearing(Protocol):
@@ -52,6 +53,7 @@ class KeyCache:
         self.poll_error: str | None = None  # why the last poll failed (None: it succeeded)
         self.fresh: list[Revocation] = []  # the revocations the last poll applied, oldest first
         self._records: dict[str, KeyRecord] = {}
+        self._lookup_failed: tuple[float, Exception] | None = None  # (when, what) of the last failed lookup
         self._last_revocation = 0
 
     async def open(self) -> None:
@@ -79,10 +81,22 @@ class KeyCache:
         return None
 
     async def lookup(self, key_id: str) -> KeyRecord | None:
+        """The key's record (cached), None if the store has none; raises if the store cannot
+        be read — at once, for `FAIL_FAST` seconds after a lookup failed: one request's
+        refusal (and the audit row's attribution of it) waits for one store timeout, not one
+        per lookup."""
         record = self._records.get(key_id)
         if record is not None:
             return record
-        record = await self.store.key(key_id)
+        failed = self._lookup_failed
+        if failed is not None and time.monotonic() - failed[0] < FAIL_FAST:
+            raise failed[1]
+        try:
+            record = await self.store.key(key_id)
+        except Exception as exc:
+            self._lookup_failed = (time.monotonic(), exc)
+            raise
+        self._lookup_failed = None
         if record is None:
             return None
         if len(self._records) > 100_000:

@@ -31,8 +31,9 @@ class Calls:
     """Sequential credentialed calls through one replica, each on a kept-alive connection,
     noting what each got: (sent at, seconds taken, status or error, body, marker)."""
 
-    def __init__(self, replica: Replica, url: str, key: str, name: str) -> None:
+    def __init__(self, replica: Replica, url: str, key: str, name: str, body: dict[str, Any] | None = None) -> None:
         self.replica, self.url, self.key, self.name = replica, url, key, name
+        self.body = body  # a JSON body: POSTed (a metered call), else GET
         self.seen: list[tuple[float, float, int | str, str, str]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -45,7 +46,11 @@ class Calls:
             m = f"{self.name}-{self.n}"
             sent = time.monotonic()
             try:
-                r = client.get(self.url, params={"m": m}, headers={"Authorization": f"Bearer {self.key}"})
+                auth = {"Authorization": f"Bearer {self.key}"}
+                if self.body is not None:
+                    r = client.post(self.url, params={"m": m}, headers=auth, json=self.body)
+                else:
+                    r = client.get(self.url, params={"m": m}, headers=auth)
                 got: int | str = r.status_code
                 body = f"X-Egress-Guard-Reason: {r.headers.get('x-egress-guard-reason', '')}\r\n\r\n{r.text}"
             except httpx.ProxyError as exc:  # the CONNECT was refused: read its reason
@@ -158,12 +163,14 @@ def test_postgres_down_every_replica_answers_503_naming_the_store_then_recovers(
         # and comes at once, or within the store's timeout (a call under way when it stopped)
         slowest = max(took for _, took, _, _ in late)
         assert slowest < TIMEOUT + 1.0, late
-        back = min(s for s, _, got, _, _ in c.seen if s > up_at and got == 200) - up_at
+        back_at = min(s for s, _, got, _, _ in c.seen if s > up_at and got == 200)
+        back = back_at - up_at
+        meanwhile = sorted({f"{got}: {reason(body)[:160]}" for s, _, got, body, _ in c.seen if up_at <= s < back_at})
         reasons = sorted({reason(d[3]) for d in refused})
         report.append(
             f"{c.name}: {len(during)} calls while down; first 503 at +{first:.2f} s; "
             f"503s after +{TIMEOUT + 1:.0f} s answered within {slowest * 1000:.0f} ms (max); "
-            f"served again {back:.2f} s after PostgreSQL was back; reasons: {reasons}"
+            f"served again {back:.2f} s after PostgreSQL was back (meanwhile: {meanwhile}); reasons: {reasons}"
         )
     print(f"\nPostgreSQL {how}, store.timeout {TIMEOUT:g} s:\n  " + "\n  ".join(report))
 
@@ -179,14 +186,23 @@ def test_postgres_down_every_replica_answers_503_naming_the_store_then_recovers(
     assert acked <= recorded()
 
 
+@pytest.mark.parametrize("kind", ["metered", "unmetered"])
 def test_kill_9_of_one_replica_under_load_loses_no_acknowledged_row(
-    tmp_path: Path, pg_url: str, llm_upstream: Upstream, cred_config: dict[str, Any]
+    kind: str, tmp_path: Path, pg_url: str, llm_upstream: Upstream, cred_config: dict[str, Any]
 ) -> None:
     config = fleet_config(tmp_path, cred_config, pg_url, timeout=TIMEOUT)
     key = keys.mint(config, "researcher").env["OPENAI_API_KEY"]
     victim, survivor = Replica.start(config), Replica.start(config)
-    models = f"https://api.openai.com:{llm_upstream.port}/v1/models"
-    calls = [Calls(r, models, key, f"{name}{i}") for name, r in (("v", victim), ("s", survivor)) for i in range(4)]
+    base = f"https://api.openai.com:{llm_upstream.port}/v1"
+    url, body = (
+        (
+            f"{base}/chat/completions",
+            {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        if kind == "metered"
+        else (f"{base}/models", None)
+    )
+    calls = [Calls(r, url, key, f"{name}{i}", body) for name, r in (("v", victim), ("s", survivor)) for i in range(4)]
     try:
         for c in calls:
             c.thread.start()
@@ -206,5 +222,36 @@ def test_kill_9_of_one_replica_under_load_loses_no_acknowledged_row(
     acked = set().union(*(c.acked() for c in calls))
     rows = pg_rows(pg_url, "kind = 'request'")
     final = {marker(r["path"]) for r in rows if r["status"] and 200 <= r["status"] < 300}
-    print(f"\nkill -9 of one replica: {len(acked)} acknowledged, {len(acked - final)} without a row")
+    print(f"\nkill -9 of one replica ({kind}): {len(acked)} acknowledged, {len(acked - final)} without a row")
     assert acked - final == set(), "acknowledged requests without their audit row"
+
+
+def test_an_idle_replica_refuses_a_key_it_has_not_cached_503_within_the_store_timeout(
+    tmp_path: Path, pg_cluster: PGCluster, pg_url: str, llm_upstream: Upstream, cred_config: dict[str, Any]
+) -> None:
+    config = fleet_config(tmp_path, cred_config, pg_url, timeout=TIMEOUT)
+    assert config.store is not None
+    key = keys.mint(config, "researcher").env["OPENAI_API_KEY"]  # never used: not in the replica's cache
+    replica = Replica.start(config)
+    models = f"https://api.openai.com:{llm_upstream.port}/v1/models"
+    try:
+        with replica.client(timeout=15) as client:
+            pg_cluster.sigstop()
+            try:
+                started = time.monotonic()
+                try:
+                    r = client.get(models, headers={"Authorization": f"Bearer {key}"})
+                    got, text = r.status_code, r.headers.get("x-egress-guard-reason", "")
+                except httpx.ProxyError:  # the CONNECT's row failed first: refused there
+                    got, text = connect_refusal(replica, models)
+                    text = reason(text)
+                took = time.monotonic() - started
+            finally:
+                pg_cluster.sigcont()
+    finally:
+        replica.stop()
+    print(f"\nan uncached key, PostgreSQL frozen: {got} after {took * 1000:.0f} ms: {text}")
+    assert got == 503 and config.store.name in text
+    assert took < TIMEOUT + 1.0  # one store timeout: the lookup's (the row's attribution fails fast after it)
+    with llm_upstream.state.lock:
+        assert llm_upstream.state.requests == []
