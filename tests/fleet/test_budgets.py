@@ -165,6 +165,25 @@ async def test_a_budget_key_starts_from_the_spend_recorded_before(pg_url: str) -
         await engine.close()
 
 
+async def test_a_priced_row_without_an_intent_counts_in_the_shared_budgets(pg_url: str) -> None:
+    """A WebSocket call's row (its intent not held in the shared budgets) is spent all the same."""
+    (engine,) = await engines(pg_url, 1)
+    try:
+        ledger = SharedLedger(SpendSettings(timezone="Europe/Paris"), engine)
+        await ledger.open(AuditLog(engine))  # the replica's heartbeat names the budget day's time zone
+        limits = Limits(budget_day=Decimal("1"))
+        await ledger.reserve(limits, "a", "s", Decimal("0.1"), 1, intent("first"))  # the keys exist
+        ws = AuditRow(ts="2026-01-01T23:30:00.000Z", request_id="ws", kind="request", agent="a", decision="allow")
+        ws.session, ws.cost_usd = "s", "0.2"
+        await engine.commit(Batch(rows=[ws]))
+        got = dict(rows(pg_url, "SELECT scope, spent FROM budget_usage WHERE scope <> 'day'"))
+        assert got == {"session": Decimal("0.2"), "total": Decimal("0.2")}
+        # its day is 2 January in Paris (23:30 UTC on the 1st): not today's key
+        assert rows(pg_url, "SELECT spent FROM budget_usage WHERE scope = 'day'") == [(Decimal(0),)]
+    finally:
+        await engine.close()
+
+
 async def test_a_gone_replicas_calls_are_billed_at_their_reservation_by_another(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
