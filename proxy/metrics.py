@@ -275,6 +275,7 @@ class Metrics:
         """Serve /metrics on host:port (call on the event loop). Raises OSError if it cannot listen."""
         self.loop = asyncio.get_running_loop()
         server = MetricsServer(self.registry, host, port)
+        log.info("metrics served at %s", server.url)
         if not _loopback(host):
             log.warning(
                 "metrics served on %s:%d, beyond loopback: whoever reaches it reads agent names and spend",
