@@ -136,7 +136,17 @@ async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Pa
         + f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
         f"{', inline' if any(r.id.startswith('inline') for r in config.rules) else ''})\n"
         f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
-        f"  audit DB: {config.audit_path}\n" + _next_steps(config),
+        + (
+            f"  audit DB: {config.audit_path}\n"
+            if config.store is None
+            else f"  store:    {config.store_name} (replica {config.store.replica})\n"
+        )
+        + (
+            f"  metrics:  http://{config.metrics_listen[0]}:{config.metrics_listen[1]}/metrics\n"
+            if config.metrics_listen
+            else ""
+        )
+        + _next_steps(config),
         err=False,
     )
     sys.stdout.flush()
