@@ -37,7 +37,17 @@ from egress_guard.config import load_config
 FLEET = REPO / "containers" / "fleet.compose.yaml"
 FLEET_CONFIG = REPO / "containers" / "fleet.egress-guard.yaml"
 MANIFEST = REPO / "docs" / "kubernetes.yaml"
-SUBNET, GATEWAY = "172.31.231.0/24", "172.31.231.1"  # the compose egress network, fixed for the test
+
+
+def free_subnet() -> tuple[str, str]:
+    """A /24 for the compose egress network that no route of this host uses (another engine,
+    e.g. a concurrent run, may have taken one): (subnet, gateway)."""
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    for third in secrets.SystemRandom().sample(range(16, 250), 40):
+        if f"172.31.{third}." not in routes:
+            return f"172.31.{third}.0/24", f"172.31.{third}.1"
+    raise AssertionError(f"no free 172.31.x.0/24 here: {routes}")
+
 
 REQUEST = r"""
 import os, urllib.request, urllib.error
@@ -122,6 +132,7 @@ def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
     engine: Dockerd, tmp_path: Path, llm_upstream: Upstream, test_ca: tuple[object, Path]
 ) -> None:
     password = f"pw-{secrets.token_hex(16)}"
+    subnet, gateway = free_subnet()  # fixed before `up`: the replicas' config names the gateway
     private = tmp_path / "secrets"
     private.mkdir(mode=0o700)
     (private / "pg-password").write_text(password + "\n")
@@ -130,8 +141,8 @@ def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
     config = yaml.safe_load(FLEET_CONFIG.read_text())
     config["allow"] = [{"host": "api.openai.com", "ports": [llm_upstream.port]}]
     config["network"] = {
-        "hosts": {"api.openai.com": [GATEWAY]},
-        "allow_private": [SUBNET],
+        "hosts": {"api.openai.com": [gateway]},
+        "allow_private": [subnet],
         "upstream_ca": "/etc/egress-guard/upstream-ca.pem",
     }
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(config))
@@ -153,7 +164,7 @@ def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
             "agent-1": agent,
             "agent-2": agent,
         },
-        "networks": {"egress": {"ipam": {"config": [{"subnet": SUBNET}]}}},
+        "networks": {"egress": {"ipam": {"config": [{"subnet": subnet}]}}},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     compose = ["docker-compose", "-p", "egfleet", "-f", str(FLEET), "-f", str(tmp_path / "override.yaml")]
@@ -236,7 +247,7 @@ def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
     try:
         started = time.monotonic()
         run("up", "--no-start", "db")  # creates the networks: the relay binds the egress one's gateway
-        relay = Relay(GATEWAY, llm_upstream.port)
+        relay = Relay(gateway, llm_upstream.port)
         up = run("up", "-d", check=False, timeout=240)
         assert up.returncode == 0, up.stderr[-1500:] + run("logs", "--no-color", "--tail", "20", check=False).stdout
         engine.timings["fleet compose up (db, init, 2 replicas healthy, agents started)"] = time.monotonic() - started
