@@ -329,18 +329,38 @@ def test_two_replicas_on_one_chain_fail_closed_and_a_landed_retry_is_not_written
         await two.open()
         try:
             await one.commit(Batch(rows=[row("a")], links=[("same", 1, "h1")]))
+            intent = Intent(
+                request_id="b",
+                ts="2026-01-02T03:04:05.000Z",
+                agent="a",
+                session=None,
+                service="openai",
+                model="m",
+                day="2026-01-02",
+                reserved_usd="0.25",
+            )
             with pytest.raises(StoreError, match=r"do two replicas write chain same\? give each its own `replica:`"):
-                await two.commit(Batch(rows=[row("b")], links=[("same", 1, "h2")]))
-            # a retry of a batch whose commit did land (its answer was lost): counted as committed
-            one._failed = True
-            await one.commit(Batch(rows=[row("a")], links=[("same", 1, "h1")], settles=[]))
-            await one.commit(Batch(rows=[row("c")], links=[("same", 2, "h3")]))
+                await two.commit(
+                    Batch(intents=[intent], rows=[row("b", cost_usd="1", agent="a")], links=[("same", 1, "h2")])
+                )
+            # all or nothing: the failed batch's intent and running total are not there either
+            await two.commit(Batch(rows=[row("d")]))  # and the connection is usable again
+            # the writer's retry of a batch whose COMMIT went unanswered but did land, with one
+            # more row queued since: the landed part is not written twice, the rest is
+            landed = Batch(rows=[row("a")], links=[("same", 1, "h1")])
+            one._unsure = landed
+            await one.commit(Batch(rows=[*landed.rows, row("c")], links=[*landed.links, ("same", 2, "h3")]))
+            one._unsure = lost = Batch(rows=[row("e")], links=[("same", 3, "h4")])  # unanswered, not landed
+            await one.commit(lost)
         finally:
             await one.close()
             await two.close()
 
     asyncio.run(main())
-    assert [(r["request_id"], r["chain_seq"]) for r in pg_rows(pg_url)] == [("a", 1), ("c", 2)]
+    assert [(r["request_id"], r["chain_seq"]) for r in pg_rows(pg_url)] == [("a", 1), ("d", None), ("c", 2), ("e", 3)]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM spend_intents").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM spend_totals").fetchone() == (0,)
 
 
 def test_password_from_a_file_reaches_the_server_and_never_a_message_log_or_row(

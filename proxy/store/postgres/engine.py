@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
@@ -70,7 +71,9 @@ class PGEngine:
         self._pool: AsyncConnectionPool | None = None
         self._orphans: set[asyncio.Task[Any]] = set()  # calls past their deadline, finishing in the background
         self.read_failures = 0  # reads that failed (metrics)
-        self._failed = False  # the last commit failed: the next may be a retry of a batch that did commit
+        # A batch whose COMMIT was sent and never answered (the server stopped, the link broke):
+        # it may have been committed. The writer retries it, with more items after it.
+        self._unsure: Batch | None = None
 
     def __repr__(self) -> str:
         return f"PGEngine({self.name!r}, replica={self.replica!r})"
@@ -207,39 +210,73 @@ class PGEngine:
         return False  # every commit is a round trip to the server
 
     def commit(self, batch: Batch) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self._commit(writes.bind(batch, self.replica)))
+        return asyncio.ensure_future(self._commit(batch))
 
-    async def _commit(self, bound: writes.Bound) -> None:
-        retry = self._failed
+    async def _commit(self, batch: Batch) -> None:
+        unsure = self._unsure
+        sent = False  # COMMIT sent: from then on the batch may be committed whatever we hear
 
         async def transact(conn: psycopg.AsyncConnection[Any]) -> None:
-            # pipeline mode: BEGIN, the statements and COMMIT go in one round trip (or a few)
-            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                if retry and await self._landed(cur, bound.batch):
-                    return
-                await writes.apply(cur, bound)
+            nonlocal sent
+            # Pipeline mode: BEGIN and every statement go in one round trip, then COMMIT in a
+            # second, sent only once every statement has succeeded: a server that stops or a
+            # link that breaks before it never commits a batch the writer was told failed.
+            try:
+                async with conn.pipeline() as pipeline, conn.cursor() as cur:
+                    await cur.execute("BEGIN")
+                    todo = batch
+                    if unsure is not None and await self._landed(cur, unsure):
+                        todo = self._beyond(batch, unsure)
+                    await writes.apply(cur, writes.bind(todo, self.replica))
+                    await pipeline.sync()
+                    sent = True
+                    await cur.execute("COMMIT")
+            except BaseException:
+                if conn.pgconn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                    await conn.rollback()
+                raise
 
         try:
             await self.run(transact)
         except StoreError as exc:
-            self._failed = True
+            if sent:
+                self._unsure = batch
             if "audit_chain_seq" in str(exc):
                 raise StoreError(
                     f"store {self.name}: chain {self.chain} already has these rows: do two replicas write "
                     f"chain {self.chain}? give each its own `replica:` ({exc})"
                 ) from None
             raise
-        self._failed = False
+        self._unsure = None
 
     async def _landed(self, cur: psycopg.AsyncCursor[Any], batch: Batch) -> bool:
-        """Whether a batch retried after a failure was committed after all (the server
-        committed it, its answer was lost or late): its first row is there, same hash."""
+        """Whether `batch` (its COMMIT unanswered) was committed after all: its last row is
+        there, same hash (a batch is all or nothing). A batch without rows: taken as not
+        (its intents are upserts; an amend may then be applied twice)."""
         if not batch.links:
             return False
-        chain, seq, digest = batch.links[0]
+        chain, seq, digest = batch.links[-1]
         await cur.execute("SELECT hash FROM audit WHERE chain = %s AND chain_seq = %s", (chain, seq))
         row = await cur.fetchone()
         return row is not None and row[0] == digest
+
+    def _beyond(self, batch: Batch, done: Batch) -> Batch:
+        """What `batch` (the writer's retry: the same first items, maybe more) holds beyond
+        `done`, committed already."""
+        n = len(done.rows)
+        if batch.links[:n] != done.links:  # a row of it was changed (amended) after its commit
+            raise StoreError(
+                f"store {self.name}: a batch whose commit went unanswered was committed, and its rows "
+                "changed since; restart this replica to resume from the stored chain"
+            )
+        return Batch(
+            intents=batch.intents[len(done.intents) :],
+            rows=batch.rows[n:],
+            settles=batch.settles[len(done.settles) :],
+            amends=batch.amends[len(done.amends) :],
+            writes=batch.writes[len(done.writes) :],
+            links=batch.links[n:],
+        )
 
     def committed(self) -> None:
         pass
