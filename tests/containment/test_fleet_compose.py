@@ -271,6 +271,12 @@ def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
         pod, pod_ip, ca = start_pod()
         engine.timings["kubernetes-shaped replica ready"] = time.monotonic() - started
         assert through_pod(pod_ip, ca, key_1) == "RESULT 200"
+        scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"
+        counted = r'^egress_guard_requests_total\{[^}]*decision="allow"[^}]*kind="request"[^}]*\} [1-9]'
+        deadline = time.monotonic() + 10  # counted from committed rows: the row's batch may be pending
+        while not re.search(counted, metrics := engine.docker("exec", pod, "python3", "-c", scrape).stdout, re.M):
+            assert time.monotonic() < deadline, metrics[-3000:]  # the port the manifest annotates for Prometheus
+            time.sleep(0.5)
         # a kill through replica 2 holds on replica 1 (and on 2)
         killed = cli("egress-guard-2", "kill", "--agent", "agent")
         assert "revoked" in killed.stdout and "key(s) of agent agent" in killed.stdout, killed.stdout + killed.stderr
