@@ -132,6 +132,9 @@ def init(directory: Path, config_path: Path | None = None) -> InitReport:
     else:
         fakekeys.load_or_create_hmac_key(config.ca_dir)
         report.created.append(f"fake-key HMAC key {hmac_file} (mode 0600)")
+    if config.store is not None:  # PostgreSQL: the first replica to start migrates it; no SQLite file
+        report.kept.append(f"store {config.store_name} (not touched: the first replica to start migrates it)")
+        return report
     existed = config.audit_path.exists()
     if not existed:  # 0600 before SQLite opens it: its -wal and -shm files take the DB's mode
         config.audit_path.parent.mkdir(parents=True, exist_ok=True)

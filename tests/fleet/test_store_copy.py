@@ -174,3 +174,11 @@ def test_copy_to_an_unreachable_store_names_it_never_its_password(tmp_path: Path
     config.write_text(yaml.safe_dump(body))
     out = invoke("store", "copy", "--config", str(config), code=1)
     assert "store postgresql://eg@127.0.0.1:1/nowhere" in out.output and password not in out.output
+
+
+def test_init_with_a_postgresql_store_creates_no_sqlite_file(tmp_path: Path, pg_url: str) -> None:
+    config = tmp_path / "egress-guard.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "store": pg_url}))
+    out = invoke("init", "--dir", str(tmp_path)).output  # keeps the config there
+    assert "not touched" in out and not (tmp_path / "egress-guard.db").exists()
+    assert (tmp_path / "certs" / "egress-guard-ca.pem").exists()
