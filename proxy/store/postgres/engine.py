@@ -16,6 +16,7 @@ once it is gone: fleet.py). Each replica writes its own audit chain, named by `r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -85,22 +86,26 @@ class PGEngine:
     ) -> T:
         """`await fn(conn)` on a pooled connection (autocommit) within the store's timeout;
         raises StoreError naming the store (never the password) if it fails or is late."""
-        task = asyncio.ensure_future(self._on_connection(fn))
+        held: list[psycopg.AsyncConnection[Any]] = []
+        task = asyncio.ensure_future(self._on_connection(fn, held))
         try:
             done, _ = await asyncio.wait([task], timeout=self.timeout if timeout is None else timeout)
         except asyncio.CancelledError:
-            self._abandon(task)
+            self._abandon(task, held)
             raise
         if not done:
-            self._abandon(task)
+            self._abandon(task, held)
             raise self.target.error(TimeoutError())
         return task.result()
 
-    async def _on_connection(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _on_connection(
+        self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], held: list[psycopg.AsyncConnection[Any]]
+    ) -> T:
         if self._pool is None:
             raise StoreError(f"store {self.name} is not open")
         try:
             async with self._pool.connection(timeout=self.timeout) as conn:
+                held.append(conn)
                 return await fn(conn)
         except PoolTimeout as exc:
             raise self.target.error(exc) from None
@@ -109,7 +114,13 @@ class PGEngine:
         except (psycopg.Error, OSError, TimeoutError) as exc:
             raise self.target.error(exc) from None
 
-    def _abandon(self, task: asyncio.Task[Any]) -> None:
+    def _abandon(self, task: asyncio.Task[Any], held: list[psycopg.AsyncConnection[Any]]) -> None:
+        """Give up on a call at once. Its connection is closed first: cancelled mid-query,
+        psycopg would ask the (stopped) server to cancel it and wait for that, ~10 s holding a
+        pool slot; closed, the server rolls back whatever it had begun, and the pool drops it."""
+        for conn in held:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
         task.cancel()
         self._orphans.add(task)
         task.add_done_callback(self._orphan_done)
