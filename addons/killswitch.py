@@ -12,7 +12,8 @@ On a store shared by replicas (PostgreSQL) the kill switch also runs the store's
 (`KeyCache.listener`): a NOTIFY from the revocations trigger wakes the poll at once, so a
 kill written on any host reaches every replica in milliseconds; the poll every `interval`
 stays the backstop. `last_lag` is how late the newest revocation was applied here (from its
-`ts`, the CLI's clock), for the metrics.
+`ts`, the CLI's clock), for the metrics. While the replica cannot confirm its revocations
+are current (`KeyCache.stale`), it also cuts every open connection that uses a key.
 """
 
 from __future__ import annotations
@@ -117,11 +118,27 @@ class KillSwitch(Poller):
                 if not failing:
                     log.error("%s failed: %r (retrying)", self.name, exc)
                 failing = True
+                self._cut_if_deaf()
                 await asyncio.sleep(self.interval)  # a wake-up storm never turns into a busy loop
                 continue
+            self._cut_if_deaf()
             if failing:
                 log.warning("%s works again", self.name)
             failing = False
+
+    def _cut_if_deaf(self) -> None:
+        """While revocations cannot be confirmed current (a shared store out of reach), no key
+        keeps a connection open: new requests are refused 503 (CredentialGuard), and open
+        streams and WebSockets are cut, as a revocation this replica cannot hear would."""
+        if not self.clients:
+            return
+        stale = self.keys.stale()
+        if stale is None:
+            return
+        cut = [c for ids in self.clients.values() for c in ids if cut_client(self.proxyserver, c)]
+        self.clients.clear()
+        if cut:
+            log.warning("%s: cut %d open connection(s) that use keys", stale, len(cut))
 
     async def poll(self) -> None:
         if self.sandboxes is not None:  # first: a sandbox's processes die within one interval

@@ -34,10 +34,12 @@ def http_client(proxy: RunningProxy) -> httpx.Client:
     return httpx.Client(proxy=proxy.url, verify=proxy.client_context(), trust_env=False, timeout=20)
 
 
-def stream_until_cut(replica: Replica, url: str, key: str, events: list[str], outcome: dict[str, Any]) -> None:
+def stream_until_cut(
+    replica: Replica | RunningProxy, url: str, key: str, events: list[str], outcome: dict[str, Any]
+) -> None:
     try:
         with (
-            replica.client() as client,
+            replica.client() if isinstance(replica, Replica) else http_client(replica) as client,
             client.stream("GET", url, headers={"Authorization": f"Bearer {key}"}) as r,
         ):
             for line in r.iter_lines():
@@ -292,11 +294,21 @@ def test_a_replica_that_cannot_hear_revocations_refuses_keys_503_until_it_can(
     key = keys.mint(proxy.config, "researcher").env["OPENAI_API_KEY"]
     models = f"https://api.openai.com:{llm_upstream.port}/v1/models"
     auth = {"Authorization": f"Bearer {key}"}
+    slow = f"https://api.openai.com:{llm_upstream.port}/v1/slow"
+    events: list[str] = []
+    outcome: dict[str, Any] = {}
+    reader = threading.Thread(target=stream_until_cut, args=(proxy, slow, key, events, outcome))
+    reader.start()
+    assert wait_for(lambda: len(events) >= 3, 15.0), "the stream did not start"
     with http_client(proxy) as client:
         assert client.get(models, headers=auth).status_code == 200
+        deaf_at = time.time()
         _in_loop(proxy, listener.close())  # the listener is gone; polls still work
         assert client.get(models, headers=auth).status_code == 200  # within the grace period
         assert wait_for(lambda: not switch.current, 5.0)
+        reader.join(5)  # the open stream is cut too: a revocation might be missed
+        assert not reader.is_alive() and str(outcome["ended"]).startswith("cut"), outcome
+        assert 3.0 <= outcome["at"] - deaf_at < 4.5
         r = client.get(models, headers=auth)
         assert r.status_code == 503, r.text
         store = f"store {pg_url}"
