@@ -117,7 +117,9 @@ def test_postgres_down_every_replica_answers_503_naming_the_store_then_recovers(
     llm_upstream: Upstream,
     cred_config: dict[str, Any],
 ) -> None:
-    config = fleet_config(tmp_path, cred_config, pg_url, timeout=TIMEOUT)
+    password = "pg-Pa55-of-the-store-7c1e"  # given (trust auth ignores it): never in a message
+    (tmp_path / "pg-password").write_text(password + "\n")
+    config = fleet_config(tmp_path, cred_config, pg_url, timeout=TIMEOUT, password_file=str(tmp_path / "pg-password"))
     assert config.store is not None
     store = config.store.name  # as messages name it: no password
     key = keys.mint(config, "researcher").env["OPENAI_API_KEY"]
@@ -187,6 +189,9 @@ def test_postgres_down_every_replica_answers_503_naming_the_store_then_recovers(
 
     assert until(lambda: forwarded <= recorded(), 10), forwarded - recorded()
     assert acked <= recorded()
+    seen = [body for c in calls for _, _, _, body, _ in c.seen] + [r.log.read_text() for r in replicas]
+    seen += [str(row) for row in pg_rows(pg_url)]
+    assert not [text for text in seen if password in text]
 
 
 @pytest.mark.parametrize("kind", ["metered", "unmetered"])
