@@ -15,8 +15,9 @@ fake key to a host it is not bound to, and a model call made over WebSocket (Cod
   WebSocket mode and Realtime API): each call-starting message is checked against the model
   allowlist, reserved and admitted like an HTTP call (refused: the agent gets an `error`
   event in the API's shape, the connection stays open), its reservation committed as an
-  intent before it is forwarded, and settled from the usage its last event reports
-  (egress_guard.ws_meter); each call gets its own audit row (method WS);
+  intent before it is forwarded — on a fleet (SharedLedger) by the store's one atomic
+  admission statement, so replicas enforce one budget — and settled from the usage its last
+  event reports (egress_guard.ws_meter); each call gets its own audit row (method WS);
 - a service with `websocket: false` gets a 426 before any upgrade; a metered service's
   WebSocket endpoint egress-guard cannot meter is refused when the agent has limits there;
 - when the connection ends, a row records messages and bytes each way, how it closed, and
@@ -30,6 +31,7 @@ the message at hand and closes the connection (1011).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import wsproto.events
@@ -43,13 +45,14 @@ from egress_guard.addons._ws_rows import call_row, close_row, ws_row
 from egress_guard.addons.flow import state
 from egress_guard.config import Config
 from egress_guard.credentials import Credential, Service
-from egress_guard.ledger import Ledger
+from egress_guard.ledger import Hold, Ledger, Refusal
 from egress_guard.policy import Decision, Verdict
 from egress_guard.providers.ws import Create, Failed, Finished, SetModel, Started, Unreadable
+from egress_guard.shared_ledger import SharedLedger
 from egress_guard.store import AuditLog, Intent
 from egress_guard.timeutil import now_iso
 from egress_guard.ws_conn import WsConn
-from egress_guard.ws_meter import Refused, Settled, WsCall, WsMeter, upgrade_refusal
+from egress_guard.ws_meter import Quote, Refused, Settled, WsMeter, refused_by, upgrade_refusal
 from egress_guard.ws_relay import KeyScan, Relay, blanked, control_data, masked_control
 
 log = logging.getLogger("egress_guard")
@@ -250,42 +253,60 @@ class WebSocketGuard:
     async def _start_call(
         self, flow: http.HTTPFlow, conn: WsConn, meter: WsMeter, msg: websocket.WebSocketMessage, event: Create
     ) -> None:
-        call = meter.admit(event, len(msg.content))
-        if isinstance(call, Refused):
-            self._refuse(flow, conn, meter, msg, call)
+        quote = meter.quote(event, len(msg.content))
+        if isinstance(quote, Refused):
+            self._refuse(flow, conn, meter, msg, quote)
             return
-        why = await self._intent(conn, call)
-        if why is not None:
-            meter.release(call)
-            reason = f"the call's reservation could not be recorded, so it was not forwarded: {why}"
-            refused = Refused(503, reason, call.metered.model, "egress_error")
-            self._refuse(flow, conn, meter, msg, refused, intent_id=call.request_id)
+        intent = self._intent_of(conn, quote)
+        ledger = self.ledger
+        try:
+            if isinstance(ledger, SharedLedger):  # a fleet: admitted in the store, with its intent
+                hold = await ledger.reserve(meter.limits, meter.agent, meter.session, quote.usd, quote.tokens, intent)
+            else:
+                hold = ledger.admit(meter.limits, meter.agent, meter.session, quote.usd, quote.tokens)
+        except Refusal as refusal:
+            self._refuse(flow, conn, meter, msg, refused_by(refusal, quote.metered.model), intent_id=quote.request_id)
             return
+        call = meter.admitted(quote, hold)
+        if hold.shared:
+            self.audit.track_intent(call.request_id)  # committed with the reservation; the call's row removes it
+        else:
+            why = await self._intent(intent, hold)
+            if why is not None:
+                meter.release(call)
+                reason = f"the call's reservation could not be recorded, so it was not forwarded: {why}"
+                refused = Refused(503, reason, call.metered.model, "egress_error")
+                self._refuse(flow, conn, meter, msg, refused, intent_id=call.request_id)
+                return
         meter.forwarded(call)
 
-    async def _intent(self, conn: WsConn, call: WsCall) -> str | None:
+    @staticmethod
+    def _intent_of(conn: WsConn, quote: Quote) -> Intent:
+        """The call's intent; the ledger fills in agent, session, day and the reservation."""
+        return Intent(
+            request_id=quote.request_id,
+            ts=now_iso(),
+            agent="",
+            session=None,
+            service=conn.service,
+            model=quote.metered.model,
+            day="",
+            reserved_usd="0",
+            method="WS",
+            host=conn.host,
+            port=conn.port,
+            path=conn.path,
+        )
+
+    async def _intent(self, intent: Intent, hold: Hold) -> str | None:
         """Commit the call's reservation before it is forwarded (if the proxy stops before the
         call's row is written, the next start bills it); the reason if that failed."""
         commit = getattr(self.audit, "intent", None)
         if commit is None:  # an audit log without intents (before they land)
             return None
-        hold = call.hold
         try:
             await commit(
-                Intent(
-                    request_id=call.request_id,
-                    ts=now_iso(),
-                    agent=hold.agent,
-                    session=hold.session,
-                    service=conn.service,
-                    model=call.metered.model,
-                    day=hold.day,
-                    reserved_usd=f"{hold.usd:f}",
-                    method="WS",
-                    host=conn.host,
-                    port=conn.port,
-                    path=conn.path,
-                )
+                replace(intent, agent=hold.agent, session=hold.session, day=hold.day, reserved_usd=f"{hold.usd:f}")
             )
         except Exception as exc:  # AuditUnavailable
             return str(exc)

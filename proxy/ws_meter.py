@@ -1,10 +1,12 @@
-"""Metering the model calls of one WebSocket connection: each call admitted against the
-agent's budgets and limits like an HTTP call, settled from the usage its last event reports,
-and what is still open when the connection ends billed at its reservation.
+"""Metering the model calls of one WebSocket connection: each call priced and checked (model,
+price) and quoted its reservation, settled from the usage its last event reports, and what
+is still open when the connection ends billed at its reservation.
 
 The API's own messages are read by its provider's WsReader (egress_guard.providers); this
 module keeps the calls in flight, in order (the server answers them in the order they were
-made), with the ledger. Pure: no I/O, no mitmproxy; the WebSocket addon records the rows.
+made), with the ledger. Pure: no I/O, no mitmproxy. The WebSocket addon admits each quoted
+call (`quote` → ledger → `admitted`) as SpendGuard admits an HTTP call — on a fleet in the
+store, atomically with its intent — and records the rows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ class Refused:
     model: str | None
     code: str
     retry_after: int | None = None
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A call the meter would let through, if the ledger admits it: what to reserve for it
+    (`usd`, `tokens`) and its row's (and intent's) id."""
+
+    request_id: str
+    metered: Metered
+    usd: Decimal
+    tokens: int
+    request_bytes: int
+
+
+def refused_by(refusal: Refusal, model: str) -> Refused:
+    """A ledger's refusal of a call (a limit: 429; the store unanswering: 503) as the agent's
+    `error` event and row get it."""
+    status = refusal.status
+    code = "rate_limit_exceeded" if status == 429 else "egress_error" if status >= 500 else "egress_denied"
+    return Refused(status, refusal.reason, model, code, refusal.retry_after)
 
 
 @dataclass(frozen=True)
@@ -113,10 +135,9 @@ class WsMeter:
         return f"{self.flow_id}:ws{self.seq}"
 
     def refusal_id(self, intent_id: str | None = None) -> str:
-        """A refused message's row id (the intent's, if its call had one)."""
+        """A refused message's row id (its quoted call's, if it had one)."""
         self.refused += 1
-        n = self.next_id()
-        return intent_id or n
+        return intent_id or self.next_id()
 
     def disallowed(self, model: str) -> Refused | None:
         if model_allowed(self.limits, self.service, model, self.session):
@@ -126,8 +147,10 @@ class WsMeter:
 
     # --- from the agent --------------------------------------------------------------------
 
-    def admit(self, event: Create, request_bytes: int) -> WsCall | Refused:
-        """Reserve a call's worst case, or refuse it (model, price, budget, rate)."""
+    def quote(self, event: Create, request_bytes: int) -> Quote | Refused:
+        """What a call would reserve (its worst case), or why it is refused before any ledger
+        is asked (model, price). The caller admits the quote against its ledger — in the store,
+        on a fleet — and hands back the hold (`admitted`) or the refusal (`refusal`)."""
         m = event.metered
         if event.carried:
             m = carry(m, self.carried + self.reader.pending_tokens())
@@ -138,12 +161,11 @@ class WsMeter:
             usd, tokens = self.api.reservation(self.settings, m)
         except Unpriced as exc:
             return Refused(403, str(exc), m.model, "model_not_priced")
-        try:
-            hold = self.ledger.admit(self.limits, self.agent, self.session, usd, tokens)
-        except Refusal as refusal:
-            code = "rate_limit_exceeded" if refusal.status == 429 else "egress_denied"
-            return Refused(refusal.status, refusal.reason, m.model, code, refusal.retry_after)
-        return WsCall(self.next_id(), m, hold, request_bytes)
+        return Quote(self.next_id(), m, usd, tokens, request_bytes)
+
+    def admitted(self, quote: Quote, hold: Hold) -> WsCall:
+        """The quoted call, admitted with `hold` (not yet forwarded)."""
+        return WsCall(quote.request_id, quote.metered, hold, quote.request_bytes)
 
     def forwarded(self, call: WsCall) -> None:
         """The call's message goes up: it is open until the server ends it."""

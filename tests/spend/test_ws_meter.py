@@ -16,10 +16,10 @@ from support.proxy import write_config
 
 from egress_guard import providers
 from egress_guard.credentials import Agent
-from egress_guard.ledger import Ledger
+from egress_guard.ledger import Ledger, Refusal
 from egress_guard.providers.ws import Create, Failed, Finished
 from egress_guard.spend import Limits, SpendSettings
-from egress_guard.ws_meter import Refused, WsCall, WsMeter, carry, upgrade_refusal
+from egress_guard.ws_meter import Refused, WsCall, WsMeter, carry, refused_by, upgrade_refusal
 
 SETTINGS = SpendSettings()
 OPENAI = providers.get("openai")
@@ -37,10 +37,23 @@ def connection(path: str = "/v1/responses", **limits: Any) -> tuple[WsMeter, Led
     return WsMeter(reader, OPENAI, SETTINGS, ledger, Limits(**limits), "bot", "openai", "s1", "f1"), ledger
 
 
+def admit(meter: WsMeter, event: Create) -> WsCall | Refused:
+    """As the WebSocket addon admits a call on one process's ledger: quoted by the meter,
+    admitted (or refused) by the ledger."""
+    quote = meter.quote(event, 100)
+    if isinstance(quote, Refused):
+        return quote
+    try:
+        hold = meter.ledger.admit(meter.limits, meter.agent, meter.session, quote.usd, quote.tokens)
+    except Refusal as refusal:
+        return refused_by(refusal, quote.metered.model)
+    return meter.admitted(quote, hold)
+
+
 def create(meter: WsMeter, **fields: object) -> WsCall:
     event = meter.reader.from_agent(msg({"type": "response.create", "model": "gpt-5-mini", **fields}))
     assert isinstance(event, Create)
-    call = meter.admit(event, 100)
+    call = admit(meter, event)
     assert isinstance(call, WsCall)
     meter.forwarded(call)
     return call
@@ -60,7 +73,7 @@ def test_calls_are_settled_in_order_from_their_usage() -> None:
     assert (done.cost.input_tokens, done.cost.output_tokens) == (1000, 200)
     assert ledger.spent[("total", "bot")] == done.cost.usd and meter.carried == 1200
     # the next call that continues the response is reserved for the context it carries
-    continued = meter.admit(Create(carry(second.metered, 0), True), 100)
+    continued = admit(meter, Create(carry(second.metered, 0), True))
     assert isinstance(continued, WsCall) and continued.metered.input_bytes == second.metered.input_bytes + 3600
 
 
@@ -102,15 +115,15 @@ def test_refusals_model_price_and_budget() -> None:
     assert refused is not None and (refused.status, refused.code) == (403, "model_not_allowed")
     event = meter.reader.from_agent(msg({"type": "response.create", "model": "gpt-5-mini"}))
     assert isinstance(event, Create)
-    over = meter.admit(event, 100)
+    over = admit(meter, event)
     assert isinstance(over, Refused) and (over.status, over.code) == (429, "rate_limit_exceeded")
     assert "day budget of $0.000001" in over.reason and over.retry_after is not None
     unpriced = WsMeter(meter.reader, OPENAI, SETTINGS, ledger, Limits(), "bot", "openai", "s1", "f1")
     event = meter.reader.from_agent(msg({"type": "response.create", "model": "no-such-model"}))
     assert isinstance(event, Create)
-    got = unpriced.admit(event, 100)
+    got = admit(unpriced, event)
     assert isinstance(got, Refused) and (got.status, got.code) == (403, "model_not_priced")
-    assert meter.refusal_id() == "f1:ws1" and meter.refusal_id("f1:ws9") == "f1:ws9"
+    assert meter.refusal_id() == "f1:ws2" and meter.refusal_id("f1:ws9") == "f1:ws9"  # (ws1: the quoted call)
     assert meter.summary() == "; 0 model calls, $0 billed, 2 refused"
 
 
