@@ -41,7 +41,6 @@ INSERT_INTENT = (
     f"VALUES ({', '.join(['%s'] * (len(INTENT_COLUMNS) + 1))}) "
     f"ON CONFLICT (request_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in INTENT_COLUMNS[1:])}"
 )
-SETTLE_INTENTS = "DELETE FROM spend_intents WHERE request_id = ANY(%s)"
 # The original decision and reason are kept (once) in amended_from: `audit verify` hashes them.
 AMEND = (
     "UPDATE audit SET "
@@ -77,7 +76,6 @@ class Bound:
     intents: list[tuple[Any, ...]]
     rows: list[tuple[Any, ...]]
     totals: list[tuple[str, str, str, str]]
-    settles: list[str]
     amends: list[tuple[Any, ...]]
     writes: list[Write]
 
@@ -96,7 +94,6 @@ def bind(batch: Batch, replica: str) -> Bound:
         sorted(
             totals_rows(sum_totals(bindable((r.agent, r.session, r.ts, r.cost_usd)) for r in batch.rows if priced(r)))
         ),
-        list(batch.settles),
         [bindable((note, request_id)) for request_id, note in batch.amends],
         [w for w in batch.writes if not isinstance(w, Reservations)],
     )
@@ -110,9 +107,8 @@ async def apply(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
         await cur.executemany(INSERT_ROW, b.rows)
     if b.totals:
         await cur.executemany(ADD_TOTAL, b.totals)
-    await fleet.settle(cur, b.batch)  # shared budgets: priced rows and settled intents (no SQL if neither)
-    if b.settles:
-        await cur.execute(SETTLE_INTENTS, (b.settles,))
+    # shared budgets: priced rows, and the settled intents, which it deletes (no SQL if neither)
+    await fleet.settle(cur, b.batch)
     if b.amends:
         await cur.executemany(AMEND, b.amends)
     for op in b.writes:
