@@ -11,8 +11,9 @@ costs nothing never touches the store.
 If the store cannot answer within its timeout, the call is refused (503, naming the store):
 there is never a per-replica fallback. What this replica knows locally — `spent`/`reserved`, a
 snapshot of the shared rows refreshed by BudgetFollower (`tick`) — only serves the mid-stream
-overrun check, `budget show`-like reads and WebSocket calls (`admit`, synchronous: checked
-against the snapshot, so across replicas they are as current as the last refresh).
+overrun check, `budget show`-like reads and closing a Realtime connection whose
+server-started responses spent the budget (calls an agent starts, HTTP or WebSocket, are
+admitted by `reserve`, in the store).
 
 Each replica heartbeats (1 s); one unseen for 30 s is gone: another takes over its unfinished
 calls and records them at their reservation through its own writer (`reap`).
