@@ -75,6 +75,7 @@ class Credential(StrEnum):
     CLEARTEXT = "denied-cleartext"
     UNREADABLE = "denied-unreadable-body"
     UNAVAILABLE = "error-secret-unavailable"
+    STORE_UNAVAILABLE = "error-store-unavailable"  # the key's record, or that it is unrevoked, cannot be confirmed
 
 
 @dataclass(frozen=True)
