@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -35,6 +36,33 @@ from egress_guard.store.records import INTENT_COLUMNS, Revocation, Spent, StoreE
 
 log = logging.getLogger("egress_guard.audit")
 T = TypeVar("T")
+
+
+def _in_daemon_thread(fn: Callable[[], None]) -> asyncio.Future[None]:
+    """`fn()` in a thread of its own that never holds up the process's exit (sync psycopg
+    has no deadline of its own: a stopped server would keep it waiting)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def target() -> None:
+        outcome: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=target, name="egress-guard store migrate", daemon=True).start()
+    return done
 
 
 class _Attempt(AttemptWithBackoff):
@@ -61,6 +89,7 @@ class _Broken(StoreError):
 class PGEngine:
     POOL_MIN = 2
     POOL_MAX = 8
+    MIGRATE_TIMEOUT = 120.0  # seconds the schema check and migrations may take at start
 
     def __init__(self, settings: Any) -> None:
         self.target = schema.Target(settings)
@@ -148,7 +177,12 @@ class PGEngine:
     # --- opening and closing ---------------------------------------------------------------
 
     async def open(self) -> int:
-        await asyncio.to_thread(self._migrate)
+        try:  # generous: a migration may build an index on a large table, or wait for another replica's
+            await asyncio.wait_for(_in_daemon_thread(self._migrate), self.MIGRATE_TIMEOUT)
+        except TimeoutError:
+            raise StoreError(
+                f"store {self.name} did not finish migrating within {self.MIGRATE_TIMEOUT:g} s (is it stopped?)"
+            ) from None
         self._pool = _Pool(
             self.conninfo,
             min_size=self.POOL_MIN,
