@@ -419,3 +419,35 @@ def pg_rows_admin(cluster: PGCluster, url: str) -> list[tuple[Any, ...]]:
     dbname = url.rsplit("/", 1)[1]
     with psycopg.connect(host=str(cluster.data), port=cluster.port, user="eg", dbname=dbname) as conn:
         return conn.execute("SELECT * FROM audit").fetchall()
+
+
+def test_a_landed_batch_amended_before_its_retry_is_stored_as_the_writer_chains_it(pg_url: str) -> None:
+    """A COMMIT whose answer was lost did commit; meanwhile the writer amended a row of it
+    (its response was cut); the retry, one row longer, keeps the chain verifiable."""
+    from egress_guard.store import chain as chainmod
+
+    async def main() -> None:
+        engine = PGEngine(settings(pg_url, "r1"))
+        await engine.open()
+        try:
+            rows = [row("a"), row("b", reason="allowed")]
+            landed = Batch(rows=rows)
+            landed.links, _ = chainmod.link("r1", (0, ""), rows)
+            await engine.commit(landed)
+            engine._unsure = landed  # as if its COMMIT had gone unanswered
+            rows[1].decision, rows[1].reason = "error", "allowed; response cut off"  # AuditLog.amend, in place
+            retry = Batch(rows=[*rows, row("c")])
+            retry.links, _ = chainmod.link("r1", (0, ""), retry.rows)
+            await engine.commit(retry)
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+    v = verify(pg_url)
+    assert v.ok, v.problems
+    stored = pg_rows(pg_url)
+    assert [(r["request_id"], r["chain_seq"], r["decision"]) for r in stored] == [
+        ("a", 1, "allow"),
+        ("b", 2, "error"),
+        ("c", 3, "allow"),
+    ]

@@ -271,7 +271,7 @@ class PGEngine:
                     await cur.execute("BEGIN")
                     todo = batch
                     if unsure is not None and await self._landed(cur, unsure):
-                        todo = self._beyond(batch, unsure)
+                        todo = await self._beyond(cur, batch, unsure)
                     await writes.apply(cur, writes.bind(todo, self.replica))
                     await pipeline.sync()
                     sent = True
@@ -305,15 +305,21 @@ class PGEngine:
         row = await cur.fetchone()
         return row is not None and row[0] == digest
 
-    def _beyond(self, batch: Batch, done: Batch) -> Batch:
+    async def _beyond(self, cur: psycopg.AsyncCursor[Any], batch: Batch, done: Batch) -> Batch:
         """What `batch` (the writer's retry: the same first items, maybe more) holds beyond
-        `done`, committed already."""
+        `done`, committed already. A row of `done` the writer amended since (its response was
+        cut when the commit seemed to fail) is stored as the writer now chains it: its
+        decision, reason and hash, and so every hash after it."""
         n = len(done.rows)
-        if batch.links[:n] != done.links:  # a row of it was changed (amended) after its commit
-            raise StoreError(
-                f"store {self.name}: a batch whose commit went unanswered was committed, and its rows "
-                "changed since; restart this replica to resume from the stored chain"
-            )
+        if len(batch.rows) < n or any(a is not b for a, b in zip(batch.rows, done.rows, strict=False)):
+            raise StoreError(f"store {self.name}: the writer's retry is not the batch that was sent")
+        for row, now, then in zip(batch.rows, batch.links, done.links, strict=False):
+            if now != then:
+                await cur.execute(
+                    "UPDATE audit SET decision = %s, reason = %s, hash = %s "
+                    "WHERE chain = %s AND chain_seq = %s AND hash = %s",
+                    (row.decision, writes.text(row.reason), now[2], then[0], then[1], then[2]),
+                )
         return Batch(
             intents=batch.intents[len(done.intents) :],
             rows=batch.rows[n:],
