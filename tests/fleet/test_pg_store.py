@@ -354,9 +354,10 @@ def test_two_replicas_on_one_chain_fail_closed_and_a_landed_retry_is_not_written
             # the writer's retry of a batch whose COMMIT went unanswered but did land, with one
             # more row queued since: the landed part is not written twice, the rest is
             landed = Batch(rows=[row("a")], links=[("same", 1, "h1")])
-            one._unsure = landed
+            one._unsure = [landed]
             await one.commit(Batch(rows=[*landed.rows, row("c")], links=[*landed.links, ("same", 2, "h3")]))
-            one._unsure = lost = Batch(rows=[row("e")], links=[("same", 3, "h4")])  # unanswered, not landed
+            lost = Batch(rows=[row("e")], links=[("same", 3, "h4")])
+            one._unsure = [lost]  # unanswered, not landed
             await one.commit(lost)
         finally:
             await one.close()
@@ -434,7 +435,8 @@ def test_a_landed_batch_amended_before_its_retry_is_stored_as_the_writer_chains_
             landed = Batch(rows=rows)
             landed.links, _ = chainmod.link("r1", (0, ""), rows)
             await engine.commit(landed)
-            engine._unsure = landed  # as if its COMMIT had gone unanswered
+            # as if its COMMIT had gone unanswered, and a retry's too (that one did not land)
+            engine._unsure = [landed, Batch(rows=[*rows, row("x")], links=[*landed.links, ("r1", 3, "f" * 64)])]
             rows[1].decision, rows[1].reason = "error", "allowed; response cut off"  # AuditLog.amend, in place
             retry = Batch(rows=[*rows, row("c")])
             retry.links, _ = chainmod.link("r1", (0, ""), retry.rows)

@@ -103,7 +103,8 @@ class PGEngine:
         self.read_failures = 0  # reads that failed (metrics)
         # A batch whose COMMIT was sent and never answered (the server stopped, the link broke):
         # it may have been committed. The writer retries it, with more items after it.
-        self._unsure: Batch | None = None
+        # Several, if retries go unanswered too: each holds the one before it, and more.
+        self._unsure: list[Batch] = []
 
     def __repr__(self) -> str:
         return f"PGEngine({self.name!r}, replica={self.replica!r})"
@@ -258,7 +259,7 @@ class PGEngine:
         return asyncio.ensure_future(self._commit(batch))
 
     async def _commit(self, batch: Batch) -> None:
-        unsure = self._unsure
+        unsure = list(self._unsure)
         sent = False  # COMMIT sent: from then on the batch may be committed whatever we hear
 
         async def transact(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -270,8 +271,10 @@ class PGEngine:
                 async with conn.pipeline() as pipeline, conn.cursor() as cur:
                     await cur.execute("BEGIN")
                     todo = batch
-                    if unsure is not None and await self._landed(cur, unsure):
-                        todo = await self._beyond(cur, batch, unsure)
+                    for sent_before in reversed(unsure):  # the largest that landed holds the others
+                        if await self._landed(cur, sent_before):
+                            todo = await self._beyond(cur, batch, sent_before)
+                            break
                     await writes.apply(cur, writes.bind(todo, self.replica))
                     await pipeline.sync()
                     sent = True
@@ -285,14 +288,14 @@ class PGEngine:
             await self.run(transact)
         except StoreError as exc:
             if sent:
-                self._unsure = batch
+                self._unsure.append(batch)
             if "audit_chain_seq" in str(exc):
                 raise StoreError(
                     f"store {self.name}: chain {self.chain} already has these rows: do two replicas write "
                     f"chain {self.chain}? give each its own `replica:` ({exc})"
                 ) from None
             raise
-        self._unsure = None
+        self._unsure.clear()
 
     async def _landed(self, cur: psycopg.AsyncCursor[Any], batch: Batch) -> bool:
         """Whether `batch` (its COMMIT unanswered) was committed after all: its last row is
