@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import threading
 import time
@@ -308,11 +309,13 @@ def test_a_replica_that_cannot_hear_revocations_refuses_keys_503_until_it_can(
         assert wait_for(lambda: not switch.current, 5.0)
         reader.join(5)  # the open stream is cut too: a revocation might be missed
         assert not reader.is_alive() and str(outcome["ended"]).startswith("cut"), outcome
-        assert 3.0 <= outcome["at"] - deaf_at < 4.5
+        assert 3.0 <= outcome["at"] - deaf_at < 6.0, outcome["at"] - deaf_at
         r = client.get(models, headers=auth)
         assert r.status_code == 503, r.text
         store = f"store {pg_url}"
-        assert f"cannot confirm revocations are current: {store}: listener down for 3." in r.text
+        assert re.search(
+            rf"cannot confirm revocations are current: {re.escape(store)}: listener down for \d+\.\d s", r.text
+        )
         assert "(stopped)" in r.text
         assert r.headers["x-egress-guard-reason"].startswith("cannot confirm revocations are current")
         r = client.get(f"https://api.test.local:{upstream.port}/")  # no service, no key: not gated
