@@ -80,7 +80,7 @@ class KillSwitch(Poller):
         self._after = 0
         self.last_lag: float | None = None  # seconds from the newest revocation's ts to its application here
         self.applied = 0  # revocations applied since start
-        self.on_lag: list[Callable[[float], None]] = []  # called with each poll's lag (metrics)
+        self.on_lag: list[Callable[[float], None]] = []  # called with each applied revocation's lag (metrics)
         self._wake = asyncio.Event()
         self._listening: asyncio.Task[None] | None = None
 
@@ -146,15 +146,15 @@ class KillSwitch(Poller):
         for key_id in await self.keys.poll():
             cut = [c for c in self.clients.pop(key_id, set()) if cut_client(self.proxyserver, c)]
             log.warning("key %s revoked: refusing its requests; cut %d open connection(s)", key_id, len(cut))
-        if self.keys.fresh:
-            newest = self.keys.fresh[-1]
-            self.applied += len(self.keys.fresh)
+        now = utcnow()
+        for rev in self.keys.fresh:  # each revocation this poll applied: how late, for the metrics
+            self.applied += 1
             try:
-                lag = max(0.0, (utcnow() - parse_iso(newest.ts)).total_seconds())
+                lag = max(0.0, (now - parse_iso(rev.ts)).total_seconds())
             except ValueError:
-                return
+                continue
             self.last_lag = lag
-            log.info("revocation %d applied %.3f s after it was written", newest.id, lag)
+            log.info("revocation %d applied %.3f s after it was written", rev.id, lag)
             for callback in self.on_lag:
                 callback(lag)
 
