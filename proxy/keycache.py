@@ -92,7 +92,16 @@ class KeyCache:
         if failed is not None and time.monotonic() - failed[0] < FAIL_FAST:
             raise failed[1]
         try:
-            record = await self.store.key(key_id)
+            # A poll that applies a revocation while the record is being read cannot mark it
+            # (it is not cached yet): read again until no poll applied any meanwhile — the
+            # CLI commits a revocation and its keys' revoked_at together.
+            for _ in range(3):
+                seen = self._last_revocation
+                record = await self.store.key(key_id)
+                if self._last_revocation == seen:
+                    break
+            else:
+                return record  # revocations keep arriving: use this read, cache none
         except Exception as exc:
             self._lookup_failed = (time.monotonic(), exc)
             raise

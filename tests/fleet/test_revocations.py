@@ -7,6 +7,7 @@ Real PostgreSQL (tests/fleet/conftest.py), real `egress-guard up` processes, the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import subprocess
@@ -336,3 +337,36 @@ def wait_for(check: Any, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return bool(check())
+
+
+def test_a_revocation_applied_while_a_key_is_being_read_is_not_lost() -> None:
+    from egress_guard.fakekeys import KeyRecord
+    from egress_guard.store import Revocation
+
+    live = KeyRecord("k1", "researcher", "s1", ("openai",), "2026-01-01T00:00:00.000Z", "2099-01-01T00:00:00.000Z")
+    revoked = dataclasses.replace(live, revoked_at="2026-01-02T00:00:00.000Z", revoked_reason="kill switch")
+
+    class Racing:
+        name = "test"
+        reads = 0
+        rev: list[Revocation] = []
+
+        async def last_revocation(self) -> int:
+            return 0
+
+        async def revocations(self, after: int) -> list[Revocation]:
+            return [r for r in self.rev if r.id > after]
+
+        async def key(self, key_id: str) -> KeyRecord | None:
+            self.reads += 1
+            if self.reads == 1:  # the kill commits, and a poll applies it, while this read is on the wire
+                self.rev = [Revocation(1, revoked.revoked_at or "", "researcher", None, None, "kill switch")]
+                await cache.poll()
+                return live
+            return revoked
+
+    engine = Racing()
+    cache = KeyCache(engine)  # type: ignore[arg-type]
+    asyncio.run(cache.open())
+    record = asyncio.run(cache.lookup("k1"))
+    assert record is not None and record.revoked_at is not None and engine.reads == 2
