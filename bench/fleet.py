@@ -51,7 +51,17 @@ async def load_split(ports: list[int], upstream_port: int, ctxs: list[ssl.SSLCon
         "p50": sorted(p["p50"] for p in parts)[len(parts) // 2],
         "p99": max(p["p99"] for p in parts),
         "errors": sum(p["errors"] for p in parts),
+        "requests": sum(p["requests"] for p in parts),
     }
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -101,20 +111,29 @@ def main() -> int:
         ctx_sq = ssl.create_default_context(cafile=str(sq_ca))
         ctx_pg = ssl.create_default_context(cafile=str(pg_ca))
         targets = [
-            ("sqlite", sq_key, [sq_port], [ctx_sq]),
-            ("pg", pg_key, [pg1_port], [ctx_pg]),
-            ("pg x2", pg_key, [pg1_port, pg2_port], [ctx_pg, ctx_pg]),
+            ("sqlite", sq_key, [sq_port], [ctx_sq], [sq]),
+            ("pg", pg_key, [pg1_port], [ctx_pg], [pg1]),
+            ("pg x2", pg_key, [pg1_port, pg2_port], [ctx_pg, ctx_pg], [pg1, pg2]),
         ]
+
+        def postgres_cpu() -> float:
+            return sum(_cpu(pid) for pid in [cluster.pid, *cluster._children()])
+
         results = {name: {"c1": [], "c8": [], "c16": []} for name, *_ in targets}
         for i in range(args.rounds):
-            for name, key, target_ports, ctxs in targets:
+            for name, key, target_ports, ctxs, target_procs in targets:
                 print(f"round {i + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 run.FAKE_KEY = key
                 for c, seconds in (("c1", args.seconds / 2), ("c8", args.seconds), ("c16", args.seconds)):
                     n = int(c[1:])
                     if n < len(target_ports):
                         continue
-                    results[name][c].append(asyncio.run(load_split(target_ports, upstream_port, ctxs, n, seconds)))
+                    proxy_cpu, db_cpu = sum(_cpu(p.pid) for p in target_procs), postgres_cpu()
+                    r = asyncio.run(load_split(target_ports, upstream_port, ctxs, n, seconds))
+                    # CPU per request (warm-up included): the proxies', and PostgreSQL's (same cores)
+                    r["proxy_ms"] = (sum(_cpu(p.pid) for p in target_procs) - proxy_cpu) * 1000 / max(r["requests"], 1)
+                    r["db_ms"] = (postgres_cpu() - db_cpu) * 1000 / max(r["requests"], 1)
+                    results[name][c].append(r)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -130,14 +149,20 @@ def main() -> int:
         f"\negress-guard fleet benchmark ({os.cpu_count()} cores, loopback, keep-alive HTTPS, priced POSTs, "
         f"median of {args.rounds} alternating rounds of {args.seconds:.0f} s)\n"
     )
-    print(f"{'target':<10}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(
+        f"{'target':<10}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'proxy CPU ms/req':>18}{'PostgreSQL CPU ms/req':>23}"
+    )
     median: dict[tuple[str, str], dict] = {}
     for name, by_c in results.items():
         for c, runs in by_c.items():
             if not runs:
                 continue
             m = median[(name, c)] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-            print(f"{name:<10}{c[1:]:>4}{m['rps']:>9.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}{m['errors']:>8}")
+            print(
+                f"{name:<10}{c[1:]:>4}{m['rps']:>9.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}{m['errors']:>8}"
+                f"{m['proxy_ms']:>18.2f}{m['db_ms']:>23.2f}"
+            )
     print()
     for c in ("c1", "c8", "c16"):
         if ("pg", c) in median and ("sqlite", c) in median:
