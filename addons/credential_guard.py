@@ -259,7 +259,7 @@ class CredentialGuard:
             verdict, found = await self._judge(flow, service)
         except (StoreError, AuditUnavailable, TimeoutError) as exc:  # a key's record cannot be read: fail closed
             why = str(exc) or f"store {self.keys.store.name} did not answer"
-            return CredentialVerdict(Credential.UNAVAILABLE, why, 503)
+            return CredentialVerdict(Credential.STORE_UNAVAILABLE, why, 503)
         st = state(flow)
         key = verdict.key
         if key is not None:  # a usable key (swapped, or refused for plain HTTP) names the request
@@ -271,7 +271,7 @@ class CredentialGuard:
             return None
         stale = self.keys.stale()  # a shared store: is the key's revocation state known current?
         if stale is not None:
-            return CredentialVerdict(Credential.UNAVAILABLE, stale, 503, key=key)
+            return CredentialVerdict(Credential.STORE_UNAVAILABLE, stale, 503, key=key)
         try:
             secret = await self.store.get(service.secret)
         except SecretUnavailable as exc:

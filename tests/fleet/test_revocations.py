@@ -326,7 +326,7 @@ def test_a_replica_that_cannot_hear_revocations_refuses_keys_503_until_it_can(
         assert client.get(models, headers=auth).status_code == 200
     proxy.stop()
     rows = pg_rows(pg_url, "kind = 'request' AND status = 503")
-    assert len(rows) == 1 and rows[0]["credential"] == "error-secret-unavailable", rows
+    assert len(rows) == 1 and rows[0]["credential"] == "error-store-unavailable", rows
     assert rows[0]["reason"].startswith("cannot confirm revocations are current")
 
 
