@@ -14,7 +14,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from egress_guard.config.errors import ConfigError
 from egress_guard.config.wire import StoreWire
@@ -31,7 +31,10 @@ class StoreSettings:
 
     @property
     def name(self) -> str:
-        return self.url
+        """scheme://user@host:port/db: the URL without its query (libpq options stay out of
+        every message)."""
+        parts = urlsplit(self.url)
+        return parts._replace(query="", fragment="").geturl()
 
     def conninfo(self) -> str:
         """The conninfo for psycopg: the URL, and the password from its file if there is one.
@@ -75,6 +78,14 @@ def parse_store(file: Path, base: Path, wire: str | StoreWire | None) -> StoreSe
             key,
             f"{parts.scheme or url!r} is not a store egress-guard knows",
             "write postgresql://USER@HOST:PORT/DB, or remove `store:` for the embedded SQLite file (audit.path)",
+        )
+    params = {k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if params & {"password", "sslpassword"}:
+        raise ConfigError(
+            file,
+            key,
+            "the URL holds a password (a query parameter)",
+            "remove it from the URL; give it in store.password_file, PGPASSWORD or ~/.pgpass",
         )
     if parts.password is not None:
         raise ConfigError(

@@ -249,6 +249,13 @@ BROKEN = [
         "its own env_var",
     ),
     ("version: 1\nstore: 'postgresql://eg:hunter2@db/eg'\n", "store", "holds a password", "PGPASSWORD"),
+    ("version: 1\nstore: 'postgresql://eg@db/eg?password=hunter2'\n", "store", "holds a password", "password_file"),
+    (
+        "version: 1\nstore: 'postgresql://eg@db/eg?sslmode=require&SSLPASSWORD=x'\n",
+        "store",
+        "query parameter",
+        "PGPASSWORD",
+    ),
     ("version: 1\nstore: 'mysql://eg@db/eg'\n", "store", "not a store egress-guard knows", "postgresql://"),
     ("version: 1\nstore: 'postgresql://eg@db'\n", "store", "names no host or no database", "USER@HOST:PORT/DB"),
     ("version: 1\nstore: 'postgresql://eg:hunter2@db:99999/eg'\n", "store", "not a URL", "USER@HOST:PORT/DB"),
@@ -340,6 +347,10 @@ def test_store_and_metrics_load(tmp_path: Path) -> None:
     one, two = load_config(path).store, load_config(path).store
     assert one is not None and two is not None and one.replica != two.replica  # never two replicas on one chain
     assert load_config(path).metrics_listen is None
+    path.write_text("version: 1\nstore: 'postgresql://eg@db/eg?sslmode=require&connect_timeout=3'\n")
+    with_options = load_config(path).store
+    assert with_options is not None and with_options.name == "postgresql://eg@db/eg"  # options stay out of messages
+    assert "sslmode=require" in with_options.conninfo()
     path.write_text("version: 1\n")
     assert load_config(path).store is None and load_config(path).store_name == str(tmp_path / "egress-guard.db")
 
