@@ -278,6 +278,8 @@ class CredentialGuard:
             return secret_unavailable(service, exc, key)
         req = flow.request
         real = secret.reveal()
+        if any(f.slot.kind == "query" for f in found):
+            st.agent_path = req.path  # rows record this, never the path with the real key in it
         for f in found:
             if f.slot.kind == "query":
                 req.query.set_all(f.slot.name, [real])

@@ -83,6 +83,10 @@ class FlowState:
     credential: Credential | None = None
     """What happened to the agent's credential. Set by CredentialGuard; read by
     AuditRecorder and WebSocketGuard (the rows' credential column)."""
+    agent_path: str | None = None
+    """The request's path as the agent sent it, before CredentialGuard swapped a real key into
+    its query (a query-slot credential such as Gemini's `?key=`): what rows and intents record
+    (`recorded_path`), so the real key never reaches the store. Set by CredentialGuard."""
     scrub: SecretForms | None = None
     """Every form of the real secret swapped in, to mask in what comes back. Set by
     CredentialGuard; read by ResponseStreamer and WebSocketGuard."""
@@ -135,6 +139,14 @@ class FlowState:
     """The flow's audit row was written (one row per flow, whichever hook comes first)."""
     audit_seq: int | None = None
     """The row's sequence number, for AuditRecorder.response to wait until it is committed."""
+
+
+def recorded_path(flow: http.HTTPFlow, query_strings: bool) -> str:
+    """The path an audit row or intent records: as the agent sent it (never with a real key
+    swapped into its query), without its query string unless `audit.query_strings`."""
+    st: FlowState | None = flow.metadata.get(KEY)
+    path = st.agent_path if st is not None and st.agent_path is not None else flow.request.path
+    return path if query_strings else path.split("?", 1)[0]
 
 
 def state(flow: http.HTTPFlow) -> FlowState:

@@ -23,7 +23,7 @@ from egress_guard.addons._mitm import ParserRefusal
 from egress_guard.addons.attribution import Attribution, Who
 from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.failures import refused_head
-from egress_guard.addons.flow import state
+from egress_guard.addons.flow import recorded_path, state
 from egress_guard.policy import Decision, Verdict
 from egress_guard.store import AuditLog, AuditRow
 from egress_guard.timeutil import now_iso
@@ -190,7 +190,7 @@ class AuditRecorder:
         host, port = (str(target[0]), target[1]) if target else (req.host[:255], req.port)
         path = None
         if kind == "request":
-            path = req.path if self.query_strings else req.path.split("?", 1)[0]
+            path = recorded_path(flow, self.query_strings)
         req_bytes = st.request_bytes
         if req_bytes is None and kind == "request" and req.raw_content is not None:
             req_bytes = len(req.raw_content)

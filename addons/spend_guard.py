@@ -30,7 +30,7 @@ from mitmproxy import http
 
 from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons.bodies import body_stream
-from egress_guard.addons.flow import state
+from egress_guard.addons.flow import recorded_path, state
 from egress_guard.config import Config
 from egress_guard.ledger import SCOPES, Hold, Ledger, Refusal
 from egress_guard.policy import Decision, Verdict
@@ -153,7 +153,7 @@ class SpendGuard:
             method=flow.request.method,
             host=host,
             port=port,
-            path=flow.request.path if self.query_strings else flow.request.path.split("?", 1)[0],
+            path=recorded_path(flow, self.query_strings),
         )
 
     async def _intent(self, flow: http.HTTPFlow, hold: Hold, m: Metered, service: str) -> None:
@@ -179,7 +179,7 @@ class SpendGuard:
                     method=flow.request.method,
                     host=host,
                     port=port,
-                    path=flow.request.path if self.query_strings else flow.request.path.split("?", 1)[0],
+                    path=recorded_path(flow, self.query_strings),
                 )
             )
         except AuditUnavailable as exc:

@@ -42,7 +42,7 @@ from egress_guard.addons._flow import answered, fail_closed, reject
 from egress_guard.addons._mitm import WS_CONTROL
 from egress_guard.addons._ws_close import close_websocket
 from egress_guard.addons._ws_rows import call_row, close_row, ws_row
-from egress_guard.addons.flow import state
+from egress_guard.addons.flow import recorded_path, state
 from egress_guard.config import Config
 from egress_guard.credentials import Credential, Service
 from egress_guard.ledger import Hold, Ledger, Refusal
@@ -136,7 +136,7 @@ class WebSocketGuard:
         if scanner.max_len:
             leak = lambda data: self.credentials.leak(host, data, "a WebSocket message")  # noqa: E731
             scan = KeyScan(leak, getattr(scanner, "window", 0) or 6 * scanner.max_len)
-        path = flow.request.path if self.config.audit_query_strings else flow.request.path.split("?", 1)[0]
+        path = recorded_path(flow, self.config.audit_query_strings)
         inject = lambda content, is_text: self.proxyserver.inject_websocket(flow, True, content, is_text)  # noqa: E731
         return WsConn(host, port, path, service, Relay(st.scrub, inject), scan, meter)
 

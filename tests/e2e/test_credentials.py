@@ -112,6 +112,27 @@ def test_gemini_header_and_query_key_and_github_token_scheme(cred_proxy: Running
     assert llm_upstream.state.requests[-1]["headers"]["authorization"] == f"token {REAL['github']}"
 
 
+def test_a_real_key_swapped_into_the_query_never_reaches_the_audit_log(
+    make_proxy, cred_config: dict, real_env, llm_upstream: Upstream
+) -> None:
+    # audit.query_strings: true records ?query; Gemini's key travels in ?key=. The rows and the
+    # metered call's intent record the path as the agent sent it (its fake key), never the
+    # path with the real key egress-guard swapped in.
+    cred_config["audit"] = {"query_strings": True}
+    cred_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": 10}}  # metered: an intent too
+    proxy = make_proxy(**cred_config)
+    gemini = mint(proxy).env["GEMINI_API_KEY"]
+    url = (
+        f"https://generativelanguage.googleapis.com:{llm_upstream.port}/v1beta/models/gemini-2.5-flash:generateContent"
+    )
+    with http_client(proxy) as client:
+        assert client.post(url, params={"key": gemini, "alt": "json"}, json={}).status_code == 200
+    assert llm_upstream.state.requests[-1]["query"] == f"key={REAL['google-gemini']}&alt=json"  # swapped upstream
+    row = next(r for r in proxy.rows(expect=2) if r["kind"] == "request")
+    assert row["path"].endswith(f"?key={gemini}&alt=json") and row["cost_usd"], row
+    assert_no_real_secret(proxy)
+
+
 @pytest.mark.parametrize(
     ("make_key", "credential", "message"),
     [
