@@ -39,6 +39,7 @@ def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
         "0006_spend_totals",
         "0007_hash_chain",
         "0008_fleet",
+        "0009_order_and_floor",
     ]
     assert migrate(db) == names
     assert migrate(db) == []

@@ -163,6 +163,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     ("0008_fleet", fleet.MIGRATION),
+    (
+        "0009_order_and_floor",
+        """
+        -- Revocation ids in commit order: an id is drawn when a row is inserted, not when it
+        -- commits, so two concurrent `kill`s could commit ids 2 then 1 and a replica that had
+        -- read id 2 would never read id 1 (it polls `id > last`). Every INSERT into
+        -- revocations first takes one lock, held to its commit: ids commit in order.
+        CREATE FUNCTION eg_revocations_in_order() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(1701307610);  -- 0x6567_7264 ("egrd") + 0x7276 ("rv")
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER eg_revocations_in_order BEFORE INSERT ON revocations
+            FOR EACH STATEMENT EXECUTE FUNCTION eg_revocations_in_order();
+        -- Rows from before the hash chain end here: an unchained row above it was inserted
+        -- by hand (`audit verify` fails on it).
+        CREATE TABLE audit_chain_floor (max_unchained_id BIGINT NOT NULL);
+        INSERT INTO audit_chain_floor SELECT COALESCE(MAX(id), 0) FROM audit WHERE chain IS NULL;
+        """,
+    ),
 ]
 
 ADD_TOTAL = (

@@ -156,6 +156,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     ("0008_fleet", ""),  # PostgreSQL's fleet tables; recorded here so both engines' migrations match
+    (
+        "0009_order_and_floor",
+        # (PostgreSQL also orders revocation ids by commit; one SQLite writer at a time does so already)
+        """
+        CREATE TABLE audit_chain_floor (      -- rows from before the hash chain end here
+            max_unchained_id INTEGER NOT NULL
+        );
+        INSERT INTO audit_chain_floor SELECT COALESCE(MAX(id), 0) FROM audit WHERE chain IS NULL;
+        """,
+    ),
 ]
 
 
