@@ -248,7 +248,7 @@ def verify(config_path: Path | None, anchors_path: Path | None, fmt: str) -> Non
         with anchors_path.open(encoding="utf-8", errors="replace") as log_file:
             anchors = parse_anchors(log_file)
     with open_db(config_path) as db:
-        checker = Verifier(starts=db.chain_starts(), anchors=anchors)
+        checker = Verifier(starts=db.chain_starts(), anchors=anchors, floor=db.chain_floor())
         for record in db.audit_chain():
             checker.feed(record)
         checker.finish()

@@ -139,6 +139,9 @@ class Verifier:
     Memory stays flat: per chain a few numbers, and the first `keep` problems and amended ids."""
 
     starts: dict[str, Head] = field(default_factory=dict)  # chain -> where it starts (audit_pruned)
+    # the highest id of a row written before the chain existed (audit_chain_floor, migration
+    # 0009); an unchained row above it, or with an id below 1, was inserted. None: unknown
+    floor: int | None = None
     anchors: list[tuple[int, str, int, str]] = field(default_factory=list)  # parse_anchors' output
     keep: int = 100
     chains: dict[str, ChainState] = field(default_factory=dict)
@@ -165,7 +168,12 @@ class Verifier:
         values = list(record[5:])
         self.rows += 1
         if chain is None:
-            if self.chains:
+            if self.floor is not None and not 0 < row_id <= self.floor and not self.chains:
+                self._problem(
+                    f"row id {row_id}: has no chain, and every row after id {self.floor} is chained "
+                    "(inserted by hand, not by the proxy?)"
+                )
+            elif self.chains:
                 self._problem(
                     f"row id {row_id}: has no chain, after chained rows (inserted by hand, not by the proxy?)"
                 )

@@ -47,6 +47,7 @@ TABLES: list[tuple[str, str | None]] = [
     ("budgets", None),
     ("spend_totals", None),
     ("audit_pruned", None),
+    ("audit_chain_floor", None),  # replaces the destination's own (0: a new store has no pre-chain rows)
 ]
 # Destination tables that must be empty: a copy never merges two histories.
 MUST_BE_EMPTY = ("audit", "fake_keys", "revocations", "budgets", "spend_totals", "spend_intents")
@@ -125,6 +126,7 @@ def _copy(src: sqlite3.Connection, source: Path, settings: StoreSettings, say: C
                         f"store {name} already holds data ({row[0]} rows in {table}). "
                         "Fix: copy into an empty database (createdb a new one), never over a fleet's"
                     )
+            conn.execute("DELETE FROM audit_chain_floor")
             for table, id_column in TABLES:
                 report.rows[table] = _copy_table(src, conn, table, id_column, name)
                 say(f"{table}: {report.rows[table]} rows")

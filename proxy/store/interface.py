@@ -115,6 +115,10 @@ class Store(Protocol):
         """Where each pruned chain now starts: chain -> (seq, hash) of its last pruned row."""
         ...
 
+    def chain_floor(self) -> int | None:
+        """The highest id of a row from before the hash chain (None: not recorded)."""
+        ...
+
     def count(self, filters: Filters) -> int: ...
 
     def stats(self, filters: Filters) -> list[dict[str, Any]]:

@@ -232,10 +232,28 @@ async def test_rows_from_before_the_chain_are_reported_unverifiable(home: Path) 
             now_iso(),
             f"old{i}",
         )
+    # as migration 0009 records on a DB that had them: pre-chain rows end at id 3
+    sql(db_of(home), "UPDATE audit_chain_floor SET max_unchained_id = 3")
     await write_rows(db_of(home), 4)
     code, out = verify(home)
     assert code == 0, out
     assert "3 rows from before the hash chain (schema 0007): unverifiable" in out and "head seq 4" in out
+
+
+@pytest.mark.parametrize("row_id", [-1, 0, 100])
+async def test_an_unchained_row_where_none_can_be_is_named(home: Path, row_id: int) -> None:
+    # a store created with the chain (floor 0) has no unchained row: one inserted by hand,
+    # before every chained row (a negative id) or after them, fails
+    await write_rows(db_of(home), 3)
+    sql(
+        db_of(home),
+        "INSERT INTO audit (id, ts, request_id, kind, agent, decision, cost_usd) "
+        "VALUES (?, ?, 'forged', 'request', 'alice', 'allow', '999')",
+        row_id,
+        now_iso(),
+    )
+    code, out = verify(home)
+    assert code == 1 and f"row id {row_id}: has no chain" in out, out
 
 
 async def test_prune_keeps_chains_verifiable(home: Path) -> None:

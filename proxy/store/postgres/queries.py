@@ -167,6 +167,12 @@ class PGStore:
         except psycopg.Error as exc:
             raise self.target.error(exc) from None
 
+    def chain_floor(self) -> int | None:
+        if self._all("SELECT to_regclass('audit_chain_floor')")[0][0] is None:
+            return None
+        value = self._all("SELECT MAX(max_unchained_id) FROM audit_chain_floor")[0][0]
+        return None if value is None else int(value)
+
     def chain_starts(self) -> dict[str, tuple[int, str]]:
         return {c: (int(seq), str(h)) for c, seq, h in self._all("SELECT chain, seq, hash FROM audit_pruned")}
 

@@ -125,6 +125,12 @@ class SQLiteStore:
         finally:
             cursor.close()
 
+    def chain_floor(self) -> int | None:
+        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_chain_floor'").fetchone():
+            return None  # a read-only DB from before migration 0009
+        row = self._conn.execute("SELECT MAX(max_unchained_id) FROM audit_chain_floor").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def chain_starts(self) -> dict[str, tuple[int, str]]:
         if not self._chained():
             return {}
