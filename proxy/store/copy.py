@@ -117,7 +117,7 @@ def _copy(src: sqlite3.Connection, source: Path, settings: StoreSettings, say: C
     target = pg_schema.Target(settings)
     report = CopyReport(source=str(source), destination=name)
     try:
-        with psycopg.connect(target.conninfo, autocommit=True) as conn, conn.transaction():
+        with psycopg.connect(target.command_conninfo, autocommit=True) as conn, conn.transaction():
             conn.execute("LOCK TABLE audit, fake_keys, revocations, budgets, spend_totals, spend_intents")
             for table in MUST_BE_EMPTY:
                 row = conn.execute(sql.SQL("SELECT COUNT(*) FROM {}").format(sql.Identifier(table))).fetchone()

@@ -457,3 +457,40 @@ def test_a_landed_batch_amended_before_its_retry_is_stored_as_the_writer_chains_
         ("b", 2, "error"),
         ("c", 3, "allow"),
     ]
+
+
+def test_work_the_proxy_gave_up_on_dies_on_the_server_too(pg_url: str) -> None:
+    """A call past its deadline is abandoned by the replica; on the server it must not wait on
+    behind a lock and commit later (a 'refused' admission that still reserves, a pile of
+    backends waiting): the proxy's connections carry a lock_timeout (and statement and
+    idle-in-transaction timeouts) of their own."""
+
+    async def main() -> None:
+        engine = PGEngine(settings(pg_url, timeout=1.0))
+        await engine.open()
+        holder = await psycopg.AsyncConnection.connect(pg_url)  # another replica, stopped mid-transaction
+        try:
+            await holder.execute("INSERT INTO agent_usage (agent) VALUES ('frank')")
+            await holder.commit()
+            await holder.execute("SELECT * FROM agent_usage WHERE agent = 'frank' FOR UPDATE")
+
+            async def bump(conn: Any) -> None:
+                await conn.execute("UPDATE agent_usage SET inflight = inflight + 1 WHERE agent = 'frank'")
+
+            results = await asyncio.gather(*(engine.run(bump) for _ in range(6)), return_exceptions=True)
+            assert all(isinstance(r, StoreError) for r in results), results
+            await asyncio.sleep(1.2)  # a wait that began as late as the deadline has met its lock_timeout
+            async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as probe:
+                cur = await probe.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                assert (await cur.fetchone()) == (0,)  # nobody still waits behind the lock
+                await holder.rollback()  # the lock goes: none of the abandoned updates may land
+                await asyncio.sleep(0.3)
+                cur = await probe.execute("SELECT inflight FROM agent_usage WHERE agent = 'frank'")
+                assert (await cur.fetchone()) == (0,)
+        finally:
+            await holder.close()
+            await engine.close()
+
+    asyncio.run(main())

@@ -49,7 +49,7 @@ def where(f: Filters, *more: str) -> tuple[str, list[Any]]:
 def connect(target: schema.Target) -> psycopg.Connection[Any]:
     """A command's connection (autocommit: transactions are explicit); StoreError if not."""
     try:
-        return psycopg.connect(target.conninfo, autocommit=True)
+        return psycopg.connect(target.command_conninfo, autocommit=True)
     except psycopg.Error as exc:
         raise target.error(exc) from None
 

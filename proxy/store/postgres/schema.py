@@ -260,8 +260,10 @@ class Target:
             base = settings.conninfo()
         except OSError as exc:
             raise StoreError(f"store {self.name}: {exc}") from None
-        self._password = str(conninfo_to_dict(base).get("password") or "")
-        self.conninfo = make_conninfo(
+        given = conninfo_to_dict(base)
+        self._password = str(given.get("password") or "")
+        # A command's connection (the CLI, `store copy`): long statements are its business.
+        self.command_conninfo = make_conninfo(
             base,
             connect_timeout=max(1, round(self.timeout)),
             keepalives=1,
@@ -271,6 +273,17 @@ class Target:
             tcp_user_timeout=int(self.timeout * 1000) + 1000,
             application_name=f"egress-guard {self.replica}"[:63],
         )
+        # The proxy's: work it has given up on (the client-side deadline) dies on the server
+        # too, rather than queue behind a lock and commit later, or hold an agent's lock: a
+        # statement or lock wait past the deadline is cancelled there, and a transaction left
+        # open by a replica that stopped mid-commit is ended (its locks released).
+        ms = int(self.timeout * 1000)
+        server_side = (
+            f"-c statement_timeout={max(3 * ms, 5000)} -c lock_timeout={ms} "
+            f"-c idle_in_transaction_session_timeout={max(5 * ms, 10000)}"
+        )
+        options = f"{given['options']} {server_side}" if given.get("options") else server_side
+        self.conninfo = make_conninfo(self.command_conninfo, options=options)
 
     def __repr__(self) -> str:
         return f"Target({self.name!r})"
