@@ -13,7 +13,11 @@ transaction), against:
 Targets: pg >= 0.9x sqlite (throughput), and the scaling of pg x2 over pg, reported as is:
 on 2 cores the proxies, PostgreSQL and the load generator all share them.
 
-Run: ./dev bench fleet   (options: --seconds N, --rounds N)
+With --statements N, PostgreSQL runs with pg_stat_statements (statements inside functions
+too) and the N statements that took the most server time are printed at the end (all targets
+summed; postgresql-contrib needed).
+
+Run: ./dev bench fleet   (options: --seconds N, --rounds N, --statements N)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psycopg
 import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,6 +73,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per target (default 3)")
+    parser.add_argument(
+        "--statements", type=int, default=0, help="print the N statements taking the most server time (default 0)"
+    )
     args = parser.parse_args()
     if PGCluster.binaries() is None:
         print("PostgreSQL's binaries (initdb, pg_ctl, postgres) are missing: apt-get install postgresql")
@@ -87,6 +95,15 @@ def main() -> int:
     upstream.start()
     upstream_port = ports.get(timeout=10)
     cluster = PGCluster.start(Path("/tmp"))
+    if args.statements:
+        with cluster.admin() as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        cluster._run(str(cluster.bindir / "pg_ctl"), "-D", str(cluster.data), "-m", "fast", "-w", "stop")
+        cluster.restart()
+        with cluster.admin() as conn:  # known once the library is loaded
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+            conn.execute("SELECT pg_reload_conf()")
+    top: list[tuple] = []
     procs: list[subprocess.Popen] = []
     results: dict[str, dict[str, list[dict]]] = {}
     try:
@@ -94,6 +111,9 @@ def main() -> int:
         sq_key = run.FAKE_KEY
         procs.append(sq)
         url = cluster.new_database()
+        if args.statements:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
         pg1, pg1_port, pg_ca = run.start_egress_guard(
             work, test_ca, upstream_port, name="pg1", extra={"store": {"url": url, "replica": "bench-1"}}
         )
@@ -134,6 +154,14 @@ def main() -> int:
                     r["proxy_ms"] = (sum(_cpu(p.pid) for p in target_procs) - proxy_cpu) * 1000 / max(r["requests"], 1)
                     r["db_ms"] = (postgres_cpu() - db_cpu) * 1000 / max(r["requests"], 1)
                     results[name][c].append(r)
+        if args.statements:
+            with psycopg.connect(url) as conn:
+                top = conn.execute(
+                    "SELECT total_exec_time, calls, mean_exec_time, rows, "
+                    "regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements "
+                    "ORDER BY total_exec_time DESC LIMIT %s",
+                    (args.statements,),
+                ).fetchall()
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -175,6 +203,11 @@ def main() -> int:
                 f"two replicas / one, c={c[1:]}: {median[('pg x2', c)]['rps'] / median[('pg', c)]['rps']:.2f}x "
                 "(2 cores shared by both replicas, PostgreSQL and the load generator)"
             )
+    if top:
+        print("\nserver time by statement (all targets, warm-up included; nested ones also in their caller)")
+        print(f"{'total ms':>10}{'calls':>9}{'mean ms':>9}{'rows':>9}  statement")
+        for total, calls, mean, nrows, query in top:
+            print(f"{total:>10.0f}{calls:>9}{mean:>9.3f}{nrows:>9}  {query[:110]}")
     errors = sum(m["errors"] for m in median.values())
     print(f"errors: {errors}")
     return 0 if errors == 0 else 1

@@ -264,9 +264,14 @@ class PGEngine:
 
         async def transact(conn: psycopg.AsyncConnection[Any]) -> None:
             nonlocal sent
-            # Pipeline mode: BEGIN and every statement go in one round trip, then COMMIT in a
-            # second, sent only once every statement has succeeded: a server that stops or a
-            # link that breaks before it never commits a batch the writer was told failed.
+            # Pipeline mode, two round trips: BEGIN and the statements only this replica's
+            # writer touches (its rows, intents, amendments, typed writes); then, once they have
+            # all succeeded, the shared part (running totals, budgets: `apply_shared`) with the
+            # COMMIT. So a server that stops or a link that breaks before the COMMIT is sent
+            # never commits a batch the writer was told failed, and the rows other replicas and
+            # the agents' admissions wait on are locked for the server's time only, not for a
+            # round trip through a busy event loop. A shared statement that fails aborts the
+            # pipeline: the server skips the COMMIT, the transaction is rolled back below.
             try:
                 async with conn.pipeline() as pipeline, conn.cursor() as cur:
                     await cur.execute("BEGIN")
@@ -275,12 +280,15 @@ class PGEngine:
                         if await self._landed(cur, sent_before):
                             todo = await self._beyond(cur, batch, sent_before)
                             break
-                    await writes.apply(cur, writes.bind(todo, self.replica))
+                    bound = writes.bind(todo, self.replica)
+                    await writes.apply_own(cur, bound)
                     await pipeline.sync()
                     sent = True
+                    await writes.apply_shared(cur, bound)
                     await cur.execute("COMMIT")
             except BaseException:
                 if conn.pgconn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                    sent = False  # the transaction is still open: its COMMIT never ran
                     await conn.rollback()
                 raise
 

@@ -3,7 +3,8 @@ and settles a call.
 
 Every replica checks a call against the same rows, in one statement (`eg_admit`): it locks the
 agent's row (so one agent's admissions, settlements and first-use fills are serial, whatever
-replica runs them), checks requests and tokens per minute over `rate_events` and the calls in
+replica runs them), checks requests and tokens per minute over `rate_buckets` (per agent per
+second: the window is the last 61 buckets, so a check costs the same at any rate) and the calls in
 flight, locks the three budget keys (session, day, total: `Ledger.keys`), checks
 `spent + reserved + cost <= cap` for each cap given, then reserves on all three and commits the
 call's intent, marked `held` (its reservation is in `budget_usage`). Concurrent calls spread
@@ -12,8 +13,8 @@ reservation, as in one process.
 
 The writer's batch transaction calls `settle(cur, batch)`: each settled call's intent is
 deleted, its reservation released and its real cost added to `spent` (every priced row's cost
-is, intent or not); the call leaves the agent's in-flight count and its rate event gets the
-real token count.
+is, intent or not); the call leaves the agent's in-flight count and the rate bucket it was
+admitted in (kept with its intent) gets the real token count instead of the estimate.
 
 A budget key is filled on first use from the spend recorded before (`spend_totals` for session
 and total, the day's audit rows for the day), under the agent's lock: a settlement that
@@ -55,14 +56,13 @@ CREATE TABLE agent_usage (              -- one row per agent: its lock, and its 
     inflight INTEGER NOT NULL DEFAULT 0
 );
 
-CREATE TABLE rate_events (              -- the last minute's calls of agents with a rate limit
-    agent      TEXT        NOT NULL,
-    at         TIMESTAMPTZ NOT NULL,
-    tokens     BIGINT      NOT NULL,    -- the estimate, then the real count once settled
-    request_id TEXT        NOT NULL
+CREATE TABLE rate_buckets (             -- calls and tokens of agents with a rate limit, per second:
+    agent    TEXT    NOT NULL,          -- the window is the last 61 (at most 61 rows an agent)
+    second   BIGINT  NOT NULL,          -- unix seconds, the database's clock
+    requests INTEGER NOT NULL,
+    tokens   BIGINT  NOT NULL,          -- estimates, corrected to the real counts as the calls settle
+    PRIMARY KEY (agent, second)
 );
-CREATE INDEX rate_events_agent_at ON rate_events (agent, at);
-CREATE INDEX rate_events_request ON rate_events (request_id);
 
 CREATE TABLE replicas (                 -- heartbeats: a replica unseen for 30 s is gone
     id       TEXT PRIMARY KEY,
@@ -72,6 +72,8 @@ CREATE TABLE replicas (                 -- heartbeats: a replica unseen for 30 s
 
 ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS replica TEXT;
 ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS held BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS rate_second BIGINT;  -- the rate bucket the call counts in
+ALTER TABLE spend_intents ADD COLUMN IF NOT EXISTS rate_tokens BIGINT;  -- its token estimate there
 CREATE INDEX IF NOT EXISTS spend_intents_replica ON spend_intents (replica);
 
 CREATE FUNCTION eg_keys(p_agent text, p_session text, p_day text) RETURNS text[]
@@ -101,29 +103,41 @@ CREATE FUNCTION eg_admit(
 LANGUAGE plpgsql AS $$
 DECLARE
     now_     timestamptz := clock_timestamp();
+    sec      bigint := floor(extract(epoch FROM now_))::bigint;
+    rated    boolean := p_rpm IS NOT NULL OR p_tpm IS NOT NULL;
     scopes   text[] := ARRAY['session', 'day', 'total'];
     keys     text[] := eg_keys(p_agent, p_session, p_day);
     inflight integer;
     n        bigint;
     tok      numeric;
-    oldest   timestamptz;
+    oldest   bigint;
+    stale    bigint;
     v_spent  numeric;
     v_held   numeric;
 BEGIN
-    INSERT INTO agent_usage (agent) VALUES (p_agent) ON CONFLICT DO NOTHING;
     SELECT a.inflight INTO inflight FROM agent_usage a WHERE a.agent = p_agent FOR UPDATE;
-    IF p_rpm IS NOT NULL OR p_tpm IS NOT NULL THEN
-        DELETE FROM rate_events r WHERE r.agent = p_agent AND r.at <= now_ - interval '60 seconds';
-        SELECT count(*), coalesce(sum(r.tokens), 0), min(r.at) INTO n, tok, oldest
-            FROM rate_events r WHERE r.agent = p_agent;
+    IF NOT FOUND THEN
+        INSERT INTO agent_usage (agent) VALUES (p_agent) ON CONFLICT DO NOTHING;
+        SELECT a.inflight INTO inflight FROM agent_usage a WHERE a.agent = p_agent FOR UPDATE;
+    END IF;
+    IF rated THEN
+        -- the window: this second's bucket and the 60 before it (a call counts for 60 to 61 s)
+        SELECT coalesce(sum(r.requests) FILTER (WHERE r.second >= sec - 60), 0),
+               coalesce(sum(r.tokens) FILTER (WHERE r.second >= sec - 60), 0),
+               min(r.second) FILTER (WHERE r.second >= sec - 60), min(r.second)
+            INTO n, tok, oldest, stale
+            FROM rate_buckets r WHERE r.agent = p_agent;
+        IF stale < sec - 60 THEN
+            DELETE FROM rate_buckets r WHERE r.agent = p_agent AND r.second < sec - 60;
+        END IF;
         IF p_rpm IS NOT NULL AND n >= p_rpm THEN
             RETURN QUERY SELECT 'rpm', p_rpm::numeric, n::numeric, NULL::numeric,
-                extract(epoch FROM oldest + interval '60 seconds' - now_)::double precision;
+                (oldest + 61 - extract(epoch FROM now_))::double precision;
             RETURN;
         END IF;
         IF p_tpm IS NOT NULL AND tok + p_tokens > p_tpm THEN
             RETURN QUERY SELECT 'tpm', p_tpm::numeric, tok, p_tokens::numeric,
-                coalesce(extract(epoch FROM oldest + interval '60 seconds' - now_)::double precision, 60);
+                coalesce((oldest + 61 - extract(epoch FROM now_))::double precision, 60);
             RETURN;
         END IF;
     END IF;
@@ -132,84 +146,100 @@ BEGIN
         RETURN;
     END IF;
     FOR i IN 1..3 LOOP
-        IF NOT EXISTS (SELECT 1 FROM budget_usage b WHERE b.scope = scopes[i] AND b.key = keys[i]) THEN
+        SELECT b.spent, b.reserved INTO v_spent, v_held FROM budget_usage b
+            WHERE b.scope = scopes[i] AND b.key = keys[i] FOR UPDATE;
+        IF NOT FOUND THEN               -- first use: filled from the spend recorded before
             INSERT INTO budget_usage (scope, key, spent)
                 VALUES (scopes[i], keys[i], eg_spent_before(scopes[i], p_agent, p_session, p_day_start))
                 ON CONFLICT DO NOTHING;
+            SELECT b.spent, b.reserved INTO v_spent, v_held FROM budget_usage b
+                WHERE b.scope = scopes[i] AND b.key = keys[i] FOR UPDATE;
         END IF;
-        SELECT b.spent, b.reserved INTO v_spent, v_held FROM budget_usage b
-            WHERE b.scope = scopes[i] AND b.key = keys[i] FOR UPDATE;
         IF p_caps[i] IS NOT NULL AND v_spent + v_held + p_usd > p_caps[i] THEN
             RETURN QUERY SELECT scopes[i], p_caps[i], v_spent, v_held, NULL::double precision;
             RETURN;
         END IF;
     END LOOP;
-    UPDATE budget_usage b SET reserved = b.reserved + p_usd, updated_at = now_
-        WHERE (b.scope, b.key) IN ((scopes[1], keys[1]), (scopes[2], keys[2]), (scopes[3], keys[3]));
+    IF p_usd <> 0 THEN
+        UPDATE budget_usage b SET reserved = b.reserved + p_usd, updated_at = now_
+            WHERE (b.scope, b.key) IN ((scopes[1], keys[1]), (scopes[2], keys[2]), (scopes[3], keys[3]));
+    END IF;
     UPDATE agent_usage a SET inflight = a.inflight + 1 WHERE a.agent = p_agent;
-    IF p_rpm IS NOT NULL OR p_tpm IS NOT NULL THEN
-        INSERT INTO rate_events VALUES (p_agent, now_, p_tokens, p_intent->>'request_id');
+    IF rated THEN
+        INSERT INTO rate_buckets AS r VALUES (p_agent, sec, 1, p_tokens)
+            ON CONFLICT (agent, second) DO UPDATE SET requests = r.requests + 1, tokens = r.tokens + excluded.tokens;
     END IF;
     INSERT INTO spend_intents SELECT * FROM jsonb_populate_record(
-        NULL::spend_intents, p_intent || jsonb_build_object('replica', p_replica, 'held', true));
+        NULL::spend_intents, p_intent || jsonb_build_object('replica', p_replica, 'held', true,
+            'rate_second', CASE WHEN rated THEN sec END, 'rate_tokens', CASE WHEN rated THEN p_tokens END));
     RETURN QUERY SELECT NULL::text, NULL::numeric, NULL::numeric, NULL::numeric, NULL::double precision;
 END $$;
 
 CREATE FUNCTION eg_settle(p_rows jsonb) RETURNS void LANGUAGE plpgsql AS $$
 -- p_rows: [{request_id, agent, session, ts, cost, tokens, settles}] — the batch's priced rows
--- and the rows that settle an intent
+-- and the rows that settle an intent. Set-based: each budget key, agent and rate bucket the
+-- batch touches is updated once, however many of its calls the batch holds.
 DECLARE
-    it      record;
-    r       jsonb;
-    keys    text[];
-    cost    numeric;
-    v_tokens bigint;
-    zone    text;
-    ids     text[] := ARRAY(SELECT x->>'request_id' FROM jsonb_array_elements(p_rows) x
-                            WHERE (x->>'settles')::boolean);
+    ids    text[];
+    agents text[];
+    n      integer;
 BEGIN
+    SELECT coalesce(array_agg(x->>'request_id') FILTER (WHERE (x->>'settles')::boolean), '{}'),
+           coalesce(array_agg(x->>'agent') FILTER (WHERE x->>'agent' IS NOT NULL), '{}')
+        INTO ids, agents FROM jsonb_array_elements(p_rows) x;
+    agents := ARRAY(SELECT DISTINCT a FROM unnest(agents || ARRAY(
+        SELECT s.agent FROM spend_intents s WHERE s.request_id = ANY(ids))) a WHERE a IS NOT NULL ORDER BY a);
     -- every agent whose keys this touches is locked first, in one order (see eg_admit)
-    INSERT INTO agent_usage (agent)
-        SELECT DISTINCT a FROM (
-            SELECT x->>'agent' AS a FROM jsonb_array_elements(p_rows) x
-            UNION SELECT s.agent FROM spend_intents s WHERE s.request_id = ANY(ids)
-        ) q WHERE a IS NOT NULL ORDER BY a
-        ON CONFLICT DO NOTHING;
-    PERFORM 1 FROM agent_usage a WHERE a.agent IN (
-            SELECT x->>'agent' FROM jsonb_array_elements(p_rows) x
-            UNION SELECT s.agent FROM spend_intents s WHERE s.request_id = ANY(ids))
-        ORDER BY a.agent FOR UPDATE;
-    FOR it IN DELETE FROM spend_intents s WHERE s.request_id = ANY(ids)
-            RETURNING s.request_id, s.agent, s.session, s.day, s.reserved_usd::text AS reserved, s.held LOOP
-        keys := eg_keys(it.agent, it.session, it.day);
+    SELECT count(*) INTO n FROM (
+        SELECT 1 FROM agent_usage a WHERE a.agent = ANY(agents) ORDER BY a.agent FOR UPDATE) q;
+    IF n < cardinality(agents) THEN
+        INSERT INTO agent_usage (agent) SELECT a FROM unnest(agents) a ORDER BY a ON CONFLICT DO NOTHING;
+        PERFORM 1 FROM agent_usage a WHERE a.agent = ANY(agents) ORDER BY a.agent FOR UPDATE;
+    END IF;
+    WITH rows_ AS (
+        SELECT x->>'request_id' AS request_id, x->>'agent' AS agent, x->>'session' AS session,
+               x->>'ts' AS ts, coalesce(eg_num(x->>'cost'), 0) AS cost, (x->>'tokens')::bigint AS tokens,
+               (x->>'settles')::boolean AS settles
+        FROM jsonb_array_elements(p_rows) x
+    ), gone AS (
+        DELETE FROM spend_intents s WHERE s.request_id = ANY(ids)
+        RETURNING s.request_id, s.agent, s.session, s.day, coalesce(eg_num(s.reserved_usd::text), 0) AS reserved,
+                  s.held, s.rate_second, s.rate_tokens
+    ), calls AS (
         -- a call may have more than one row in a batch: its cost is theirs together
-        SELECT coalesce(sum(eg_num(x->>'cost')), 0), max((x->>'tokens')::bigint) INTO cost, v_tokens
-            FROM jsonb_array_elements(p_rows) x WHERE x->>'request_id' = it.request_id;
-        IF it.held THEN
-            UPDATE budget_usage b SET reserved = b.reserved - coalesce(eg_num(it.reserved), 0),
-                                      spent = b.spent + cost, updated_at = clock_timestamp()
-                WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
-            UPDATE agent_usage a SET inflight = greatest(a.inflight - 1, 0) WHERE a.agent = it.agent;
-        ELSIF cost <> 0 THEN
-            UPDATE budget_usage b SET spent = b.spent + cost, updated_at = clock_timestamp()
-                WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
-        END IF;
-        IF v_tokens IS NOT NULL THEN
-            UPDATE rate_events e SET tokens = v_tokens WHERE e.request_id = it.request_id;
-        END IF;
-    END LOOP;
-    -- priced rows no intent held: counted on their agent's keys (a row whose intent is already
-    -- gone was billed at its reservation by the replica that settled it: not counted twice)
-    FOR r IN SELECT x FROM jsonb_array_elements(p_rows) x
-             WHERE NOT (x->>'settles')::boolean AND x->>'agent' IS NOT NULL AND eg_num(x->>'cost') <> 0 LOOP
-        IF zone IS NULL THEN
-            zone := coalesce((SELECT p.timezone FROM replicas p ORDER BY p.seen_at DESC LIMIT 1), 'UTC');
-        END IF;
-        keys := eg_keys(r->>'agent', r->>'session',
-                        to_char(((r->>'ts')::timestamptz) AT TIME ZONE zone, 'YYYY-MM-DD'));
-        UPDATE budget_usage b SET spent = b.spent + eg_num(r->>'cost'), updated_at = clock_timestamp()
-            WHERE (b.scope, b.key) IN (('session', keys[1]), ('day', keys[2]), ('total', keys[3]));
-    END LOOP;
+        SELECT g.*, coalesce(c.cost, 0) AS cost, c.tokens
+        FROM gone g LEFT JOIN (
+            SELECT r.request_id, sum(r.cost) AS cost, max(r.tokens) AS tokens FROM rows_ r GROUP BY r.request_id
+        ) c USING (request_id)
+    ), deltas AS (
+        -- a settled call: its reservation released if held, its cost added
+        SELECT k.scope, k.key, CASE WHEN c.held THEN c.reserved ELSE 0 END AS released, c.cost
+        FROM calls c, unnest(ARRAY['session', 'day', 'total'], eg_keys(c.agent, c.session, c.day)) k(scope, key)
+        WHERE c.held OR c.cost <> 0
+        UNION ALL
+        -- priced rows no intent held: counted on their agent's keys (a row whose intent is already
+        -- gone was billed at its reservation by the replica that settled it: not counted twice)
+        SELECT k.scope, k.key, 0, r.cost
+        FROM rows_ r, unnest(ARRAY['session', 'day', 'total'], eg_keys(r.agent, coalesce(r.session, ''),
+            to_char((r.ts::timestamptz) AT TIME ZONE (SELECT coalesce((
+                SELECT p.timezone FROM replicas p ORDER BY p.seen_at DESC LIMIT 1), 'UTC')), 'YYYY-MM-DD')))
+            k(scope, key)
+        WHERE NOT r.settles AND r.agent IS NOT NULL AND r.cost <> 0
+    ), budgets_ AS (
+        UPDATE budget_usage b SET reserved = b.reserved - d.released, spent = b.spent + d.cost,
+                                  updated_at = clock_timestamp()
+        FROM (SELECT scope, key, sum(released) AS released, sum(cost) AS cost FROM deltas GROUP BY scope, key) d
+        WHERE b.scope = d.scope AND b.key = d.key
+    ), inflight AS (
+        UPDATE agent_usage a SET inflight = greatest(a.inflight - d.n, 0)
+        FROM (SELECT c.agent, count(*) AS n FROM calls c WHERE c.held GROUP BY c.agent) d
+        WHERE a.agent = d.agent
+    )
+    -- the rate bucket each call was admitted in gets its real token count (gone once out of the window)
+    UPDATE rate_buckets e SET tokens = e.tokens + d.delta
+    FROM (SELECT c.agent, c.rate_second, sum(c.tokens - c.rate_tokens) AS delta FROM calls c
+          WHERE c.tokens IS NOT NULL AND c.rate_second IS NOT NULL GROUP BY c.agent, c.rate_second) d
+    WHERE e.agent = d.agent AND e.second = d.rate_second AND d.delta <> 0;
 END $$;
 
 CREATE FUNCTION eg_claim(p_me text, p_stale interval, p_own boolean)

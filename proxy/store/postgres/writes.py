@@ -101,19 +101,33 @@ def bind(batch: Batch, replica: str) -> Bound:
 
 async def apply(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
     """A batch, inside the caller's transaction."""
+    await apply_own(cur, b)
+    await apply_shared(cur, b)
+
+
+async def apply_own(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
+    """What of a batch only this replica's writer touches: its intents, rows (its own chain),
+    amendments and typed writes."""
     if b.intents:
         await cur.executemany(INSERT_INTENT, b.intents)
     if b.rows:
         await cur.executemany(INSERT_ROW, b.rows)
-    if b.totals:
-        await cur.executemany(ADD_TOTAL, b.totals)
-    # shared budgets: priced rows, and the settled intents, which it deletes (no SQL if neither)
-    await fleet.settle(cur, b.batch)
     if b.amends:
         await cur.executemany(AMEND, b.amends)
     for op in b.writes:
         for sql, args, _counts in plan(op):
             await cur.execute(sql, args)
+
+
+async def apply_shared(cur: psycopg.AsyncCursor[Any], b: Bound) -> None:
+    """What of a batch locks rows other replicas and admissions wait on: the running totals
+    and the shared budgets (an agent's row and budget keys, which its next admission needs).
+    Last, so that the engine can send it with the COMMIT: those locks are then held for the
+    server's time only."""
+    if b.totals:
+        await cur.executemany(ADD_TOTAL, b.totals)
+    # shared budgets: priced rows, and the settled intents, which it deletes (no SQL if neither)
+    await fleet.settle(cur, b.batch)
 
 
 def plan(op: Write) -> list[tuple[str, tuple[Any, ...], bool]]:
