@@ -21,7 +21,6 @@ calls and records them at their reservation through its own writer (`reap`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -59,6 +58,10 @@ SNAPSHOT = (
 RELEASE = "SELECT eg_settle(%s::jsonb)"
 
 
+UNSURE_MAX = 100_000  # admissions with a lost answer tracked for release
+UNSURE_REPEAT = 10.0  # seconds a release is repeated after it first succeeded
+
+
 class SharedLedger(Ledger):
     HEARTBEAT_EVERY = 1.0
     REAP_EVERY = 5.0
@@ -72,7 +75,12 @@ class SharedLedger(Ledger):
         self._beat = 0.0
         self._reap = 0.0
         self._since: Any = None  # the store's time of the last snapshot
-        self._unsure: dict[str, float] = {}  # request id -> until: admissions whose answer was lost
+        # admissions whose answer was lost (the store may have committed them when it came back):
+        # request id -> None, or once a release of it has succeeded, until when to repeat it
+        self._unsure: dict[str, float | None] = {}
+        # since when this replica's heartbeats have succeeded without a gap (None: never yet);
+        # it takes over other replicas' calls only after STALE_SECONDS of that (see `reap`)
+        self._beating_since: float | None = None
 
     # --- the hot path --------------------------------------------------------------------------
 
@@ -124,7 +132,10 @@ class SharedLedger(Ledger):
             refused, limit, used, held, wait = await self.engine.run(admit)
         except (StoreError, OSError) as exc:
             # it may have been admitted after all: released by `tick` once the store answers
-            self._unsure[intent.request_id] = time.monotonic() + 2 * STALE_SECONDS
+            if len(self._unsure) < UNSURE_MAX:
+                self._unsure[intent.request_id] = None
+            else:  # bounded: a store down for ever must not grow this; reaped if the replica stops
+                log.warning("store %s: too many unconfirmed admissions to track; not releasing", self.engine.name)
             raise Refusal(f"budgets and rate limits cannot be checked: {exc}", 1, status=503) from None
         if refused is None:
             for _, key in self.keys(agent, session, day):
@@ -166,7 +177,8 @@ class SharedLedger(Ledger):
         now = time.monotonic()
         if now - self._beat >= self.HEARTBEAT_EVERY - 0.05:
             await self._heartbeat()
-        if now - self._reap >= self.REAP_EVERY:
+        beating = self._beating_since is not None and now - self._beating_since >= STALE_SECONDS
+        if now - self._reap >= self.REAP_EVERY and beating:
             await self.reap()
         if self._unsure:
             await self._release_unsure()
@@ -177,16 +189,27 @@ class SharedLedger(Ledger):
             await conn.execute(HEARTBEAT, (self.replica, self.settings.timezone))
 
         await self.engine.run(beat)
-        self._beat = time.monotonic()
+        now = time.monotonic()
+        gap = now - self._beat  # since the last heartbeat that succeeded
+        if self._beating_since is None or gap > 3 * self.HEARTBEAT_EVERY + self.engine.timeout:
+            # the first, or after an outage (of the store, or of this replica: frozen): the other
+            # replicas' heartbeats are as stale as ours were; give them time to come back
+            self._beating_since = now
+        self._beat = now
 
     async def reap(self, *, own: bool = False) -> int:
-        """Take over the unfinished calls of replicas unseen for STALE_SECONDS (and, `own`, this
-        one's own, left by its previous run: only at open); record each at its reservation through this
-        replica's writer: the row settles the call's intent like any row."""
+        """Take over the unfinished calls of replicas unseen for STALE_SECONDS (or, `own`, only
+        this one's own, left by its previous run: at open); record each at its reservation
+        through this replica's writer: the row settles the call's intent like any row."""
         self._reap = time.monotonic()
 
+        # At open, only its own: after an outage of the store every heartbeat is stale, and
+        # the others' calls may well be alive (tick reaps them once this one has beaten
+        # without a gap for STALE_SECONDS: so could they).
+        stale = 10**9 if own else STALE_SECONDS
+
         async def claim(conn: Any) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(CLAIM, (self.replica, STALE_SECONDS, own))
+            cur = await conn.execute(CLAIM, (self.replica, stale, own))
             return list(await cur.fetchall())
 
         found = await self.engine.run(claim)
@@ -207,9 +230,12 @@ class SharedLedger(Ledger):
         return len(found)
 
     async def _release_unsure(self) -> None:
+        """Release the admissions whose answer was lost. An id is dropped only after releases
+        of it have succeeded for UNSURE_REPEAT seconds: the store may commit an abandoned
+        admission when it comes back, just after a release already ran."""
         now = time.monotonic()
-        ids = [r for r, until in self._unsure.items() if until > now]
-        self._unsure = {r: self._unsure[r] for r in ids}
+        self._unsure = {r: until for r, until in self._unsure.items() if until is None or until > now}
+        ids = list(self._unsure)
         if not ids:
             return
         rows = json.dumps(
@@ -219,8 +245,13 @@ class SharedLedger(Ledger):
         async def release(conn: Any) -> None:
             await conn.execute(RELEASE, (rows,))
 
-        with contextlib.suppress(StoreError, OSError):
+        try:
             await self.engine.run(release)
+        except (StoreError, OSError):
+            return  # kept: released on a later tick
+        for r in ids:
+            if self._unsure.get(r, 0.0) is None:
+                self._unsure[r] = now + UNSURE_REPEAT
 
     async def refresh(self) -> None:
         """Read what changed in the shared budgets since the last snapshot (all of it, first)."""

@@ -30,7 +30,7 @@ from egress_guard.config import StoreSettings
 from egress_guard.ledger import Ledger, Refusal
 from egress_guard.shared_ledger import SharedLedger
 from egress_guard.spend import Limits, SpendSettings
-from egress_guard.store import AuditLog, AuditRow, Batch, Intent, SetBudget, open_store
+from egress_guard.store import AuditLog, AuditRow, Batch, Intent, SetBudget, StoreError, open_store
 from egress_guard.store.postgres import PGEngine
 from egress_guard.timeutil import now_iso
 
@@ -196,9 +196,13 @@ async def test_a_gone_replicas_calls_are_billed_at_their_reservation_by_another(
         await dead.reserve(Limits(concurrent=5), "a", "s", Decimal("0.3"), 1, intent("left"))
         await gone.close()
         monkeypatch.setattr("egress_guard.shared_ledger.STALE_SECONDS", 1)
+        monkeypatch.setattr(SharedLedger, "REAP_EVERY", 0.0)
         time.sleep(1.2)
         ledger = SharedLedger(SpendSettings(), alive)
         await ledger.open(audit)
+        assert ledger.reaped == 0  # at open only its own: the others may just be back from an outage too
+        time.sleep(1.1)  # this replica has beaten for STALE_SECONDS without a gap; the gone one has not
+        await ledger.tick()
         assert ledger.reaped == 1
         await audit.close()
         (row,) = rows(pg_url, "SELECT request_id, cost_usd, reason FROM audit")
@@ -213,6 +217,62 @@ async def test_a_gone_replicas_calls_are_billed_at_their_reservation_by_another(
     finally:
         await audit.close()
         await alive.close()
+
+
+async def test_after_an_outage_a_replica_takes_over_no_calls_until_the_others_could_beat(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store was down longer than STALE_SECONDS: every heartbeat is stale, the other
+    # replica's calls are alive. The first replica back must not bill them (they would be
+    # recorded twice, and spend_totals double-counted).
+    other_engine, engine = await engines(pg_url, 2)
+    audit = AuditLog(engine)
+    await audit.open()
+    try:
+        other = SharedLedger(SpendSettings(), other_engine)
+        await other.open(AuditLog(other_engine))
+        await other.reserve(Limits(concurrent=5), "a", "s", Decimal("0.3"), 1, intent("alive"))
+        monkeypatch.setattr("egress_guard.shared_ledger.STALE_SECONDS", 1)
+        monkeypatch.setattr(SharedLedger, "REAP_EVERY", 0.0)
+        ledger = SharedLedger(SpendSettings(), engine)
+        await ledger.open(audit)
+        time.sleep(1.2)  # both heartbeats now stale, as after an outage
+        ledger._beat -= 60  # and this replica's own last good heartbeat a minute ago: the outage
+        await ledger.tick()
+        assert ledger.reaped == 0 and rows(pg_url, "SELECT request_id FROM spend_intents") == [("alive",)]
+    finally:
+        await audit.close()
+        await engine.close()
+        await other_engine.close()
+
+
+async def test_an_admission_whose_answer_was_lost_is_released_once_the_store_answers(
+    pg_url: str, pg_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = PGEngine(StoreSettings(url=pg_url, replica="r0", timeout=1))
+    await engine.open()
+    try:
+        ledger = SharedLedger(SpendSettings(), engine)
+        await ledger.open(AuditLog(engine))
+        # admitted in the store, but as if its answer had been lost to the timeout
+        await ledger.reserve(Limits(concurrent=1), "a", "s", Decimal("0.2"), 1, intent("lost"))
+        ledger._unsure["lost"] = None
+        pg_cluster.sigstop()
+        try:
+            for _ in range(2):  # however long the store is away, the id is kept
+                with pytest.raises(StoreError):
+                    await ledger.tick()
+        finally:
+            pg_cluster.sigcont()
+        assert ledger._unsure == {"lost": None}
+        monkeypatch.setattr("egress_guard.shared_ledger.UNSURE_REPEAT", 0.0)
+        await ledger.tick()  # released (the agent's one place in flight, its reservation)
+        assert rows(pg_url, "SELECT count(*) FROM spend_intents") == [(0,)]
+        assert rows(pg_url, "SELECT inflight FROM agent_usage") == [(0,)]
+        await ledger.tick()  # repeated for UNSURE_REPEAT after it first succeeded, then dropped
+        assert ledger._unsure == {}
+    finally:
+        await engine.close()
 
 
 async def test_admission_fails_closed_while_the_store_does_not_answer(pg_url: str, pg_cluster: Any) -> None:
