@@ -99,7 +99,8 @@ class Relay:
         self.server = socket.create_server((host, port))
         self.port = port
         self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while not self.closed:
@@ -107,7 +108,14 @@ class Relay:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.port))
+            if self.closed:
+                client.close()
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:
+                client.close()
+                continue
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -124,8 +132,14 @@ class Relay:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not, and an
+        # accept left blocked on a closed descriptor outlived this test: a later test's
+        # listening socket, given the same descriptor, lost its first connection to it
         self.closed = True
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
+        self.thread.join(5)
 
 
 def test_fleet_compose_two_replicas_share_keys_revocations_and_audit(
