@@ -311,6 +311,9 @@ def test_a_replica_that_cannot_hear_revocations_refuses_keys_503_until_it_can(
         reader.join(5)  # the open stream is cut too: a revocation might be missed
         assert not reader.is_alive() and str(outcome["ended"]).startswith("cut"), outcome
         assert 3.0 <= outcome["at"] - deaf_at < 6.0, outcome["at"] - deaf_at
+        # every connection that used a key was cut, this client's kept-alive one too: a new one
+        client.close()
+        client = http_client(proxy)
         r = client.get(models, headers=auth)
         assert r.status_code == 503, r.text
         store = f"store {pg_url}"
@@ -324,6 +327,7 @@ def test_a_replica_that_cannot_hear_revocations_refuses_keys_503_until_it_can(
         _in_loop(proxy, listener.start(wait=5))  # heard again: served again, no restart
         assert switch.current
         assert client.get(models, headers=auth).status_code == 200
+        client.close()
     proxy.stop()
     rows = pg_rows(pg_url, "kind = 'request' AND status = 503")
     assert len(rows) == 1 and rows[0]["credential"] == "error-store-unavailable", rows
