@@ -38,9 +38,9 @@ from egress_guard.ledger import (
     tpm_refusal,
 )
 from egress_guard.spend import Limits, SpendSettings
-from egress_guard.store import SETTLED_AT_RESERVATION, AuditLog, AuditRow, Intent, StoreError
+from egress_guard.store import AuditLog, Intent, StoreError
 from egress_guard.store.postgres.fleet import STALE_SECONDS
-from egress_guard.store.records import INTENT_COLUMNS
+from egress_guard.store.records import INTENT_COLUMNS, settled_row
 from egress_guard.timeutil import iso
 
 log = logging.getLogger("egress_guard")
@@ -274,24 +274,3 @@ class SharedLedger(Ledger):
                 else:
                     amounts.pop((scope, key), None)
         self._since = now
-
-
-def settled_row(i: Intent) -> AuditRow:
-    """The row of a call whose replica stopped before it finished: billed at its reservation."""
-    return AuditRow(
-        ts=i.ts,  # when the call was made: it counts against that day
-        request_id=i.request_id,
-        kind="request",
-        agent=i.agent,
-        session=i.session,
-        decision="allow",
-        reason=SETTLED_AT_RESERVATION,
-        method=i.method,
-        scheme="https",
-        host=i.host,
-        port=i.port,
-        path=i.path,
-        service=i.service,
-        model=i.model,
-        cost_usd=i.reserved_usd,
-    )

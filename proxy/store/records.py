@@ -75,6 +75,29 @@ SETTLED_AT_RESERVATION = (
 )
 
 
+def settled_row(i: Intent) -> AuditRow:
+    """The row of a metered call whose proxy (or replica) stopped before it finished: billed at
+    its reservation, on the day the call was made. Its intent is removed in the row's
+    transaction, as any call's."""
+    return AuditRow(
+        ts=i.ts,  # when the call was made: it counts against that day
+        request_id=i.request_id,
+        kind="request",
+        agent=i.agent,
+        session=i.session,
+        decision="allow",
+        reason=SETTLED_AT_RESERVATION,
+        method=i.method,
+        scheme="https",
+        host=i.host,
+        port=i.port,
+        path=i.path,
+        service=i.service,
+        model=i.model,
+        cost_usd=i.reserved_usd,
+    )
+
+
 class AuditUnavailable(Exception):
     """The audit log could not commit a row (or intent) someone was waiting on."""
 

@@ -21,7 +21,6 @@ from egress_guard.store.postgres.schema import ADD_TOTAL
 from egress_guard.store.records import (
     COLUMNS,
     INTENT_COLUMNS,
-    SETTLED_AT_RESERVATION,
     AuditRow,
     InsertKey,
     Intent,
@@ -30,6 +29,7 @@ from egress_guard.store.records import (
     RevokeKeys,
     SetBudget,
     Write,
+    settled_row,
 )
 from egress_guard.store.sqlite.schema import sum_totals, totals_rows
 from egress_guard.store.sqlite.writes import priced
@@ -193,24 +193,6 @@ def settled_rows(found: list[tuple[Any, ...]]) -> tuple[list[AuditRow], list[str
     rows, ids = [], []
     for r in found:
         i = Intent(**dict(zip(INTENT_COLUMNS, r, strict=True)))
-        rows.append(
-            AuditRow(
-                ts=i.ts,
-                request_id=i.request_id,
-                kind="request",
-                agent=i.agent,
-                session=i.session,
-                decision="allow",
-                reason=SETTLED_AT_RESERVATION,
-                method=i.method,
-                scheme="https",
-                host=i.host,
-                port=i.port,
-                path=i.path,
-                service=i.service,
-                model=i.model,
-                cost_usd=i.reserved_usd,
-            )
-        )
+        rows.append(settled_row(i))
         ids.append(i.request_id)
     return rows, ids

@@ -16,7 +16,6 @@ from egress_guard.store.interface import Batch
 from egress_guard.store.records import (
     COLUMNS,
     INTENT_COLUMNS,
-    SETTLED_AT_RESERVATION,
     AuditRow,
     InsertKey,
     Intent,
@@ -25,6 +24,7 @@ from egress_guard.store.records import (
     RevokeKeys,
     SetBudget,
     Write,
+    settled_row,
 )
 from egress_guard.store.sqlite.schema import ADD_TOTAL, sum_totals, totals_rows, transaction
 
@@ -179,25 +179,7 @@ def settle_intents(conn: sqlite3.Connection, chain: str) -> tuple[int, tuple[int
     batch = Batch()
     for r in found:
         i = Intent(**{k: r[k] for k in INTENT_COLUMNS})
-        batch.rows.append(
-            AuditRow(
-                ts=i.ts,  # when the call was made: it counts against that day
-                request_id=i.request_id,
-                kind="request",
-                agent=i.agent,
-                session=i.session,
-                decision="allow",
-                reason=SETTLED_AT_RESERVATION,
-                method=i.method,
-                scheme="https",
-                host=i.host,
-                port=i.port,
-                path=i.path,
-                service=i.service,
-                model=i.model,
-                cost_usd=i.reserved_usd,
-            )
-        )
+        batch.rows.append(settled_row(i))
         batch.settles.append(i.request_id)
     batch.links, new_head = chainmod.link(chain, head(conn, chain), batch.rows)
     apply(conn, bind(batch))
