@@ -35,7 +35,6 @@ from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
 from egress_guard.shared_ledger import SharedLedger
 from egress_guard.store import AuditLog, open_engine
-from egress_guard.store.postgres.listen import Listener
 from egress_guard.unix_relay import UnixRelay, UnixRelayError
 
 log = logging.getLogger("egress_guard")
@@ -83,7 +82,12 @@ class EgressProxy:
         self.resolver = Resolver(pinned=dict(config.pinned_hosts), allow_private=config.allow_private)
         # C2: on a shared store the key cache hears revocations (LISTEN/NOTIFY, started by the
         # kill switch) and refuses keys while it cannot confirm they are current
-        self.keys = KeyCache(self.store, Listener.for_store(config.store) if config.store is not None else None)
+        listener = None
+        if config.store is not None:  # psycopg is imported only for a PostgreSQL store
+            from egress_guard.store.postgres.listen import Listener
+
+            listener = Listener.for_store(config.store)
+        self.keys = KeyCache(self.store, listener)
         self.secrets = SecretStore(make_backend(config.vault), ttl=config.secrets_cache_ttl)
         # C1: a fleet (store: PostgreSQL) admits calls in the store, shared by every replica
         self.ledger = SharedLedger(config.spend, self.store) if config.store is not None else Ledger(config.spend)

@@ -92,3 +92,13 @@ def test_no_import_cycles() -> None:
 
     for name in sorted(inner):
         visit(name, [])
+
+
+def test_a_proxy_on_sqlite_never_imports_the_postgresql_driver() -> None:
+    """psycopg (≈ 0.1 s to import, ≈ 10 MB) is loaded only for a `store: postgresql://…`."""
+    import subprocess
+    import sys
+
+    code = "import sys, egress_guard.cli, egress_guard.server; print('psycopg' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out

@@ -9,7 +9,6 @@ import click
 from egress_guard.cli.common import config_option, format_option, load
 from egress_guard.cli.output import emit
 from egress_guard.store import StoreError
-from egress_guard.store.copy import copy_sqlite_to_postgres
 
 
 @click.group()
@@ -51,6 +50,8 @@ def copy(config_path: Path | None, source: Path | None, fmt: str) -> None:
             "to it (the destination), and pass the SQLite file with --from"
         )
     path = (source or config.audit_path).resolve()
+    from egress_guard.store.copy import copy_sqlite_to_postgres  # psycopg: only for this command
+
     try:
         report = copy_sqlite_to_postgres(path, config.store, progress=lambda text: click.echo(text, err=True))
     except StoreError as exc:

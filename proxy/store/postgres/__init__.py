@@ -7,8 +7,22 @@ engine.py   PGEngine (the running proxy's view: async psycopg, a pool, a deadlin
 fleet.py    budgets and rate limits shared across replicas (migration 0008_fleet, settles)
 """
 
-from egress_guard.store.postgres.engine import PGEngine
-from egress_guard.store.postgres.queries import PGStore
-from egress_guard.store.postgres.schema import MIGRATIONS
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from egress_guard.store.postgres.engine import PGEngine
+    from egress_guard.store.postgres.queries import PGStore
+    from egress_guard.store.postgres.schema import MIGRATIONS
 
 __all__ = ["MIGRATIONS", "PGEngine", "PGStore"]
+_WHERE = {"PGEngine": "engine", "PGStore": "queries", "MIGRATIONS": "schema"}
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use: a proxy on SQLite never loads psycopg (≈ 0.1 s, ≈ 10 MB)."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"egress_guard.store.postgres.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,11 +27,12 @@ or a heartbeat. Never holds a password; nothing here logs.
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from psycopg import AsyncCursor
+from typing import TYPE_CHECKING, Any
 
 from egress_guard.store.interface import Batch
+
+if TYPE_CHECKING:
+    from psycopg import AsyncCursor
 
 STALE_SECONDS = 30  # a replica not seen for this long is gone: its calls are settled at their reservation
 
