@@ -10,23 +10,28 @@ names below are the package's public face: import them from `egress_guard.config
     rules     allowlist rules and presets (allowlists/*.yaml)
     services  credentialed services
     fleet     `store:` (PostgreSQL, shared by replicas)
+    policy    mode, unknown_hosts, rules (CEL, compiled here), escalation, freeze
     build     load_config: the wire models turned into the frozen Config
 """
 
 from egress_guard.config.build import DEFAULT_CONFIG_NAME, Config, load_config, parse_listen
 from egress_guard.config.errors import ConfigError
 from egress_guard.config.fleet import StoreSettings
+from egress_guard.config.policy import to_cel_rules
 from egress_guard.config.rules import load_preset, preset_names
 from egress_guard.config.wire import (
     AgentWire,
     AuditWire,
     BudgetWire,
     ConfigWire,
+    EscalationWire,
     FakeKeyWire,
     FallbackPriceWire,
+    FreezeWire,
     LimitsWire,
     MeterWire,
     NetworkWire,
+    PolicyRuleWire,
     PresetWire,
     RuleWire,
     SecretsWire,
@@ -37,6 +42,7 @@ from egress_guard.config.wire import (
     SpendWire,
     VaultAuthWire,
     VaultWire,
+    WebhookWire,
 )
 
 __all__ = [
@@ -47,11 +53,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigWire",
+    "EscalationWire",
     "FakeKeyWire",
     "FallbackPriceWire",
+    "FreezeWire",
     "LimitsWire",
     "MeterWire",
     "NetworkWire",
+    "PolicyRuleWire",
     "PresetWire",
     "RuleWire",
     "SecretsWire",
@@ -63,8 +72,10 @@ __all__ = [
     "StoreSettings",
     "VaultAuthWire",
     "VaultWire",
+    "WebhookWire",
     "load_config",
     "load_preset",
     "parse_listen",
     "preset_names",
+    "to_cel_rules",
 ]

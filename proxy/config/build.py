@@ -9,16 +9,19 @@ valid config.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from egress_guard.config.errors import ConfigError, validate
 from egress_guard.config.fleet import StoreSettings, parse_store
+from egress_guard.config.policy import to_policy
 from egress_guard.config.rules import load_preset, to_rules
 from egress_guard.config.services import NAME, check_priced, to_services
 from egress_guard.config.source import read_yaml
@@ -29,6 +32,7 @@ from egress_guard.policy import Rule
 from egress_guard.secrets import VaultSettings
 from egress_guard.spend import Limits, SessionLimits, SpendSettings
 from egress_guard.ssrf import Network
+from egress_guard.verdicts import Policy
 
 DEFAULT_CONFIG_NAME = "egress-guard.yaml"
 
@@ -61,6 +65,9 @@ class Config:
     spend: SpendSettings = field(default_factory=SpendSettings)
     store: StoreSettings | None = None  # PostgreSQL, shared by replicas; None: SQLite at audit_path
     metrics_listen: tuple[str, int] | None = None  # where /metrics is served; None: off
+    policy: Policy = field(default_factory=Policy)  # rules, mode, escalation, freeze (allowlist included)
+    digest: str = ""  # sha256 (hex) of the config file's bytes and each preset file's, in order
+    files: tuple[Path, ...] = ()  # the config and the preset files it read: what a reload watches
 
     @property
     def store_name(self) -> str:
@@ -163,25 +170,34 @@ def parse_metrics(file: Path, wire: MetricsWire | None) -> tuple[str, int] | Non
 def load_config(path: Path | str) -> Config:
     file = Path(path)
     try:
-        text = file.read_text()
+        raw = file.read_bytes()
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not UTF-8 text", "save the file as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(file, "", "file not found", "run 'egress-guard init' or pass --config") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read it ({exc.strerror})", "check the file's permissions") from None
     data, positions = read_yaml(file, text)
     try:
-        return _load(file, data)
+        return _load(file, data, raw)
     except ConfigError as err:
         raise positions.locate(err) from None
 
 
-def _load(file: Path, data: dict[str, Any]) -> Config:
+def _load(file: Path, data: dict[str, Any], raw: bytes) -> Config:
     wire = validate(ConfigWire, data, file)
     base = file.resolve().parent
     listen_host, listen_port = parse_listen(wire.listen, file, "listen")
     rules: list[Rule] = []
+    digest = hashlib.sha256(raw)
+    files = [file.resolve()]
     for i, entry in enumerate(wire.allowlists):
-        rules.extend(load_preset(entry, base, file, f"allowlists[{i}]")[0])
+        preset_rules, _, preset_file = load_preset(entry, base, file, f"allowlists[{i}]")
+        rules.extend(preset_rules)
+        digest.update(_preset_bytes(entry, preset_file))
+        if isinstance(preset_file, Path):
+            files.append(preset_file)
     rules.extend(to_rules(file, "allow", "inline", wire.allow))
     allow_private, pinned, upstream_ca = _network(file, base, wire.network)
     vault = _vault(file, base, wire.secrets)
@@ -217,7 +233,21 @@ def _load(file: Path, data: dict[str, Any]) -> Config:
         spend=spend,
         store=parse_store(file, base, wire.store),
         metrics_listen=parse_metrics(file, wire.metrics),
+        policy=to_policy(file, base, wire, tuple(rules)),
+        digest=digest.hexdigest(),
+        files=tuple(files),
     )
+
+
+def _preset_bytes(entry: str, file: Path | str) -> bytes:
+    """A preset's bytes for the digest: an operator's file as read (just now; a change in
+    between is a reload's business), a shipped one from the package."""
+    if isinstance(file, Path):
+        try:
+            return file.read_bytes()
+        except OSError:
+            return b""
+    return resources.files("egress_guard.allowlists").joinpath(f"{entry}.yaml").read_bytes()
 
 
 def _vault(file: Path, base: Path, wire: SecretsWire) -> VaultSettings | None:

@@ -208,6 +208,39 @@ class NetworkWire(_Wire):
     header_timeout: float = Field(default=30.0, gt=0, le=3600)  # a client's request headers (slowloris)
 
 
+class PolicyRuleWire(_Wire):
+    """One `rules:` entry: a CEL expression over the request and what to do when it holds."""
+
+    name: str | None = None
+    hosts: list[str] | None = None  # None: any host (deny and escalate only)
+    match: str
+    action: Literal["allow", "deny", "escalate"]
+    reason: str = ""
+
+
+class WebhookWire(_Wire):
+    url: str
+    secret_file: str
+    callback_listen: str | None = None
+
+
+class EscalationWire(_Wire):
+    timeout: str | int = "120s"  # a duration (90s, 2m); 1s..1h
+    webhook: WebhookWire | None = None
+
+
+class FreezeWire(_Wire):
+    window: str | int = "60s"
+    warmup: int = Field(default=10, ge=1, le=10000)
+    requests_rate: str | float | None = None  # "5x": a factor over the baseline
+    spend_rate: str | float | None = None
+    hosts_rate: str | float | None = None
+    refusals: int | None = Field(default=None, ge=1)
+    min_requests: int = Field(default=20, ge=0)
+    min_usd: Decimal = Field(default=Decimal("0.01"), ge=0)
+    action: Literal["escalate", "deny"] = "escalate"
+
+
 class ConfigWire(_Wire):
     version: Literal[1]
     listen: str = "127.0.0.1:8080"
@@ -222,3 +255,8 @@ class ConfigWire(_Wire):
     services: list[ServiceEntryWire] = Field(default_factory=list)
     agents: dict[str, AgentWire] = Field(default_factory=dict)
     spend: SpendWire = Field(default_factory=SpendWire)
+    mode: Literal["enforce", "observe"] = "enforce"
+    unknown_hosts: Literal["deny", "escalate"] = "deny"
+    rules: list[PolicyRuleWire] = Field(default_factory=list)
+    escalation: EscalationWire = Field(default_factory=EscalationWire)
+    freeze: FreezeWire | None = None

@@ -1,0 +1,120 @@
+"""CEL for `rules:`: the typed environment, compiling an expression once at load, and the
+variables of one request as an expression sees them.
+
+Expressions are compiled by cel-expr-python (Google's cel-cpp) against a declared
+environment, so a misspelt variable or a type mismatch is a load-time error, never a
+surprise on the hot path. An expression must return a bool. Evaluation never raises: an
+error (a division by zero, a missing body) comes back as text and the caller fails closed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from cel_expr_python import cel
+
+_T = cel.Type
+_STRINGS = _T.List(_T.STRING)
+
+# Every variable an expression may name, its CEL type and the value it has when the request
+# says nothing (absent values are "", 0, false, []).
+VARIABLES: dict[str, tuple[Any, Any]] = {
+    "agent": (_T.STRING, ""),
+    "session": (_T.STRING, ""),
+    "service": (_T.STRING, ""),
+    "host": (_T.STRING, ""),
+    "port": (_T.INT, 0),
+    "method": (_T.STRING, ""),
+    "path": (_T.STRING, ""),
+    "query": (_STRINGS, []),
+    "headers": (_STRINGS, []),
+    "body_size": (_T.INT, 0),
+    "model": (_T.STRING, ""),
+    "max_tokens": (_T.INT, 0),
+    "stream": (_T.BOOL, False),
+    "tools": (_STRINGS, []),
+    "rpc_method": (_T.STRING, ""),
+    "rpc_tool": (_T.STRING, ""),
+    "now": (_T.TIMESTAMP, None),
+}
+# The variables read from the request's body: a rule naming one needs the body.
+BODY_VARIABLES = frozenset({"model", "max_tokens", "stream", "tools", "rpc_method", "rpc_tool"})
+
+_ENV = cel.NewEnv(variables={name: t for name, (t, _) in VARIABLES.items()})
+
+# A string literal (any CEL quoting, raw or not) and an identifier: what an expression
+# names, strings blanked first so that 'model' in a literal is not the variable.
+_LITERAL = re.compile(
+    r"""[rRbB]{0,2}(?:'''(?:\\.|[^\\])*?'''|\"\"\"(?:\\.|[^\\])*?\"\"\"|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*")""",
+    re.S,
+)
+_IDENT = re.compile(r"(?<![\w.])([A-Za-z_]\w*)")
+_COMPILER_WHERE = re.compile(r"^(?:INVALID_ARGUMENT: )?(?:ERROR: )?<input>:(\d+):(\d+): ")
+
+
+class CelCompileError(ValueError):
+    """An expression the compiler refused, or one that does not return a bool. `line` and
+    `column` are 1-based within the expression; the text is the compiler's message."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(message)
+        self.line, self.column = line, column
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One compiled expression and the variables it names (the activation it needs)."""
+
+    source: str
+    program: Any = field(repr=False)
+    variables: frozenset[str]
+
+    @property
+    def needs_body(self) -> bool:
+        return not self.variables.isdisjoint(BODY_VARIABLES)
+
+
+def compile_expression(source: str) -> Compiled:
+    """`source` compiled against the request environment; CelCompileError if the compiler
+    refuses it or it does not return a bool."""
+    try:
+        program = _ENV.compile(source)
+    except RuntimeError as exc:
+        text = str(exc)
+        first = text.split("\n", 1)[0]
+        m = _COMPILER_WHERE.match(first)
+        message = _COMPILER_WHERE.sub("", first).removesuffix(" [INVALID_ARGUMENT]").strip()
+        return_line = int(m.group(1)) if m else None
+        column = int(m.group(2)) if m else None
+        raise CelCompileError(message or text, return_line, column) from None
+    result = program.return_type()
+    if result != _T.BOOL:
+        raise CelCompileError(f"the expression returns {result.name().lower()}, not bool")
+    return Compiled(source, program, names(source))
+
+
+def names(source: str) -> frozenset[str]:
+    """The request variables `source` names (an over-approximation is harmless: it only
+    makes a variable computed that is not used)."""
+    blanked = _LITERAL.sub('""', source)
+    return frozenset(n for n in _IDENT.findall(blanked) if n in VARIABLES)
+
+
+def evaluate(compiled: Compiled, data: dict[str, Any]) -> bool | str:
+    """True/False, or the evaluation error's text (the caller fails closed on it)."""
+    try:
+        value = compiled.program.eval(data=data)
+    except Exception as exc:  # the binding raises for what cel-cpp reports as a status
+        return f"{type(exc).__name__}: {exc}"
+    if value.type() == _T.BOOL:
+        return bool(value.value())
+    if value.type() == _T.ERROR:
+        return str(value.value())
+    return f"the expression returned {value.type().name().lower()}, not bool"
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
