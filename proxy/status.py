@@ -1,10 +1,12 @@
 """The running proxy's status file, next to the audit DB: who listens where, since when,
 and whether each service's secret resolves *in the proxy's own environment*.
 
-`up` writes it (and rewrites it when a secret's state changes) and removes it on shutdown;
-`doctor` and `env`/`run` read it, so they report on the running proxy rather than on the
-shell they are started from. It holds yes/no and the reason a secret is missing, never a
-value: SecretUnavailable messages never carry one.
+`up` writes it (and rewrites it when a secret's state changes, when a reload swaps or
+refuses a config, and every few seconds while the count of open connections moves) and
+removes it on shutdown; `doctor`, `env`/`run` and `status` read it, so they report on the
+running proxy rather than on the shell they are started from. It holds yes/no and the reason
+a secret is missing, never a value: SecretUnavailable messages never carry one. The config
+it describes is the one running: its digest, when it was loaded, what it counts.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import contextlib
 import datetime
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from egress_guard.config import Config
 from egress_guard.credentials import Service
 from egress_guard.secrets import EnvBackend, SecretStore, SecretUnavailable
+
+if TYPE_CHECKING:
+    from egress_guard.reload import Holder, Outcome
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,15 @@ class Status:
     config: str
     checked_at: str
     services: dict[str, SecretStatus] = field(default_factory=dict)
+    # the config running (None: written by a proxy before hot reload)
+    digest: str | None = None  # sha256 hex of the config file and its presets
+    loaded_at: str | None = None  # when that config was swapped in (the start, or the last reload)
+    mode: str | None = None  # enforce | observe
+    unknown_hosts: str | None = None  # deny | escalate
+    counts: dict[str, int] = field(default_factory=dict)  # allow_rules, rules, services, agents
+    connections: int | None = None  # open client connections at updated_at
+    updated_at: str | None = None
+    last_reload: dict[str, Any] | None = None  # the latest reload that changed something: at, applied, digest, reason
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -70,6 +86,76 @@ async def check_secrets(config: Config, store: SecretStore) -> dict[str, SecretS
 
     results = await asyncio.gather(*(one(s) for s in config.services))
     return {s.name: r for s, r in zip(config.services, results, strict=True)}
+
+
+def refresh(
+    status: Status, holder: Holder | None = None, connections: int | None = None, last: Outcome | None = None
+) -> Status:
+    """`status` with what the proxy runs now: the holder's config (digest, load time, mode,
+    counts), the open connections and the last reload that changed something."""
+    changes: dict[str, Any] = {"connections": connections}
+    if holder is not None:
+        from egress_guard.reload import digest_of  # the status file is read where reload is not needed
+
+        config = holder.config
+        changes |= {
+            "digest": digest_of(config),
+            "loaded_at": holder.loaded_at,
+            "mode": config.policy.mode,
+            "unknown_hosts": config.policy.unknown_hosts,
+            "counts": {
+                "allow_rules": len(config.rules),
+                "rules": len(config.policy.rules),
+                "services": len(config.services),
+                "agents": len(config.agents),
+            },
+        }
+    if last is not None:
+        changes["last_reload"] = {
+            "applied": last.applied,
+            "digest": last.digest,
+            "old_digest": last.old_digest,
+            "reason": last.reason,
+            "at": last.at,
+        }
+    return replace(status, **changes)
+
+
+class StatusFile:
+    """The status file as `up` keeps it: written at once when anything but the connection
+    count changed (or the file is gone), and for the count at most every CONNECTIONS_EVERY
+    seconds — a busy proxy's count moves all the time, and the file is for people and scripts.
+    A write that fails raises OSError once; the next failures are quiet until one succeeds."""
+
+    CONNECTIONS_EVERY = 2.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.written: Status | None = None
+        self._at = -1e9
+        self._failing = False
+
+    def update(self, status: Status) -> Status:
+        """Write `status` if it is worth it; returns it (with `updated_at` when written)."""
+        old = self.written
+        moved = old is None or replace(old, connections=None, updated_at=None) != replace(
+            status, connections=None, updated_at=None
+        )
+        counted = old is not None and old.connections != status.connections
+        due = counted and time.monotonic() - self._at >= self.CONNECTIONS_EVERY
+        if not (moved or due or not self.path.exists()):
+            return status
+        status = replace(status, updated_at=now())
+        try:
+            write(self.path, status)
+        except OSError:
+            if self._failing:
+                return status
+            self._failing = True
+            raise
+        self._failing = False
+        self.written, self._at = status, time.monotonic()
+        return status
 
 
 def write(path: Path, status: Status) -> None:
@@ -114,6 +200,14 @@ def read(config: Config) -> Status | None:
             config=str(data["config"]),
             checked_at=str(data["checked_at"]),
             services={k: SecretStatus(**v) for k, v in data["services"].items()},
+            digest=data.get("digest"),
+            loaded_at=data.get("loaded_at"),
+            mode=data.get("mode"),
+            unknown_hosts=data.get("unknown_hosts"),
+            counts={str(k): int(v) for k, v in (data.get("counts") or {}).items()},
+            connections=None if data.get("connections") is None else int(data["connections"]),
+            updated_at=data.get("updated_at"),
+            last_reload=data.get("last_reload") if isinstance(data.get("last_reload"), dict) else None,
         )
         status.listen_host_port  # noqa: B018 - validates the address
     except (OSError, ValueError, KeyError, TypeError):
