@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl
 
 from egress_guard import cel_rules
 from egress_guard.hosts import Host
@@ -70,6 +72,29 @@ class Facts:
     body_size: int = 0
     body: BodyFacts | None = None  # None: not read (streamed, or no rule needs it)
     now: datetime | None = None  # None: now
+
+
+def request_facts(
+    host: Host,
+    port: int,
+    method: str,
+    target: str,
+    header_names: Iterable[str] = (),
+    *,
+    agent: str | None = None,
+    session: str | None = None,
+    service: str | None = None,
+    body_size: int = 0,
+    body: BodyFacts | None = None,
+    now: datetime | None = None,
+) -> Facts:
+    """The Facts of one request from its request target (`/path?query`, as sent): the path
+    without the query, the query's keys (values never), header names lowercased, each once.
+    The proxy and `egress-guard check` both build Facts here, so they judge alike."""
+    path, _, query = target.partition("?")
+    keys = tuple(dict.fromkeys(k for k, _ in parse_qsl(query, keep_blank_values=True))) if query else ()
+    names = tuple(dict.fromkeys(h.lower() for h in header_names))
+    return Facts(host, port, method.upper(), path or "/", agent, session, service, keys, names, body_size, body, now)
 
 
 @dataclass(frozen=True, slots=True)

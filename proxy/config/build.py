@@ -77,6 +77,10 @@ class Config:
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
 
+    def service_for(self, host: str) -> Service | None:
+        """The service bound to `host` (a normalised name), if any: the rules' `service`."""
+        return next((s for s in self.services if host in s.hosts), None)
+
     def env_vars(self, service: Service) -> tuple[str, ...]:
         """Every variable an agent gets this service's fake key in: env_var first, then the
         names other tools read (CODEX_API_KEY, GOOGLE_API_KEY, GITHUB_TOKEN, ...)."""
