@@ -262,7 +262,8 @@ class ConfigWatcher:
                     if again == now:
                         break
                     now = again
-                await self.reload_now("file changed", seen=now)
+                if now != self._seen:  # not back as it was
+                    await self.reload_now("file changed", seen=now)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop the watching (nor the proxy)
