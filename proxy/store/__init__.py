@@ -1,6 +1,7 @@
 """The store: everything egress-guard keeps in its database, and the only code that speaks SQL.
 
-  records.py    what it holds (AuditRow, Intent, Spent, Revocation, Filters), the typed writes
+  records.py    what it holds (AuditRow, Intent, Spent, Revocation, Filters, Approval, GrantRecord,
+                Freeze), the typed writes
   interface.py  Store (a command's view) and Engine (the running proxy's view)
   writer.py     AuditLog: the proxy's one writer, engine-neutral
   sqlite/       the SQLite engine: schema and migrations, writes, queries
@@ -17,14 +18,23 @@ from egress_guard.store.interface import Batch, Engine, Store
 from egress_guard.store.records import (
     COLUMNS,
     SETTLED_AT_RESERVATION,
+    AddFreeze,
+    Approval,
     AuditRow,
     AuditUnavailable,
+    CreateApproval,
+    DecideApproval,
+    ExpireApproval,
     Filters,
+    Freeze,
+    GrantRecord,
     InsertKey,
     Intent,
+    LiftFreeze,
     Reservations,
     ResetBudget,
     Revocation,
+    RevokeGrant,
     RevokeKeys,
     SetBudget,
     Spent,
@@ -60,17 +70,26 @@ def open_engine(config: Config) -> Engine:
 __all__ = [
     "COLUMNS",
     "SETTLED_AT_RESERVATION",
+    "AddFreeze",
+    "Approval",
     "AuditLog",
     "AuditRow",
     "AuditUnavailable",
     "Batch",
+    "CreateApproval",
+    "DecideApproval",
     "Engine",
+    "ExpireApproval",
     "Filters",
+    "Freeze",
+    "GrantRecord",
     "InsertKey",
     "Intent",
+    "LiftFreeze",
     "Reservations",
     "ResetBudget",
     "Revocation",
+    "RevokeGrant",
     "RevokeKeys",
     "SQLiteEngine",
     "SQLiteStore",

@@ -3,9 +3,10 @@ deployment that outgrows one machine.
 
 What is copied, exactly as it is: every audit row (ids, hash-chain columns and all: `audit
 verify` passes on the copy), the fake keys, the revocations, the run-time budget overrides, the
-running spend totals and where each pruned chain starts. What is not: a stopped proxy's
-unfinished metered calls are first settled at their reservation, as the proxy's next start
-would (so no intent is left to copy); the SQLite-only snapshot of reservations. PostgreSQL's
+running spend totals, where each pruned chain starts, and the approvals, grants and freezes.
+What is not: a stopped proxy's unfinished metered calls are first settled at their
+reservation, as the proxy's next start would (so no intent is left to copy); the SQLite-only
+snapshot of reservations. PostgreSQL's
 shared budget counters fill themselves from the copied totals and rows on first use, so a
 proxy on the copy enforces the same remaining budget.
 
@@ -48,9 +49,22 @@ TABLES: list[tuple[str, str | None]] = [
     ("spend_totals", None),
     ("audit_pruned", None),
     ("audit_chain_floor", None),  # replaces the destination's own (0: a new store has no pre-chain rows)
+    ("approvals", None),  # a pending one is held by no proxy any more: it cannot be approved past `expires`
+    ("grants", "id"),  # what approvals with scope session|always allow: kept
+    ("freezes", "id"),
 ]
 # Destination tables that must be empty: a copy never merges two histories.
-MUST_BE_EMPTY = ("audit", "fake_keys", "revocations", "budgets", "spend_totals", "spend_intents")
+MUST_BE_EMPTY = (
+    "audit",
+    "fake_keys",
+    "revocations",
+    "budgets",
+    "spend_totals",
+    "spend_intents",
+    "approvals",
+    "grants",
+    "freezes",
+)
 
 
 @dataclass

@@ -18,7 +18,17 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from egress_guard.fakekeys import KeyRecord
-from egress_guard.store.records import AuditRow, Filters, Intent, Revocation, Spent, Write
+from egress_guard.store.records import (
+    Approval,
+    AuditRow,
+    Filters,
+    Freeze,
+    GrantRecord,
+    Intent,
+    Revocation,
+    Spent,
+    Write,
+)
 
 
 @dataclass
@@ -83,6 +93,18 @@ class Engine(Protocol):
 
     async def spent_since(self, since: str) -> dict[str, Decimal]:
         """What each agent has spent at or after instant `since` (a budget day's start)."""
+        ...
+
+    async def approvals_by_id(self, ids: list[str]) -> list[Approval]:
+        """The approvals with these ids (any status; unknown ids are left out)."""
+        ...
+
+    async def active_grants(self) -> list[GrantRecord]:
+        """Every grant not revoked, oldest first."""
+        ...
+
+    async def active_freezes(self) -> list[Freeze]:
+        """Every freeze not lifted, oldest first."""
         ...
 
 
@@ -155,6 +177,20 @@ class Store(Protocol):
         """Delete the audit rows older than `before`; returns how many. Running totals,
         intents, keys and budgets stay. A day budget reads its day's rows (`spent_since`):
         the caller keeps `before` at or before the start of the open budget day."""
+        ...
+
+    def approval(self, approval_id: str) -> Approval | None: ...
+
+    def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
+        """Approvals (with `status`, else all), the newest `limit`, oldest first."""
+        ...
+
+    def grants(self, active_only: bool = True) -> list[GrantRecord]:
+        """Grants (only those not revoked, unless told), oldest first."""
+        ...
+
+    def freezes(self, active_only: bool = True) -> list[Freeze]:
+        """Freezes (only those not lifted, unless told), oldest first."""
         ...
 
     def close(self) -> None: ...

@@ -1,6 +1,7 @@
 """What the store holds, as the rest of egress-guard sees it: an audit row, a metered call's
-intent, a running spend total, a revocation, the filters of an audit query, and the typed
-writes (key and budget changes, the open reservations). Engine-neutral: no SQL here.
+intent, a running spend total, a revocation, the filters of an audit query, an approval, a
+grant and a freeze, and the typed writes (key and budget changes, the open reservations,
+approvals and their decisions, freezes). Engine-neutral: no SQL here.
 """
 
 from __future__ import annotations
@@ -187,4 +188,160 @@ class Reservations:
     ts: str
 
 
-Write = InsertKey | RevokeKeys | SetBudget | ResetBudget | Reservations
+# --- escalations: approvals, grants, freezes (migration 0010_policy) ---------------------
+
+APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")
+SCOPES = ("once", "session", "always")
+ANY_HOST = "*"  # a grant's host (port 0) that covers every host: a freeze's, which is per session
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A held request waiting for (or given) a human's answer. `id` is 8 random hex
+    characters: short enough to type, and what `approve ID` and the callback name."""
+
+    id: str
+    created: str
+    expires: str
+    replica: str  # the proxy holding the request ("local" for SQLite, else a replica's name)
+    request_id: str
+    agent: str | None
+    session: str | None
+    method: str | None
+    scheme: str | None
+    host: str
+    port: int
+    path: str | None  # as the audit row records it (no query unless audit.query_strings)
+    rule: str  # the escalating rule's id: "rule:<name>", "rules#<i>", "unknown_hosts" or "freeze"
+    reason: str
+    status: str = "pending"  # APPROVAL_STATUSES
+    scope: str | None = None  # SCOPES, once approved
+    note: str | None = None
+    decided_by: str | None = None  # who answered ("timeout" for an expiry)
+    decided_at: str | None = None
+
+
+APPROVAL_COLUMNS = [f.name for f in dataclasses.fields(Approval)]
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A stored grant: what an approval with scope session or always added. `agent`/`session`
+    None cover any; host ANY_HOST (port 0) covers every host (a freeze's grant)."""
+
+    id: int
+    created: str
+    approval_id: str | None
+    rule: str
+    host: str
+    port: int
+    agent: str | None
+    session: str | None
+    by: str
+    note: str | None
+    revoked: str | None  # when it was revoked (None: active)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """A session frozen because its agent diverged from its baseline (proxy/baseline.py).
+    `session` is "" for an agent's requests outside a session."""
+
+    id: int
+    created: str
+    agent: str
+    session: str
+    trigger: str  # the trigger as text: metric, value, baseline, threshold
+    baseline: str  # JSON
+    lifted: str | None
+    lifted_by: str | None
+    note: str | None
+
+
+@dataclass(frozen=True)
+class CreateApproval:
+    approval: Approval
+
+    def __post_init__(self) -> None:
+        if self.approval.status != "pending":
+            raise ValueError("an approval is created pending")
+
+
+@dataclass(frozen=True)
+class DecideApproval:
+    """Answer a pending approval (conditional: counts 0 if it is no longer pending). Approved
+    with scope session or always, a grant is added in the same transaction (session: this
+    agent and session; always: this agent, any session); for a freeze's approval, the freeze
+    is lifted too. Scope session on an approval without a session changes nothing (0): it
+    would otherwise grant every session."""
+
+    id: str
+    status: str  # approved | denied
+    scope: str | None  # SCOPES when approved; None when denied
+    note: str | None
+    by: str
+    ts: str
+
+    def __post_init__(self) -> None:
+        if self.status not in ("approved", "denied"):
+            raise ValueError(f"a decision is approved or denied, not {self.status!r}")
+        if self.status == "approved" and self.scope not in SCOPES:
+            raise ValueError(f"an approval's scope is one of {', '.join(SCOPES)}, not {self.scope!r}")
+        if self.status == "denied" and self.scope is not None:
+            raise ValueError("a denial has no scope")
+
+    @property
+    def grants(self) -> bool:
+        return self.status == "approved" and self.scope in ("session", "always")
+
+
+@dataclass(frozen=True)
+class ExpireApproval:
+    """A pending approval nobody answered in time (conditional: counts 0 if it was answered)."""
+
+    id: str
+    ts: str
+    by: str = "timeout"
+
+
+@dataclass(frozen=True)
+class AddFreeze:
+    agent: str
+    session: str  # "" outside a session
+    trigger: str
+    baseline: str  # JSON
+    ts: str
+
+
+@dataclass(frozen=True)
+class LiftFreeze:
+    """Lift the active freezes of an agent's session; counts them."""
+
+    agent: str
+    session: str
+    by: str
+    ts: str
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class RevokeGrant:
+    """Revoke a grant by id; counts 0 if there is none active."""
+
+    id: int
+    ts: str
+
+
+Write = (
+    InsertKey
+    | RevokeKeys
+    | SetBudget
+    | ResetBudget
+    | Reservations
+    | CreateApproval
+    | DecideApproval
+    | ExpireApproval
+    | AddFreeze
+    | LiftFreeze
+    | RevokeGrant
+)

@@ -33,12 +33,18 @@ from typing import Any
 from egress_guard.store import chain
 from egress_guard.store.interface import Batch, Engine
 from egress_guard.store.records import (
+    AddFreeze,
     AuditRow,
     AuditUnavailable,
+    CreateApproval,
+    DecideApproval,
+    ExpireApproval,
     InsertKey,
     Intent,
+    LiftFreeze,
     Reservations,
     ResetBudget,
+    RevokeGrant,
     RevokeKeys,
     SetBudget,
     Write,
@@ -47,7 +53,19 @@ from egress_guard.store.sqlite import SQLiteEngine
 from egress_guard.timeutil import now_iso
 
 log = logging.getLogger("egress_guard.audit")
-WRITES = (InsertKey, RevokeKeys, SetBudget, ResetBudget, Reservations)
+WRITES = (
+    InsertKey,
+    RevokeKeys,
+    SetBudget,
+    ResetBudget,
+    Reservations,
+    CreateApproval,
+    DecideApproval,
+    ExpireApproval,
+    AddFreeze,
+    LiftFreeze,
+    RevokeGrant,
+)
 
 
 @dataclass(slots=True)

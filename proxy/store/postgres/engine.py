@@ -32,7 +32,7 @@ from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import chain as chainmod
 from egress_guard.store.interface import Batch
 from egress_guard.store.postgres import queries, schema, writes
-from egress_guard.store.records import INTENT_COLUMNS, Revocation, Spent, StoreError
+from egress_guard.store.records import INTENT_COLUMNS, Approval, Freeze, GrantRecord, Revocation, Spent, StoreError
 
 log = logging.getLogger("egress_guard.audit")
 T = TypeVar("T")
@@ -364,3 +364,18 @@ class PGEngine:
 
     async def spent_since(self, since: str) -> dict[str, Decimal]:
         return queries.sq.per_agent(await self._read(queries.SELECT_SPENT_SINCE, since))
+
+    async def approvals_by_id(self, ids: list[str]) -> list[Approval]:
+        if not ids:
+            return []
+        return [queries.sq.approval(r) for r in await self._read(queries.SELECT_APPROVALS + " WHERE id = ANY(%s)", ids)]
+
+    async def active_grants(self) -> list[GrantRecord]:
+        return [
+            queries.sq.grant(r) for r in await self._read(queries.SELECT_GRANTS + " WHERE revoked IS NULL ORDER BY id")
+        ]
+
+    async def active_freezes(self) -> list[Freeze]:
+        return [
+            queries.sq.freeze(r) for r in await self._read(queries.SELECT_FREEZES + " WHERE lifted IS NULL ORDER BY id")
+        ]

@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import chain
 from egress_guard.store.postgres import fleet, schema, writes
-from egress_guard.store.records import COLUMNS, Filters, Spent, StoreError, Write
+from egress_guard.store.records import COLUMNS, Approval, Filters, Freeze, GrantRecord, Spent, StoreError, Write
 from egress_guard.store.sqlite import queries as sq
 from egress_guard.timeutil import now_iso
 
@@ -27,6 +27,9 @@ SELECT_OVERRIDES = sq.SELECT_OVERRIDES
 SELECT_TOTALS = sq.SELECT_TOTALS
 SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= %s AND cost_usd IS NOT NULL AND agent IS NOT NULL"
 SELECT_RESERVED = fleet.SELECT_RESERVED  # the open reservations for `budget show`: shared ones (budget_usage)
+SELECT_APPROVALS = sq.SELECT_APPROVALS
+SELECT_GRANTS = sq.SELECT_GRANTS
+SELECT_FREEZES = sq.SELECT_FREEZES
 ROW_COLUMNS = ", ".join(COLUMNS)  # what a query shows: not the chain's columns
 PRUNE_CHUNK = 5000
 
@@ -251,3 +254,40 @@ class PGStore:
 
     def spent_since(self, since: str) -> dict[str, Decimal]:
         return sq.per_agent(self._all(SELECT_SPENT_SINCE, (since,)))
+
+    # --- escalations -------------------------------------------------------------------
+
+    def _has_policy(self) -> bool:
+        """Whether the store has 0010's tables (a read-only one may predate it: nothing to show)."""
+        return bool(self._all("SELECT to_regclass('approvals') IS NOT NULL")[0][0])
+
+    def approval(self, approval_id: str) -> Approval | None:
+        if not self._has_policy():
+            return None
+        found = self._all(SELECT_APPROVALS + " WHERE id = %s", (approval_id,))
+        return sq.approval(found[0]) if found else None
+
+    def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
+        if not self._has_policy():
+            return []
+        sql, args = SELECT_APPROVALS, list[Any]()
+        if status is not None:
+            sql += " WHERE status = %s"
+            args.append(status)
+        sql += " ORDER BY created DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT %s"
+            args.append(limit)
+        return [sq.approval(r) for r in self._all(sql, args)][::-1]
+
+    def grants(self, active_only: bool = True) -> list[GrantRecord]:
+        if not self._has_policy():
+            return []
+        where = " WHERE revoked IS NULL" if active_only else ""
+        return [sq.grant(r) for r in self._all(SELECT_GRANTS + where + " ORDER BY id")]
+
+    def freezes(self, active_only: bool = True) -> list[Freeze]:
+        if not self._has_policy():
+            return []
+        where = " WHERE lifted IS NULL" if active_only else ""
+        return [sq.freeze(r) for r in self._all(SELECT_FREEZES + where + " ORDER BY id")]

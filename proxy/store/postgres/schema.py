@@ -183,6 +183,67 @@ MIGRATIONS: list[tuple[str, str]] = [
         INSERT INTO audit_chain_floor SELECT COALESCE(MAX(id), 0) FROM audit WHERE chain IS NULL;
         """,
     ),
+    (
+        "0010_policy",
+        """
+        -- The audit table's checks, widened: event rows (approvals, freezes, reloads) and
+        -- observe mode's decisions. 0001 declared them inline; PostgreSQL named them
+        -- audit_<column>_check. Dropped and added again under those names: every stored row
+        -- met the narrower check (the ADD scans the table once to prove it meets this one).
+        ALTER TABLE audit DROP CONSTRAINT audit_kind_check,
+            ADD CONSTRAINT audit_kind_check CHECK (kind IN ('connect', 'request', 'event')),
+            DROP CONSTRAINT audit_decision_check,
+            ADD CONSTRAINT audit_decision_check
+                CHECK (decision IN ('allow', 'deny', 'error', 'would-deny', 'would-escalate'));
+        CREATE TABLE approvals (
+            id         TEXT PRIMARY KEY,
+            created    TEXT NOT NULL,
+            expires    TEXT NOT NULL,
+            replica    TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            agent      TEXT,
+            session    TEXT,
+            method     TEXT,
+            scheme     TEXT,
+            host       TEXT NOT NULL,
+            port       INTEGER NOT NULL,
+            path       TEXT,
+            rule       TEXT NOT NULL,
+            reason     TEXT NOT NULL,
+            status     TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired')),
+            scope      TEXT CHECK (scope IN ('once', 'session', 'always')),
+            note       TEXT,
+            decided_by TEXT,
+            decided_at TEXT
+        );
+        CREATE INDEX approvals_status ON approvals (status, created);
+        CREATE TABLE grants (
+            id          BIGSERIAL PRIMARY KEY,
+            created     TEXT NOT NULL,
+            approval_id TEXT,
+            rule        TEXT NOT NULL,
+            host        TEXT NOT NULL,        -- '*' (port 0): every host (a freeze's grant)
+            port        INTEGER NOT NULL,
+            agent       TEXT,                 -- NULL: any
+            session     TEXT,                 -- NULL: any
+            granted_by  TEXT NOT NULL,
+            note        TEXT,
+            revoked     TEXT
+        );
+        CREATE TABLE freezes (
+            id           BIGSERIAL PRIMARY KEY,
+            created      TEXT NOT NULL,
+            agent        TEXT NOT NULL,
+            session      TEXT NOT NULL,       -- '' outside a session
+            trigger_text TEXT NOT NULL,
+            baseline     TEXT NOT NULL,       -- JSON
+            lifted       TEXT,
+            lifted_by    TEXT,
+            note         TEXT
+        );
+        CREATE INDEX freezes_active ON freezes (agent, session) WHERE lifted IS NULL;
+        """,
+    ),
 ]
 
 ADD_TOTAL = (

@@ -19,13 +19,21 @@ from egress_guard.store.interface import Batch
 from egress_guard.store.postgres import fleet
 from egress_guard.store.postgres.schema import ADD_TOTAL
 from egress_guard.store.records import (
+    ANY_HOST,
+    APPROVAL_COLUMNS,
     COLUMNS,
     INTENT_COLUMNS,
+    AddFreeze,
     AuditRow,
+    CreateApproval,
+    DecideApproval,
+    ExpireApproval,
     InsertKey,
     Intent,
+    LiftFreeze,
     Reservations,
     ResetBudget,
+    RevokeGrant,
     RevokeKeys,
     SetBudget,
     Write,
@@ -48,9 +56,38 @@ AMEND = (
     "decision = 'error', reason = COALESCE(reason || '; ', '') || %s "
     "WHERE request_id = %s AND kind = 'request'"
 )
+INSERT_APPROVAL = (
+    f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))})"
+)
+# One statement (data-modifying CTEs: no round trip between its parts, so it runs in the
+# writer's pipeline as in a command's transaction): the decision if still pending, the
+# freeze it lifts and the grant it adds (see records.DecideApproval). Its rows: the decided
+# approval's id, or none.
+DECIDE = """
+WITH decided AS (
+    UPDATE approvals SET status = %s, scope = %s, note = %s, decided_by = %s, decided_at = %s
+    WHERE id = %s AND status = 'pending' AND NOT (%s AND session IS NULL)
+    RETURNING id, agent, session, rule, host, port, status, scope
+), lifted AS (
+    UPDATE freezes f SET lifted = %s, lifted_by = %s, note = %s FROM decided d
+    WHERE d.rule = 'freeze' AND d.status = 'approved' AND d.scope IN ('session', 'always')
+      AND f.agent = d.agent AND f.session = COALESCE(d.session, '') AND f.lifted IS NULL
+    RETURNING f.id
+), granted AS (
+    INSERT INTO grants (created, approval_id, rule, host, port, agent, session, granted_by, note)
+    SELECT %s, d.id, d.rule, CASE WHEN d.rule = 'freeze' THEN %s ELSE d.host END,
+           CASE WHEN d.rule = 'freeze' THEN 0 ELSE d.port END, d.agent,
+           CASE WHEN d.scope = 'session' THEN d.session END, %s, %s
+    FROM decided d WHERE d.status = 'approved' AND d.scope IN ('session', 'always')
+    RETURNING id
+)
+SELECT id FROM decided
+"""
 NO_LINK: tuple[Any, ...] = (None, None, None)
 _row_fields = operator.attrgetter(*COLUMNS[1:])
 _intent_fields = operator.attrgetter(*INTENT_COLUMNS)
+_approval_fields = operator.attrgetter(*APPROVAL_COLUMNS)
 
 
 def text(v: Any) -> Any:
@@ -174,6 +211,49 @@ def plan(op: Write) -> list[tuple[str, tuple[Any, ...], bool]]:
             return [("DELETE FROM budgets WHERE agent = %s AND scope = %s", bindable((op.agent, op.scope)), True)]
         case Reservations():
             return []
+        case CreateApproval(approval=a):
+            return [(INSERT_APPROVAL, bindable(_approval_fields(a)), True)]
+        case DecideApproval():
+            note = text(op.note)
+            return [
+                (
+                    DECIDE,
+                    (
+                        *bindable((op.status, op.scope, note, op.by, op.ts, op.id)),
+                        op.scope == "session",
+                        *bindable((op.ts, op.by, note, op.ts, ANY_HOST, op.by, note)),
+                    ),
+                    True,
+                )
+            ]
+        case ExpireApproval():
+            return [
+                (
+                    "UPDATE approvals SET status = 'expired', decided_by = %s, decided_at = %s "
+                    "WHERE id = %s AND status = 'pending'",
+                    bindable((op.by, op.ts, op.id)),
+                    True,
+                )
+            ]
+        case AddFreeze():
+            return [
+                (
+                    "INSERT INTO freezes (created, agent, session, trigger_text, baseline) VALUES (%s, %s, %s, %s, %s)",
+                    bindable((op.ts, op.agent, op.session, op.trigger, op.baseline)),
+                    True,
+                )
+            ]
+        case LiftFreeze():
+            return [
+                (
+                    "UPDATE freezes SET lifted = %s, lifted_by = %s, note = %s "
+                    "WHERE agent = %s AND session = %s AND lifted IS NULL",
+                    bindable((op.ts, op.by, op.note, op.agent, op.session)),
+                    True,
+                )
+            ]
+        case RevokeGrant():
+            return [("UPDATE grants SET revoked = %s WHERE id = %s AND revoked IS NULL", (op.ts, op.id), True)]
     raise TypeError(f"not a store write: {op!r}")
 
 

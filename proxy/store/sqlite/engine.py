@@ -35,7 +35,7 @@ import aiosqlite
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import chain
 from egress_guard.store.interface import Batch
-from egress_guard.store.records import Revocation, Spent
+from egress_guard.store.records import Approval, Freeze, GrantRecord, Revocation, Spent
 from egress_guard.store.sqlite import queries, schema, writes
 
 log = logging.getLogger("egress_guard.audit")
@@ -212,3 +212,17 @@ class SQLiteEngine:
 
     async def spent_since(self, since: str) -> dict[str, Decimal]:
         return queries.per_agent(await self._all(queries.SELECT_SPENT_SINCE, since))
+
+    async def approvals_by_id(self, ids: list[str]) -> list[Approval]:
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        return [queries.approval(r) for r in await self._all(f"{queries.SELECT_APPROVALS} WHERE id IN ({marks})", *ids)]
+
+    async def active_grants(self) -> list[GrantRecord]:
+        return [queries.grant(r) for r in await self._all(queries.SELECT_GRANTS + " WHERE revoked IS NULL ORDER BY id")]
+
+    async def active_freezes(self) -> list[Freeze]:
+        return [
+            queries.freeze(r) for r in await self._all(queries.SELECT_FREEZES + " WHERE lifted IS NULL ORDER BY id")
+        ]

@@ -16,7 +16,17 @@ from typing import Any, Self
 
 from egress_guard.fakekeys import KeyRecord
 from egress_guard.store import chain
-from egress_guard.store.records import COLUMNS, Filters, Spent, StoreError, Write
+from egress_guard.store.records import (
+    APPROVAL_COLUMNS,
+    COLUMNS,
+    Approval,
+    Filters,
+    Freeze,
+    GrantRecord,
+    Spent,
+    StoreError,
+    Write,
+)
 from egress_guard.store.sqlite import schema, writes
 from egress_guard.timeutil import now_iso
 
@@ -27,6 +37,11 @@ SELECT_REVOCATIONS = "SELECT id, ts, agent, session, key_id, reason FROM revocat
 SELECT_OVERRIDES = "SELECT agent, scope, limit_usd FROM budgets"
 SELECT_TOTALS = "SELECT agent, session, day, usd FROM spend_totals"
 SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= ? AND cost_usd IS NOT NULL AND agent IS NOT NULL"
+SELECT_APPROVALS = f"SELECT {', '.join(APPROVAL_COLUMNS)} FROM approvals"
+SELECT_GRANTS = (
+    "SELECT id, created, approval_id, rule, host, port, agent, session, granted_by, note, revoked FROM grants"
+)
+SELECT_FREEZES = "SELECT id, created, agent, session, trigger_text, baseline, lifted, lifted_by, note FROM freezes"
 ROW_COLUMNS = ", ".join(COLUMNS)  # what a query shows: not the chain's columns
 PRUNE_CHUNK = 5000  # rows a prune deletes per transaction: the proxy's writer never waits long
 
@@ -49,6 +64,18 @@ def per_agent(rows: Any) -> dict[str, Decimal]:
     for agent, usd in rows:
         out[agent] = out.get(agent, Decimal(0)) + Decimal(usd)
     return out
+
+
+def approval(row: Any) -> Approval:
+    return Approval(*tuple(row))
+
+
+def grant(row: Any) -> GrantRecord:
+    return GrantRecord(*tuple(row))
+
+
+def freeze(row: Any) -> Freeze:
+    return Freeze(*tuple(row))
 
 
 def where(f: Filters, *more: str) -> tuple[str, list[Any]]:
@@ -232,3 +259,40 @@ class SQLiteStore:
 
     def spent_since(self, since: str) -> dict[str, Decimal]:
         return per_agent(self._conn.execute(SELECT_SPENT_SINCE, (since,)))
+
+    # --- escalations -------------------------------------------------------------------
+
+    def _has_policy(self) -> bool:
+        """Whether the DB has 0010's tables (a read-only DB may predate it: nothing to show)."""
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'approvals'").fetchone() is not None
+
+    def approval(self, approval_id: str) -> Approval | None:
+        if not self._has_policy():
+            return None
+        row = self._conn.execute(SELECT_APPROVALS + " WHERE id = ?", (approval_id,)).fetchone()
+        return approval(row) if row is not None else None
+
+    def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
+        if not self._has_policy():
+            return []
+        sql, args = SELECT_APPROVALS, list[Any]()
+        if status is not None:
+            sql += " WHERE status = ?"
+            args.append(status)
+        sql += " ORDER BY created DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [approval(r) for r in self._conn.execute(sql, args)][::-1]
+
+    def grants(self, active_only: bool = True) -> list[GrantRecord]:
+        if not self._has_policy():
+            return []
+        where = " WHERE revoked IS NULL" if active_only else ""
+        return [grant(r) for r in self._conn.execute(SELECT_GRANTS + where + " ORDER BY id")]
+
+    def freezes(self, active_only: bool = True) -> list[Freeze]:
+        if not self._has_policy():
+            return []
+        where = " WHERE lifted IS NULL" if active_only else ""
+        return [freeze(r) for r in self._conn.execute(SELECT_FREEZES + where + " ORDER BY id")]

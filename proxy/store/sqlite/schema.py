@@ -4,7 +4,8 @@ connections every part of the SQLite store opens.
 Migrations 0001-0007 are as they shipped (0008 is PostgreSQL's alone: no SQL here); a new
 one goes at the end, under a new name.
 A migration may have a Python step too (`STEPS`), run in its transaction after its SQL:
-0006 fills the running totals from the rows already logged, once.
+0006 fills the running totals from the rows already logged, once; 0010 widens the audit
+table's CHECK constraints (`_widen_audit_checks`: SQLite cannot ALTER a constraint).
 """
 
 from __future__ import annotations
@@ -166,6 +167,68 @@ MIGRATIONS: list[tuple[str, str]] = [
         INSERT INTO audit_chain_floor SELECT COALESCE(MAX(id), 0) FROM audit WHERE chain IS NULL;
         """,
     ),
+    (
+        "0010_policy",
+        # and, in its step, audit.kind may be 'event', audit.decision 'would-deny'/'would-escalate'
+        """
+        CREATE TABLE approvals (              -- held requests waiting for a human (proxy/escalation.py)
+            id         TEXT PRIMARY KEY,      -- 8 random hex characters: `egress-guard approve ID`
+            created    TEXT NOT NULL,
+            expires    TEXT NOT NULL,         -- when the proxy stops waiting (escalation.timeout)
+            replica    TEXT NOT NULL,         -- the proxy holding the request
+            request_id TEXT NOT NULL,         -- its audit rows have the same id
+            agent      TEXT,
+            session    TEXT,
+            method     TEXT,
+            scheme     TEXT,
+            host       TEXT NOT NULL,
+            port       INTEGER NOT NULL,
+            path       TEXT,                  -- as the audit row has it (no query string unless configured)
+            rule       TEXT NOT NULL,         -- the escalating rule's id
+            reason     TEXT NOT NULL,
+            status     TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired')),
+            scope      TEXT CHECK (scope IN ('once', 'session', 'always')),
+            note       TEXT,
+            decided_by TEXT,
+            decided_at TEXT
+        );
+        CREATE INDEX approvals_status ON approvals (status, created);
+        CREATE TABLE grants (                 -- what approvals with scope session|always allow from then on
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: an event row names it
+            created     TEXT NOT NULL,
+            approval_id TEXT,
+            rule        TEXT NOT NULL,
+            host        TEXT NOT NULL,        -- '*' (port 0): every host (a freeze's grant)
+            port        INTEGER NOT NULL,
+            agent       TEXT,                 -- NULL: any
+            session     TEXT,                 -- NULL: any
+            granted_by  TEXT NOT NULL,
+            note        TEXT,
+            revoked     TEXT                  -- when (NULL: active)
+        );
+        CREATE TABLE freezes (                -- sessions frozen for diverging from their agent's baseline
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            created      TEXT NOT NULL,
+            agent        TEXT NOT NULL,
+            session      TEXT NOT NULL,       -- '' outside a session
+            trigger_text TEXT NOT NULL,
+            baseline     TEXT NOT NULL,       -- JSON
+            lifted       TEXT,                -- when (NULL: frozen)
+            lifted_by    TEXT,
+            note         TEXT
+        );
+        CREATE INDEX freezes_active ON freezes (agent, session) WHERE lifted IS NULL;
+        """,
+    ),
+]
+
+# 0010: the audit table's CHECK constraints as 0001 wrote them, and as they become.
+AUDIT_CHECKS = [
+    ("CHECK (kind IN ('connect', 'request'))", "CHECK (kind IN ('connect', 'request', 'event'))"),
+    (
+        "CHECK (decision IN ('allow', 'deny', 'error'))",
+        "CHECK (decision IN ('allow', 'deny', 'error', 'would-deny', 'would-escalate'))",
+    ),
 ]
 
 
@@ -211,7 +274,31 @@ def _fill_totals(conn: sqlite3.Connection) -> None:
         add_totals(conn, chunk)
 
 
-STEPS: dict[str, Callable[[sqlite3.Connection], None]] = {"0006_spend_totals": _fill_totals}
+def _widen_audit_checks(conn: sqlite3.Connection) -> None:
+    """Widen audit's CHECK constraints in place, by the procedure SQLite documents for a
+    change that "does not affect the on-disk content in any way" (lang_altertable.html §7,
+    the simpler procedure): edit the table's SQL in sqlite_schema under writable_schema and
+    bump schema_version, in the migration's transaction. Every stored row met the narrower
+    check, so it meets the wider one: no row is rewritten, ids and the hash chain are
+    untouched (rebuilding the table, the general procedure, would copy every row)."""
+    (version,) = conn.execute("PRAGMA schema_version").fetchone()
+    (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'audit'").fetchone()
+    for old, new in AUDIT_CHECKS:
+        if sql.count(old) != 1:
+            raise sqlite3.DatabaseError(f"migration 0010_policy: the audit table's schema lacks {old!r}")
+        sql = sql.replace(old, new)
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        conn.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'audit'", (sql,))
+        conn.execute(f"PRAGMA schema_version = {int(version) + 1}")  # every connection re-reads the schema
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
+
+
+STEPS: dict[str, Callable[[sqlite3.Connection], None]] = {
+    "0006_spend_totals": _fill_totals,
+    "0010_policy": _widen_audit_checks,
+}
 
 
 def connect(

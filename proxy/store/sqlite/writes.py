@@ -14,13 +14,21 @@ from dataclasses import dataclass
 from egress_guard.store import chain as chainmod
 from egress_guard.store.interface import Batch
 from egress_guard.store.records import (
+    ANY_HOST,
+    APPROVAL_COLUMNS,
     COLUMNS,
     INTENT_COLUMNS,
+    AddFreeze,
     AuditRow,
+    CreateApproval,
+    DecideApproval,
+    ExpireApproval,
     InsertKey,
     Intent,
+    LiftFreeze,
     Reservations,
     ResetBudget,
+    RevokeGrant,
     RevokeKeys,
     SetBudget,
     Write,
@@ -40,6 +48,10 @@ AMEND = (  # the right-hand sides see the row as it was: amended_from keeps the 
     "WHERE request_id = ? AND kind = 'request'"
 )
 UNCHAINED = (None, None, None)
+INSERT_APPROVAL = (
+    f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})"
+)
+_approval_fields = operator.attrgetter(*APPROVAL_COLUMNS)
 _row_fields = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
 _intent_fields = operator.attrgetter(*INTENT_COLUMNS)
 
@@ -155,7 +167,66 @@ def apply_write(conn: sqlite3.Connection, op: Write) -> int:
             )
             conn.executemany("DELETE FROM budget_reserved WHERE key = ?", [(key,) for key in op.removed])
             return len(op.changed) + len(op.removed)
+        case CreateApproval(approval=a):
+            return conn.execute(INSERT_APPROVAL, bindable(_approval_fields(a))).rowcount
+        case DecideApproval():
+            return _decide(conn, op)
+        case ExpireApproval():
+            return conn.execute(
+                "UPDATE approvals SET status = 'expired', decided_by = ?, decided_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (op.by, op.ts, op.id),
+            ).rowcount
+        case AddFreeze():
+            return conn.execute(
+                "INSERT INTO freezes (created, agent, session, trigger_text, baseline) VALUES (?, ?, ?, ?, ?)",
+                bindable((op.ts, op.agent, op.session, op.trigger, op.baseline)),
+            ).rowcount
+        case LiftFreeze():
+            return conn.execute(
+                "UPDATE freezes SET lifted = ?, lifted_by = ?, note = ? "
+                "WHERE agent = ? AND session = ? AND lifted IS NULL",
+                bindable((op.ts, op.by, op.note, op.agent, op.session)),
+            ).rowcount
+        case RevokeGrant():
+            return conn.execute(
+                "UPDATE grants SET revoked = ? WHERE id = ? AND revoked IS NULL", (op.ts, op.id)
+            ).rowcount
     raise TypeError(f"not a store write: {op!r}")
+
+
+def _decide(conn: sqlite3.Connection, op: DecideApproval) -> int:
+    """The decision, if the approval is still pending; with its grant and lifted freeze (see
+    `DecideApproval`), in the caller's transaction."""
+    found = conn.execute(
+        "SELECT agent, session, rule, host, port FROM approvals WHERE id = ? AND status = 'pending'", (op.id,)
+    ).fetchone()
+    if found is None:
+        return 0
+    agent, session, rule, host, port = found
+    if op.scope == "session" and session is None:
+        return 0  # a session grant without a session would cover every session
+    changed = conn.execute(
+        "UPDATE approvals SET status = ?, scope = ?, note = ?, decided_by = ?, decided_at = ? "
+        "WHERE id = ? AND status = 'pending'",
+        bindable((op.status, op.scope, op.note, op.by, op.ts, op.id)),
+    ).rowcount
+    if changed and op.grants:
+        if rule == "freeze":  # a freeze holds every host of the session
+            host, port = ANY_HOST, 0
+            conn.execute(
+                "UPDATE freezes SET lifted = ?, lifted_by = ?, note = ? "
+                "WHERE agent = ? AND session = ? AND lifted IS NULL",
+                bindable((op.ts, op.by, op.note, agent, session or "")),
+            )
+        conn.execute(
+            "INSERT INTO grants (created, approval_id, rule, host, port, agent, session, granted_by, note) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            bindable(
+                (op.ts, op.id, rule, host, port, agent, session if op.scope == "session" else None, op.by, op.note)
+            ),
+        )
+    return changed
 
 
 def head(conn: sqlite3.Connection, chain: str) -> tuple[int, str]:
