@@ -232,8 +232,9 @@ class ConfigWatcher:
     async def close(self) -> None:
         """Stop watching; a reload under way is let finish (it only swaps a reference)."""
         if self._on_signal and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_signal_handler(signal.SIGHUP)
+            # not removed: SIGHUP's default would end the process while the audit log flushes;
+            # the loop's own close restores the default
+            self._loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: egress-guard is stopping")
             self._on_signal = False
         for task in (self._task, self._sighup):
             if task is not None and not task.done():

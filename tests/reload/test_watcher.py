@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,23 @@ async def test_reloads_are_audit_event_rows_with_the_digests(tmp_path: Path) -> 
     assert rows[0]["rule"] == applied.digest[:12] and rows[1]["rule"] == refused.digest[:12]
     assert rows[0]["reason"].startswith(f"{config.digest[:12]} -> {applied.digest[:12]}: allow rules")
     assert rows[1]["reason"] == f"still running {applied.digest[:12]}: {refused.reason}"
+
+
+async def test_sighup_reloads_and_a_burst_is_one_reload(setup: tuple[Path, PolicyHolder, ConfigWatcher]) -> None:
+    cfg, holder, _ = setup
+    seen: list[Outcome] = []
+    watcher = ConfigWatcher(holder, poll=None)  # SIGHUP only: the poll cannot be what reloads
+    watcher.listeners.append(seen.append)
+    watcher.start()
+    assert watcher._on_signal, "pytest runs tests in the main thread: the handler must be installed"
+    try:
+        rewrite(cfg, allow=[{"host": "hup.example.com"}])
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: "hup.example.com" in hosts(holder))
+        await asyncio.sleep(0.2)
+    finally:
+        await watcher.close()
+    os.kill(os.getpid(), signal.SIGHUP)  # after close: ignored (not the default, which ends the process)
+    await asyncio.sleep(0.05)
+    assert [o.applied for o in seen] == [True]
