@@ -97,10 +97,7 @@ def _store(config: Config) -> tuple[dict[str, Any], int | None]:
         with store.open_store(config) as db:
             db.last_id()
             ms = round((time.monotonic() - started) * 1000, 1)
-            pending = None
-            approvals = getattr(db, "approvals", None)  # the store before escalations has none
-            if approvals is not None:
-                pending = len(approvals(status="pending", limit=PENDING_LIMIT))
+            pending = len(db.approvals(status="pending", limit=PENDING_LIMIT))
     except store.StoreError as exc:
         return {"name": name, "ok": False, "error": str(exc)}, None
     except Exception as exc:  # a driver's message may name more than it should: the type only

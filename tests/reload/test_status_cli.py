@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from support.proxy import write_config
 
 from egress_guard import status as status_mod
+from egress_guard import store
 from egress_guard.cli.status import status
 from egress_guard.config import Config
 from egress_guard.reload import ConfigWatcher
@@ -128,3 +129,21 @@ def test_status_file_writes_at_once_on_a_change_and_the_count_at_most_every_2s(c
     path.unlink()
     keeper.update(status_mod.refresh(first, holder, 3))
     assert path.exists()
+
+
+def test_a_postgresql_store_is_named_without_its_password(tmp_path: Path, pg_url: str) -> None:
+    password = "pg-Pa55-status-never-shown"
+    secret = tmp_path / "pg-password"
+    secret.write_text(password)
+    config = write_config(tmp_path, {"store": {"url": pg_url, "password_file": str(secret)}})
+    with store.open_store(config, write=True) as db:
+        db.migrate()
+    out = run(config)
+    assert out.exit_code == 3, out.output  # no proxy; the store answers
+    assert f"store:       {config.store_name}: ok (" in out.output and "approvals:   0 pending" in out.output
+    (tmp_path / "dead").mkdir()
+    dead_url = pg_url.rsplit(":", 1)[0] + ":1/nothing"  # nothing listens on port 1
+    dead = write_config(tmp_path / "dead", {"store": {"url": dead_url, "password_file": str(secret)}})
+    report = json.loads(run(dead, "--format", "json").output)
+    assert report["store"]["ok"] is False and report["store"]["name"] == dead.store_name
+    assert password not in json.dumps(report) and password not in run(dead).output
