@@ -70,9 +70,34 @@ class _Open:
 
 @dataclass(slots=True)
 class _Agent:
-    history: deque[Bucket]
+    history: deque[Bucket]  # at most HISTORY, oldest first
     current: _Open
     last_seen: float
+    # the sums over `history`, kept as buckets come and go: `check` runs before every
+    # request and must not add up 60 buckets each time
+    requests: int = 0
+    usd: Decimal = Decimal(0)
+    hosts: int = 0
+    refusals: int = 0
+
+    def push(self, bucket: Bucket) -> None:
+        if len(self.history) == HISTORY:
+            old = self.history.popleft()
+            self.requests -= old.requests
+            self.usd -= old.usd
+            self.hosts -= old.hosts
+            self.refusals -= old.refusals
+        self.history.append(bucket)
+        self.requests += bucket.requests
+        self.usd += bucket.usd
+        self.hosts += bucket.hosts
+        self.refusals += bucket.refusals
+
+    def mean(self) -> Mean:
+        n = len(self.history)
+        if n == 0:
+            return Mean(0, 0.0, Decimal(0), 0.0, 0.0)
+        return Mean(n, self.requests / n, self.usd / n, self.hosts / n, self.refusals / n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,19 +109,6 @@ class Mean:
     usd: Decimal
     hosts: float
     refusals: float
-
-    @classmethod
-    def of(cls, history: deque[Bucket]) -> Mean:
-        n = len(history)
-        if n == 0:
-            return cls(0, 0.0, Decimal(0), 0.0, 0.0)
-        return cls(
-            n,
-            sum(b.requests for b in history) / n,
-            sum((b.usd for b in history), Decimal(0)) / n,
-            sum(b.hosts for b in history) / n,
-            sum(b.refusals for b in history) / n,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +208,7 @@ class Baselines:
         if len(state.history) < max(s.warmup, 1):
             return None
         cur = state.current.close()
-        mean = Mean.of(state.history)
+        mean = state.mean()
 
         def fire(
             metric: str, value: Decimal | int, base: Decimal | float, threshold: float | int, text: str
@@ -249,7 +261,7 @@ class Baselines:
         if state is None:
             return None
         self._roll(state, self._index(now))
-        return Mean.of(state.history)
+        return state.mean()
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -261,7 +273,7 @@ class Baselines:
         index = self._index(now)
         state = self._agents.get(agent)
         if state is None:
-            state = _Agent(deque(maxlen=HISTORY), _Open(index), now)
+            state = _Agent(deque(), _Open(index), now)
             self._agents[agent] = state
             while len(self._agents) > MAX_AGENTS:
                 self._agents.popitem(last=False)
@@ -276,7 +288,7 @@ class Baselines:
         """Close the open window once `now` is past it; an empty one is not history."""
         if index > state.current.index:
             if state.current.requests:
-                state.history.append(state.current.close())
+                state.push(state.current.close())
             state.current = _Open(index)
 
     def _sweep(self, now: float) -> None:

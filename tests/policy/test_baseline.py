@@ -177,6 +177,12 @@ def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # the 1000-host window counted 11 (saturated), and it has rolled out of the 60 kept
     state = b._agents["wide"]
     assert len(state.history) == baseline_mod.HISTORY
+    # the running sums `check` reads agree with the buckets kept
+    assert (state.requests, state.hosts, state.usd) == (
+        sum(x.requests for x in state.history),
+        sum(x.hosts for x in state.history),
+        sum((x.usd for x in state.history), Decimal(0)),
+    )
 
 
 def test_idle_agents_are_forgotten() -> None:
