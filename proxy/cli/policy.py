@@ -6,14 +6,29 @@ Reads the store the config names, read-only; never changes the config file.
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 from egress_guard.cli.common import config_option, open_db
-from egress_guard.store import Filters
+from egress_guard.store import Filters, Store
 from egress_guard.suggest import suggest as suggest_rules
-from egress_guard.timeutil import parse_when
+from egress_guard.timeutil import iso, parse_iso, parse_when, utcnow
+
+SLICE = datetime.timedelta(hours=1)
+
+
+def _rows(db: Store, agent: str | None, since: str, until: str | None) -> Iterator[dict[str, Any]]:
+    """The audit rows from `since` to `until` (default: now), an hour at a time: a day of a
+    busy proxy's rows never sits in memory at once (suggest keeps only what it counts)."""
+    start, end = parse_iso(since), parse_iso(until) if until else utcnow()
+    while start < end:
+        stop = min(start + SLICE, end)
+        yield from db.rows(Filters(agent=agent, since=iso(start), until=iso(stop)), None)
+        start = stop
 
 
 def _when(value: str | None, param: str) -> str | None:
@@ -60,9 +75,10 @@ def suggest(
     Example:
       egress-guard policy suggest --since 1d --agent researcher --out suggested.yaml
     """
-    filters = Filters(agent=agent, since=_when(since, "--since"), until=_when(until, "--until"))
+    start, end = _when(since, "--since"), _when(until, "--until")
+    assert start is not None  # --since has a default
     with open_db(config_path) as db:
-        found = suggest_rules(db.rows(filters, None))
+        found = suggest_rules(_rows(db, agent, start, end))
     if not found.rules:
         raise click.ClickException(
             f"no allowed or observed request rows since {since}"

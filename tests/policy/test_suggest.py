@@ -4,6 +4,7 @@ reads the config's store and writes a file only when told to replace it."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from egress_guard.hosts import normalize_host
 from egress_guard.policy import Destination, Verdict, decide
 from egress_guard.store import AuditLog, AuditRow
 from egress_guard.suggest import globs, suggest
-from egress_guard.timeutil import now_iso
+from egress_guard.timeutil import iso, now_iso, utcnow
 
 
 def req(
@@ -135,11 +136,13 @@ def home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-async def write(home: Path, rows: list[dict[str, Any]]) -> None:
+async def write(home: Path, rows: list[dict[str, Any]], ago: float = 0) -> None:
+    """The rows, as the proxy's writer records them, `ago` seconds in the past."""
+    ts = iso(utcnow() - datetime.timedelta(seconds=ago)) if ago else now_iso()
     log = AuditLog(home / "egress-guard.db")
     await log.open()
     for i, r in enumerate(rows):
-        log.record(AuditRow(ts=now_iso(), request_id=f"r{i}", agent="bot" if i % 2 else "other", status=200, **r))
+        log.record(AuditRow(ts=ts, request_id=f"r{ago}-{i}", agent="bot" if i % 2 else "other", status=200, **r))
     assert await log.close() == 0
 
 
@@ -173,6 +176,23 @@ async def test_the_command_reads_the_store_and_writes_a_file(home: Path) -> None
 
     result = runner.invoke(policy, ["suggest", "--config", str(config), "--agent", "nobody"])
     assert result.exit_code == 1 and "no allowed or observed request rows" in result.output
+
+
+async def test_the_command_reads_every_hour_of_its_span(home: Path) -> None:
+    """Rows are read an hour at a time: rows hours apart all count, and --since/--until bound them."""
+    await write(home, [req("old.example", "GET", "/a")], ago=5 * 3600 + 17)
+    await write(home, [req("mid.example", "GET", "/b")], ago=2 * 3600)
+    await write(home, [req("new.example", "GET", "/c")])
+    config = str(home / "egress-guard.yaml")
+
+    def hosts(*args: str) -> set[str]:
+        result = CliRunner().invoke(policy, ["suggest", "--config", config, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return {r["host"] for r in yaml.safe_load("allow:\n" + result.output)["allow"]}
+
+    assert hosts("--since", "1d") == {"old.example", "mid.example", "new.example"}
+    assert hosts("--since", "3h") == {"mid.example", "new.example"}
+    assert hosts("--since", "1d", "--until", "1h") == {"old.example", "mid.example"}
 
 
 # --- end to end: observe, suggest, enforce ---------------------------------------------
