@@ -116,5 +116,36 @@ def evaluate(compiled: Compiled, data: dict[str, Any]) -> bool | str:
     return f"the expression returned {value.type().name().lower()}, not bool"
 
 
+@dataclass(frozen=True, slots=True)
+class FirstMatch:
+    """Many expressions as one program that returns the position of the first that holds
+    (-1: none), so a request costs one evaluation, not one per rule. An error anywhere it
+    looked comes back as None: the caller then judges rule by rule, which says which one
+    failed and fails closed on it."""
+
+    program: Any = field(repr=False)
+    size: int
+
+    def __call__(self, data: dict[str, Any]) -> int | None:
+        try:
+            value = self.program.eval(data=data)
+        except Exception:
+            return None
+        return value.value() if value.type() == _T.INT else None
+
+
+def first_match(expressions: list[Compiled]) -> FirstMatch | None:
+    """The FirstMatch of `expressions` (each compiled alone before), or None if they cannot
+    be put together. Each sits on lines of its own: a `//` comment in one ends with its line."""
+    text = "-1"
+    for i in reversed(range(len(expressions))):
+        text = f"(\n{expressions[i].source}\n) ? {i} : ({text})"
+    try:
+        program = _ENV.compile(text)
+    except RuntimeError:
+        return None
+    return FirstMatch(program, len(expressions)) if program.return_type() == _T.INT else None
+
+
 def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)

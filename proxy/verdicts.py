@@ -195,22 +195,24 @@ class CelRule:
 
 @dataclass(frozen=True, slots=True)
 class _Candidates:
-    """The rules that can apply to one host, by action, each in file order."""
+    """The rules that can apply to one host: `ordered` is the deny rules, then the escalate
+    rules, then the allow rules, each in file order; `first` evaluates them as one program."""
 
-    deny: tuple[CelRule, ...]
-    escalate: tuple[CelRule, ...]
-    allow: tuple[CelRule, ...]
+    ordered: tuple[CelRule, ...]
+    first: cel_rules.FirstMatch | None
     needs_body: bool
     variables: frozenset[str]
 
 
-_NONE = _Candidates((), (), (), False, frozenset())
+_NONE = _Candidates((), None, False, frozenset())
 _CACHE_MAX = 4096  # host names seen per policy; agents choose them, so bounded
+_ACTION_ORDER = {Action.DENY: 0, Action.ESCALATE: 1, Action.ALLOW: 2}
 
 
 class _RuleIndex:
     """The `rules:` that can apply to a host: those naming it (exact, or a `*.` parent),
-    plus the unscoped ones, in file order. Looked up once per host name and cached."""
+    plus the unscoped ones. Looked up once per host name and cached; hosts with the same
+    rules share one compiled FirstMatch, compiled at load for every host a rule names."""
 
     def __init__(self, rules: tuple[CelRule, ...]) -> None:
         self.rules = rules
@@ -223,7 +225,11 @@ class _RuleIndex:
             for h in rule.hosts:
                 (self.wildcard if h.wildcard else self.exact).setdefault(h.name, []).append(i)
         self.cache: dict[str, _Candidates] = {}
+        self.sets: dict[tuple[int, ...], _Candidates] = {}
         self.lock = threading.Lock()
+        if rules:
+            for name in [*self.exact, *(f"_.{suffix}" for suffix in self.wildcard), "_.unscoped.invalid"]:
+                self.candidates(Host(name))
 
     def scoped(self, host: Host) -> set[int]:
         found = set(self.exact.get(host.name, ()))
@@ -241,15 +247,20 @@ class _RuleIndex:
         hit = self.cache.get(host.name)
         if hit is not None:
             return hit
-        chosen = [self.rules[i] for i in sorted(self.scoped(host).union(self.unscoped))]
-        made = _Candidates(
-            tuple(r for r in chosen if r.action is Action.DENY),
-            tuple(r for r in chosen if r.action is Action.ESCALATE),
-            tuple(r for r in chosen if r.action is Action.ALLOW),
-            any(r.needs_body for r in chosen),
-            frozenset().union(*(r.expression.variables for r in chosen)),
+        key = tuple(
+            sorted(self.scoped(host).union(self.unscoped), key=lambda i: (_ACTION_ORDER[self.rules[i].action], i))
         )
+        made = self.sets.get(key)
+        if made is None:
+            ordered = tuple(self.rules[i] for i in key)
+            made = _Candidates(
+                ordered,
+                cel_rules.first_match([r.expression for r in ordered]) if ordered else None,
+                any(r.needs_body for r in ordered),
+                frozenset().union(*(r.expression.variables for r in ordered)),
+            )
         with self.lock:
+            self.sets.setdefault(key, made)
             if len(self.cache) >= _CACHE_MAX:
                 self.cache.clear()
             self.cache[host.name] = made
@@ -363,33 +374,39 @@ class Policy:
 
     def _evaluate(self, facts: Facts, grants: Grants, frozen: str | None) -> Outcome:
         cands = self._index.candidates(facts.host)
-        data = _activation(facts, cands.variables) if cands.variables else {}
-        for rule in cands.deny:
-            hit = _judge(rule, facts, data)
-            if hit is True:
-                return Outcome(Action.DENY, rule.describe(), rule.id)
-            if hit is not False:
-                return Outcome(Action.DENY, f"{rule.id} could not be evaluated ({hit}): denied", rule.id)
-        if frozen is not None and grants.covers(FREEZE, facts) is None:
-            deny = self.freeze is not None and self.freeze.action == "deny"
-            return Outcome(Action.DENY if deny else Action.ESCALATE, f"frozen: {frozen}", FREEZE)
-        granted: CelRule | None = None
-        for rule in cands.escalate:
-            hit = _judge(rule, facts, data)
-            if hit is False:
-                continue
-            if grants.covers(rule.id, facts) is not None:
-                granted = granted or rule
-                continue
-            if hit is True:
-                return Outcome(Action.ESCALATE, rule.describe(), rule.id)
-            return Outcome(Action.ESCALATE, f"{rule.id} could not be evaluated ({hit}): needs approval", rule.id)
+        allowed_by: CelRule | None = None  # an allow rule that matched
+        granted: CelRule | None = None  # a matched escalate rule a grant covers
+        if cands.ordered:
+            data = _activation(facts, cands.variables)
+            first = None
+            if cands.first is not None and (facts.body is not None or not cands.needs_body):
+                first = cands.first(data)  # one evaluation for the common case
+            hit = cands.ordered[first] if first is not None and first >= 0 else None
+            if first is not None and not (
+                hit is not None and hit.action is Action.ESCALATE and grants.covers(hit.id, facts) is not None
+            ):
+                if hit is not None and hit.action is Action.DENY:
+                    return Outcome(Action.DENY, hit.describe(), hit.id)
+                if frozen is not None:
+                    frozen_outcome = self._frozen(facts, grants, frozen)
+                    if frozen_outcome is not None:
+                        return frozen_outcome
+                if hit is not None and hit.action is Action.ESCALATE:
+                    return Outcome(Action.ESCALATE, hit.describe(), hit.id)
+                allowed_by = hit
+            else:  # an error, an unread body or a grant: rule by rule
+                outcome, allowed_by, granted = self._rule_by_rule(cands, facts, data, grants, frozen)
+                if outcome is not None:
+                    return outcome
+        elif frozen is not None:
+            frozen_outcome = self._frozen(facts, grants, frozen)
+            if frozen_outcome is not None:
+                return frozen_outcome
         decision = decide(self.allowlist, Destination(facts.host, facts.port, facts.method, facts.path))
         if decision.allowed:
             return Outcome(Action.ALLOW, decision.reason, decision.rule)
-        for rule in cands.allow:
-            if _judge(rule, facts, data) is True:
-                return Outcome(Action.ALLOW, rule.reason or f"{rule.id} allows it", rule.id)
+        if allowed_by is not None:
+            return Outcome(Action.ALLOW, allowed_by.reason or f"{allowed_by.id} allows it", allowed_by.id)
         if granted is not None:
             return Outcome(Action.ALLOW, f"{granted.id}: approved earlier (a grant covers it)", granted.id)
         grant = grants.covers(UNKNOWN_HOSTS, facts)
@@ -402,6 +419,48 @@ class Policy:
                 Action.ESCALATE, f"{facts.host}:{facts.port} is not on the allowlist: needs approval", UNKNOWN_HOSTS
             )
         return Outcome(Action.DENY, decision.reason, decision.rule)
+
+    def _frozen(self, facts: Facts, grants: Grants, frozen: str) -> Outcome | None:
+        if grants.covers(FREEZE, facts) is not None:
+            return None
+        deny = self.freeze is not None and self.freeze.action == "deny"
+        return Outcome(Action.DENY if deny else Action.ESCALATE, f"frozen: {frozen}", FREEZE)
+
+    def _rule_by_rule(
+        self, cands: _Candidates, facts: Facts, data: dict[str, Any], grants: Grants, frozen: str | None
+    ) -> tuple[Outcome | None, CelRule | None, CelRule | None]:
+        """Steps 1-3 one rule at a time: (the outcome if they decide, else the allow rule
+        that matched and the granted escalate rule, for step 4)."""
+        hits: dict[str, bool | str] = {}
+        for rule in cands.ordered:
+            if rule.action is not Action.DENY:
+                break
+            hit = hits[rule.id] = _judge(rule, facts, data)
+            if hit is True:
+                return Outcome(Action.DENY, rule.describe(), rule.id), None, None
+            if hit is not False:
+                return Outcome(Action.DENY, f"{rule.id} could not be evaluated ({hit}): denied", rule.id), None, None
+        if frozen is not None:
+            frozen_outcome = self._frozen(facts, grants, frozen)
+            if frozen_outcome is not None:
+                return frozen_outcome, None, None
+        granted: CelRule | None = None
+        allowed_by: CelRule | None = None
+        for rule in cands.ordered:
+            if rule.action is Action.ESCALATE:
+                hit = _judge(rule, facts, data)
+                if hit is False:
+                    continue
+                if grants.covers(rule.id, facts) is not None:
+                    granted = granted or rule
+                    continue
+                if hit is True:
+                    return Outcome(Action.ESCALATE, rule.describe(), rule.id), None, None
+                reason = f"{rule.id} could not be evaluated ({hit}): needs approval"
+                return Outcome(Action.ESCALATE, reason, rule.id), None, None
+            if rule.action is Action.ALLOW and allowed_by is None and _judge(rule, facts, data) is True:
+                allowed_by = rule
+        return None, allowed_by, granted
 
 
 EMPTY_POLICY = Policy()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from egress_guard import cel_rules
 from egress_guard.config import load_config
 from egress_guard.hosts import normalize_host
 from egress_guard.verdicts import (
@@ -215,18 +216,37 @@ TABLE: list[tuple[str, str, Facts, Any, str | None, str, str | None]] = [
 ]  # fmt: skip
 
 
+@pytest.fixture(params=["one-program", "rule-by-rule"])
+def judged(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case twice: as the proxy runs it (a host's rules as one CEL program), and rule
+    by rule (the path taken on an error, an unread body or a grant) — they must agree."""
+    if request.param == "rule-by-rule":
+        monkeypatch.setattr(cel_rules, "first_match", lambda expressions: None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     ("extra", "request_", "grants", "frozen", "verdict", "rule"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE]
 )
 def test_combining(
-    tmp_path: Path, extra: str, request_: Facts, grants: Any, frozen: str | None, verdict: str, rule: str | None
+    tmp_path: Path,
+    judged: str,
+    extra: str,
+    request_: Facts,
+    grants: Any,
+    frozen: str | None,
+    verdict: str,
+    rule: str | None,
 ) -> None:
-    outcome = policy_of(tmp_path, BASE + extra).evaluate(request_, grants, frozen)
+    policy = policy_of(tmp_path, BASE + extra)
+    if judged == "one-program" and policy.rules:
+        assert policy._index.candidates(request_.host).first is not None
+    outcome = policy.evaluate(request_, grants, frozen)
     assert (outcome.verdict_text, outcome.rule) == (verdict, rule), outcome
     assert outcome.reason
 
 
-def test_reasons_say_what_happened(tmp_path: Path) -> None:
+def test_reasons_say_what_happened(tmp_path: Path, judged: str) -> None:
     policy = policy_of(tmp_path, BASE + RULES)
     assert policy.evaluate(facts(OPENAI, "POST", GPT4_STREAM)).reason == "no streamed gpt-4"
     broken = policy.evaluate(facts("https://div.example.com/"))
@@ -310,7 +330,7 @@ def test_the_host_index_picks_exactly_the_rules_a_scan_would(tmp_path: Path) -> 
         got = policy.evaluate(facts(f"https://{name}/")).rule
         assert got == want[0], (name, got, want)
         index = policy._index.candidates(host)
-        assert [r.id for r in index.escalate] == want, name
+        assert [r.id for r in index.ordered] == want, name
 
 
 def test_body_facts_shapes() -> None:
