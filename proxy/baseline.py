@@ -171,6 +171,15 @@ class Baselines:
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
         self._last_sweep = float("-inf")
 
+    def reconfigure(self, settings: FreezeSettings) -> None:
+        """New thresholds (a reload): the baselines are kept while the window length stays;
+        a new length changes what a bucket means, so they start again."""
+        if settings.window <= 0:
+            raise ValueError("freeze.window must be positive")
+        if settings.window != self.settings.window:
+            self._agents.clear()
+        self.settings = settings
+
     def __len__(self) -> int:
         return len(self._agents)
 

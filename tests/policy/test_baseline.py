@@ -202,3 +202,16 @@ def test_add_spend_counts_in_the_current_window() -> None:
     b.add_spend("bot", Decimal("1"), now + 1)  # the call settled at 1 USD
     trigger = b.check("bot", "s1", now + 1)
     assert trigger is not None and trigger.metric == "spend"
+
+
+def test_a_reload_keeps_baselines_unless_the_window_changes() -> None:
+    b = Baselines(settings())
+    steady(b, 10, per_window=30)
+    b.reconfigure(settings(requests_rate=2.0))  # new thresholds: the history stays and they apply
+    now = 10 * W
+    for _ in range(60):
+        b.observe("bot", "s1", "h0.example", Decimal(0), False, now)
+    trigger = b.check("bot", "s1", now)
+    assert trigger is not None and trigger.text.endswith("(freeze.requests_rate 2x)")
+    b.reconfigure(settings(window=30.0))
+    assert len(b) == 0 and b.check("bot", "s1", now) is None
