@@ -1,0 +1,187 @@
+"""Escalations on real stores with the real CLI: a held request approved, denied or timed
+out; an answer committed just before the timeout wins; scope session leaves a grant the
+policy's Grants view covers; a freeze holds at once, is stored and audited, and an approval
+with scope session lifts it; stopping ends every held request."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from escalation_env import cli, make_home, request, running, wait_pending
+
+from egress_guard import escalation
+from egress_guard.hosts import normalize_host
+from egress_guard.store import DecideApproval, SQLiteStore
+from egress_guard.timeutil import now_iso
+from egress_guard.verdicts import FREEZE, Facts
+
+
+def facts(
+    agent: str = "researcher", session: str | None = "s1", host: str = "new.example.com", port: int = 443
+) -> Facts:
+    return Facts(host=normalize_host(host), port=port, agent=agent, session=session)
+
+
+def events(config: Path) -> list[dict[str, Any]]:
+    db = config.parent / "egress-guard.db"
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit WHERE kind = 'event' ORDER BY id")]
+    finally:
+        conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    if request.param == "sqlite":
+        return make_home(tmp_path)
+    return make_home(tmp_path, request.getfixturevalue("pg_url"))
+
+
+async def test_approved_from_the_cli_with_scope_session_then_granted(config: Path) -> None:
+    async with running(config, timeout=20) as esc:
+        asked = asyncio.create_task(esc.ask(request()))
+        (shown,) = await wait_pending(config)
+        assert esc.held == 1
+        assert (shown["agent"], shown["session"], shown["host"], shown["port"], shown["rule"]) == (
+            "researcher",
+            "s1",
+            "new.example.com",
+            443,
+            "unknown_hosts",
+        )
+        assert esc.grants.covers("unknown_hosts", facts()) is None
+        code, out = await asyncio.to_thread(
+            cli, config, "approve", shown["id"], "--scope", "session", "--note", "eval run", "--by", "alice"
+        )
+        assert code == 0, out
+        assert f"approved {shown['id']}: POST new.example.com:443 for agent researcher and its session s1" in out
+        answer = await asyncio.wait_for(asked, 5)
+        assert answer.approved and (answer.by, answer.scope, answer.note) == ("alice", "session", "eval run")
+        assert answer.reason == f"approved by alice (escalation {shown['id']}, scope session: eval run)"
+        # the grant is in force at once: the session's next request does not ask
+        grant = esc.grants.covers("unknown_hosts", facts())
+        assert grant is not None and (grant.agent, grant.session) == ("researcher", "s1")
+        assert esc.grants.covers("unknown_hosts", facts(session="s2")) is None
+        assert esc.grants.covers("unknown_hosts", facts(port=8443)) is None
+        assert esc.grants.covers("rule:other", facts()) is None
+        assert esc.held == 0
+    code, out = cli(config, "pending", "--history")
+    assert code == 0 and shown["id"] in out and "approved" in out and "alice" in out and "grants" in out
+    if config.parent.joinpath("egress-guard.db").exists() and "store" not in config.read_text():
+        (row,) = events(config)
+        assert (row["method"], row["decision"], row["rule"], row["request_id"]) == (
+            "approve",
+            "allow",
+            shown["id"],
+            "req-1",
+        )
+        assert row["reason"] == answer.reason and row["host"] == "new.example.com"
+
+
+async def test_denied_from_the_cli_with_a_note(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    async with running(config, timeout=20) as esc:
+        asked = asyncio.create_task(esc.ask(request()))
+        (shown,) = await wait_pending(config)
+        code, out = await asyncio.to_thread(cli, config, "deny", shown["id"], "--note", "not needed", "--by", "bob")
+        assert code == 0 and f"denied {shown['id']}" in out, out
+        answer = await asyncio.wait_for(asked, 5)
+    assert not answer.approved and answer.status == "denied"
+    assert answer.reason == f"escalation {shown['id']} denied by bob: not needed"
+    (row,) = events(config)
+    assert (row["method"], row["decision"], row["reason"]) == ("deny", "deny", answer.reason)
+    # answered: the CLI says by whom and when
+    code, out = cli(config, "approve", shown["id"])
+    assert code == 1 and f"escalation {shown['id']} is not pending: denied by bob at " in out and "not needed" in out
+
+
+async def test_unanswered_it_expires_and_the_cli_says_so(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    async with running(config, timeout=0.6) as esc:
+        answer = await esc.ask(request())
+    assert answer.status == "expired" and not answer.approved
+    assert (
+        answer.reason == f"escalation {answer.approval_id} timed out after 0.6 s without an answer (escalation.timeout)"
+    )
+    (row,) = events(config)
+    assert (row["method"], row["decision"], row["rule"]) == ("expire", "deny", answer.approval_id)
+    code, out = cli(config, "approve", answer.approval_id)
+    assert code == 1 and "is not pending: it expired at" in out and "(timeout)" in out
+    assert "no requests are waiting for an answer" in cli(config, "pending")[1]
+
+
+async def test_an_answer_committed_before_the_expiry_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's approval lands while the proxy is not looking (no poll before the deadline):
+    the expiry, conditional, changes nothing, and the final status read back is the approval."""
+    config = make_home(tmp_path)
+    monkeypatch.setattr(escalation, "POLL", 60.0)
+    async with running(config, timeout=1.0) as esc:
+        asked = asyncio.create_task(esc.ask(request()))
+        (shown,) = await wait_pending(config)
+        with SQLiteStore(config.parent / "egress-guard.db", readonly=False) as store:
+            op = DecideApproval(id=shown["id"], status="approved", scope="once", note=None, by="carol", ts=now_iso())
+            assert store.write(op) == 1
+        answer = await asyncio.wait_for(asked, 5)
+    assert answer.approved and answer.by == "carol"
+    (row,) = events(config)
+    assert row["method"] == "approve"
+
+
+async def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    code, out = cli(config, "approve", "deadbeef")
+    assert code == 1 and "no escalation 'deadbeef'" in out and "egress-guard pending" in out
+    async with running(config, timeout=20) as esc:
+        asked = asyncio.create_task(esc.ask(request(session=None)))
+        (shown,) = await wait_pending(config)
+        code, out = await asyncio.to_thread(cli, config, "approve", shown["id"], "--scope", "session")
+        assert code == 1 and "has no session" in out and "--scope always" in out
+        code, out = await asyncio.to_thread(cli, config, "approve", shown["id"], "--scope", "always")
+        assert code == 0, out
+        answer = await asyncio.wait_for(asked, 5)
+        assert answer.approved and answer.scope == "always"
+        assert esc.grants.covers("unknown_hosts", facts(session="any-other")) is not None
+        assert esc.grants.covers("unknown_hosts", facts(agent="writer")) is None  # this agent only
+
+
+async def test_a_freeze_holds_at_once_and_an_approval_for_the_session_lifts_it(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    async with running(config, timeout=20) as esc:
+        await esc.freeze("researcher", "s1", "spend 9.1x its baseline", '{"usd_per_window":"0.01"}')
+        assert esc.frozen("researcher", "s1") == "spend 9.1x its baseline"
+        assert esc.frozen("researcher", "s2") is None and esc.frozen(None, None) is None
+        await esc.refresh()
+        assert esc.frozen("researcher", "s1") == "spend 9.1x its baseline"  # now from the store
+        with SQLiteStore(config.parent / "egress-guard.db") as store:
+            (stored,) = store.freezes()
+        assert (stored.agent, stored.session, stored.baseline) == ("researcher", "s1", '{"usd_per_window":"0.01"}')
+        asked = asyncio.create_task(esc.ask(request(rule=FREEZE, reason="frozen: spend 9.1x its baseline")))
+        (shown,) = await wait_pending(config)
+        code, out = await asyncio.to_thread(cli, config, "approve", shown["id"], "--scope", "session", "--by", "ops")
+        assert code == 0, out
+        assert (await asyncio.wait_for(asked, 5)).approved
+        assert esc.frozen("researcher", "s1") is None
+        assert esc.grants.covers(FREEZE, facts(host="anything.example", port=80)) is not None
+        assert esc.grants.covers(FREEZE, facts(session="s2")) is None
+    rows = events(config)
+    assert [r["method"] for r in rows] == ["freeze", "approve"]
+    assert "spend 9.1x its baseline" in rows[0]["reason"] and '{"usd_per_window":"0.01"}' in rows[0]["reason"]
+
+
+async def test_stopping_ends_every_held_request(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    async with running(config, timeout=60) as esc:
+        asked = [asyncio.create_task(esc.ask(request(n))) for n in (1, 2)]
+        await wait_pending(config, 2)
+        await esc.close()
+        answers = await asyncio.wait_for(asyncio.gather(*asked), 5)
+    assert [a.approved for a in answers] == [False, False]
+    assert all(escalation.STOPPING in a.reason for a in answers)
+    with SQLiteStore(config.parent / "egress-guard.db") as store:
+        assert {a.status for a in store.approvals()} == {"expired"}
