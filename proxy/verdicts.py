@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from egress_guard import cel_rules
-from egress_guard.hosts import Host
+from egress_guard.hosts import Host, normalize_host
 from egress_guard.policy import Destination, Rule, decide
 from egress_guard.timeutil import now_iso
 
@@ -228,7 +228,10 @@ class _RuleIndex:
         self.sets: dict[tuple[int, ...], _Candidates] = {}
         self.lock = threading.Lock()
         if rules:
-            for name in [*self.exact, *(f"_.{suffix}" for suffix in self.wildcard), "_.unscoped.invalid"]:
+            # compiled now, not on a first request: every set of rules a named host gets
+            for name in self.exact:
+                self.candidates(normalize_host(name))
+            for name in [*(f"_.{suffix}" for suffix in self.wildcard), "_.unscoped.invalid"]:
                 self.candidates(Host(name))
 
     def scoped(self, host: Host) -> set[int]:
@@ -367,7 +370,10 @@ class Policy:
         A rule whose evaluation errors counts as matched for deny and escalate and as not
         matched for allow. In observe mode the outcome is `observed`: recorded, not enforced.
         """
-        outcome = self._evaluate(facts, grants, frozen)
+        try:
+            outcome = self._evaluate(facts, grants, frozen)
+        except Exception as exc:  # a bug here, or in a Grants view: refuse, and say so
+            return Outcome(Action.DENY, f"the policy could not decide ({type(exc).__name__}): denied", None)
         if self.mode == "observe" and outcome.action is not Action.ALLOW:
             return replace(outcome, observed=True)
         return outcome

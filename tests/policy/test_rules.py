@@ -385,3 +385,15 @@ def test_an_empty_policy_denies(tmp_path: Path) -> None:
     outcome = Policy().evaluate(facts("https://pypi.org/"))
     assert (outcome.action, outcome.rule) == (Action.DENY, None)
     assert policy_of(tmp_path, BASE).rules == ()
+
+
+def test_a_failing_grants_view_refuses(tmp_path: Path) -> None:
+    class Broken:
+        def covers(self, rule: str, facts: Facts) -> Grant | None:
+            raise RuntimeError("store gone")
+
+    outcome = policy_of(tmp_path, BASE + RULES).evaluate(
+        facts(OPENAI, "POST", {"model": "o3"}, agent="intern"), Broken()
+    )
+    assert (outcome.action, outcome.rule) == (Action.DENY, None)
+    assert outcome.reason == "the policy could not decide (RuntimeError): denied"
