@@ -10,40 +10,61 @@ error (a division by zero, a missing body) comes back as text and the caller fai
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cel_expr_python import cel
-
-_T = cel.Type
-_STRINGS = _T.List(_T.STRING)
-
-# Every variable an expression may name, its CEL type and the value it has when the request
-# says nothing (absent values are "", 0, false, []).
-VARIABLES: dict[str, tuple[Any, Any]] = {
-    "agent": (_T.STRING, ""),
-    "session": (_T.STRING, ""),
-    "service": (_T.STRING, ""),
-    "host": (_T.STRING, ""),
-    "port": (_T.INT, 0),
-    "method": (_T.STRING, ""),
-    "path": (_T.STRING, ""),
-    "query": (_STRINGS, []),
-    "headers": (_STRINGS, []),
-    "body_size": (_T.INT, 0),
-    "model": (_T.STRING, ""),
-    "max_tokens": (_T.INT, 0),
-    "stream": (_T.BOOL, False),
-    "tools": (_STRINGS, []),
-    "rpc_method": (_T.STRING, ""),
-    "rpc_tool": (_T.STRING, ""),
-    "now": (_T.TIMESTAMP, None),
+# Every variable an expression may name and its CEL type; a value the request does not have
+# is "", 0, false or [].
+VARIABLES: dict[str, str] = {
+    "agent": "string",
+    "session": "string",
+    "service": "string",
+    "host": "string",
+    "port": "int",
+    "method": "string",
+    "path": "string",
+    "query": "list(string)",
+    "headers": "list(string)",
+    "body_size": "int",
+    "model": "string",
+    "max_tokens": "int",
+    "stream": "bool",
+    "tools": "list(string)",
+    "rpc_method": "string",
+    "rpc_tool": "string",
+    "now": "timestamp",
 }
 # The variables read from the request's body: a rule naming one needs the body.
 BODY_VARIABLES = frozenset({"model", "max_tokens", "stream", "tools", "rpc_method", "rpc_tool"})
 
-_ENV = cel.NewEnv(variables={name: t for name, (t, _) in VARIABLES.items()})
+
+@dataclass(frozen=True, slots=True)
+class _Cel:
+    env: Any
+    BOOL: Any
+    INT: Any
+    ERROR: Any
+
+
+@functools.cache
+def _cel() -> _Cel:
+    """The CEL environment, made on the first compile: a config without rules never loads
+    cel-cpp (about 9 MB)."""
+    from cel_expr_python import cel
+
+    t = cel.Type
+    kinds = {
+        "string": t.STRING,
+        "int": t.INT,
+        "bool": t.BOOL,
+        "timestamp": t.TIMESTAMP,
+        "list(string)": t.List(t.STRING),
+    }
+    env = cel.NewEnv(variables={name: kinds[kind] for name, kind in VARIABLES.items()})
+    return _Cel(env, t.BOOL, t.INT, t.ERROR)
+
 
 # A string literal (any CEL quoting, raw or not) and an identifier: what an expression
 # names, strings blanked first so that 'model' in a literal is not the variable.
@@ -51,7 +72,7 @@ _LITERAL = re.compile(
     r"""[rRbB]{0,2}(?:'''(?:\\.|[^\\])*?'''|\"\"\"(?:\\.|[^\\])*?\"\"\"|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*")""",
     re.S,
 )
-_IDENT = re.compile(r"(?<![\w.])([A-Za-z_]\w*)")
+_IDENT = re.compile(r"(?<!\w)([A-Za-z_]\w*)")  # `.model` too: CEL's root-scoped name
 _COMPILER_WHERE = re.compile(r"^(?:INVALID_ARGUMENT: )?(?:ERROR: )?<input>:(\d+):(\d+): ")
 
 
@@ -80,8 +101,9 @@ class Compiled:
 def compile_expression(source: str) -> Compiled:
     """`source` compiled against the request environment; CelCompileError if the compiler
     refuses it or it does not return a bool."""
+    cel = _cel()
     try:
-        program = _ENV.compile(source)
+        program = cel.env.compile(source)
     except RuntimeError as exc:
         text = str(exc)
         first = text.split("\n", 1)[0]
@@ -91,7 +113,7 @@ def compile_expression(source: str) -> Compiled:
         column = int(m.group(2)) if m else None
         raise CelCompileError(message or text, return_line, column) from None
     result = program.return_type()
-    if result != _T.BOOL:
+    if result != cel.BOOL:
         raise CelCompileError(f"the expression returns {result.name().lower()}, not bool")
     return Compiled(source, program, names(source))
 
@@ -109,11 +131,13 @@ def evaluate(compiled: Compiled, data: dict[str, Any]) -> bool | str:
         value = compiled.program.eval(data=data)
     except Exception as exc:  # the binding raises for what cel-cpp reports as a status
         return f"{type(exc).__name__}: {exc}"
-    if value.type() == _T.BOOL:
+    cel = _cel()
+    kind = value.type()
+    if kind == cel.BOOL:
         return bool(value.value())
-    if value.type() == _T.ERROR:
+    if kind == cel.ERROR:
         return str(value.value())
-    return f"the expression returned {value.type().name().lower()}, not bool"
+    return f"the expression returned {kind.name().lower()}, not bool"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +155,7 @@ class FirstMatch:
             value = self.program.eval(data=data)
         except Exception:
             return None
-        return value.value() if value.type() == _T.INT else None
+        return value.value() if value.type() == _cel().INT else None
 
 
 def first_match(expressions: list[Compiled]) -> FirstMatch | None:
@@ -140,11 +164,12 @@ def first_match(expressions: list[Compiled]) -> FirstMatch | None:
     text = "-1"
     for i in reversed(range(len(expressions))):
         text = f"(\n{expressions[i].source}\n) ? {i} : ({text})"
+    cel = _cel()
     try:
-        program = _ENV.compile(text)
+        program = cel.env.compile(text)
     except RuntimeError:
         return None
-    return FirstMatch(program, len(expressions)) if program.return_type() == _T.INT else None
+    return FirstMatch(program, len(expressions)) if program.return_type() == cel.INT else None
 
 
 def utc_now() -> datetime.datetime:
