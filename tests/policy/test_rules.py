@@ -397,3 +397,22 @@ def test_a_failing_grants_view_refuses(tmp_path: Path) -> None:
     )
     assert (outcome.action, outcome.rule) == (Action.DENY, None)
     assert outcome.reason == "the policy could not decide (RuntimeError): denied"
+
+
+def test_a_comment_in_an_expression_stays_in_its_rule(tmp_path: Path) -> None:
+    """A host's rules are evaluated as one program: a `//` comment must not swallow the rules
+    after it."""
+    policy = policy_of(
+        tmp_path,
+        BASE
+        + """rules:
+  - {hosts: [pypi.org], match: "method == 'PUT' // writes", action: deny}
+  - {hosts: [pypi.org], match: "method == 'DELETE'", action: deny, reason: no deletes}
+  - {hosts: [pypi.org], match: ".method == 'PATCH'", action: escalate}
+""",
+    )
+    assert policy._index.candidates(normalize_host("pypi.org")).first is not None
+    assert policy.evaluate(facts("https://pypi.org/x", "DELETE")).reason == "no deletes"
+    assert policy.evaluate(facts("https://pypi.org/x", "PUT")).rule == "rules#0"
+    assert policy.evaluate(facts("https://pypi.org/x", "PATCH")).rule == "rules#2"
+    assert policy.evaluate(facts("https://pypi.org/x")).action is Action.ALLOW
