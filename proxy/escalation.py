@@ -120,6 +120,13 @@ class StoredGrants:
                 return g
         return None
 
+    def frozen_granted(self, agent: str, session: str | None) -> bool:
+        """Whether a freeze's grant covers this agent's session (it may not be frozen again)."""
+        return any(
+            (g.agent is None or g.agent == agent) and (g.session is None or g.session == session)
+            for g in self._by.get((FREEZE, ANY_HOST), ())
+        )
+
     def __repr__(self) -> str:
         return f"StoredGrants({self.count} grants)"
 
@@ -244,11 +251,14 @@ class Escalations:
 
     async def freeze(self, agent: str, session: str | None, trigger_text: str, baseline_json: str) -> None:
         """Freeze an agent's session: at once here, then in the store (AddFreeze) with an
-        event row (method freeze). Raises AuditUnavailable if it cannot be recorded (the
-        session stays frozen here until the proxy stops)."""
+        event row (method freeze). Nothing if it is frozen already, or a freeze's grant
+        covers it. Raises AuditUnavailable if it cannot be recorded (the session stays
+        frozen here until the proxy stops)."""
         key = (agent, session or "")
         if self.frozen(agent, session) is not None:
             return
+        if self.grants.frozen_granted(agent, session):
+            return  # an operator approved this session (or agent) past its freezes
         self._local[key] = (trigger_text, None)
         ts = now_iso()
         self.audit.submit(AddFreeze(agent=agent, session=key[1], trigger=trigger_text, baseline=baseline_json, ts=ts))
@@ -311,6 +321,7 @@ class Escalations:
     async def ask(self, pending: PendingRequest) -> Answer:
         """Hold `pending` until a human answers, or escalation.timeout passes."""
         settings = self.settings
+        deadline = time.monotonic() + settings.timeout  # as `expires` says: from now, not from the commit
         approval = Approval(
             id=secrets.token_hex(4),
             created=now_iso(),
@@ -350,7 +361,7 @@ class Escalations:
             if self._task is None:
                 self._task = asyncio.create_task(self._watch(), name="egress-guard escalations")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), settings.timeout)
+                await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
             final = self._final.pop(approval.id, None)
             if final is None:  # time is up (or the proxy is stopping): expire it, unless answered first
                 why = STOPPING if self._closing.is_set() else "timeout"

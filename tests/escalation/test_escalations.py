@@ -169,6 +169,8 @@ async def test_a_freeze_holds_at_once_and_an_approval_for_the_session_lifts_it(t
         assert esc.frozen("researcher", "s1") is None
         assert esc.grants.covers(FREEZE, facts(host="anything.example", port=80)) is not None
         assert esc.grants.covers(FREEZE, facts(session="s2")) is None
+        await esc.freeze("researcher", "s1", "spend 12x its baseline", "{}")  # approved past it: not again
+        assert esc.frozen("researcher", "s1") is None
     rows = events(config)
     assert [r["method"] for r in rows] == ["freeze", "approve"]
     assert "spend 9.1x its baseline" in rows[0]["reason"] and '{"usd_per_window":"0.01"}' in rows[0]["reason"]
