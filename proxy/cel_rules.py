@@ -90,7 +90,7 @@ class Compiled:
     """One compiled expression and the variables it names (the activation it needs)."""
 
     source: str
-    program: Any = field(repr=False)
+    program: Any = field(repr=False, compare=False)  # equal configs: the same sources
     variables: frozenset[str]
 
     @property

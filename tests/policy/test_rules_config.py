@@ -179,3 +179,14 @@ def test_defaults_and_digest(tmp_path: Path) -> None:
     assert load_config(path).digest == before  # the same bytes, the same digest
     preset.write_text("version: 1\nname: mine\nallow: [{host: pypi.org, methods: [GET]}]\n")
     assert load_config(path).digest != before  # a preset file is part of it
+
+
+def test_the_same_file_loads_an_equal_policy(tmp_path: Path) -> None:
+    """A reload compares what changed: two loads of one file give equal policies."""
+    path = tmp_path / "egress-guard.yaml"
+    path.write_text(HEAD + "rules:\n  - {match: 'stream', action: deny}\n")
+    assert load_config(path).policy == load_config(path).policy
+    path.write_text(HEAD + "rules:\n  - {match: '!stream', action: deny}\n")
+    first = load_config(path).policy
+    path.write_text(HEAD + "rules:\n  - {match: 'stream', action: deny}\n")
+    assert load_config(path).policy != first
