@@ -21,7 +21,7 @@ import click
 
 from egress_guard.cli.common import config_option, format_option, open_db
 from egress_guard.cli.output import emit
-from egress_guard.store import Approval, DecideApproval, Store
+from egress_guard.store import Approval, DecideApproval, LiftFreeze, RevokeGrant, Store
 from egress_guard.timeutil import now_iso
 
 PENDING_COLUMNS = ["id", "created", "expires", "agent", "session", "method", "host", "port", "path", "rule", "reason"]
@@ -39,6 +39,7 @@ HISTORY_COLUMNS = [
     "note",
 ]
 GRANT_COLUMNS = ["id", "created", "rule", "host", "port", "agent", "session", "by", "approval_id", "note"]
+FREEZE_COLUMNS = ["id", "created", "agent", "session", "lifted", "lifted_by", "trigger"]
 
 
 def default_by() -> str:
@@ -58,7 +59,9 @@ def note_option(fn: Any) -> Any:
 
 @click.command()
 @config_option
-@click.option("--history", is_flag=True, help="Every approval (answered ones too) and the grants they added.")
+@click.option(
+    "--history", is_flag=True, help="Every approval (answered ones too), the grants they added, and the freezes."
+)
 @click.option("--limit", default=200, show_default=True, help="At most this many approvals (the newest).")
 @format_option("table", "json")
 def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> None:
@@ -66,7 +69,8 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
 
     Each line's id is what `approve` and `deny` take. A request waits until its `expires`
     time (escalation.timeout), then it is refused. With --history: every approval with who
-    answered it, how and when, and the grants (scope session|always) in force.
+    answered it, how and when; the grants (scope session|always), revoked ones marked; and
+    the sessions frozen for diverging from their baseline, lifted ones with who lifted them.
 
     \b
     Example:
@@ -77,13 +81,18 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
         if history:
             approvals = db.approvals(limit=limit)
             grants = db.grants(active_only=False)
+            freezes = db.freezes(active_only=False)
         else:
             now = now_iso()
             approvals = [a for a in db.approvals(status="pending", limit=limit) if a.expires > now]
-            grants = []
+            grants, freezes = [], []
     shown = [asdict(a) for a in approvals]
     if fmt == "json":
-        out: Any = {"approvals": shown, "grants": [asdict(g) for g in grants]} if history else shown
+        out: Any = (
+            {"approvals": shown, "grants": [asdict(g) for g in grants], "freezes": [asdict(f) for f in freezes]}
+            if history
+            else shown
+        )
         click.echo(json.dumps(out, indent=2))
         return
     if not history:
@@ -96,6 +105,9 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
     if grants:
         click.echo("\ngrants (scope session|always):")
         emit([asdict(g) | {"id": f"{g.id}{' (revoked)' if g.revoked else ''}"} for g in grants], "table", GRANT_COLUMNS)
+    if freezes:
+        click.echo("\nfreezes:")
+        emit([asdict(f) for f in freezes], "table", FREEZE_COLUMNS)
 
 
 def _decide(config_path: Path | None, approval_id: str, op: DecideApproval) -> Approval:
@@ -192,3 +204,52 @@ def deny(config_path: Path | None, approval_id: str, note: str | None, by: str |
     click.echo(
         f"denied {a.id}: {a.method or 'CONNECT'} {a.host}:{a.port} for agent {a.agent or '?'} (by {a.decided_by})"
     )
+
+
+@click.command("revoke-grant")
+@config_option
+@click.argument("grant_id", metavar="ID", type=int)
+def revoke_grant(config_path: Path | None, grant_id: int) -> None:
+    """Revoke a grant (an approval's --scope session|always; ID from `pending --history`).
+
+    Running proxies stop applying it within half a second: the same rule asks again.
+
+    \b
+    Example:
+      egress-guard revoke-grant 7
+    """
+    with open_db(config_path, write=True) as db:
+        known = {g.id: g for g in db.grants(active_only=False)}
+        if grant_id not in known:
+            raise click.ClickException(f"no grant {grant_id}. Fix: copy an id from `egress-guard pending --history`")
+        if db.write(RevokeGrant(id=grant_id, ts=now_iso())) == 0:
+            raise click.ClickException(f"grant {grant_id} was revoked already, at {known[grant_id].revoked}")
+    g = known[grant_id]
+    click.echo(f"revoked grant {g.id}: rule {g.rule} for {g.host}:{g.port}, agent {g.agent or 'any'}")
+
+
+@click.command()
+@config_option
+@click.option("--agent", required=True, help="The frozen agent.")
+@click.option("--session", default="", help="Its frozen session (default: its requests outside a session).")
+@note_option
+@by_option
+def unfreeze(config_path: Path | None, agent: str, session: str, note: str | None, by: str | None) -> None:
+    """Lift the freeze of an agent's session (frozen for diverging from its baseline).
+
+    Running proxies let its requests through again within half a second (the policy still
+    applies). With `freeze.action: escalate` you can also approve one of its held requests
+    with --scope session, which lifts the freeze and keeps it from freezing again.
+
+    \b
+    Example:
+      egress-guard unfreeze --agent researcher --session s1 --note "batch job, expected"
+    """
+    with open_db(config_path, write=True) as db:
+        n = db.write(LiftFreeze(agent=agent, session=session, by=by or default_by(), ts=now_iso(), note=note))
+    if n == 0:
+        where = f"session {session!r}" if session else "outside a session"
+        raise click.ClickException(
+            f"agent {agent} is not frozen ({where}). Fix: see `egress-guard pending --history` for the freezes"
+        )
+    click.echo(f"lifted the freeze of agent {agent}{f', session {session}' if session else ''}")

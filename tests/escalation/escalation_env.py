@@ -16,13 +16,13 @@ import yaml
 from click.testing import CliRunner
 
 from egress_guard.cli import main
-from egress_guard.cli.approvals import approve, deny, pending
+from egress_guard.cli.approvals import approve, deny, pending, revoke_grant, unfreeze
 from egress_guard.config import load_config
 from egress_guard.escalation import Escalations, PendingRequest
 from egress_guard.store import AuditLog, open_engine
 from egress_guard.verdicts import EscalationSettings
 
-COMMANDS = {"pending": pending, "approve": approve, "deny": deny}
+COMMANDS = {"pending": pending, "approve": approve, "deny": deny, "revoke-grant": revoke_grant, "unfreeze": unfreeze}
 
 
 def make_home(tmp_path: Path, url: str | None = None) -> Path:
