@@ -10,8 +10,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import yaml
 from escalation_env import cli, make_home, request, running, wait_pending
+from psycopg.rows import dict_row
 
 from egress_guard import escalation
 from egress_guard.hosts import normalize_host
@@ -27,6 +30,11 @@ def facts(
 
 
 def events(config: Path) -> list[dict[str, Any]]:
+    """The event rows in the config's store (SQLite or PostgreSQL)."""
+    store = yaml.safe_load(config.read_text()).get("store")
+    if store:
+        with psycopg.connect(store["url"], row_factory=dict_row) as pg:
+            return pg.execute("SELECT * FROM audit WHERE kind = 'event' ORDER BY id").fetchall()
     db = config.parent / "egress-guard.db"
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
@@ -73,15 +81,14 @@ async def test_approved_from_the_cli_with_scope_session_then_granted(config: Pat
         assert esc.held == 0
     code, out = cli(config, "pending", "--history")
     assert code == 0 and shown["id"] in out and "approved" in out and "alice" in out and "grants" in out
-    if config.parent.joinpath("egress-guard.db").exists() and "store" not in config.read_text():
-        (row,) = events(config)
-        assert (row["method"], row["decision"], row["rule"], row["request_id"]) == (
-            "approve",
-            "allow",
-            shown["id"],
-            "req-1",
-        )
-        assert row["reason"] == answer.reason and row["host"] == "new.example.com"
+    (row,) = events(config)
+    assert (row["method"], row["decision"], row["rule"], row["request_id"]) == (
+        "approve",
+        "allow",
+        shown["id"],
+        "req-1",
+    )
+    assert row["reason"] == answer.reason and row["host"] == "new.example.com"
 
 
 async def test_denied_from_the_cli_with_a_note(tmp_path: Path) -> None:
@@ -101,8 +108,7 @@ async def test_denied_from_the_cli_with_a_note(tmp_path: Path) -> None:
     assert code == 1 and f"escalation {shown['id']} is not pending: denied by bob at " in out and "not needed" in out
 
 
-async def test_unanswered_it_expires_and_the_cli_says_so(tmp_path: Path) -> None:
-    config = make_home(tmp_path)
+async def test_unanswered_it_expires_and_the_cli_says_so(config: Path) -> None:
     async with running(config, timeout=0.6) as esc:
         answer = await esc.ask(request())
     assert answer.status == "expired" and not answer.approved
