@@ -232,8 +232,8 @@ def revoke_grant(config_path: Path | None, grant_id: int) -> None:
 @config_option
 @click.option("--agent", required=True, help="The frozen agent.")
 @click.option("--session", default="", help="Its frozen session (default: its requests outside a session).")
-@note_option
-@by_option
+@click.option("--note", help="Why, kept with the freeze (pending --history shows it).")
+@click.option("--by", default=None, help="Who lifts it (default: $SUDO_USER, else your login name).")
 def unfreeze(config_path: Path | None, agent: str, session: str, note: str | None, by: str | None) -> None:
     """Lift the freeze of an agent's session (frozen for diverging from its baseline).
 
