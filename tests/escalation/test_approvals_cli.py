@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from escalation_env import cli, make_home
-from test_store import approval
+from test_approvals_store import approval
 
 from egress_guard.store import AddFreeze, CreateApproval, SQLiteStore
 from egress_guard.timeutil import now_iso
