@@ -191,8 +191,23 @@ def _alive(pid: int) -> bool:
 def read(config: Config) -> Status | None:
     """The running proxy's status for this config, or None (no file, a stale one whose
     process is gone, another config's, or unreadable)."""
+    return read_file(status_path(config), config.path)
+
+
+def find(config_path: Path) -> Status | None:
+    """The running proxy's status for a config file that does not load (so its audit path is
+    unknown): a status file beside it that names it. `status` uses it to show what runs
+    while the file on disk is broken."""
+    for candidate in sorted(config_path.resolve().parent.glob("*.status.json")):
+        found = read_file(candidate, config_path.resolve())
+        if found is not None:
+            return found
+    return None
+
+
+def read_file(path: Path, config_path: Path) -> Status | None:
     try:
-        data = json.loads(status_path(config).read_text())
+        data = json.loads(path.read_text())
         status = Status(
             pid=int(data["pid"]),
             started_at=str(data["started_at"]),
@@ -212,6 +227,6 @@ def read(config: Config) -> Status | None:
         status.listen_host_port  # noqa: B018 - validates the address
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if status.config != str(config.path) or not _alive(status.pid):
+    if status.config != str(config_path) or not _alive(status.pid):
         return None
     return status

@@ -18,9 +18,9 @@ import click
 
 from egress_guard import status as status_mod
 from egress_guard import store
-from egress_guard.cli.common import config_option, format_option, load
-from egress_guard.config import DEFAULT_CONFIG_NAME, Config
-from egress_guard.reload import digest_of
+from egress_guard.cli.common import config_option, format_option
+from egress_guard.config import DEFAULT_CONFIG_NAME, Config, ConfigError, load_config
+from egress_guard.reload import digest_of, files_digest
 
 NOT_RUNNING = 3  # the LSB exit status of `status` for "not running"
 PENDING_LIMIT = 1000
@@ -34,38 +34,49 @@ def status(config_path: Path | None, fmt: str) -> None:
     open connections, the last reload, pending approvals and the store's health.
 
     Reads the status file `up` keeps next to the audit DB; says so plainly when no proxy
-    runs for this config. Exit status: 0 running and the store answers, 1 the store does
-    not answer, 3 no proxy running (2: the config does not load).
+    runs for this config. While the file on disk does not load (a reload was refused) it
+    still shows what runs, and the error. Exit status: 0 running and the store answers,
+    1 the store does not answer, 2 the config on disk does not load, 3 no proxy running.
 
     \b
     Example:
       egress-guard status
       egress-guard status --format json | jq .digest
     """
-    config = load(config_path)
-    report = gather(config)
+    path = config_path or Path(DEFAULT_CONFIG_NAME)
+    try:
+        config: Config | None = load_config(path)
+        broken = None
+    except ConfigError as exc:  # what runs is still worth showing: that is when one asks
+        config, broken = None, str(exc)
+    report = gather(config, path, broken)
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(render(report), nl=False)
+    if broken is not None:
+        raise SystemExit(2)
     if not report["running"]:
         raise SystemExit(NOT_RUNNING)
     if not report["store"]["ok"]:
         raise SystemExit(1)
 
 
-def gather(config: Config) -> dict[str, Any]:
-    """Everything `status` reports, as the JSON it prints."""
-    path = status_mod.status_path(config)
-    running = status_mod.read(config)
-    on_disk = digest_of(config)
-    out: dict[str, Any] = {"running": running is not None, "config": str(config.path), "status_file": str(path)}
+def gather(config: Config | None, path: Path, broken: str | None = None) -> dict[str, Any]:
+    """Everything `status` reports, as the JSON it prints. `config` None: the file at `path`
+    does not load (`broken` says why); the running proxy is then found beside it."""
+    file = path.resolve()
+    running = status_mod.read(config) if config is not None else status_mod.find(file)
+    on_disk = digest_of(config) if config is not None else files_digest((file,))
+    status_file = status_mod.status_path(config) if config is not None else None
+    out: dict[str, Any] = {"running": running is not None, "config": str(file), "config_error": broken}
     if running is None:
-        out["why"] = (
-            f"no status file at {path}"
-            if not path.exists()
-            else f"{path} is stale (its process is gone) or names another config"
-        )
+        if status_file is None:
+            out["why"] = "no status file beside it names it"
+        elif not status_file.exists():
+            out["why"] = f"no status file at {status_file}"
+        else:
+            out["why"] = f"{status_file} is stale (its process is gone) or names another config"
         out["config_digest"] = on_disk
     else:
         out |= {
@@ -83,7 +94,10 @@ def gather(config: Config) -> dict[str, Any]:
             "last_reload": running.last_reload,
             "secrets_unresolved": sorted(n for n, s in running.services.items() if not s.resolves),
         }
-    out["store"], out["pending_approvals"] = _store(config)
+    if config is None:
+        out["store"], out["pending_approvals"] = {"name": None, "ok": None, "error": "the config does not load"}, None
+    else:
+        out["store"], out["pending_approvals"] = _store(config)
     return out
 
 
@@ -119,7 +133,7 @@ def render(r: dict[str, Any]) -> str:
         digest = (r["digest"] or "")[:12] or "unknown (a proxy older than hot reload)"
         lines.append(f"  config:      {r['config']}")
         lines.append(f"  digest:      {digest}" + (f", loaded {r['loaded_at']}" if r["loaded_at"] else ""))
-        if r["digest"] and r["config_digest"] != r["digest"]:
+        if r["digest"] and r["config_digest"] != r["digest"] and not r["config_error"]:
             lines.append(
                 f"               the file on disk differs ({r['config_digest'][:12]}): "
                 f"not reloaded yet, or refused (see the last reload); reload: kill -HUP {r['pid']}"
@@ -141,10 +155,15 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"  agents:      {c.get('agents', 0)}")
         if r["connections"] is not None:
             lines.append(f"  connections: {r['connections']} open (at {r['updated_at']})")
+    if r["config_error"]:
+        lines.append(f"  ON DISK:     {r['config_error']}")
     pending = r["pending_approvals"]
     if pending is not None:
         more = "+" if pending >= PENDING_LIMIT else ""
         lines.append(f"  approvals:   {pending}{more} pending" + (" (egress-guard pending)" if pending else ""))
     s = r["store"]
-    lines.append(f"  store:       {s['name']}: " + (f"ok ({s['ms']:g} ms)" if s["ok"] else f"NOT OK: {s['error']}"))
+    if s["ok"] is None:
+        lines.append(f"  store:       unknown ({s['error']})")
+    else:
+        lines.append(f"  store:       {s['name']}: " + (f"ok ({s['ms']:g} ms)" if s["ok"] else f"NOT OK: {s['error']}"))
     return "\n".join(lines) + "\n"

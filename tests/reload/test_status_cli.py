@@ -102,6 +102,18 @@ async def test_a_running_proxy_its_config_reloads_and_approvals(config: Config, 
     assert report["last_reload"]["applied"] is False and report["pending_approvals"] == 1
     assert report["counts"] == {"allow_rules": 1, "rules": 0, "services": 0, "agents": 1}
 
+    # a file that does not load: what runs is still shown (that is when one asks), with the error
+    config.path.write_text("version: 1\nallow: [\n")
+    broken = await watcher.reload_now()
+    keeper.update(status_mod.refresh(base, holder, 4, watcher.last))
+    out = run(config)
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith(f"egress-guard: running, pid {egress_process}")
+    assert f"  digest:      {config.digest[:12]}" in out.output and "kill -HUP" not in out.output
+    assert f"  last reload: REFUSED at {broken.at}: {broken.reason}\n" in out.output
+    assert f"  ON DISK:     {broken.reason}\n" in out.output
+    assert "  store:       unknown (the config does not load)\n" in out.output
+
 
 def test_a_store_that_does_not_answer_exits_1(config: Config, egress_process: int) -> None:
     base = status_mod.Status(
