@@ -16,6 +16,7 @@ from egress_guard.addons.credential_guard import CredentialGuard
 from egress_guard.addons.failures import FailureAnswers
 from egress_guard.addons.killswitch import KillSwitch, cut_client, cut_server
 from egress_guard.addons.metrics import FlowMetrics
+from egress_guard.addons.policy_guard import FreezeWatch, PolicyGuard
 from egress_guard.addons.recorder import AuditRecorder
 from egress_guard.addons.request_guard import RequestGuard
 from egress_guard.addons.sandbox_guard import SandboxGuard
@@ -25,12 +26,14 @@ from egress_guard.addons.streaming import ResponseStreamer
 from egress_guard.addons.timeouts import Timeouts, TimeoutWatch
 from egress_guard.addons.websocket import WebSocketGuard
 from egress_guard.config import Config
+from egress_guard.escalation import Escalations
 from egress_guard.keycache import KeyCache
 from egress_guard.ledger import Ledger
 from egress_guard.metrics import Metrics
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore
 from egress_guard.store import AuditLog
+from egress_guard.verdicts import PolicyHolder
 
 log = logging.getLogger("egress_guard")
 
@@ -151,6 +154,8 @@ class Runtime:
     proxyserver: Any
     ledger: Ledger
     budgets: BudgetFollower
+    policy: PolicyHolder  # the policy in force (`rules:`, `allow:`, mode ...): swapped by a reload
+    escalations: Escalations  # pending approvals, grants and frozen sessions
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics: Metrics | None = None  # Prometheus (config metrics.listen); None: off
 
@@ -168,6 +173,9 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
      3. ConnectGuard     allowlist at CONNECT, before any TLS or upstream connection
      4. RequestGuard     Host/SNI/CONNECT agreement, allowlist, SSRF vetting, address pinning
      5. CredentialGuard  fake key -> real secret on the service's hosts; keys elsewhere refused
+     5b. PolicyGuard     `rules:` (CEL), unknown hosts, frozen sessions, observe mode: allow,
+                         deny, or hold the request while a human answers (after the
+                         credential guard names the agent, before SpendGuard reserves)
      6. WebSocketGuard   WebSocket messages: key scan (agent -> upstream), secret scrub
                          (upstream -> agent), metered calls (Responses/Realtime), close row
      7. ResponseStreamer stream every response through, chunk by chunk, scrubbing the secret
@@ -176,9 +184,11 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
                          with on_overrun: cut, end a stream that crosses a budget
      9. FailureAnswers   (error) a flow that failed before its response answers 502/504/400
                          in the provider's shape, not mitmproxy's HTML page
+     9b. FreezeWatch     every finished request into its agent's baseline (its cost settled):
+                         a session that diverges is frozen (`freeze:`)
     10. AuditRecorder    one row per decision; refuse anything no guard decided on; rows for
                          parser refusals and connections closed before any request
-    11. FlowMetrics      (only with metrics.listen) times forwarded requests, counts upstream
+    12. FlowMetrics      (only with metrics.listen) times forwarded requests, counts upstream
                          failures; an observer, last so every guard has run (addons/metrics.py)
      Background (not addons: every hook walks every addon, so those with no flow hooks
      stay out of the chain): KillSwitch follows revocations and cuts the connections of
@@ -203,13 +213,15 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
         attribution=attribution,
         tunnels=tunnels,
     )
+    timeouts = TimeoutWatch(rt.timeouts, rt.proxyserver, recorder.idle_closed)
     return [
-        SandboxGuard(sandboxes, rt.config.rules, tunnels),
-        TimeoutWatch(rt.timeouts, rt.proxyserver, recorder.idle_closed),
+        SandboxGuard(sandboxes, rt.policy, tunnels),
+        timeouts,
         AuditGate(rt.audit),
-        ConnectGuard(rt.config.rules, tunnels, rt.config.services),
-        RequestGuard(rt.config.rules, tunnels, rt.resolver, rt.config.services),
+        ConnectGuard(rt.policy, tunnels, rt.config.services),
+        RequestGuard(rt.policy, tunnels, rt.resolver, rt.config.services),
         credentials,
+        PolicyGuard(rt.policy, rt.escalations, attribution, rt.config.audit_query_strings, timeouts.request),
         WebSocketGuard(rt.config, rt.ledger, rt.audit, credentials, rt.proxyserver),
         ResponseStreamer(),
         SpendGuard(
@@ -219,6 +231,12 @@ def chain(rt: Runtime) -> tuple[list[Any], list[Any]]:
             audit=rt.audit,
         ),
         FailureAnswers(rt.timeouts),
+        FreezeWatch(rt.policy, rt.escalations),
         recorder,
         *([FlowMetrics(rt.metrics)] if rt.metrics is not None else []),
-    ], [KillSwitch(rt.keys, credentials.clients, rt.proxyserver, sandboxes=sandboxes), rt.budgets, sandboxes]
+    ], [
+        KillSwitch(rt.keys, credentials.clients, rt.proxyserver, sandboxes=sandboxes),
+        rt.budgets,
+        sandboxes,
+        rt.escalations,
+    ]

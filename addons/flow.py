@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from egress_guard.policy import Decision
     from egress_guard.pricing import Cost
     from egress_guard.providers import Metered
+    from egress_guard.verdicts import Outcome, Policy
     from egress_guard.ws_conn import WsConn
 
 KEY = "egress_guard"  # the one flow.metadata key egress-guard uses
@@ -67,6 +68,22 @@ class FlowState:
     own_response: bool = False
     """The response is a refusal egress-guard made (`_flow.reject`). ResponseStreamer leaves
     it alone; AuditRecorder records its status and never cuts it for a late audit row."""
+
+    # --- the policy: RequestGuard / ConnectGuard (which one), PolicyGuard (its verdict) -------
+    policy: Policy | None = None
+    """The policy snapshot this flow is judged under, taken when a guard first looks at it
+    (`policy_guard.flow_policy`): a reload mid-request never changes the rules it meets."""
+    deferred: bool = False
+    """The allowlist refused the request but the policy may still admit it: RequestGuard left
+    the verdict to PolicyGuard (AuditRecorder refuses it at `request` if none came)."""
+    judged: bool = False
+    """PolicyGuard evaluated the policy on it (at its headers when the body streams, else
+    with the body)."""
+    observed: Outcome | None = None
+    """Observe mode: what the policy would have done (deny, escalate). Set by PolicyGuard;
+    read by AuditRecorder (the row's decision: would-deny / would-escalate)."""
+    watched: bool = False
+    """FreezeWatch counted the flow in its agent's baseline (once per flow)."""
 
     # --- who asks: CredentialGuard (or AuditRecorder's attribution of a refusal) -------------
     service: str | None = None

@@ -64,13 +64,16 @@ class AuditRecorder:
 
     @fail_closed("request")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not answered(flow) and state(flow).decision is None:
-            reject(flow, NO_DECISION, 502)
+        st = state(flow)
+        if not answered(flow) and st.decision is None and not (st.deferred and not flow.request.stream):
+            reject(flow, NO_DECISION, 502)  # (a deferred verdict comes with the body: PolicyGuard.request)
         if flow.response is not None or flow.error is not None:
             await self._attribute(flow)
 
     @fail_closed("request")
     async def request(self, flow: http.HTTPFlow) -> None:
+        if not answered(flow) and state(flow).decision is None:
+            reject(flow, NO_DECISION, 502)
         if flow.response is not None and state(flow).agent is None:
             await self._attribute(flow)  # refused for its body: the body may name the agent
 
@@ -204,13 +207,17 @@ class AuditRecorder:
                 self.attribution.remember(flow.client_conn.id, agent, session)
             elif not decision.allowed:
                 agent, session = self.attribution.known(flow.client_conn.id) or (None, None)
+        verdict, rule = decision.verdict.value, decision.rule
+        observed = st.observed
+        if observed is not None and decision.allowed:  # observe mode: what the policy would have done
+            verdict, rule = observed.verdict_text, observed.rule
         row = AuditRow(
             ts=now_iso(),
             request_id=flow.id,
             kind=kind,
-            decision=decision.verdict.value,
+            decision=verdict,
             reason=reason,
-            rule=decision.rule,
+            rule=rule,
             client=f"{peer[0]}:{peer[1]}" if peer else None,
             method=req.method,
             scheme=req.scheme if kind == "request" else None,

@@ -1,7 +1,8 @@
 """RequestGuard: every HTTP request, in a tunnel or as a plain proxy request.
 
 In order: the Host header (and HTTP/2 :authority) and the TLS SNI must name the CONNECT
-target (no domain fronting, no Host smuggling); the allowlist must allow method and path;
+target (no domain fronting, no Host smuggling); the allowlist must allow method and path
+(or the policy may still admit the request: PolicyGuard then decides);
 the SSRF guard must vet the address. Then the request is pointed at the vetted address
 (the name is kept for Host, SNI and certificate verification), so mitmproxy never
 resolves the name again. `server_connect` refuses to dial any address but one this guard
@@ -18,13 +19,14 @@ from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from egress_guard.addons._flow import answered, fail_closed, reject
-from egress_guard.addons.connect_guard import Tunnels, aim
+from egress_guard.addons.connect_guard import Tunnels, aim, flow_policy
 from egress_guard.addons.flow import FlowState, state
 from egress_guard.credentials import Service
 from egress_guard.hosts import Host, HostError, normalize_host, split_host_port
-from egress_guard.policy import Decision, Destination, Rule, Verdict, decide
+from egress_guard.policy import Decision, Destination, Verdict, decide
 from egress_guard.providers import error_styles
 from egress_guard.resolve import Refused, Resolver
+from egress_guard.verdicts import PolicyHolder
 
 log = logging.getLogger("egress_guard")
 STREAM_REQUESTS_OVER = 1 << 20  # bodies above 1 MiB (or of unknown length) stream upstream
@@ -52,9 +54,9 @@ def _deny(flow: http.HTTPFlow, reason: str, rule: str | None = None) -> None:
 
 class RequestGuard:
     def __init__(
-        self, rules: tuple[Rule, ...], tunnels: Tunnels, resolver: Resolver, services: Iterable[Service] = ()
+        self, holder: PolicyHolder, tunnels: Tunnels, resolver: Resolver, services: Iterable[Service] = ()
     ) -> None:
-        self.rules = rules
+        self.holder = holder
         self.tunnels = tunnels
         self.resolver = resolver
         self.styles = error_styles(services)
@@ -121,8 +123,9 @@ class RequestGuard:
                 400,
             )
             return
-        decision = decide(self.rules, Destination(host, port, req.method.upper(), req.path))
-        if not decision.allowed:
+        policy = flow_policy(self.holder, st)
+        decision = decide(policy.allowlist, Destination(host, port, req.method.upper(), req.path))
+        if not decision.allowed and not policy.may_admit(host, port):
             reject(flow, decision)
             return
         try:
@@ -132,7 +135,10 @@ class RequestGuard:
             return
         if not flow.live:
             return  # the client went away while we resolved
-        st.decision = decision
+        # Allowed by the allowlist; or not, and PolicyGuard decides (no decision until then:
+        # a flow it never judged is refused by AuditRecorder)
+        st.decision = decision if decision.allowed else None
+        st.deferred = not decision.allowed
         st.dialed = str(address)
         self.vetted.setdefault(flow.client_conn.id, {})[flow.id] = (str(address), port)
         # data.host, not .host: the setter would rewrite Host/:authority to the address.

@@ -29,9 +29,10 @@ from egress_guard.addons.connect_guard import Tunnels
 from egress_guard.addons.flow import state
 from egress_guard.addons.sandboxes import PROXY_ADDR, REFUSALS_PER_SECOND, Sandbox, Sandboxes
 from egress_guard.hosts import HostError, normalize_host
-from egress_guard.policy import Destination, Rule, Verdict, decide
+from egress_guard.policy import Verdict
 from egress_guard.store import AuditRow
 from egress_guard.timeutil import now_iso
+from egress_guard.verdicts import Action, PolicyHolder
 
 log = logging.getLogger("egress_guard")
 
@@ -42,9 +43,9 @@ DNS_ROW_EVERY = 2.0  # seconds: one NXDOMAIN row per name and sandbox in this wi
 class SandboxGuard:
     """The chain member for flows from sandboxes (first in the chain: it names them)."""
 
-    def __init__(self, sandboxes: Sandboxes, rules: tuple[Rule, ...], tunnels: Tunnels) -> None:
+    def __init__(self, sandboxes: Sandboxes, holder: PolicyHolder, tunnels: Tunnels) -> None:
         self.sandboxes = sandboxes
-        self.rules = rules
+        self.holder = holder
         self.tunnels = tunnels
         self.audit = sandboxes.audit
 
@@ -53,7 +54,7 @@ class SandboxGuard:
             host = normalize_host(name)
         except HostError:
             return False
-        return host.ip is None and any(r.matches_host(host) for r in self.rules)
+        return host.ip is None and self.holder.current.covers_name(host)
 
     def _refuse(
         self, sb: Sandbox, client: connection.Client, reason: str, host: str | None, port: int | None, **kw: Any
@@ -150,10 +151,10 @@ class SandboxGuard:
             self._refuse(sb, client, reason, ip, port)
             return reason
         host = normalize_host(name)
-        decision = decide(self.rules, Destination(host, port))
-        if not decision.allowed:
-            self._refuse(sb, client, f"captured TCP: {decision.reason}", name, port, rule=decision.rule)
-            return decision.reason
+        outcome = self.holder.current.connect(host, port)
+        if outcome.action is Action.DENY and not outcome.observed:
+            self._refuse(sb, client, f"captured TCP: {outcome.reason}", name, port, rule=outcome.rule)
+            return outcome.reason
         self.tunnels[client.id] = (host, port)  # RequestGuard checks Host and SNI against it
         return None
 

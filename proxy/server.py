@@ -26,16 +26,19 @@ from egress_guard.addons.killswitch import KillSwitch
 from egress_guard.addons.timeouts import Timeouts
 from egress_guard.ca import CAFiles, upstream_trust_file
 from egress_guard.config import Config
+from egress_guard.escalation import Escalations
 from egress_guard.fakekeys import load_or_create_hmac_key
 from egress_guard.keycache import KeyCache
 from egress_guard.ledger import Ledger
 from egress_guard.logscrub import LOG_SCRUBBER
 from egress_guard.metrics import Metrics, MetricsServer
+from egress_guard.reload import ConfigWatcher
 from egress_guard.resolve import Resolver
 from egress_guard.secrets import SecretStore, make_backend
 from egress_guard.shared_ledger import SharedLedger
 from egress_guard.store import AuditLog, open_engine
 from egress_guard.unix_relay import UnixRelay, UnixRelayError
+from egress_guard.verdicts import PolicyHolder
 
 log = logging.getLogger("egress_guard")
 
@@ -92,6 +95,12 @@ class EgressProxy:
         # C1: a fleet (store: PostgreSQL) admits calls in the store, shared by every replica
         self.ledger = SharedLedger(config.spend, self.store) if config.store is not None else Ledger(config.spend)
         self.budgets = BudgetFollower(self.store, self.audit, self.ledger)
+        # the policy in force (a reload swaps it: proxy/reload.py), and the escalations it asks
+        self.holder = PolicyHolder(config)
+        self.escalations = Escalations(
+            self.store, self.audit, self.holder, replica=config.store.replica if config.store is not None else None
+        )
+        self.watcher = ConfigWatcher(self.holder, self.audit)  # SIGHUP (main thread only: up) + a 1 s poll
         # Prometheus metrics (proxy/metrics.py), served by start() when the config asks
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -174,6 +183,8 @@ class EgressProxy:
                 self._proxyserver,
                 self.ledger,
                 self.budgets,
+                self.holder,
+                self.escalations,
                 self.timeouts,
                 metrics=self.metrics,
             )
@@ -227,7 +238,12 @@ class EgressProxy:
                     f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
                     "change metrics.listen in the config"
                 ) from None
+        self.watcher.start()  # the proxy listens: a reload now has something to swap into
         return self.address
+
+    def open_connections(self) -> int:
+        """Agent connections open now (for the status file)."""
+        return len(self._proxyserver.connections) if self._proxyserver is not None else 0
 
     @property
     def used_tun(self) -> bool:
@@ -237,6 +253,7 @@ class EgressProxy:
 
     async def stop(self) -> int:
         """Close the listener, stop mitmproxy, flush the audit log. Returns rows lost (0)."""
+        await self.watcher.close()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None

@@ -339,6 +339,31 @@ class Policy:
         index = self._index
         return any(index.rules[i].action is not Action.DENY for i in index.scoped(host))
 
+    @property
+    def plain(self) -> bool:
+        """The allowlist alone decides: no rules, enforcing, unknown hosts refused (the
+        proxy's fast path skips `evaluate`; a frozen session is still judged)."""
+        return not self.rules and self.mode == "enforce" and self.unknown_hosts == "deny"
+
+    def may_admit(self, host: Host, port: int) -> bool:
+        """Whether a request to host:port the allowlist refuses could still be admitted (or
+        held for a human): a non-deny rule that can apply to the host, unknown hosts
+        escalated, or observe mode. False: the allowlist's refusal is the verdict, given at
+        once without resolving the name (RequestGuard)."""
+        if self.mode == "observe" or self.unknown_hosts == "escalate":
+            return True
+        return any(rule.action is not Action.DENY for rule in self._index.candidates(host).ordered)
+
+    def covers_name(self, host: Host) -> bool:
+        """Whether a sandbox's DNS should answer for `host` (any port): an allowlist rule or a
+        non-deny rule names it, or unknown hosts escalate, or observe mode (else NXDOMAIN)."""
+        if self.mode == "observe" or self.unknown_hosts == "escalate":
+            return True
+        if any(rule.matches_host(host) for rule in self.allowlist):
+            return True
+        index = self._index
+        return any(index.rules[i].action is not Action.DENY for i in index.scoped(host))
+
     def connect(self, host: Host, port: int) -> Outcome:
         """Whether a tunnel to host:port is admitted. Method, path and agent are only known
         per request inside it: that is where rules, grants and escalations are decided."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from egress_guard.cli import agent_env, audit, budget, doctor, keys, store_copy, up
+from egress_guard.cli import agent_env, approvals, audit, budget, check, doctor, keys, policy, status, store_copy, up
 from egress_guard.store import StoreError
 
 
@@ -44,3 +44,12 @@ main.add_command(keys.kill)
 main.add_command(doctor.doctor)
 main.add_command(budget.budget)
 main.add_command(store_copy.store)
+main.add_command(check.check)
+main.add_command(check.config)
+main.add_command(approvals.pending)
+main.add_command(approvals.approve)
+main.add_command(approvals.deny)
+main.add_command(approvals.revoke_grant)
+main.add_command(approvals.unfreeze)
+main.add_command(policy.policy)
+main.add_command(status.status)

@@ -80,6 +80,8 @@ def up(config_path: Path | None, listen: str | None, listen_unix: Path | None, v
     first; `up` warns about each service whose secret does not resolve. It keeps a status
     file next to the audit DB (pid, address, secrets resolve yes/no; never a value) that
     `doctor`, `env` and `run` read. On shutdown every pending audit row is written.
+    SIGHUP (or an edit of the config file or a preset file it reads) reloads the policy:
+    see docs/reload.md.
 
     \b
     Example:
@@ -213,6 +215,7 @@ async def _watch(proxy: Any, config: Config, status: status_mod.Status) -> None:
     keep the status file `doctor` reads current, and say when the audit log goes down
     (requests are then refused) and back."""
     path = status_mod.status_path(config)
+    keeper = status_mod.StatusFile(path)
     secrets: dict[str, status_mod.SecretStatus] = {}
     down = False
     last_check = -1e9
@@ -226,13 +229,14 @@ async def _watch(proxy: Any, config: Config, status: status_mod.Status) -> None:
                     click.echo(_secret_warning(config, name, st), err=True)
                 elif st.resolves and before is not None and not before.resolves:
                     click.echo(f"egress-guard: service {name}: its secret {st.secret} resolves now", err=True)
-            if now != secrets or not path.exists():
+            if now != secrets:
                 secrets = now
                 status = dataclasses.replace(status, services=secrets, checked_at=status_mod.now())
-                try:
-                    status_mod.write(path, status)
-                except OSError as exc:
-                    click.echo(f"egress-guard: cannot write {path} ({exc.strerror}): doctor will not see it", err=True)
+        status = status_mod.refresh(status, proxy.holder, proxy.open_connections(), proxy.watcher.last)
+        try:
+            status = keeper.update(status)  # writes at once on a change, the connection count at most every 2 s
+        except OSError as exc:  # said once; quiet until a write succeeds again
+            click.echo(f"egress-guard: cannot write {path} ({exc.strerror}): doctor and status won't see it", err=True)
         if not proxy.audit.healthy and not down:
             click.echo(f"egress-guard: REFUSING REQUESTS: {proxy.audit.unhealthy_reason}", err=True)
             down = True

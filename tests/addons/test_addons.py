@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
+from support.policy import FixedPolicy
 
 from egress_guard.addons import Chain
 from egress_guard.addons._flow import fail_closed, rejection, safe_text
@@ -58,7 +59,7 @@ def _dial(guard: RequestGuard, client: Any, address: tuple[str, int]) -> ServerC
 
 async def test_server_connect_dials_only_what_was_vetted_for_a_request_in_progress_on_that_connection() -> None:
     resolver = Resolver(pinned={"api.openai.com": (ipaddress.ip_address("203.0.113.7"),)})
-    guard = RequestGuard((Rule("r", "api.openai.com", ports=frozenset({443})),), {}, resolver)
+    guard = RequestGuard(FixedPolicy([Rule("r", "api.openai.com", ports=frozenset({443}))]), {}, resolver)
     flow = tflow.tflow()
     flow.request.host, flow.request.port, flow.request.scheme = "api.openai.com", 443, "https"
     flow.request.headers["host"] = "api.openai.com"
@@ -77,7 +78,7 @@ async def test_server_connect_dials_only_what_was_vetted_for_a_request_in_progre
 
 
 def test_server_connect_verifies_against_the_agents_name() -> None:
-    guard = RequestGuard((), {}, Resolver())
+    guard = RequestGuard(FixedPolicy(), {}, Resolver())
     client = tflow.tclient_conn()
     guard.vetted[client.id] = {"f1": ("203.0.113.7", 443)}
     client.sni = "api.openai.com"
@@ -97,7 +98,7 @@ def test_connect_guard_rejects_unparseable_target() -> None:
     flow = tflow.tflow()
     flow.request.method = "CONNECT"
     flow.request.host = "bad host"
-    ConnectGuard((Rule("r", "api.openai.com"),), {}).http_connect(flow)
+    ConnectGuard(FixedPolicy([Rule("r", "api.openai.com")]), {}).http_connect(flow)
     assert flow.response is not None and flow.response.status_code == 403
     assert "invalid CONNECT target" in flow.response.headers["X-Egress-Guard-Reason"]
 

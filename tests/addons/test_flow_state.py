@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mitmproxy.test import tflow
+from support.policy import FixedPolicy
 from support.proxy import write_config
 
 from egress_guard.addons.connect_guard import ConnectGuard
@@ -32,7 +33,7 @@ def connect(host: str) -> tflow.HTTPFlow:
 
 def test_a_refusal_takes_the_error_shape_of_its_service(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"allowlists": ["anthropic"], "services": ["anthropic"]})
-    guard = ConnectGuard((), {}, config.services)  # no rule: every CONNECT is refused
+    guard = ConnectGuard(FixedPolicy(), {}, config.services)  # no rule: every CONNECT is refused
     flow = connect("api.anthropic.com")
     guard.http_connect(flow)
     assert state(flow).style == "anthropic"
@@ -48,13 +49,13 @@ def test_a_refusal_takes_the_error_shape_of_its_service(tmp_path: Path) -> None:
     # another proxy's guard, built without that service, answers in its own shape: the
     # style is per guard and per flow, nothing a previous chain() left behind
     plain = connect("api.anthropic.com")
-    ConnectGuard((), {}).http_connect(plain)
+    ConnectGuard(FixedPolicy(), {}).http_connect(plain)
     assert plain.response is not None and "type" not in json.loads(plain.response.content)
 
 
 async def test_the_request_guard_sets_the_style_with_the_target(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"allowlists": ["google-gemini"], "services": ["google-gemini"]})
-    guard = RequestGuard((), {}, Resolver(), config.services)
+    guard = RequestGuard(FixedPolicy(), {}, Resolver(), config.services)
     flow = tflow.tflow()
     flow.request.host, flow.request.port, flow.request.scheme = "generativelanguage.googleapis.com", 443, "http"
     flow.request.headers["host"] = "generativelanguage.googleapis.com:443"

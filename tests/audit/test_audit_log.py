@@ -40,6 +40,7 @@ def test_migrate_is_idempotent_and_named(tmp_path: Path) -> None:
         "0007_hash_chain",
         "0008_fleet",
         "0009_order_and_floor",
+        "0010_policy",
     ]
     assert migrate(db) == names
     assert migrate(db) == []

@@ -126,7 +126,7 @@ async def test_migration_0006_fills_the_totals_from_the_log_once(tmp_path: Path)
     conn.close()
     with SQLiteStore(db) as old:  # before it is migrated, a command counts the rows itself
         before = sorted(old.totals(), key=lambda t: (t.agent, t.day))
-    assert migrate(db) == ["0006_spend_totals", "0007_hash_chain", "0008_fleet", "0009_order_and_floor"]
+    assert migrate(db) == ["0006_spend_totals", "0007_hash_chain", "0008_fleet", "0009_order_and_floor", "0010_policy"]
     with SQLiteStore(db) as store:
         assert (
             sorted(store.totals(), key=lambda t: (t.agent, t.day))
