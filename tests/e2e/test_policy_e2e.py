@@ -156,9 +156,7 @@ def test_an_approval_never_lifts_a_deny_rule(make_proxy, cred_config: dict, real
         list(client.chat.completions.create(model="gpt-4o", max_tokens=5, stream=True, messages=[]))
 
 
-def test_unknown_hosts_escalate_and_an_approval_lets_the_agent_reach_it_once(
-    make_proxy, upstream: Upstream
-) -> None:
+def test_unknown_hosts_escalate_and_an_approval_lets_the_agent_reach_it_once(make_proxy, upstream: Upstream) -> None:
     proxy = make_proxy(unknown_hosts="escalate", escalation={"timeout": "20s"})
     approver = answer(proxy, "approve")
     status, _, body = curl(proxy, f"https://other.test.local:{upstream.port}/v1/new")
