@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from click.testing import CliRunner
 from support.clients import curl, raw_connect
@@ -41,12 +40,6 @@ def edit(proxy: RunningProxy, **changes: Any) -> None:
     proxy.config.path.write_text(yaml.safe_dump(body))
 
 
-def wired(proxy: RunningProxy) -> RunningProxy:
-    if not hasattr(proxy.proxy, "watcher"):
-        pytest.skip("EgressProxy does not start a ConfigWatcher yet")
-    return proxy
-
-
 def events(proxy: RunningProxy, n: int) -> list[tuple[str, str, str]]:
     rows = [r for r in proxy.rows(expect=None) if r["kind"] == "event"]
     deadline = time.monotonic() + 5
@@ -59,7 +52,7 @@ def events(proxy: RunningProxy, n: int) -> list[tuple[str, str, str]]:
 def test_reloads_swap_the_policy_and_a_broken_file_keeps_serving(
     make_proxy: Callable[..., RunningProxy], upstream: Upstream
 ) -> None:
-    proxy = wired(make_proxy())
+    proxy = make_proxy()
     api, other = (f"https://{h}:{upstream.port}/json" for h in ("api.test.local", "other.test.local"))
     assert curl(proxy, api)[0] == 200 and curl(proxy, other)[0] == 403
     allow = [{"host": h, "ports": [upstream.port]} for h in ("api.test.local", "other.test.local")]
@@ -102,7 +95,7 @@ def test_reloads_swap_the_policy_and_a_broken_file_keeps_serving(
 def test_a_stream_under_way_finishes_under_the_policy_it_began_with(
     make_proxy: Callable[..., RunningProxy], upstream: Upstream
 ) -> None:
-    proxy = wired(make_proxy())
+    proxy = make_proxy()
     sock, head = raw_connect(proxy.port, f"api.test.local:{upstream.port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     tls = proxy.client_context().wrap_socket(sock, server_hostname="api.test.local")
@@ -146,12 +139,6 @@ def connect_status(port: int, target: str) -> bytes:
 
 
 def test_up_reloads_on_sighup(tmp_path: Path) -> None:
-    import inspect
-
-    from egress_guard.server import EgressProxy
-
-    if "ConfigWatcher" not in inspect.getsource(EgressProxy.__init__):
-        pytest.skip("EgressProxy does not start a ConfigWatcher yet")
     config = write_config(tmp_path, {"allow": [{"host": "old1.example", "ports": [443]}]})
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_GUARD_")}
