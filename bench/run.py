@@ -335,6 +335,7 @@ def start_egress_guard(
     extra: dict | None = None,
     name: str = "egress-guard",
     mint: bool = True,
+    rules: int = 0,
 ) -> tuple[subprocess.Popen, int, Path]:
     """egress-guard in a directory of its own under `work` (`name`), with every addon on;
     `extra` is merged into its config (e.g. a `store:` and the `ca_dir` of a replica that
@@ -375,6 +376,10 @@ def start_egress_guard(
             }
         },
     }
+    if rules:  # `rules:` (#12): N CEL rules across 20 hosts, the bench's own among them
+        from rules import make_rules  # bench/rules.py
+
+        config["rules"] = make_rules(rules, 20, HOST)
     config.update(extra or {})
     (directory / "egress-guard.yaml").write_text(yaml.safe_dump(config))
     exe = shutil.which("egress-guard", path=str(Path(sys.executable).parent)) or "egress-guard"
@@ -437,6 +442,12 @@ def main() -> int:
         action="store_true",
         help="egress-guard without usage accounting (credential swap and the rest stay on)",
     )
+    parser.add_argument(
+        "--rules",
+        type=int,
+        default=0,
+        help="give egress-guard N CEL rules across 20 hosts, its own among them (bench/rules.py; default none)",
+    )
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -464,7 +475,7 @@ def main() -> int:
         ms, ms_port, ms_ca = start_mitmdump(work, test_ca, "--set", "stream_large_bodies=1")
         procs.append(ms)
         targets.append(("mitmdump-strm", ms_port, ms_ca, ms))
-        eg, eg_port, eg_ca = start_egress_guard(work, test_ca, upstream_port, spend=not args.no_spend)
+        eg, eg_port, eg_ca = start_egress_guard(work, test_ca, upstream_port, spend=not args.no_spend, rules=args.rules)
         procs.append(eg)
         targets.append(("egress-guard", eg_port, eg_ca, eg))
         # Rounds alternate between the targets so that drift on a shared machine hits all alike;
