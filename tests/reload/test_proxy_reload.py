@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from support.clients import curl, raw_connect
@@ -121,6 +123,40 @@ def test_a_stream_under_way_finishes_under_the_policy_it_began_with(
         tls.close()
     assert b"data: event 1" in data and b"data: event 2" in data and b"0\r\n\r\n" in data
     assert not upstream.state.sse_gate_timed_out
+
+
+def test_keys_and_budgets_survive_a_reload(
+    make_proxy: Callable[..., RunningProxy], cred_config: dict[str, Any], real_env: Any, llm_upstream: Upstream
+) -> None:
+    """Nothing but the policy is swapped: a key minted before still works, and the spend
+    before the reload still counts against the budget after it."""
+    import httpx
+    import openai
+    from genai_prices import Usage, calc_price
+
+    from egress_guard import keys
+
+    def cost(input_tokens: int) -> Decimal:
+        usage = Usage(input_tokens=input_tokens, output_tokens=100)
+        return Decimal(calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price)
+
+    one, held = cost(11), cost(256)  # a call's real cost, and its reservation
+    # room for one reservation, but not for a second one on top of the first call's cost
+    cred_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": str(held + one / 2)}}
+    proxy = make_proxy(**cred_config)
+    key = keys.mint(proxy.config, "researcher").env["OPENAI_API_KEY"]
+    http = httpx.Client(proxy=proxy.url, verify=proxy.client_context(), trust_env=False, timeout=20)
+    client = openai.OpenAI(
+        api_key=key, base_url=f"https://api.openai.com:{llm_upstream.port}/v1", max_retries=0, http_client=http
+    )
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": []}
+    assert client.chat.completions.create(**body).choices
+
+    edit(proxy, allow=[*cred_config["allow"], {"host": "other.test.local", "ports": [443]}])
+    assert reload(proxy).applied
+    with pytest.raises(openai.RateLimitError, match="day budget"):  # the key passes, the budget remembers
+        client.chat.completions.create(**body)
+    http.close()
 
 
 # --- `up` as a real process: SIGHUP -----------------------------------------------------------
