@@ -25,7 +25,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from egress_guard.config import Config, ConfigError, load_config
+from egress_guard.config.fleet import StoreSettings
 from egress_guard.store.records import AuditRow
 from egress_guard.timeutil import now_iso
 from egress_guard.verdicts import CelRule
@@ -130,6 +133,8 @@ def fixed_keys(old: Config, new: Config) -> list[str]:
     for f in dataclasses.fields(old):
         if f.name in RELOADABLE:
             continue
+        if f.name == "store" and _same_store(old.store, new.store):
+            continue
         if getattr(old, f.name) != getattr(new, f.name, None):
             key = KEYS.get(f.name, f.name)
             if key not in keys:
@@ -138,6 +143,15 @@ def fixed_keys(old: Config, new: Config) -> list[str]:
     if old.policy.escalation.callback_listen != new.policy.escalation.callback_listen:
         keys.append("escalation.webhook.callback_listen")
     return keys
+
+
+def _same_store(old: StoreSettings | None, new: StoreSettings | None) -> bool:
+    """A store without `replica:` gets a random default name at each load (`default_replica`):
+    such a name is not a change — the running replica keeps its own."""
+    if old is None or new is None or old == new:
+        return old == new
+    default = re.fullmatch(re.escape(socket.gethostname()) + r"-[0-9a-f]{6}", new.replica) is not None
+    return default and dataclasses.replace(new, replica=old.replica) == old
 
 
 def what_changed(old: Config, new: Config) -> str:

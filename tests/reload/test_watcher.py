@@ -199,3 +199,34 @@ async def test_sighup_reloads_and_a_burst_is_one_reload(setup: tuple[Path, Polic
     os.kill(os.getpid(), signal.SIGHUP)  # after close: ignored (not the default, which ends the process)
     await asyncio.sleep(0.05)
     assert [o.applied for o in seen] == [True]
+
+
+async def test_the_event_rows_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    from support.pg import pg_rows
+
+    from egress_guard.store import open_engine
+
+    config = write_config(tmp_path, {**BASE, "store": pg_url})
+    audit = AuditLog(open_engine(config))
+    await audit.open()
+    watcher = ConfigWatcher(PolicyHolder(config), audit, signals=False, poll=None)
+    try:
+        rewrite(config.path, allow=[{"host": "new.example.com"}])
+        applied = await watcher.reload_now()
+        good = config.path.read_text()
+        config.path.write_text("version: 1\nallow: [\n")
+        refused = await watcher.reload_now()
+        config.path.write_text(good)
+        rewrite(config.path, store={"url": pg_url, "replica": "other"})  # a replica named: a change
+        named = await watcher.reload_now()
+    finally:
+        assert await audit.close() == 0
+    # a store without `replica:` gets a random name at each load: not a change (applied above)
+    assert applied.applied and named.reason.startswith("store changed: restart egress-guard")
+    assert applied.digest and refused.digest and named.digest
+    rows = pg_rows(pg_url, "kind = 'event'")
+    assert [(r["method"], r["decision"], r["rule"]) for r in rows] == [
+        ("reload", "allow", applied.digest[:12]),
+        ("reload-rejected", "deny", refused.digest[:12]),
+        ("reload-rejected", "deny", named.digest[:12]),
+    ]
