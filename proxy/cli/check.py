@@ -17,7 +17,8 @@ import click
 from egress_guard.cli.common import ConfigProblem, config_option, format_option, load
 from egress_guard.config import DEFAULT_CONFIG_NAME, ConfigError, load_config
 from egress_guard.hosts import HostError, normalize_host
-from egress_guard.verdicts import Action, BodyFacts, Outcome, body_facts, request_facts
+from egress_guard.policy import Destination, decide
+from egress_guard.verdicts import Action, BodyFacts, Facts, Outcome, Policy, body_facts, request_facts
 
 EXIT = {Action.ALLOW: 0, Action.DENY: 3, Action.ESCALATE: 4}
 
@@ -89,9 +90,24 @@ def check(
         body_size=size,
         body=body,
     )
-    outcome = config.policy.evaluate(facts)
+    outcome = proxy_outcome(config.policy, facts, parts.scheme == "https", target or "/")
     _print(outcome, fmt, method.upper(), url)
     click.get_current_context().exit(0 if outcome.observed else EXIT[outcome.action])
+
+
+def proxy_outcome(policy: Policy, facts: Facts, tunnel: bool, target: str) -> Outcome:
+    """What the proxy answers, in the order it decides: an https request's CONNECT first
+    (ConnectGuard: a host nothing names is refused there), then the allowlist where nothing
+    else could admit the request (RequestGuard refuses it before resolving the name), then
+    `Policy.evaluate` (PolicyGuard)."""
+    if tunnel:
+        opened = policy.connect(facts.host, facts.port)
+        if opened.action is Action.DENY and not opened.observed:
+            return opened
+    listed = decide(policy.allowlist, Destination(facts.host, facts.port, facts.method, target))
+    if not listed.allowed and not policy.may_admit(facts.host, facts.port):
+        return Outcome(Action.DENY, listed.reason, listed.rule)
+    return policy.evaluate(facts)
 
 
 def _read_body(value: str) -> bytes:

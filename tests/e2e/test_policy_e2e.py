@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -255,3 +256,98 @@ def test_a_runaway_agent_is_frozen_with_a_row_that_shows_baseline_and_trigger(
     events = [r for r in proxy.rows(expect=10) if r["kind"] == "event" and r["method"] == "freeze"]
     assert len(events) == 1 and "baseline" in events[0]["reason"], events
     assert events[0]["agent"] == "researcher" and events[0]["session"] == "run-1"
+
+
+# --- the verdict table's rows (tests/policy) through the proxy ------------------------------
+
+
+def request_rows(proxy: RunningProxy, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """The request rows (not connect rows), oldest first, waiting until there are `n`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in proxy.rows() if r["kind"] == "request"]
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def _port_in(url: str, port: int) -> str:
+    scheme, rest = url.split("://", 1)
+    authority, _, target = rest.partition("/")
+    return f"{scheme}://{authority}:{port}/{target}"
+
+
+def test_check_agrees_with_the_proxy_on_every_row_of_the_verdict_table(make_proxy, upstream: Upstream) -> None:
+    """tests/policy's table (BASE + RULES, and `check`'s ROWS) through the real proxy: the
+    verdict and rule `check` gives are those of the row the proxy writes. An escalation times
+    out here (1 s), so the proxy's answer to it is a refusal whose reason says so."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "policy"))
+    from test_check_cli import ROWS
+    from test_rules import BASE, RULES
+
+    config = yaml.safe_load(BASE + RULES)
+    for rule in config["allow"]:
+        rule["ports"] = [upstream.port]
+    hosts = {"api.openai.com", "api.github.com", "pypi.org", "mcp.example.com", "new.example.org", "div.example.com"}
+    proxy = make_proxy(
+        allow=config["allow"],
+        rules=config["rules"],
+        agents=config["agents"],
+        escalation={"timeout": "1s"},
+        network={"hosts": {h: ["127.0.0.1"] for h in hosts}},
+    )
+    checked = requests = 0
+    with http_client(proxy) as client:
+        for args, _status, decision, rule in ROWS:
+            if "--agent" in args:
+                continue  # an agent is named by its key on a service's host: the next test
+            method, url = args[0], _port_in(args[1], upstream.port)
+            body = args[args.index("--json") + 1] if "--json" in args else None
+            said = json.loads(
+                cli(
+                    proxy, "check", method, url, *(["--json", body] if body else []), "--format", "json", check=False
+                ).stdout
+            )
+            try:
+                r = client.request(
+                    method, url, content=body.encode() if body else None, headers={"content-type": "application/json"}
+                )
+            except httpx.ProxyError:  # refused at CONNECT: no rule names the host
+                host = url.split("/")[2].split(":")[0]
+                deadline = time.monotonic() + 10
+                while not (refused := [x for x in proxy.rows() if x["kind"] == "connect" and x["host"] == host]):
+                    assert time.monotonic() < deadline, f"no CONNECT row for {host}"
+                    time.sleep(0.05)
+                row = refused[-1]
+            else:
+                requests += 1
+                row = request_rows(proxy, requests)[-1]
+                assert (r.status_code == 200) == (row["decision"] == "allow"), (r.status_code, row)
+            did = "escalate" if "timed out" in (row["reason"] or "") else row["decision"]
+            assert (said["decision"], said["rule"]) == (decision, rule), (args, said)
+            assert (did, row["rule"]) == (decision, rule), (args, r.status_code, row)
+            checked += 1
+    assert checked == len(ROWS) - 1
+
+
+def test_check_agrees_with_the_proxy_on_a_rule_about_the_agent(
+    make_proxy, cred_config: dict, real_env, llm_upstream: Upstream
+) -> None:
+    """The agent a rule names is the one the proxy identified by its key (the table's
+    `--agent` row): the same request escalates for one agent and goes through for another."""
+    cred_config["rules"] = [
+        {"name": "writer-asks", "match": "agent == 'writer' && method != 'GET'", "action": "escalate"}
+    ]
+    cred_config["agents"]["writer"]["services"] = ["anthropic", "openai"]
+    cred_config["escalation"] = {"timeout": "1s"}
+    proxy = make_proxy(**cred_config)
+    url = f"https://api.openai.com:{llm_upstream.port}/v1/chat/completions"
+    body = '{"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}'
+    for agent, expected in (("researcher", "allow"), ("writer", "escalate")):
+        out = cli(proxy, "check", "--agent", agent, "POST", url, "--json", body, "--format", "json", check=False)
+        said = json.loads(out.stdout)
+        key = mint(proxy, agent=agent).env["OPENAI_API_KEY"]
+        with http_client(proxy) as client:
+            r = client.post(url, content=body, headers={"authorization": f"Bearer {key}"})
+        did = "escalate" if "timed out" in r.text else "allow" if r.status_code == 200 else "deny"
+        assert (said["decision"], did) == (expected, expected), (agent, said, r.status_code, r.text)

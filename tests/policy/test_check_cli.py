@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from test_rules import BASE, RULES, facts  # the verdict table's config and its request builder
 
-from egress_guard.cli.check import check, config
+from egress_guard.cli.check import check, config, proxy_outcome
 from egress_guard.cli.up import up
 from egress_guard.config import load_config
 
@@ -48,7 +48,9 @@ ROWS = [
     (["GET", "https://pypi.org/simple/requests/"], 0, "allow", "inline#1"),
     (["POST", "https://pypi.org/legacy/"], 3, "deny", "inline#1"),
     (["GET", "https://new.example.org/"], 3, "deny", None),
-    (["GET", "https://div.example.com/"], 3, "deny", "rule:broken"),
+    # only a deny rule names it: the CONNECT is refused, as the proxy does, before any rule runs
+    (["GET", "https://div.example.com/"], 3, "deny", None),
+    (["GET", "http://div.example.com/"], 3, "deny", "rule:broken"),  # no CONNECT: the rule's error refuses
 ]  # fmt: skip
 
 
@@ -64,7 +66,8 @@ def test_check_answers_as_evaluate_does(
     agent = args[args.index("--agent") + 1] if "--agent" in args else None
     method, url = [a for a in args if not a.startswith(("-", "{")) and a != agent][:2]
     body = json.loads(args[args.index("--json") + 1]) if "--json" in args else b""
-    direct = load_config(path).policy.evaluate(facts(url, method, body, agent=agent))
+    target = "/" + url.split("://", 1)[1].partition("/")[2]
+    direct = proxy_outcome(load_config(path).policy, facts(url, method, body, agent=agent), "https:" in url, target)
     assert (direct.verdict_text, direct.rule, direct.reason) == (answer["decision"], answer["rule"], answer["reason"])
 
 

@@ -24,6 +24,10 @@ UPSTREAM_NAMES = [
     "generativelanguage.googleapis.com",
     "api.github.com",
     "api.groq.com",
+    "pypi.org",  # tests/e2e/test_policy_e2e.py: the verdict table's hosts
+    "mcp.example.com",
+    "div.example.com",
+    "new.example.org",
 ]
 
 
