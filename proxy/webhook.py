@@ -1,11 +1,16 @@
 """The escalation webhook: a POST that tells someone a request is waiting (`notify`), and the
 signed callback by which they answer it (`CallbackServer`). Both directions are signed with
-one HMAC key (`escalation.webhook.secret_file`), the way Stripe signs its webhooks:
+one HMAC key (`escalation.webhook.secret_file`), the way Stripe signs its webhooks, but each
+over a message of its own, so that one can never stand in for the other:
 
-    X-Egress-Guard-Signature: t=<unix seconds>,v1=<hex hmac-sha256(key, f"{t}.{body}")>
+    X-Egress-Guard-Signature: t=<unix seconds>,v1=<hex hmac-sha256(key, message)>
+    notification:  message = f"{t}.notify.{body}"
+    callback:      message = f"{t}.callback.{approval_id}.{body}"   (the id from the URL path)
 
 A receiver recomputes it over the raw body, compares in constant time and refuses a `t`
-more than TOLERANCE seconds away (a replayed old callback). The key, and the webhook URL
+more than TOLERANCE seconds away. The callback's message binds the approval id, so a signed
+answer to one escalation cannot be replayed against another; and the server takes each
+signature once (`Replays`): a captured answer cannot be sent again. The key, and the webhook URL
 (whose path often is a token: Slack's, Teams'), never appear in a log line, an exception or
 a repr: a failure names only the URL's scheme, host and port.
 
@@ -14,7 +19,9 @@ and the request still waits for an answer from the CLI. No proxy from the enviro
 used (the proxy itself may be in HTTPS_PROXY).
 
 The callback server is deliberately tiny: HTTP/1.1, one request per connection, `POST
-/approvals/<id>` only, bodies up to 64 KiB. What a decision does is not its business: it
+/approvals/<id>` only, bodies up to 64 KiB, at most MAX_CONNECTIONS connections at once
+(each may take READ_TIMEOUT to send its request: beyond the limit a connection is closed
+unanswered, so a flood of idle sockets costs a bounded amount). What a decision does is not its business: it
 hands (id, decision, scope, note, by) to the `decide` coroutine it was given (Escalations),
 which writes the same DecideApproval the CLI writes.
 """
@@ -27,6 +34,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +53,7 @@ NOTIFY_TIMEOUT = 5.0
 MAX_BODY = 64 * 1024
 MAX_HEAD = 8 * 1024
 READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 32  # callback connections served at once; one more is closed at once
 
 
 # --- signatures ---------------------------------------------------------------------------
@@ -62,35 +71,82 @@ def read_secret(path: Path) -> Secret:
     return Secret(value)
 
 
-def _mac(secret: Secret, t: int, body: bytes) -> str:
-    return hmac.new(secret.reveal().encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+NOTIFY = "notify"  # what a notification's signature covers: f"{t}.notify.{body}"
 
 
-def sign(secret: Secret, body: bytes, now: float | None = None) -> str:
-    """The signature header's value for `body`."""
+def callback_purpose(approval_id: str) -> str:
+    """What a callback's signature covers, besides t and the body: its direction and the id."""
+    return f"callback.{approval_id}"
+
+
+def _mac(secret: Secret, t: int, purpose: str, body: bytes) -> str:
+    message = f"{t}.{purpose}.".encode() + body
+    return hmac.new(secret.reveal().encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign(secret: Secret, body: bytes, purpose: str, now: float | None = None) -> str:
+    """The signature header's value for `body` sent for `purpose` (NOTIFY, or
+    callback_purpose(id))."""
     t = int(time.time() if now is None else now)
-    return f"t={t},v1={_mac(secret, t, body)}"
+    return f"t={t},v1={_mac(secret, t, purpose, body)}"
 
 
-def verify(secret: Secret, header: str | None, body: bytes, now: float | None = None) -> str | None:
-    """None if `header` signs `body` with `secret` within TOLERANCE; else why not (for the
-    401's body: never the expected value)."""
-    if not header:
-        return f"missing {HEADER} header"
+def _fields(header: str) -> dict[str, list[str]]:
     parts: dict[str, list[str]] = {}
     for item in header.split(","):
         key, _, value = item.strip().partition("=")
         parts.setdefault(key, []).append(value)
+    return parts
+
+
+def signed_at(header: str | None) -> int | None:
+    """The signature header's t (the first one: what verify checks), or None."""
     try:
-        t = int(parts["t"][0])
+        return int(_fields(header or "")["t"][0])
     except (KeyError, ValueError):
+        return None
+
+
+def verify(secret: Secret, header: str | None, body: bytes, purpose: str, now: float | None = None) -> str | None:
+    """None if `header` signs `body` for `purpose` with `secret` within TOLERANCE; else why
+    not (for the 401's body: never the expected value)."""
+    if not header:
+        return f"missing {HEADER} header"
+    parts = _fields(header)
+    t = signed_at(header)
+    if t is None:
         return f"{HEADER} has no t=<unix seconds>"
     if abs((time.time() if now is None else now) - t) > TOLERANCE:
         return f"{HEADER} timestamp is more than {TOLERANCE} s from now (a replay, or a clock off)"
-    expected = _mac(secret, t, body)
+    expected = _mac(secret, t, purpose, body)
     if not any(hmac.compare_digest(expected, v) for v in parts.get("v1", [])):
-        return f"{HEADER} does not match the body (wrong key, or the body was changed)"
+        return f"{HEADER} does not match (wrong key, the body or the approval id changed, or not signed as a callback)"
     return None
+
+
+class Replays:
+    """The callback signatures accepted within the last TOLERANCE seconds: each is taken once
+    (a captured answer cannot be sent again; sign every attempt anew). Only a holder of the
+    key can add one, and each leaves after TOLERANCE, so it stays small."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}  # what a signature signed -> when it may be forgotten
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def take(self, header: str | None, purpose: str, body: bytes, now: float | None = None) -> bool:
+        """Remember a verified signature; False if it was taken already. Keyed by what it
+        signs (t, purpose, body), not by the header's text, which can be respelled."""
+        now = time.time() if now is None else now
+        key = f"{signed_at(header)}.{purpose}.{hashlib.sha256(body).hexdigest()}"
+        if len(self._seen) > 1024:
+            self._seen = {k: until for k, until in self._seen.items() if until > now}
+        until = self._seen.get(key)
+        if until is not None and until > now:
+            return False
+        self._seen[key] = now + 2 * TOLERANCE  # its t may be up to TOLERANCE in the future
+        return True
 
 
 # --- the notification ---------------------------------------------------------------------
@@ -151,7 +207,7 @@ async def notify(url: str, secret: Secret | None, payload: dict[str, Any], timeo
     """POST `payload` (JSON, signed if there is a key) once; True on a 2xx. A failure is
     logged (the URL's host, never its path or the key) and returns False."""
     body = json.dumps(payload, separators=(",", ":")).encode()
-    headers = {HEADER: sign(secret, body)} if secret is not None else {}
+    headers = {HEADER: sign(secret, body, NOTIFY)} if secret is not None else {}
     where = shown_url(url)
     try:
         status = await post(url, body, headers, timeout)
@@ -184,6 +240,7 @@ class Reply:
     body: dict[str, Any]
 
 
+_ID = re.compile(r"[0-9a-f]{1,64}")
 Decide = Callable[[str, str, str | None, str | None, str], Awaitable[Reply]]
 _REASONS = {
     200: "OK",
@@ -200,7 +257,8 @@ _REASONS = {
 
 class CallbackServer:
     """`POST /approvals/<id>` with a JSON body {"decision": "approve"|"deny", "scope":
-    "once"|"session"|"always", "note": …, "by": …}, signed. 401 before anything else if the
+    "once"|"session"|"always", "note": …, "by": …}, signed for this id (callback_purpose),
+    each signature once. 401 before anything else if the
     signature is bad or stale (an unsigned caller learns nothing, not even whether an id
     exists); then `decide` answers (404 unknown, 409 not pending, 200 done)."""
 
@@ -209,6 +267,9 @@ class CallbackServer:
         self._secret = secret
         self._decide = decide
         self._server: asyncio.Server | None = None
+        self.replays = Replays()
+        self.connections = 0  # served now
+        self.turned_away = 0  # closed at once: MAX_CONNECTIONS were being served
 
     def __repr__(self) -> str:
         return f"CallbackServer({self.listen[0]}:{self.listen[1]})"
@@ -234,6 +295,25 @@ class CallbackServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            self.turned_away += 1
+            if self.turned_away == 1 or self.turned_away % 1000 == 0:
+                log.warning(
+                    "escalation callback: %d connections open; closing new ones (%d so far)",
+                    MAX_CONNECTIONS,
+                    self.turned_away,
+                )
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        self.connections += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
                 reply = await asyncio.wait_for(self._handle(reader), READ_TIMEOUT)
@@ -289,14 +369,18 @@ class CallbackServer:
             return Reply(400, {"error": "incomplete body"})
         path = target.split("?", 1)[0]
         prefix = "/approvals/"
-        if not path.startswith(prefix) or "/" in path[len(prefix) :] or len(path) == len(prefix):
-            return Reply(404, {"error": "not found: POST /approvals/<id>"})
+        approval_id = path[len(prefix) :]
+        if not path.startswith(prefix) or not _ID.fullmatch(approval_id):
+            return Reply(404, {"error": "not found: POST /approvals/<id> (the id in full, as the webhook sent it)"})
         if method != "POST":
             return Reply(405, {"error": "use POST"})
         secret = self._secret()
         if secret is None:
             return Reply(401, {"error": "callbacks need escalation.webhook.secret_file"})
-        problem = verify(secret, headers.get(HEADER.lower()), body)
+        signature, purpose = headers.get(HEADER.lower()), callback_purpose(approval_id)
+        problem = verify(secret, signature, body, purpose)
+        if problem is None and not self.replays.take(signature, purpose, body):
+            problem = f"{HEADER} was used already: sign each callback anew (a fresh t)"
         if problem is not None:
             log.warning("escalation callback refused: %s", problem)
             return Reply(401, {"error": problem})
@@ -319,4 +403,4 @@ class CallbackServer:
         note, by = data.get("note"), data.get("by") or "webhook"
         if not isinstance(note, str | None) or not isinstance(by, str) or len(by) > 200 or len(note or "") > 2000:
             return Reply(400, {"error": "note and by must be short strings"})
-        return await self._decide(path[len(prefix) :], decision, scope, note, by)
+        return await self._decide(approval_id, decision, scope, note, by)

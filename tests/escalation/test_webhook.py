@@ -78,12 +78,18 @@ def callback(
     now: float | None = None,
     method: str = "POST",
     raw: bytes | None = None,
+    signed_for: str | None = None,
+    signature: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST to the callback server, signed with `key` (None: unsigned); (status, JSON body)."""
+    """POST to the callback server, signed with `key` (None: unsigned) as a callback for
+    `signed_for` (default: `approval_id`), or with the given `signature`; (status, JSON body)."""
     body = raw if raw is not None else json.dumps(payload).encode()
     headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers[webhook.HEADER] = webhook.sign(Secret(key), body, now)
+    if signature is not None:
+        headers[webhook.HEADER] = signature
+    elif key is not None:
+        purpose = webhook.callback_purpose(signed_for or approval_id)
+        headers[webhook.HEADER] = webhook.sign(Secret(key), body, purpose, now)
     req = urllib.request.Request(f"http://127.0.0.1:{port}/approvals/{approval_id}", body, headers, method=method)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -102,14 +108,61 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 def test_sign_and_verify() -> None:
     key, body = Secret(KEY), b'{"decision":"approve"}'
-    header = webhook.sign(key, body, now=1_800_000_000)
-    assert webhook.verify(key, header, body, now=1_800_000_100) is None
-    assert "does not match" in (webhook.verify(key, header, body + b" ", now=1_800_000_100) or "")
-    assert "does not match" in (webhook.verify(Secret("other"), header, body, now=1_800_000_100) or "")
-    assert "more than 300 s" in (webhook.verify(key, header, body, now=1_800_000_301) or "")
-    assert "missing" in (webhook.verify(key, None, body) or "")
-    assert "no t=" in (webhook.verify(key, "v1=abc", body) or "")
+    for_a = webhook.callback_purpose("aaaa000000000001")
+    header = webhook.sign(key, body, for_a, now=1_800_000_000)
+    assert webhook.verify(key, header, body, for_a, now=1_800_000_100) is None
+    assert "does not match" in (webhook.verify(key, header, body + b" ", for_a, now=1_800_000_100) or "")
+    assert "does not match" in (webhook.verify(Secret("other"), header, body, for_a, now=1_800_000_100) or "")
+    # bound to the id, and to the direction: neither another escalation's nor a notification's
+    for_b = webhook.callback_purpose("aaaa000000000002")
+    assert "does not match" in (webhook.verify(key, header, body, for_b, now=1_800_000_100) or "")
+    assert "does not match" in (webhook.verify(key, header, body, webhook.NOTIFY, now=1_800_000_100) or "")
+    notified = webhook.sign(key, body, webhook.NOTIFY, now=1_800_000_000)
+    assert "does not match" in (webhook.verify(key, notified, body, for_a, now=1_800_000_100) or "")
+    assert "more than 300 s" in (webhook.verify(key, header, body, for_a, now=1_800_000_301) or "")
+    assert "missing" in (webhook.verify(key, None, body, for_a) or "")
+    assert "no t=" in (webhook.verify(key, "v1=abc", body, for_a) or "")
     assert KEY not in header and KEY not in repr(key)
+
+
+async def test_the_documented_scheme_is_the_one_checked() -> None:
+    """The Python an approver bot copies from docs/escalation.md answers the real server, and
+    the notification's documented message is what `notify` signs."""
+    import hashlib
+    import hmac as hmac_
+    import re
+
+    docs = (Path(__file__).parents[2] / "docs" / "escalation.md").read_text()
+    assert 'HMAC-SHA256(key, "<t>.notify.<raw body>")' in docs
+    body, t = b'{"id":"1"}', 1_800_000_000
+    mac = hmac_.new(KEY.encode(), f"{t}.notify.".encode() + body, hashlib.sha256).hexdigest()
+    assert webhook.verify(Secret(KEY), f"t={t},v1={mac}", body, webhook.NOTIFY, now=t) is None
+    (snippet,) = re.findall(r"```python\n(.*?)```", docs.split("## Signed callbacks")[1], re.S)
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # our own docs
+    seen: list[tuple[Any, ...]] = []
+
+    async def decide(*args: Any) -> webhook.Reply:
+        seen.append(args)
+        return webhook.Reply(200, {"ok": True})
+
+    server = webhook.CallbackServer(("127.0.0.1", 0), lambda: Secret(KEY), decide)
+    await server.start()
+    try:
+        base, decision = f"http://127.0.0.1:{server.port}", {"decision": "approve", "scope": "once", "by": "bot"}
+        assert await asyncio.to_thread(scope["answer"], base, KEY, "0123456789abcdef", decision) == 200
+    finally:
+        await server.close()
+    assert seen == [("0123456789abcdef", "approve", "once", None, "bot")]
+
+
+def test_replays_take_each_signature_once() -> None:
+    replays, purpose, body = webhook.Replays(), webhook.callback_purpose("ab"), b"{}"
+    header = webhook.sign(Secret(KEY), body, purpose, now=1_800_000_000)
+    assert replays.take(header, purpose, body, now=1_800_000_000)
+    assert not replays.take(header, purpose, body, now=1_800_000_100)
+    assert not replays.take(f" {header},v1=00", purpose, body, now=1_800_000_100)  # respelled: the same
+    assert replays.take(header, purpose, body, now=1_800_000_000 + 2 * webhook.TOLERANCE + 1)  # past any window
 
 
 async def test_the_webhook_is_told_and_a_signed_callback_approves(
@@ -124,7 +177,7 @@ async def test_the_webhook_is_told_and_a_signed_callback_approves(
         await until(lambda: hook.received)
         path, headers, body = hook.received[0]
         assert path == "/hooks/T0K3N"
-        assert webhook.verify(Secret(KEY), headers[webhook.HEADER], body) is None
+        assert webhook.verify(Secret(KEY), headers[webhook.HEADER], body, webhook.NOTIFY) is None
         told = json.loads(body)
         assert (told["agent"], told["host"], told["port"], told["rule"]) == (
             "researcher",
@@ -147,6 +200,11 @@ async def test_the_webhook_is_told_and_a_signed_callback_approves(
         answer = await asyncio.wait_for(asked, 2)  # answered at once, not at the next poll
         assert answer.approved and answer.reason == f"approved by ops-bot (escalation {told['id']}, scope session: ok)"
         assert answer.by == "ops-bot"
+        # the notification's own signature is no answer, even over an answer's body
+        status, _ = await asyncio.to_thread(
+            callback, esc.callback.port, told["id"], None, raw=body, signature=headers[webhook.HEADER]
+        )
+        assert status == 401
         # answered: the same callback again is a conflict naming who answered
         status, again = await asyncio.to_thread(callback, esc.callback.port, told["id"], {"decision": "deny"})
         assert (
@@ -221,3 +279,58 @@ async def test_a_webhook_answering_an_error_is_logged_with_its_status(
     finally:
         failing.close()
     assert f"escalation webhook http://127.0.0.1:{failing.port} answered 500" in caplog.text
+
+
+async def test_a_signed_answer_is_for_one_escalation_and_used_once(tmp_path: Path, secret_file: Path) -> None:
+    """The review's replay: one signed {"decision": "approve"} sent to every pending id. The
+    signature binds the id, and a signature is taken once."""
+    config = make_home(tmp_path)
+    async with running(config, timeout=20, webhook_secret_file=secret_file, callback_listen=("127.0.0.1", 0)) as esc:
+        assert esc.callback is not None
+        port = esc.callback.port
+        asked = [asyncio.create_task(esc.ask(request(n))) for n in (1, 2)]
+        a, b = (p["id"] for p in await wait_pending(config, 2))
+        body = json.dumps({"decision": "approve", "by": "ops-bot"}).encode()
+        signed_for_a = webhook.sign(Secret(KEY), body, webhook.callback_purpose(a))
+        status, refused = await asyncio.to_thread(callback, port, b, None, raw=body, signature=signed_for_a)
+        assert status == 401 and "does not match" in refused["error"]
+        status, _ = await asyncio.to_thread(callback, port, a, None, raw=body, signature=signed_for_a)
+        assert status == 200
+        # the same signed request again: refused before the store is asked (not a 409)
+        status, again = await asyncio.to_thread(callback, port, a, None, raw=body, signature=signed_for_a)
+        assert status == 401 and "used already" in again["error"]
+        first = await asyncio.wait_for(asked[0], 5)
+        assert first.approved and first.approval_id == a
+        assert not asked[1].done()  # b was not answered by a's signature
+        (still,) = await wait_pending(config)
+        assert still["id"] == b
+        status, _ = await asyncio.to_thread(callback, port, b, {"decision": "deny"})
+        assert status == 200
+        assert (await asyncio.wait_for(asked[1], 5)).status == "denied"
+
+
+async def test_the_callback_server_serves_at_most_max_connections() -> None:
+    async def decide(*args: Any) -> webhook.Reply:
+        return webhook.Reply(404, {"error": "none"})
+
+    server = webhook.CallbackServer(("127.0.0.1", 0), lambda: Secret(KEY), decide)
+    await server.start()
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(webhook.MAX_CONNECTIONS):  # idle: each holds a slot until READ_TIMEOUT
+            _, w = await asyncio.open_connection("127.0.0.1", server.port)
+            idle.append(w)
+        await until(lambda: server.connections == webhook.MAX_CONNECTIONS)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed at once, unanswered
+        writer.close()
+        assert server.turned_away == 1 and server.connections == webhook.MAX_CONNECTIONS
+        for w in idle:
+            w.close()
+        await until(lambda: server.connections == 0)
+        status, body = await asyncio.to_thread(callback, server.port, "abcdef", {"decision": "deny"})
+        assert status == 404 and body == {"error": "none"}
+    finally:
+        for w in idle:
+            w.close()
+        await server.close()
