@@ -198,13 +198,10 @@ async def test_the_command_reads_every_hour_of_its_span(home: Path) -> None:
 # --- end to end: observe, suggest, enforce ---------------------------------------------
 
 
-OBSERVE_PENDING = pytest.mark.xfail(reason="until the proxy's PolicyGuard applies mode: observe (lead)", strict=False)
-
-
 @pytest.mark.parametrize(
     "first_run",
     [
-        pytest.param("observe", marks=OBSERVE_PENDING),  # empty allowlist: every request would be denied, and goes on
+        "observe",  # empty allowlist: every request would be denied, and goes on
         "broad",  # enforced, the whole host allowed: suggest narrows it to what was used
     ],
 )
