@@ -66,11 +66,31 @@ def rejection(
     )
 
 
+READ_REFUSED_BODY_UP_TO = 64 << 20  # a refused upload of known size is read (to answer it) up to this
+
+
 def reject(flow: http.HTTPFlow, decision: Decision, status: int | None = None) -> None:
     """Refuse `flow` with egress-guard's answer, in the error shape of its service (known
-    APIs get refusals in their own shape, so their SDKs show egress-guard's reason)."""
+    APIs get refusals in their own shape, so their SDKs show egress-guard's reason).
+
+    A request whose body was to stream upstream (RequestGuard: over 1 MiB, or of unknown
+    length), refused at its headers: mitmproxy cannot answer and stream at once, so a body
+    of known size up to 64 MiB is read and dropped, then answered (and the connection
+    closed); one of unknown or larger size is not read at all: the connection is cut (the
+    row says why)."""
     st = state(flow)
     st.decision = decision
+    req = flow.request
+    if req.stream and req.timestamp_end is None:  # at its headers: nothing of the body sent yet
+        length = req.headers.get("content-length", "")
+        if not (length.isdigit() and int(length) <= READ_REFUSED_BODY_UP_TO):
+            abort_connection(flow)
+            return
+        req.stream = False
+        st.own_response = True
+        flow.response = rejection(decision, flow.id, status, st.style)
+        flow.response.headers["connection"] = "close"
+        return
     st.own_response = True
     flow.response = rejection(decision, flow.id, status, st.style)
 

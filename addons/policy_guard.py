@@ -137,7 +137,7 @@ class PolicyGuard:
         assert st.target is not None  # RequestGuard aimed it
         host, port = st.target
         body: BodyFacts | None = None
-        size = st.request_bytes or 0
+        size: int | None = None  # a streamed body without a Content-Length: not known
         content = None if req.stream else req.raw_content
         if content is not None:
             size = len(content)
@@ -149,9 +149,9 @@ class PolicyGuard:
                 except ValueError:
                     decoded = b""  # CredentialGuard refused an undecodable body already
                 body = body_facts(req.headers.get("content-type", ""), decoded)
-        elif not size:
+        else:  # streamed (judged at its headers): the length it declares, which framing holds it to
             length = req.headers.get("content-length", "")
-            size = int(length) if length.isdigit() else 0
+            size = int(length) if length.isdigit() else None
         return request_facts(
             host,
             port,

@@ -21,11 +21,11 @@ from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from egress_guard import cel_rules
 from egress_guard.hosts import Host, normalize_host
-from egress_guard.policy import Destination, Rule, decide
+from egress_guard.policy import Destination, Rule, decide, path_is_ambiguous
 from egress_guard.timeutil import now_iso
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class Facts:
     service: str | None = None
     query: tuple[str, ...] = ()
     headers: tuple[str, ...] = ()
-    body_size: int = 0
+    body_size: int | None = 0  # None: not known (a streamed body without a Content-Length)
     body: BodyFacts | None = None  # None: not read (streamed, or no rule needs it)
     now: datetime | None = None  # None: now
 
@@ -84,7 +84,7 @@ def request_facts(
     agent: str | None = None,
     session: str | None = None,
     service: str | None = None,
-    body_size: int = 0,
+    body_size: int | None = 0,
     body: BodyFacts | None = None,
     now: datetime | None = None,
 ) -> Facts:
@@ -146,7 +146,7 @@ class Outcome:
 @dataclass(frozen=True)
 class EscalationSettings:
     timeout: float = 120.0  # seconds a held request waits for a decision
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # its path may hold a token (Slack's does)
     webhook_secret_file: Path | None = None
     callback_listen: tuple[str, int] | None = None
 
@@ -292,10 +292,10 @@ _FROM_FACTS: dict[str, Any] = {
     "host": lambda f: f.host.name,
     "port": lambda f: f.port,
     "method": lambda f: f.method or "",
-    "path": lambda f: f.path or "",
     "query": lambda f: list(f.query),
     "headers": lambda f: list(f.headers),
-    "body_size": lambda f: f.body_size,
+    "body_size": lambda f: f.body_size or 0,  # unknown: `_judge` refuses to judge it
+    "path": lambda f: unquote(f.path or ""),  # as an upstream reads it: /%61dmin is /admin
 }
 _FROM_BODY: dict[str, Any] = {
     "model": lambda b: b.model,
@@ -306,12 +306,23 @@ _FROM_BODY: dict[str, Any] = {
     "rpc_tool": lambda b: b.rpc_tool,
 }
 _BODY_NOT_READ = "the rule reads the body, which was not read (streamed: over 1 MiB)"
+_SIZE_UNKNOWN = "the rule reads body_size, which is not known (a streamed body without a Content-Length)"
+
+
+def _unjudgeable(facts: Facts, needs_body: bool, variables: frozenset[str]) -> str | None:
+    """Why rules naming `variables` cannot judge this request (fail closed), or None."""
+    if needs_body and facts.body is None:
+        return _BODY_NOT_READ
+    if facts.body_size is None and "body_size" in variables:
+        return _SIZE_UNKNOWN
+    return None
 
 
 def _judge(rule: CelRule, facts: Facts, data: dict[str, Any]) -> bool | str:
     """True/False, or why the rule could not be evaluated."""
-    if facts.body is None and rule.needs_body:
-        return _BODY_NOT_READ
+    why = _unjudgeable(facts, rule.needs_body, rule.expression.variables)
+    if why is not None:
+        return why
     return cel_rules.evaluate(rule.expression, data)
 
 
@@ -407,10 +418,18 @@ class Policy:
         cands = self._index.candidates(facts.host)
         allowed_by: CelRule | None = None  # an allow rule that matched
         granted: CelRule | None = None  # a matched escalate rule a grant covers
+        if cands.ordered and facts.path is not None and "path" in cands.variables and path_is_ambiguous(facts.path):
+            # an upstream may read /repos/%2e%2e/admin as /admin: no rule on the path can judge it
+            return Outcome(
+                Action.DENY,
+                f"path {facts.path!r} is ambiguous (dot segments, encoded slashes or empty segments): "
+                "rules on the path cannot judge it",
+                None,
+            )
         if cands.ordered:
             data = _activation(facts, cands.variables)
             first = None
-            if cands.first is not None and (facts.body is not None or not cands.needs_body):
+            if cands.first is not None and _unjudgeable(facts, cands.needs_body, cands.variables) is None:
                 first = cands.first(data)  # one evaluation for the common case
             hit = cands.ordered[first] if first is not None and first >= 0 else None
             if first is not None and not (
@@ -440,12 +459,15 @@ class Policy:
             return Outcome(Action.ALLOW, allowed_by.reason or f"{allowed_by.id} allows it", allowed_by.id)
         if granted is not None:
             return Outcome(Action.ALLOW, f"{granted.id}: approved earlier (a grant covers it)", granted.id)
-        grant = grants.covers(UNKNOWN_HOSTS, facts)
-        if grant is not None:
-            return Outcome(
-                Action.ALLOW, f"{facts.host}:{facts.port}: approved earlier (grant {grant.id})", UNKNOWN_HOSTS
-            )
+        # An unknown host's grant stands only while the host is unknown and such hosts
+        # escalate: once the config names it (with methods and paths) or refuses unknown
+        # hosts, the config decides, not an old approval.
         if self.unknown_hosts == "escalate" and not self.covers(facts.host, facts.port):
+            grant = grants.covers(UNKNOWN_HOSTS, facts)
+            if grant is not None:
+                return Outcome(
+                    Action.ALLOW, f"{facts.host}:{facts.port}: approved earlier (grant {grant.id})", UNKNOWN_HOSTS
+                )
             return Outcome(
                 Action.ESCALATE, f"{facts.host}:{facts.port} is not on the allowlist: needs approval", UNKNOWN_HOSTS
             )

@@ -55,6 +55,15 @@ def to_cel_rules(file: Path | str, wires: list[PolicyRuleWire]) -> tuple[CelRule
             seen[w.name] = i
         rule_id = f"rule:{w.name}" if w.name is not None else f"rules#{i}"
         action = Action(w.action)
+        if w.name is None and action is Action.ESCALATE:
+            raise ConfigError(
+                file,
+                f"{key}.name",
+                "an escalate rule needs a name: approvals and grants (--scope session|always) name the rule, "
+                "and a position would point at another rule once rules are added",
+                "add name: <letters, digits, '-', '_', '.'>, e.g. name: writes-need-a-human",
+                at=key,
+            )
         if w.hosts is not None and not w.hosts:
             raise ConfigError(file, f"{key}.hosts", "an empty list names no host", "list hosts, or remove hosts:")
         if w.hosts is None and action is Action.ALLOW:

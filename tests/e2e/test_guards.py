@@ -162,7 +162,7 @@ def test_crash_in_request_hook_fails_closed(proxy: RunningProxy, upstream: Upstr
 
 
 def test_crash_in_connect_hook_fails_closed(proxy: RunningProxy, upstream: Upstream, monkeypatch) -> None:
-    monkeypatch.setattr(connect_guard, "decide", lambda *a: 1 / 0)
+    monkeypatch.setattr(connect_guard, "flow_policy", lambda *a: 1 / 0)
     sock, response = raw_connect(proxy.port, f"api.test.local:{upstream.port}")
     sock.close()
     assert response.startswith(b"HTTP/1.1 502") and b"ZeroDivisionError" in response

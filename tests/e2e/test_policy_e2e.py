@@ -351,3 +351,40 @@ def test_check_agrees_with_the_proxy_on_a_rule_about_the_agent(
             r = client.post(url, content=body, headers={"authorization": f"Bearer {key}"})
         did = "escalate" if "timed out" in r.text else "allow" if r.status_code == 200 else "deny"
         assert (said["decision"], did) == (expected, expected), (agent, said, r.status_code, r.text)
+
+
+def test_a_size_rule_holds_for_a_chunked_upload_and_a_path_rule_for_an_encoded_path(
+    make_proxy, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A body sent chunked has no size at its headers (and a big one streams upstream as it
+    arrives): a rule on body_size refuses it rather than judge it 0. A path an upstream would
+    read as /admin is refused by a rule on /admin, however it is spelled."""
+    proxy = make_proxy(
+        rules=[
+            {"name": "no-uploads", "match": "body_size > 1000", "action": "deny", "reason": "too big"},
+            {"name": "no-admin", "match": "path.startsWith('/admin')", "action": "deny", "reason": "no admin"},
+        ]
+    )
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 50_000)
+    url = f"https://api.test.local:{upstream.port}/upload"
+    status, _, body = curl(proxy, url, "--data-binary", f"@{blob}")
+    assert status == 403 and "too big" in body
+    try:
+        status = curl(proxy, url, "--data-binary", f"@{blob}", "-H", "Transfer-Encoding: chunked")[0]
+    except AssertionError as exc:  # curl: the HTTP/2 stream or the connection was cut
+        assert "(18)" in str(exc) or "(56)" in str(exc) or "(92)" in str(exc), exc
+        status = 0
+    assert status == 0  # a size not known: the body is not read; the connection is cut, the row says why
+    deadline = time.monotonic() + 10
+    while not any("not known" in (r["reason"] or "") for r in proxy.rows()):
+        assert time.monotonic() < deadline, proxy.rows()
+        time.sleep(0.05)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (2 << 20))  # over 1 MiB: streamed, judged at its headers by its Content-Length
+    assert curl(proxy, url, "--data-binary", f"@{big}")[0] == 403
+    assert curl(proxy, url, "--data-binary", "small")[0] == 200
+    for path in ("/admin/x", "/%61dmin/x", "/repos/%2e%2e/admin/secrets", "//admin"):
+        status, _, body = curl(proxy, f"https://api.test.local:{upstream.port}{path}", "--path-as-is")
+        assert status == 403, (path, body)
+    assert [r["path"] for r in upstream.state.requests] == ["/upload"]

@@ -268,7 +268,7 @@ def test_time_and_headers_are_variables(tmp_path: Path) -> None:
         BASE
         + """rules:
   - {hosts: [pypi.org], match: "now.getHours('UTC') < 6", action: deny, reason: night}
-  - {hosts: [pypi.org], match: "'x-debug' in headers && body_size > 3", action: escalate}
+  - {name: debug-asks, hosts: [pypi.org], match: "'x-debug' in headers && body_size > 3", action: escalate}
 """,
     )
     night = datetime.datetime(2026, 1, 1, 3, tzinfo=datetime.UTC)
@@ -276,7 +276,7 @@ def test_time_and_headers_are_variables(tmp_path: Path) -> None:
     assert policy.evaluate(facts("https://pypi.org/", now=night)).rule == "rules#0"
     assert policy.evaluate(facts("https://pypi.org/", now=day)).action is Action.ALLOW
     asks = facts("https://pypi.org/", body=b"12345", headers=("X-Debug",), now=day)
-    assert policy.evaluate(asks).rule == "rules#1"
+    assert policy.evaluate(asks).rule == "rule:debug-asks"
 
 
 def test_connect_admits_covered_hosts_and_escalations(tmp_path: Path) -> None:
@@ -314,9 +314,9 @@ def test_the_host_index_picks_exactly_the_rules_a_scan_would(tmp_path: Path) -> 
     text = BASE + "rules:\n"
     hosts = ["a.example.com", "*.example.com", "*.b.example.com", "c.example.net", "10.0.0.1"]
     for i, h in enumerate(hosts):
-        text += f'  - {{hosts: ["{h}"], match: "true", action: escalate}}\n'
+        text += f'  - {{name: r{i}, hosts: ["{h}"], match: "true", action: escalate}}\n'
         if i == 2:
-            text += '  - {match: "true", action: escalate}\n'
+            text += '  - {name: unscoped, match: "true", action: escalate}\n'
     policy = policy_of(tmp_path, text)
     for name in ["a.example.com", "x.b.example.com", "example.com", "c.example.net", "10.0.0.1", "z.org"]:
         host = normalize_host(name)
@@ -408,11 +408,11 @@ def test_a_comment_in_an_expression_stays_in_its_rule(tmp_path: Path) -> None:
         + """rules:
   - {hosts: [pypi.org], match: "method == 'PUT' // writes", action: deny}
   - {hosts: [pypi.org], match: "method == 'DELETE'", action: deny, reason: no deletes}
-  - {hosts: [pypi.org], match: ".method == 'PATCH'", action: escalate}
+  - {name: patch, hosts: [pypi.org], match: ".method == 'PATCH'", action: escalate}
 """,
     )
     assert policy._index.candidates(normalize_host("pypi.org")).first is not None
     assert policy.evaluate(facts("https://pypi.org/x", "DELETE")).reason == "no deletes"
     assert policy.evaluate(facts("https://pypi.org/x", "PUT")).rule == "rules#0"
-    assert policy.evaluate(facts("https://pypi.org/x", "PATCH")).rule == "rules#2"
+    assert policy.evaluate(facts("https://pypi.org/x", "PATCH")).rule == "rule:patch"
     assert policy.evaluate(facts("https://pypi.org/x")).action is Action.ALLOW

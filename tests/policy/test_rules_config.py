@@ -132,7 +132,8 @@ rules:
     match: "model.startsWith('gpt-4') && stream"
     action: deny
     reason: "no streamed gpt-4"
-  - match: "'deploy' in tools"
+  - name: deploys
+    match: "'deploy' in tools"
     action: escalate
 escalation:
   timeout: 90s
@@ -155,7 +156,7 @@ freeze:
     assert (policy.mode, policy.unknown_hosts) == ("observe", "escalate")
     assert [(r.id, r.action, r.needs_body) for r in policy.rules] == [
         ("rule:no-gpt4-stream", Action.DENY, True),
-        ("rules#1", Action.ESCALATE, True),
+        ("rule:deploys", Action.ESCALATE, True),
     ]
     assert policy.rules[0].reason == "no streamed gpt-4" and policy.rules[0].hosts[0].name == "api.openai.com"
     assert policy.escalation == EscalationSettings(

@@ -100,7 +100,7 @@ def test_fixed_keys_ignores_the_policy_and_names_each_key_once(tmp_path: Path) -
     rewrite(
         a.path,
         allow=[],
-        rules=[{"match": "true", "action": "escalate"}],
+        rules=[{"name": "all", "match": "true", "action": "escalate"}],
         network={"connect_timeout": 3, "tls_timeout": 4},
     )
     b = load_config(a.path)
