@@ -101,11 +101,11 @@ class PolicyGuard:
             reject(flow, Decision(Verdict.DENY, outcome.reason, outcome.rule))
             return
         if outcome.action is Action.ESCALATE:
-            await self._escalate(flow, st, outcome, frozen is not None and outcome.rule == "freeze")
+            await self._escalate(flow, st, outcome)
             return
         st.decision = Decision(Verdict.ALLOW, outcome.reason, outcome.rule)
 
-    async def _escalate(self, flow: http.HTTPFlow, st: FlowState, outcome: Outcome, freeze: bool) -> None:
+    async def _escalate(self, flow: http.HTTPFlow, st: FlowState, outcome: Outcome) -> None:
         req = flow.request
         host, port = st.target if st.target is not None else (None, req.port)
         pending = PendingRequest(

@@ -484,11 +484,10 @@ class Policy:
     ) -> tuple[Outcome | None, CelRule | None, CelRule | None]:
         """Steps 1-3 one rule at a time: (the outcome if they decide, else the allow rule
         that matched and the granted escalate rule, for step 4)."""
-        hits: dict[str, bool | str] = {}
         for rule in cands.ordered:
             if rule.action is not Action.DENY:
                 break
-            hit = hits[rule.id] = _judge(rule, facts, data)
+            hit = _judge(rule, facts, data)
             if hit is True:
                 return Outcome(Action.DENY, rule.describe(), rule.id), None, None
             if hit is not False:
