@@ -137,7 +137,8 @@ async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Pa
         + (f"  and on:   unix:{listen_unix} (relayed to it)\n" if listen_unix else "")
         + f"  config:   {config.path} ({len(config.rules)} allow rules: {sources}"
         f"{', inline' if any(r.id.startswith('inline') for r in config.rules) else ''})\n"
-        f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
+        + _policy_line(config)
+        + f"  CA:       {ca.CAFiles(config.ca_dir).cert} (agents must trust it)\n"
         + (
             f"  audit DB: {config.audit_path}\n"
             if config.store is None
@@ -169,6 +170,17 @@ async def _serve(config: Config, listen: tuple[str, int] | None, listen_unix: Pa
     _USED_TUN = proxy.used_tun
     click.echo(f"stopped; {proxy.audit.written} audit rows written, {lost} lost", err=True)
     return 0 if lost == 0 else 1
+
+
+def _policy_line(config: Config) -> str:
+    """The banner's policy line, when there is more than the allowlist (docs/policy.md)."""
+    policy = config.policy
+    if policy.plain and policy.freeze is None:
+        return ""
+    parts = [f"{len(policy.rules)} rules", f"mode {policy.mode}", f"unknown hosts {policy.unknown_hosts}"]
+    if policy.freeze is not None:
+        parts.append("freeze on")
+    return f"  policy:   {', '.join(parts)} (pending approvals: egress-guard pending)\n"
 
 
 def _prog() -> str:
