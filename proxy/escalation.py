@@ -54,6 +54,11 @@ log = logging.getLogger("egress_guard.escalation")
 POLL = 0.25  # seconds between two reads of the held approvals' status
 REFRESH = 0.5  # seconds between two reads of the active grants and freezes
 STOPPING = "egress-guard is stopping"
+# An approval's id: 16 random hex characters (64 bits). Among n approvals ever stored, the
+# chance that two share an id is about n² / 2^65 (a million approvals: 3 in 100 million).
+# If it happens anyway, the insert inserts nothing and `ask` finds another request's row
+# under its id: that request is refused ("store conflict"), nothing else is harmed.
+ID_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -322,8 +327,11 @@ class Escalations:
         """Hold `pending` until a human answers, or escalation.timeout passes."""
         settings = self.settings
         deadline = time.monotonic() + settings.timeout  # as `expires` says: from now, not from the commit
+        approval_id = secrets.token_hex(ID_BYTES)
+        while approval_id in self._waiting:  # (never in practice: 64 bits)
+            approval_id = secrets.token_hex(ID_BYTES)
         approval = Approval(
-            id=secrets.token_hex(4),
+            id=approval_id,
             created=now_iso(),
             expires=_expires(settings.timeout),
             replica=self.replica,
@@ -347,6 +355,10 @@ class Escalations:
                 await self.audit.durable(self.audit.submit(CreateApproval(approval)))
             except AuditUnavailable as exc:
                 return Answer(approval.id, "failed", None, None, None, f"the escalation could not be recorded: {exc}")
+            problem = await self._stored(approval)
+            if problem is not None:
+                log.error("escalation %s: %s; its request is refused", approval.id, problem)
+                return Answer(approval.id, "failed", None, None, None, f"escalation {approval.id}: {problem} (refused)")
             log.info(
                 "escalation %s: %s %s:%d for agent %s held: %s (egress-guard approve %s)",
                 approval.id,
@@ -387,6 +399,19 @@ class Escalations:
             self.held -= 1
             self._waiting.pop(approval.id, None)
             self._final.pop(approval.id, None)
+
+    async def _stored(self, approval: Approval) -> str | None:
+        """None if the store holds `approval` as this ask created it; else why not. (An id
+        taken already inserts nothing: the row there is another request's, and following it
+        would let this request through on someone else's answer.)"""
+        try:
+            found = await self.engine.approvals_by_id([approval.id])
+        except Exception as exc:
+            return f"it could not be read back from the store ({exc})"
+        mine = (approval.request_id, approval.replica, approval.created)
+        if not found or (found[0].request_id, found[0].replica, found[0].created) != mine:
+            return "store conflict: its id holds another request's approval"
+        return None
 
     async def _expire(self, approval: Approval, why: str) -> Approval | None:
         """Expire it if still pending; the final status as the store holds it (None: unknown)."""

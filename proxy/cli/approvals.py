@@ -6,10 +6,14 @@ being pending); the proxy holding the request reads it within a quarter of a sec
 request through or refuses it, and writes the audit row (`kind = event`, method approve |
 deny, rule = the approval id). `--scope session|always` also stores a grant: the same rule
 for this agent's session (or for this agent, any session) no longer asks.
+
+An id is 16 hex characters; `pending` shows its first SHOWN, and `approve`/`deny` take any
+prefix of at least MIN_PREFIX that names one approval (as git takes a commit's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -24,6 +28,8 @@ from egress_guard.cli.output import emit
 from egress_guard.store import Approval, DecideApproval, LiftFreeze, RevokeGrant, Store
 from egress_guard.timeutil import now_iso
 
+MIN_PREFIX = 6  # characters of an id that approve/deny accept
+SHOWN = 8  # characters of an id a table shows (--format json: all of them)
 PENDING_COLUMNS = ["id", "created", "expires", "agent", "session", "method", "host", "port", "path", "rule", "reason"]
 HISTORY_COLUMNS = [
     "id",
@@ -67,7 +73,8 @@ def note_option(fn: Any) -> Any:
 def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> None:
     """List the requests waiting for a human's answer (newest last).
 
-    Each line's id is what `approve` and `deny` take. A request waits until its `expires`
+    Each line's id (its first 8 characters: --format json has them all) is what `approve`
+    and `deny` take. A request waits until its `expires`
     time (escalation.timeout), then it is refused. With --history: every approval with who
     answered it, how and when; the grants (scope session|always), revoked ones marked; and
     the sessions frozen for diverging from their baseline, lifted ones with who lifted them.
@@ -95,6 +102,8 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
         )
         click.echo(json.dumps(out, indent=2))
         return
+    shown = [a | {"id": a["id"][:SHOWN]} for a in shown]
+    grants_shown = [asdict(g) | {"approval_id": (g.approval_id or "")[:SHOWN] or None} for g in grants]
     if not history:
         if not shown:
             click.echo("no requests are waiting for an answer", err=True)
@@ -104,7 +113,11 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
     emit(shown, "table", HISTORY_COLUMNS)
     if grants:
         click.echo("\ngrants (scope session|always):")
-        emit([asdict(g) | {"id": f"{g.id}{' (revoked)' if g.revoked else ''}"} for g in grants], "table", GRANT_COLUMNS)
+        emit(
+            [g | {"id": f"{g['id']}{' (revoked)' if g['revoked'] else ''}"} for g in grants_shown],
+            "table",
+            GRANT_COLUMNS,
+        )
     if freezes:
         click.echo("\nfreezes:")
         emit([asdict(f) for f in freezes], "table", FREEZE_COLUMNS)
@@ -114,7 +127,8 @@ def _decide(config_path: Path | None, approval_id: str, op: DecideApproval) -> A
     """Write the decision; the approval as it now stands. ClickException naming the problem:
     unknown id, no longer pending (who answered, when), scope session without a session."""
     with open_db(config_path, write=True) as db:
-        found = _pending(db, approval_id, op)
+        found = _pending(db, _resolve(db, approval_id), op)
+        op = dataclasses.replace(op, id=found.id)
         if db.write(op) == 0:  # answered (or expired) between the read and the write
             after = db.approval(found.id)
             raise click.ClickException(_not_pending(after or found))
@@ -123,12 +137,32 @@ def _decide(config_path: Path | None, approval_id: str, op: DecideApproval) -> A
     return after
 
 
-def _pending(db: Store, approval_id: str, op: DecideApproval) -> Approval:
-    found = db.approval(approval_id)
-    if found is None:
+def _resolve(db: Store, given: str) -> Approval:
+    """The approval `given` names: its id, or a prefix of at least MIN_PREFIX characters that
+    starts exactly one id. ClickException if it names none, or several."""
+    found = db.approval(given)
+    if found is not None:
+        return found
+    prefix = given.strip().lower()
+    fix = f"Fix: copy an id from `egress-guard pending` (at least {MIN_PREFIX} of its characters)"
+    if len(prefix) < MIN_PREFIX:
+        raise click.ClickException(f"no escalation {given!r}: give at least {MIN_PREFIX} characters of its id. {fix}")
+    ids = db.approval_ids(prefix, limit=5)
+    if not ids:
+        raise click.ClickException(f"no escalation {given!r}. {fix}")
+    if len(ids) > 1:
+        more = ", …" if len(ids) == 5 else ""
         raise click.ClickException(
-            f"no escalation {approval_id!r}. Fix: copy an id from `egress-guard pending` (8 hex characters)"
+            f"{given!r} is ambiguous: it starts the ids {', '.join(ids)}{more}. "
+            "Fix: give more characters (`egress-guard pending --format json` shows the whole id)"
         )
+    found = db.approval(ids[0])
+    if found is None:  # (deleted between the two reads: a prune)
+        raise click.ClickException(f"no escalation {given!r}. {fix}")
+    return found
+
+
+def _pending(db: Store, found: Approval, op: DecideApproval) -> Approval:
     if found.status != "pending":
         raise click.ClickException(_not_pending(found))
     if found.expires <= op.ts:
@@ -165,7 +199,7 @@ def _not_pending(a: Approval) -> str:
 @note_option
 @by_option
 def approve(config_path: Path | None, approval_id: str, scope: str, note: str | None, by: str | None) -> None:
-    """Let a held request through (ID from `egress-guard pending`).
+    """Let a held request through (ID, or its first 6+ characters, from `egress-guard pending`).
 
     The proxy holding it forwards it within a quarter of a second and records who approved
     it, the scope and the note in the audit log. An approval never lifts a `deny` rule.
@@ -190,7 +224,7 @@ def approve(config_path: Path | None, approval_id: str, scope: str, note: str | 
 @note_option
 @by_option
 def deny(config_path: Path | None, approval_id: str, note: str | None, by: str | None) -> None:
-    """Refuse a held request (ID from `egress-guard pending`).
+    """Refuse a held request (ID, or its first 6+ characters, from `egress-guard pending`).
 
     The agent gets a refusal naming the escalation, who denied it and the note; the audit
     log records the same.

@@ -181,6 +181,10 @@ class Store(Protocol):
 
     def approval(self, approval_id: str) -> Approval | None: ...
 
+    def approval_ids(self, prefix: str, limit: int = 5) -> list[str]:
+        """The ids (any status) that start with `prefix` (lowercase hex), at most `limit`."""
+        ...
+
     def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
         """Approvals (with `status`, else all), the newest `limit`, oldest first."""
         ...

@@ -197,8 +197,9 @@ ANY_HOST = "*"  # a grant's host (port 0) that covers every host: a freeze's, wh
 
 @dataclass(frozen=True)
 class Approval:
-    """A held request waiting for (or given) a human's answer. `id` is 8 random hex
-    characters: short enough to type, and what `approve ID` and the callback name."""
+    """A held request waiting for (or given) a human's answer. `id` is 16 random hex
+    characters (escalation.ID_BYTES); `approve` takes a unique prefix of it, the callback
+    the whole id."""
 
     id: str
     created: str

@@ -105,3 +105,26 @@ def test_every_command_has_help_with_an_example() -> None:
 
     for name, command in COMMANDS.items():
         assert command.help and "Example" in command.help and f"egress-guard {name}" in command.help, name
+
+
+def test_an_id_prefix_of_six_or_more_names_one_approval(tmp_path: Path) -> None:
+    config = make_home(tmp_path)
+    with SQLiteStore(tmp_path / "egress-guard.db", readonly=False) as store:
+        for i in ("c0ffee0123456789", "c0ffee01ffffffff", "badc0de012345678"):
+            store.write(CreateApproval(approval(i, expires=FUTURE)))
+    code, out = cli(config, "pending")
+    assert code == 0 and "c0ffee01 " in out and "c0ffee0123456789" not in out  # a table shows 8 characters
+    code, out = cli(config, "pending", "--format", "json")
+    assert "badc0de012345678" in {a["id"] for a in json.loads(out)}  # JSON: the whole id
+    code, out = cli(config, "deny", "c0ffee01")
+    assert code == 1 and "'c0ffee01' is ambiguous" in out and "c0ffee0123456789, c0ffee01ffffffff" in out
+    code, out = cli(config, "deny", "badc0")
+    assert code == 1 and "at least 6 characters" in out
+    code, out = cli(config, "deny", "abcdef")
+    assert code == 1 and "no escalation 'abcdef'" in out and "egress-guard pending" in out
+    code, out = cli(config, "deny", "BADC0D", "--by", "bob")
+    assert code == 0 and "denied badc0de012345678" in out, out
+    code, out = cli(config, "approve", "c0ffee012")
+    assert code == 0 and "approved c0ffee0123456789" in out, out
+    code, out = cli(config, "approve", "c0ffee01ffffffff", "--scope", "always")
+    assert code == 0, out

@@ -224,3 +224,32 @@ def store_filters() -> Any:
     from egress_guard.store import Filters
 
     return Filters()
+
+
+def test_an_id_taken_already_inserts_nothing_and_prefixes_find_ids(stores: Any) -> None:
+    open_store, open_engine = stores
+
+    async def main() -> None:
+        log = AuditLog(open_engine(), batch_delay=0, wait_timeout=2.0)
+        await log.open()
+        try:
+            await log.durable(log.submit(CreateApproval(approval("0123456789abcdef"))))
+            # the same id again (a collision): nothing inserted, and the writer goes on
+            log.submit(CreateApproval(approval("0123456789abcdef", request_id="req-other")))
+            n = log.record(AuditRow(ts=TS, request_id="after", kind="event", decision="allow"))
+            await log.durable(n)
+            assert log.healthy and log.backlog == 0
+            (kept,) = await log.engine.approvals_by_id(["0123456789abcdef"])
+            assert kept.request_id == "req-0123456789abcdef"  # the first one's, unchanged
+        finally:
+            await log.close()
+
+    asyncio.run(main())
+    with open_store() as store:
+        assert store.write(CreateApproval(approval("0123456789abcdef"))) == 0
+        assert store.write(CreateApproval(approval("0123456fffffffff"))) == 1
+        assert store.approval_ids("0123456789") == ["0123456789abcdef"]
+        assert store.approval_ids("012345") == ["0123456789abcdef", "0123456fffffffff"]
+        assert store.approval_ids("012345", limit=1) == ["0123456789abcdef"]
+        assert store.approval_ids("fedcba") == []
+        assert store.approval_ids("01%") == [] and store.approval_ids("01_3") == []  # not hex: no pattern

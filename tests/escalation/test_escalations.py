@@ -6,6 +6,7 @@ with scope session lifts it; stopping ends every held request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from escalation_env import cli, make_home, request, running, wait_pending
 from psycopg.rows import dict_row
 
 from egress_guard import escalation
+from egress_guard.cli.approvals import default_by
 from egress_guard.hosts import normalize_host
 from egress_guard.store import DecideApproval, SQLiteStore
 from egress_guard.timeutil import now_iso
@@ -80,7 +82,7 @@ async def test_approved_from_the_cli_with_scope_session_then_granted(config: Pat
         assert esc.grants.covers("rule:other", facts()) is None
         assert esc.held == 0
     code, out = cli(config, "pending", "--history")
-    assert code == 0 and shown["id"] in out and "approved" in out and "alice" in out and "grants" in out
+    assert code == 0 and shown["id"][:8] in out and "approved" in out and "alice" in out and "grants" in out
     (row,) = events(config)
     assert (row["method"], row["decision"], row["rule"], row["request_id"]) == (
         "approve",
@@ -193,3 +195,31 @@ async def test_stopping_ends_every_held_request(tmp_path: Path) -> None:
     assert all(escalation.STOPPING in a.reason for a in answers)
     with SQLiteStore(config.parent / "egress-guard.db") as store:
         assert {a.status for a in store.approvals()} == {"expired"}
+
+
+async def test_ids_are_64_bits_and_a_taken_id_is_refused_not_followed(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id collision (forced here) neither wedges the writer nor lets the request follow the
+    other request's approval: it is refused, and the other approval is left as it was."""
+    async with running(config, timeout=20) as esc:
+        asked = asyncio.create_task(esc.ask(request(1)))
+        (theirs,) = await wait_pending(config)
+        assert len(theirs["id"]) == 16 and int(theirs["id"], 16) >= 0
+        code, out = await asyncio.to_thread(cli, config, "approve", theirs["id"][:6])  # a prefix names it
+        assert code == 0, out
+        answer = await asyncio.wait_for(asked, 5)
+        assert answer.approved and answer.approval_id == theirs["id"]
+        monkeypatch.setattr(escalation.secrets, "token_hex", lambda n: theirs["id"])
+        mine = await asyncio.wait_for(esc.ask(request(2)), 5)
+        monkeypatch.undo()
+        assert mine.status == "failed" and not mine.approved
+        assert mine.reason == (
+            f"escalation {theirs['id']}: store conflict: its id holds another request's approval (refused)"
+        )
+        assert esc.audit.healthy and esc.held == 0
+        code, out = await asyncio.to_thread(cli, config, "pending", "--history", "--format", "json")
+        (stored,) = json.loads(out)["approvals"]
+        assert (stored["request_id"], stored["status"], stored["decided_by"]) == ("req-1", "approved", default_by())
+    (row,) = events(config)  # the refused one wrote no answer of its own
+    assert (row["method"], row["request_id"]) == ("approve", "req-1")

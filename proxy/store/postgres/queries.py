@@ -267,6 +267,14 @@ class PGStore:
         found = self._all(SELECT_APPROVALS + " WHERE id = %s", (approval_id,))
         return sq.approval(found[0]) if found else None
 
+    def approval_ids(self, prefix: str, limit: int = 5) -> list[str]:
+        if not self._has_policy() or not sq.HEX.fullmatch(prefix):
+            return []
+        return [
+            r[0]
+            for r in self._all("SELECT id FROM approvals WHERE id LIKE %s ORDER BY id LIMIT %s", (prefix + "%", limit))
+        ]
+
     def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
         if not self._has_policy():
             return []

@@ -56,9 +56,11 @@ AMEND = (
     "decision = 'error', reason = COALESCE(reason || '; ', '') || %s "
     "WHERE request_id = %s AND kind = 'request'"
 )
+# An id taken already inserts nothing, rather than failing the writer's whole batch for ever:
+# the proxy reads the row back and refuses its request if it is not its own.
 INSERT_APPROVAL = (
     f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))})"
+    f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
 # One statement (data-modifying CTEs: no round trip between its parts, so it runs in the
 # writer's pipeline as in a command's transaction): the decision if still pending, the

@@ -7,6 +7,7 @@ statistics to prefer that index (`schema.analyze`).
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
@@ -37,6 +38,7 @@ SELECT_REVOCATIONS = "SELECT id, ts, agent, session, key_id, reason FROM revocat
 SELECT_OVERRIDES = "SELECT agent, scope, limit_usd FROM budgets"
 SELECT_TOTALS = "SELECT agent, session, day, usd FROM spend_totals"
 SELECT_SPENT_SINCE = "SELECT agent, cost_usd FROM audit WHERE ts >= ? AND cost_usd IS NOT NULL AND agent IS NOT NULL"
+HEX = re.compile(r"[0-9a-f]+")  # what an approval id (or a prefix of one) is made of
 SELECT_APPROVALS = f"SELECT {', '.join(APPROVAL_COLUMNS)} FROM approvals"
 SELECT_GRANTS = (
     "SELECT id, created, approval_id, rule, host, port, agent, session, granted_by, note, revoked FROM grants"
@@ -271,6 +273,12 @@ class SQLiteStore:
             return None
         row = self._conn.execute(SELECT_APPROVALS + " WHERE id = ?", (approval_id,)).fetchone()
         return approval(row) if row is not None else None
+
+    def approval_ids(self, prefix: str, limit: int = 5) -> list[str]:
+        if not self._has_policy() or not HEX.fullmatch(prefix):
+            return []
+        sql = "SELECT id FROM approvals WHERE id LIKE ? ORDER BY id LIMIT ?"
+        return [r[0] for r in self._conn.execute(sql, (prefix + "%", limit))]
 
     def approvals(self, status: str | None = None, limit: int | None = None) -> list[Approval]:
         if not self._has_policy():

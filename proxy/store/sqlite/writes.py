@@ -48,8 +48,11 @@ AMEND = (  # the right-hand sides see the row as it was: amended_from keeps the 
     "WHERE request_id = ? AND kind = 'request'"
 )
 UNCHAINED = (None, None, None)
+# An id taken already inserts nothing (0), rather than failing the writer's whole batch for
+# ever: the proxy reads the row back and refuses its request if it is not its own.
 INSERT_APPROVAL = (
-    f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})"
+    f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))}) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 _approval_fields = operator.attrgetter(*APPROVAL_COLUMNS)
 _row_fields = operator.attrgetter(*COLUMNS[1:])  # a row's values in column order (astuple copies deeply)
