@@ -59,6 +59,11 @@ STOPPING = "egress-guard is stopping"
 # If it happens anyway, the insert inserts nothing and `ask` finds another request's row
 # under its id: that request is refused ("store conflict"), nothing else is harmed.
 ID_BYTES = 8
+# Held requests are bounded: each holds a connection, its body (up to 1 MiB) in memory, a
+# store row and a webhook call. Beyond either cap a request is refused at once, unrecorded
+# as an approval, so one hostile agent cannot hold the proxy's memory or its humans' queue.
+MAX_HELD_PER_AGENT = 16  # held at once for one agent (requests without an agent count as one)
+MAX_HELD = 256  # held at once by this proxy, all agents
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class Answer:
     """How an escalation ended. `reason` is ready for the audit row and the agent."""
 
     approval_id: str
-    status: str  # approved | denied | expired | failed (could not be recorded or read)
+    status: str  # approved | denied | expired | failed (could not be recorded or read) | refused (a cap)
     by: str | None
     scope: str | None
     note: str | None
@@ -170,6 +175,7 @@ class Escalations:
         self.refreshed: float | None = None  # monotonic time of the last successful refresh
         self.refresh_error: str | None = None
         self.held = 0  # requests waiting for an answer now
+        self._held_by: dict[str, int] = {}  # agent ("" for none) -> its requests waiting now
         self.callback: webhook.CallbackServer | None = None
         self._frozen: dict[tuple[str, str], str] = {}  # (agent, session or "") -> trigger text
         self._local: dict[tuple[str, str], tuple[str, float | None]] = {}  # freezes not yet read back
@@ -348,8 +354,14 @@ class Escalations:
         )
         if self._closing.is_set():
             return Answer(approval.id, "failed", None, None, None, STOPPING)
+        agent = pending.agent or ""
+        refused = self._over_cap(agent)
+        if refused is not None:
+            log.warning("escalation refused: %s", refused)
+            return Answer("", "refused", None, None, None, refused)
         event = self._waiting[approval.id] = asyncio.Event()
         self.held += 1
+        self._held_by[agent] = self._held_by.get(agent, 0) + 1
         try:
             try:
                 await self.audit.durable(self.audit.submit(CreateApproval(approval)))
@@ -397,8 +409,26 @@ class Escalations:
             return answer
         finally:
             self.held -= 1
+            self._held_by[agent] -= 1
+            if not self._held_by[agent]:
+                del self._held_by[agent]
             self._waiting.pop(approval.id, None)
             self._final.pop(approval.id, None)
+
+    def _over_cap(self, agent: str) -> str | None:
+        """Why one more request (of `agent`) may not be held, or None."""
+        who = f"agent {agent}" if agent else "requests without an agent"
+        if self._held_by.get(agent, 0) >= MAX_HELD_PER_AGENT:
+            return (
+                f"escalation refused: {who} already has {MAX_HELD_PER_AGENT} requests waiting for an answer "
+                f"(at most {MAX_HELD_PER_AGENT} per agent); answer them first: egress-guard pending"
+            )
+        if self.held >= MAX_HELD:
+            return (
+                f"escalation refused: this proxy already holds {MAX_HELD} requests waiting for an answer "
+                f"(at most {MAX_HELD}); answer them first: egress-guard pending"
+            )
+        return None
 
     async def _stored(self, approval: Approval) -> str | None:
         """None if the store holds `approval` as this ask created it; else why not. (An id

@@ -223,3 +223,37 @@ async def test_ids_are_64_bits_and_a_taken_id_is_refused_not_followed(
         assert (stored["request_id"], stored["status"], stored["decided_by"]) == ("req-1", "approved", default_by())
     (row,) = events(config)  # the refused one wrote no answer of its own
     assert (row["method"], row["request_id"]) == ("approve", "req-1")
+
+
+async def test_held_requests_are_capped_per_agent_and_in_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_home(tmp_path)
+    async with running(config, timeout=30) as esc:
+        held = [asyncio.create_task(esc.ask(request(n))) for n in range(escalation.MAX_HELD_PER_AGENT)]
+        await wait_pending(config, escalation.MAX_HELD_PER_AGENT)
+        assert esc.held == escalation.MAX_HELD_PER_AGENT == 16
+        over = await asyncio.wait_for(esc.ask(request(99)), 1)  # at once: not held, not recorded
+        assert over.status == "refused" and not over.approved
+        assert over.reason == (
+            "escalation refused: agent researcher already has 16 requests waiting for an answer "
+            "(at most 16 per agent); answer them first: egress-guard pending"
+        )
+        assert len(await wait_pending(config)) == 16
+        # another agent still asks
+        other = asyncio.create_task(esc.ask(request(100, agent="writer")))
+        await wait_pending(config, 17)
+        # and in total: (a lower cap here, to spare 256 held requests)
+        monkeypatch.setattr(escalation, "MAX_HELD", 17)
+        total = await asyncio.wait_for(esc.ask(request(101, agent="third")), 1)
+        assert total.status == "refused" and "this proxy already holds 17 requests" in total.reason
+        assert "egress-guard pending" in total.reason
+        monkeypatch.undo()
+        # one answered: the agent may be held again
+        first = (await wait_pending(config, 17))[0]
+        code, out = await asyncio.to_thread(cli, config, "deny", first["id"])
+        assert code == 0, out
+        await asyncio.wait_for(asyncio.wait([t for t in held if not t.done()], return_when="FIRST_COMPLETED"), 5)
+        again = asyncio.create_task(esc.ask(request(102)))
+        await wait_pending(config, 17)
+        assert not again.done() and esc.held == 17
+        await esc.close()
+        await asyncio.wait_for(asyncio.gather(*held, other, again), 5)
