@@ -42,6 +42,7 @@ from egress_guard.store import (
     DecideApproval,
     Engine,
     ExpireApproval,
+    ExpireLeftovers,
     Freeze,
     GrantRecord,
 )
@@ -145,6 +146,11 @@ def _expires(seconds: float) -> str:
     return iso(utcnow() + datetime.timedelta(seconds=seconds))
 
 
+def past_expiry(a: Approval) -> str:
+    """Why an approval past its `expires` time cannot be answered (the CLI says the same)."""
+    return f"escalation {a.id} expired at {a.expires}: its request was refused (nobody holds it any more)"
+
+
 def answer_of(a: Approval, timeout: float | None = None) -> Answer:
     """The Answer an approval's final status gives (its reason as the agent will read it)."""
     note = f": {a.note}" if a.note else ""
@@ -185,6 +191,8 @@ class Escalations:
         self._notifies: set[asyncio.Task[Any]] = set()
         self._closing = asyncio.Event()
         self._secret: tuple[Any, float, Secret | None] | None = None  # (path, mtime, key)
+        self._born = now_iso()  # this replica's approvals from before this are a dead run's
+        self._leftovers: int | None = None  # ExpireLeftovers' item number, once submitted
 
     def __repr__(self) -> str:
         return f"Escalations(replica={self.replica!r}, held={self.held}, {self.grants!r})"
@@ -197,8 +205,10 @@ class Escalations:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Read grants and freezes, listen for callbacks (if configured: OSError if it cannot),
-        and follow the store in the background."""
+        """Expire the approvals a previous run of this replica left pending, read grants and
+        freezes, listen for callbacks (if configured: OSError if it cannot), and follow the
+        store in the background."""
+        await self._expire_leftovers()
         with contextlib.suppress(Exception):  # logged by refresh; the watcher retries
             await self.refresh()
         listen = self.settings.callback_listen
@@ -288,6 +298,17 @@ class Escalations:
         )
         await self.audit.durable(n)
         self._local[key] = (trigger_text, time.monotonic())
+
+    async def _expire_leftovers(self) -> None:
+        """A crashed run's pending approvals stay pending: nobody holds their requests, and a
+        late answer would still add its grant. Expire them (this replica's, created before
+        this run: the asks of this run are never touched), through the writer, once."""
+        if self._leftovers is None:
+            self._leftovers = self.audit.submit(ExpireLeftovers(replica=self.replica, before=self._born, ts=now_iso()))
+        try:
+            await self.audit.durable(self._leftovers)
+        except AuditUnavailable as exc:  # queued: written when the store recovers
+            log.error("escalations: could not expire the approvals a previous run left pending yet (%s)", exc)
 
     async def refresh(self) -> None:
         """Read the active grants and freezes now."""
@@ -545,6 +566,8 @@ class Escalations:
         a = found[0]
         if a.status != "pending":
             return webhook.Reply(409, _decided(a))
+        if a.expires <= now_iso():
+            return webhook.Reply(409, {"error": past_expiry(a), "status": a.status, "expires": a.expires})
         if scope == "session" and a.session is None:
             return webhook.Reply(400, {"error": f"escalation {a.id} has no session: use scope once or always"})
         ts = now_iso()

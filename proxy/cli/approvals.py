@@ -25,6 +25,7 @@ import click
 
 from egress_guard.cli.common import config_option, format_option, open_db
 from egress_guard.cli.output import emit
+from egress_guard.escalation import past_expiry
 from egress_guard.store import Approval, DecideApproval, LiftFreeze, RevokeGrant, Store
 from egress_guard.timeutil import now_iso
 
@@ -166,9 +167,7 @@ def _pending(db: Store, found: Approval, op: DecideApproval) -> Approval:
     if found.status != "pending":
         raise click.ClickException(_not_pending(found))
     if found.expires <= op.ts:
-        raise click.ClickException(
-            f"escalation {found.id} expired at {found.expires}: its request was refused (nobody holds it any more)"
-        )
+        raise click.ClickException(past_expiry(found))
     if op.scope == "session" and found.session is None:
         raise click.ClickException(
             f"escalation {found.id} has no session (the agent's key names none): --scope session would cover "

@@ -306,6 +306,17 @@ class ExpireApproval:
 
 
 @dataclass(frozen=True)
+class ExpireLeftovers:
+    """The approvals a replica left pending when it stopped without answering them (a crash):
+    its pending ones created before `before`. Nobody holds their requests any more."""
+
+    replica: str
+    before: str
+    ts: str
+    by: str = "the proxy holding it stopped without an answer"
+
+
+@dataclass(frozen=True)
 class AddFreeze:
     agent: str
     session: str  # "" outside a session
@@ -342,6 +353,7 @@ Write = (
     | CreateApproval
     | DecideApproval
     | ExpireApproval
+    | ExpireLeftovers
     | AddFreeze
     | LiftFreeze
     | RevokeGrant

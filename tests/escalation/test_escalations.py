@@ -257,3 +257,56 @@ async def test_held_requests_are_capped_per_agent_and_in_total(tmp_path: Path, m
         assert not again.done() and esc.held == 17
         await esc.close()
         await asyncio.wait_for(asyncio.gather(*held, other, again), 5)
+
+
+def stored(config: Path, *writes: Any) -> list[Any]:
+    """Writes through a command's store (the config's engine); every approval afterwards."""
+    from egress_guard.config import load_config
+    from egress_guard.store import open_store
+
+    with open_store(load_config(config), write=True) as store:
+        for op in writes:
+            store.write(op)
+        return store.approvals()
+
+
+async def test_a_crashed_runs_pending_approvals_expire_at_start_and_late_callbacks_are_refused(config: Path) -> None:
+    from test_approvals_store import approval
+
+    from egress_guard.store import CreateApproval
+
+    replica = "eu-1" if yaml.safe_load(config.read_text()).get("store") else "local"
+    future, past = "2099-01-01T00:00:00.000Z", "2026-01-01T00:02:00.000Z"
+    stored(
+        config,
+        CreateApproval(approval("dead00000000000a", replica=replica, expires=future)),  # our crashed run's
+        CreateApproval(approval("beef00000000000b", replica="other", expires=future)),
+        CreateApproval(approval("01d0000000000000", replica="other", expires=past, session="s9")),
+    )
+    async with running(config, timeout=20) as esc:
+        by_id = {a.id: a for a in stored(config)}
+        dead = by_id["dead00000000000a"]
+        assert (dead.status, dead.decided_by) == ("expired", "the proxy holding it stopped without an answer")
+        assert by_id["beef00000000000b"].status == "pending"  # another replica's: it may still hold it
+        # a late answer to an approval past its expiry: refused, as the CLI refuses it; no grant
+        old = by_id["01d0000000000000"]
+        assert old.status == "pending"
+        reply = await esc.decide(old.id, "approve", "always", None, "late-bot")
+        assert reply.status == 409 and reply.body["error"] == escalation.past_expiry(old)
+        assert (
+            "expired at 2026-01-01T00:02:00.000Z: its request was refused (nobody holds it any more)"
+            in (reply.body["error"])
+        )
+        code, out = await asyncio.to_thread(cli, config, "approve", old.id)
+        assert code == 1 and escalation.past_expiry(old) in out
+        # this run's own asks are not leftovers
+        asked = asyncio.create_task(esc.ask(request()))
+        (mine,) = [p for p in await wait_pending(config, 2) if p["request_id"] == "req-1"]
+        await esc._expire_leftovers()  # (a second start: nothing of this run is touched)
+        assert {a.id: a.status for a in stored(config)}[mine["id"]] == "pending"
+        code, out = await asyncio.to_thread(cli, config, "deny", mine["id"])
+        assert code == 0, out
+        assert (await asyncio.wait_for(asked, 5)).status == "denied"
+    assert [a for a in stored(config) if a.status == "approved"] == []
+    (row,) = events(config)
+    assert row["method"] == "deny"

@@ -28,6 +28,7 @@ from egress_guard.store.records import (
     CreateApproval,
     DecideApproval,
     ExpireApproval,
+    ExpireLeftovers,
     InsertKey,
     Intent,
     LiftFreeze,
@@ -234,6 +235,15 @@ def plan(op: Write) -> list[tuple[str, tuple[Any, ...], bool]]:
                     "UPDATE approvals SET status = 'expired', decided_by = %s, decided_at = %s "
                     "WHERE id = %s AND status = 'pending'",
                     bindable((op.by, op.ts, op.id)),
+                    True,
+                )
+            ]
+        case ExpireLeftovers():
+            return [
+                (
+                    "UPDATE approvals SET status = 'expired', decided_by = %s, decided_at = %s "
+                    "WHERE replica = %s AND status = 'pending' AND created < %s",
+                    bindable((op.by, op.ts, op.replica, op.before)),
                     True,
                 )
             ]

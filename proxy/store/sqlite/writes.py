@@ -23,6 +23,7 @@ from egress_guard.store.records import (
     CreateApproval,
     DecideApproval,
     ExpireApproval,
+    ExpireLeftovers,
     InsertKey,
     Intent,
     LiftFreeze,
@@ -179,6 +180,12 @@ def apply_write(conn: sqlite3.Connection, op: Write) -> int:
                 "UPDATE approvals SET status = 'expired', decided_by = ?, decided_at = ? "
                 "WHERE id = ? AND status = 'pending'",
                 (op.by, op.ts, op.id),
+            ).rowcount
+        case ExpireLeftovers():
+            return conn.execute(
+                "UPDATE approvals SET status = 'expired', decided_by = ?, decided_at = ? "
+                "WHERE replica = ? AND status = 'pending' AND created < ?",
+                bindable((op.by, op.ts, op.replica, op.before)),
             ).rowcount
         case AddFreeze():
             return conn.execute(
