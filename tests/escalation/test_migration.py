@@ -150,3 +150,33 @@ def test_postgresql_store_from_before_0010_migrates(
     write(config, rows("ev", 3, kind="event", decision="would-deny"))
     out = verify(config)
     assert "ok: 11 rows in 1 chains" in out and "1 amended" in out
+
+
+def test_postgresql_0010_adds_its_checks_not_valid_and_validates_them_after_its_commit(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The widened checks are added NOT VALID (no scan of audit under the migration's ACCESS
+    EXCLUSIVE lock) and validated in a transaction of their own; a run stopped in between
+    (here: the validation left out) finishes it at the next migrate."""
+    config = home_for(tmp_path, pg_url)
+    with monkeypatch.context() as m:
+        m.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:BEFORE])
+        write(config, rows("old", 4))
+
+    def validated(conn: psycopg.Connection[Any]) -> dict[str, bool]:
+        found = conn.execute(
+            "SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'audit'::regclass AND contype = 'c'"
+        ).fetchall()
+        return {str(name): bool(valid) for name, valid in found}
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with monkeypatch.context() as m:
+            m.setattr(pg_schema, "validate_checks", lambda conn: [])  # stopped after 0010's commit
+            assert pg_schema.migrate_conn(conn) == ["0010_policy"]
+        assert validated(conn) == {"audit_kind_check": False, "audit_decision_check": False}
+        with pytest.raises(psycopg.errors.CheckViolation):  # new rows are checked already
+            conn.execute("INSERT INTO audit (ts, request_id, kind, decision) VALUES ('t', 'x', 'other', 'allow')")
+        assert pg_schema.migrate_conn(conn) == []  # nothing left to migrate; the checks are proven
+        assert validated(conn) == {"audit_kind_check": True, "audit_decision_check": True}
+        assert pg_schema.validate_checks(conn) == []
+    assert "ok: 4 rows in 1 chains" in verify(config)

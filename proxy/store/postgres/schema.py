@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from egress_guard.store.postgres import fleet
@@ -188,13 +189,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         """
         -- The audit table's checks, widened: event rows (approvals, freezes, reloads) and
         -- observe mode's decisions. 0001 declared them inline; PostgreSQL named them
-        -- audit_<column>_check. Dropped and added again under those names: every stored row
-        -- met the narrower check (the ADD scans the table once to prove it meets this one).
+        -- audit_<column>_check. Dropped and added again under those names, NOT VALID: no
+        -- scan of the audit table under this ACCESS EXCLUSIVE lock (which would stop every
+        -- replica's writes for as long); new rows are checked at once, and the stored rows
+        -- (which met the narrower check) are proven after the commit by VALIDATE CONSTRAINT,
+        -- which lets writes go on (see validate_checks).
         ALTER TABLE audit DROP CONSTRAINT audit_kind_check,
-            ADD CONSTRAINT audit_kind_check CHECK (kind IN ('connect', 'request', 'event')),
+            ADD CONSTRAINT audit_kind_check CHECK (kind IN ('connect', 'request', 'event')) NOT VALID,
             DROP CONSTRAINT audit_decision_check,
             ADD CONSTRAINT audit_decision_check
-                CHECK (decision IN ('allow', 'deny', 'error', 'would-deny', 'would-escalate'));
+                CHECK (decision IN ('allow', 'deny', 'error', 'would-deny', 'would-escalate')) NOT VALID;
         CREATE TABLE approvals (
             id         TEXT PRIMARY KEY,
             created    TEXT NOT NULL,
@@ -281,7 +285,25 @@ def migrate_conn(conn: psycopg.Connection[Any]) -> list[str]:
                     STEPS[name](cur)
                 cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (name, now_iso()))
             applied.append(name)
+    validate_checks(conn)
     return applied
+
+
+def validate_checks(conn: psycopg.Connection[Any]) -> list[str]:
+    """VALIDATE the audit table's checks a migration added NOT VALID (0010), each in a
+    transaction of its own: it scans the table under SHARE UPDATE EXCLUSIVE, which does not
+    block reads or writes. Run at every migrate, so a run stopped between the migration's
+    commit and this finishes it next time. Returns the constraints it validated."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass('audit') AND contype = 'c' "
+            "AND NOT convalidated ORDER BY conname"
+        )
+        names = [str(r[0]) for r in cur.fetchall()]
+        for name in names:
+            with conn.transaction():
+                cur.execute(pgsql.SQL("ALTER TABLE audit VALIDATE CONSTRAINT {}").format(pgsql.Identifier(name)))
+    return names
 
 
 def _create_ledger(cur: psycopg.Cursor[Any]) -> None:
