@@ -1,0 +1,218 @@
+// Shared by every console page: the API call (cookie + CSRF header), the error banner,
+// DOM building (text only: a value from the API never becomes markup), and formatting.
+
+const csrfMeta = document.querySelector('meta[name="csrf"]');
+
+/** Build an element: el("td", {class: "num", title: iso}, "text", childNode, ...). */
+export function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name === "dataset") Object.assign(node.dataset, value);
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  append(node, children);
+  return node;
+}
+
+function append(node, children) {
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    if (Array.isArray(child)) append(node, child);
+    else node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+/** Call the console's API: GET (no body) or POST a JSON body with the CSRF header. */
+export async function api(path, body) {
+  const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.method = "POST";
+    init.headers["Content-Type"] = "application/json";
+    init.headers["X-CSRF-Token"] = csrfMeta ? csrfMeta.content : "";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (err) {
+    throw new ApiError(0, "the console does not answer: is `egress-guard console` still running?");
+  }
+  if (!response.ok) {
+    let message = response.statusText || `HTTP ${response.status}`;
+    try {
+      const data = await response.json();
+      message = data.error || data.message || message;
+    } catch (err) {
+      /* not JSON: keep the status text */
+    }
+    if (response.status === 401) {
+      message = "Not signed in (or the console restarted): open the URL the console printed at start (http://127.0.0.1:…/?token=…).";
+    }
+    throw new ApiError(response.status, message);
+  }
+  return response.json();
+}
+
+/** The banner under the nav: an error (kind "error") or a notice (kind "ok"). */
+let noticeTimer = null;
+export function banner(message, kind = "error") {
+  const box = document.getElementById(kind === "error" ? "banner" : "notice");
+  if (!box) return;
+  box.textContent = message;
+  box.hidden = !message;
+  if (kind !== "error") {
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => (box.hidden = true), 15000);
+  }
+}
+
+export function clearBanner() {
+  banner("", "error");
+}
+
+/** Run `load` now and every `ms`; an error goes to the banner, the next success clears it. */
+export function every(ms, load) {
+  let timer = null;
+  let stopped = false;
+  const tick = async () => {
+    try {
+      await load();
+      clearBanner();
+      document.body.dataset.ready = "1";
+    } catch (err) {
+      banner(err.message || String(err));
+    }
+    if (!stopped && ms) timer = setTimeout(tick, ms);
+  };
+  tick();
+  return {
+    now() {
+      clearTimeout(timer);
+      tick();
+    },
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
+}
+
+// --- formatting ----------------------------------------------------------------------
+
+/** "$1.2345" from a decimal string: up to 4 decimals for small amounts, 2 from $100. */
+export function usd(value) {
+  if (value === null || value === undefined || value === "" || value === "-") return "—";
+  const n = Number(value);
+  if (!Number.isFinite(n)) return String(value);
+  if (n === 0) return "$0";
+  if (Math.abs(n) < 0.01) {
+    const fixed = Number(n.toPrecision(2)).toFixed(Math.min(12, 1 - Math.floor(Math.log10(Math.abs(n)))));
+    return `$${fixed.replace(/(\.\d*?[1-9])0+$/, "$1")}`;
+  }
+  const digits = Math.abs(n) >= 100 ? 2 : Math.abs(n) >= 1 ? 3 : 4;
+  return `$${n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits })}`;
+}
+
+export function count(n) {
+  if (n === null || n === undefined) return "—";
+  return Number(n).toLocaleString("en-US");
+}
+
+export function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let v = Number(n);
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return `${i === 0 ? v : v.toFixed(1)} ${units[i]}`;
+}
+
+export function ms(n) {
+  if (n === null || n === undefined) return "—";
+  const v = Number(n);
+  return v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${Math.round(v)} ms`;
+}
+
+/** "12 s ago" / "in 3 min" from an ISO instant. */
+export function relative(iso, now = Date.now()) {
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return iso || "—";
+  const d = Math.round((t - now) / 1000);
+  const a = Math.abs(d);
+  let text;
+  if (a < 5) return d <= 0 ? "just now" : "in a moment";
+  if (a < 60) text = `${a} s`;
+  else if (a < 3600) text = `${Math.round(a / 60)} min`;
+  else if (a < 86400) text = `${Math.round(a / 3600)} h`;
+  else text = `${Math.round(a / 86400)} d`;
+  return d < 0 ? `${text} ago` : `in ${text}`;
+}
+
+/** A <time> showing the relative time, with the ISO instant as its title; `tick()` keeps it fresh. */
+export function time(iso) {
+  if (!iso) return el("span", { class: "muted" }, "—");
+  return el("time", { datetime: iso, title: iso }, relative(iso));
+}
+
+/** Refresh every <time datetime> on the page (relative times drift). */
+export function tick() {
+  const now = Date.now();
+  for (const t of document.querySelectorAll("time[datetime]")) t.textContent = relative(t.dateTime, now);
+}
+setInterval(tick, 5000);
+
+const CHIP = {
+  allow: "allow",
+  deny: "deny",
+  error: "error",
+  "would-deny": "would",
+  "would-escalate": "would",
+  escalate: "would",
+  pending: "pending",
+  approved: "allow",
+  denied: "deny",
+  expired: "error",
+  revoked: "deny",
+  active: "allow",
+};
+
+/** A decision (or status) as a coloured chip; an event row is grey and names what happened. */
+export function chip(decision, kind) {
+  if (kind === "event") return el("span", { class: "chip event", title: `event (${decision})` }, "event");
+  const cls = CHIP[decision] || "event";
+  return el("span", { class: `chip ${cls}` }, decision || "—");
+}
+
+/** The text of a cell that may be empty. */
+export function text(value) {
+  return value === null || value === undefined || value === "" ? "—" : String(value);
+}
+
+/** The query string of a form's filled fields. */
+export function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, v);
+  const s = q.toString();
+  return s ? `?${s}` : "";
+}
+
+/** An empty-state row spanning a table. */
+export function emptyRow(columns, message) {
+  return el("tr", { class: "empty" }, el("td", { colspan: columns }, message));
+}
+
+/** Colours for the charts' series (calm, distinguishable). */
+export const PALETTE = ["#4c78a8", "#59a14f", "#e0a040", "#b07aa1", "#76b7b2", "#e15759", "#9c755f", "#edc948", "#bab0ac", "#ff9da7"];
