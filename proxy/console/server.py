@@ -1,0 +1,164 @@
+"""The console's web server: an aiohttp app in a process of its own (never the proxy's
+listener: nothing is served on the agents' side), the pages and static files from the
+package, the JSON API (`api.py`) and the live decision stream (server-sent events).
+
+`serve(config, host, port, token)` starts it on the running event loop and returns the
+runner (`await runner.cleanup()` stops it) and its base address; `egress-guard console` runs
+it until Ctrl-C. Access rules (token, Host, CSRF, headers) are in `auth.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import re
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from aiohttp import web
+
+from egress_guard.config import Config
+from egress_guard.console import api
+from egress_guard.console.auth import Guard, add_headers, host_names, middleware
+from egress_guard.store import Filters
+
+STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable install links each file
+PAGES = ("live", "spend", "denials", "approvals", "agents")
+POLL = 0.5  # seconds between two reads of the store for the stream
+PING = 15.0  # seconds between two keep-alive comments on a quiet stream
+STREAM_BATCH = 1000  # rows a stream sends per read; more arrived at once: an `event: gap`
+
+CHARSET = re.compile(r"<meta\s+charset=[^>]*>", re.IGNORECASE)
+HEAD = re.compile(r"<head(\s[^>]*)?>", re.IGNORECASE)
+GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
+
+
+class Console:
+    """The pages, the static files and the decision stream."""
+
+    def __init__(self, config: Config, guard: Guard, static: Path) -> None:
+        self.config, self.guard, self.static = config, guard, static
+        self.api = api.Api(config)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self.index),
+            *(web.get(f"/{page}", self.page) for page in PAGES),
+            web.get("/static/{path:.+}", self.static_file),
+            web.get("/api/decisions/stream", self.stream),
+            *self.api.routes(),
+        ]
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPSeeOther("/live")
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """A page's HTML, with the CSRF value in `<meta name="csrf">` (its scripts send it
+        back with each action)."""
+        name = request.path.strip("/")
+        path = self.static / f"{name}.html"
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except FileNotFoundError:
+            return web.Response(
+                status=404,
+                content_type="text/html",
+                text=f"<!doctype html><p>page {html.escape(name)} is not installed ({html.escape(str(path))})</p>",
+            )
+        meta = f'<meta name="csrf" content="{self.guard.csrf}">'
+        text, n = CHARSET.subn(lambda m: f"{m.group(0)}\n{meta}", text, count=1)
+        if not n:
+            text, n = HEAD.subn(lambda m: f"{m.group(0)}\n{meta}", text, count=1)
+        if not n:
+            text = meta + "\n" + text
+        return web.Response(text=text, content_type="text/html")
+
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        rel = PurePosixPath(request.match_info["path"])
+        if rel.is_absolute() or any(part in ("", "..") or part.startswith(".") for part in rel.parts):
+            raise web.HTTPNotFound()
+        path = self.static.joinpath(*rel.parts)
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """New audit rows as server-sent events (`event: row`, `id:` the row's id, `data:` the
+        row as /api/decisions gives it), read every POLL seconds; a `: ping` comment every
+        PING seconds keeps proxies and the browser from closing a quiet stream. Starts after
+        `after` (or the Last-Event-ID a reconnecting EventSource sends), else at the newest
+        row: only rows written from now on."""
+        filters = api.filters_param(request)
+        given = request.query.get("after") or request.headers.get("Last-Event-ID") or ""
+        if given:
+            try:
+                after = int(given)
+            except ValueError:
+                raise api.ApiError(400, f"after={given!r} is not a whole number") from None
+        else:
+            after = await self.api.run(lambda db: db.last_id())
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        await response.write(b"retry: 1000\n\n")
+        quiet_since = time.monotonic()
+        try:
+            while request.transport is not None and not request.transport.is_closing():
+                rows = await self._next(filters, after)
+                if len(rows) == STREAM_BATCH:
+                    await response.write(_event("gap", {"before": rows[0]["id"]}, None))
+                for row in rows:
+                    after = row["id"]
+                    await response.write(_event("row", row, after))
+                if rows:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= PING:
+                    await response.write(b": ping\n\n")
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(POLL)
+        except ConnectionResetError:  # the browser went away
+            pass
+        return response
+
+    async def _next(self, filters: Filters, after: int) -> list[dict[str, Any]]:
+        try:
+            return await self.api.run(lambda db: db.rows(filters, STREAM_BATCH, after_id=after))
+        except api.ApiError:  # the store is away for a moment: try again at the next poll
+            return []
+
+
+def _event(kind: str, data: Any, event_id: int | None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def make_app(config: Config, guard: Guard, static: Path = STATIC) -> web.Application:
+    app = web.Application(middlewares=[middleware(guard), api.errors])
+    app[GUARD] = guard
+    app.add_routes(Console(config, guard, static).routes())
+    app.on_response_prepare.append(add_headers)
+    return app
+
+
+async def serve(
+    config: Config, host: str, port: int, token: str, *, static: Path = STATIC
+) -> tuple[web.AppRunner, str]:
+    """Start the console on the running loop at host:port (0: a free port). Returns the
+    runner (stop: `await runner.cleanup()`) and the base address, http://host:port (add
+    `/?token=TOKEN` for a browser, or send `Authorization: Bearer TOKEN`)."""
+    guard = Guard(token)
+    runner = web.AppRunner(make_app(config, guard, static), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    guard.hosts = host_names(host, bound)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"

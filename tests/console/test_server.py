@@ -1,0 +1,561 @@
+"""The console's server (`egress-guard console`): every endpoint needs the token (Bearer or
+the cookie /?token= sets), the Host check, CSRF on actions, the security headers; each API
+answer equals the CLI's and each action makes the CLI's write (compared on twin stores);
+the live stream; no key in /api/agents; and the agents' side of a real proxy cannot reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from conftest import RunningConsole, make_home
+
+from egress_guard import keys as keys_mod
+from egress_guard.cli import main
+from egress_guard.cli.console import console as console_command
+from egress_guard.config import load_config
+from egress_guard.console.api import console_by
+from egress_guard.console.auth import COOKIE, CSP, csrf_for
+from egress_guard.store import AuditLog, AuditRow, CreateApproval, SQLiteStore, open_engine
+from egress_guard.store.records import Approval
+
+FUTURE = "2099-01-01T00:00:00.000Z"
+
+GETS = [
+    "/api/decisions",
+    "/api/decisions/1",
+    "/api/decisions/stream",
+    "/api/spend",
+    "/api/budgets",
+    "/api/sessions/top",
+    "/api/denials",
+    "/api/approvals",
+    "/api/approvals?history=1",
+    "/api/agents",
+    "/live",
+    "/spend",
+    "/denials",
+    "/approvals",
+    "/agents",
+    "/",
+    "/static/console.css",
+    "/static/nothing.js",
+]
+POSTS = ["/api/approvals/aaaa000000000001/approve", "/api/approvals/aaaa000000000001/deny", "/api/agents/agent/kill"]
+
+
+def cli(config: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [*args, "--config", str(config)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def untimed(text: str) -> str:
+    """A message without the instants in it (each store stamps its own)."""
+    return re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "<ts>", text)
+
+
+def seed(config_path: Path, rows: list[AuditRow]) -> None:
+    """Write audit rows as the proxy does: through its writer, AuditLog (running totals too)."""
+
+    async def write() -> None:
+        log = AuditLog(open_engine(load_config(config_path)), batch_delay=0)
+        await log.open()
+        n = 0
+        for r in rows:
+            n = log.record(r)
+        await log.durable(n)
+        await log.close()
+
+    asyncio.run(write())
+
+
+def row(n: int, **kw: Any) -> AuditRow:
+    """An audit row: an allowed, priced OpenAI call unless told otherwise."""
+    base: dict[str, Any] = {
+        "ts": f"2026-11-{20 + n % 3}T{8 + n % 12:02d}:{n % 60:02d}:00.000Z",
+        "request_id": f"r{n}",
+        "kind": "request",
+        "agent": "agent",
+        "session": f"s{n % 3}",
+        "decision": "allow",
+        "reason": "POST api.openai.com is allowed",
+        "rule": "openai#0",
+        "method": "POST",
+        "scheme": "https",
+        "host": "api.openai.com",
+        "port": 443,
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "service": "openai",
+        "credential": "swapped",
+        "model": "gpt-4o-mini" if n % 2 else "gpt-4o",
+        "input_tokens": 100,
+        "output_tokens": 50,
+        "cost_usd": f"0.0{n % 9}{n % 7}5",
+    }
+    return AuditRow(**(base | kw))
+
+
+def approval(id: str, **kw: Any) -> Approval:
+    base: dict[str, Any] = {
+        "id": id,
+        "created": "2026-11-22T23:00:00.000Z",
+        "expires": FUTURE,
+        "replica": "local",
+        "request_id": f"req-{id}",
+        "agent": "agent",
+        "session": "s1",
+        "method": "POST",
+        "scheme": "https",
+        "host": "new.example.com",
+        "port": 443,
+        "path": "/v1/x",
+        "rule": "unknown_hosts",
+        "reason": "host new.example.com is covered by no rule",
+    }
+    return Approval(**(base | kw))
+
+
+APPROVALS = [
+    approval("aaaa000000000001"),
+    approval("aaaa000000000002", session=None),
+    approval("aaaa000000000003", created="2026-01-01T00:00:00.000Z", expires="2026-01-01T00:02:00.000Z"),
+    approval("bbbb000000000004"),
+]
+
+
+def with_approvals(config: Path) -> Path:
+    with SQLiteStore(config.parent / "egress-guard.db", readonly=False) as db:
+        for a in APPROVALS:
+            db.write(CreateApproval(a))
+    return config
+
+
+def state(config: Path) -> dict[str, Any]:
+    """The store's approvals, grants and keys, without the times a write stamps."""
+    with SQLiteStore(config.parent / "egress-guard.db") as db:
+        return {
+            "approvals": [dataclasses.asdict(a) | {"decided_at": None} for a in db.approvals()],
+            "grants": [dataclasses.asdict(g) | {"created": None, "id": None} for g in db.grants(active_only=False)],
+            "keys": [(k.agent, k.session, bool(k.revoked_at), k.revoked_reason) for k in db.keys()],  # noqa: SIM118 (Store.keys: the key records),
+        }
+
+
+# --- access -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", GETS)
+def test_every_get_needs_the_token(console: RunningConsole, path: str) -> None:
+    r = httpx.get(console.url + path)
+    assert r.status_code == 401, (path, r.text)
+    assert console.token not in r.text
+    if path.startswith("/api/"):
+        assert "Not signed in" in r.json()["error"]
+    else:
+        assert r.headers["content-type"].startswith("text/html") and "printed when it started" in r.text
+    assert r.headers["Content-Security-Policy"] == CSP  # refusals carry the headers too
+    wrong = httpx.get(console.url + path, headers={"Authorization": "Bearer " + "x" * 43})
+    assert wrong.status_code == 401
+    wrong_cookie = httpx.get(console.url + path, headers={"Cookie": f"{COOKIE}={'y' * 43}"})
+    assert wrong_cookie.status_code == 401
+
+
+@pytest.mark.parametrize("path", POSTS)
+def test_every_action_needs_the_token(console: RunningConsole, path: str) -> None:
+    headers = {"X-CSRF-Token": console.csrf, "Origin": console.url}  # a page's headers, no token
+    r = httpx.post(console.url + path, json={}, headers=headers)
+    assert r.status_code == 401 and "Not signed in" in r.json()["error"]
+
+
+def test_bearer_token_and_the_cookie_from_the_printed_address(console: RunningConsole) -> None:
+    assert httpx.get(console.url + "/api/agents", headers=console.auth).status_code == 200
+    r = httpx.get(f"{console.url}/?token={console.token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"] == "/live"  # the token leaves the address bar
+    set_cookie = r.headers["Set-Cookie"]
+    assert set_cookie.startswith(f"{COOKIE}={console.token};")
+    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/"):
+        assert attribute in set_cookie
+    cookie = {"Cookie": f"{COOKIE}={console.token}"}
+    assert httpx.get(console.url + "/api/agents", headers=cookie).status_code == 200
+    assert httpx.get(console.url + "/live", headers=cookie).status_code == 200
+    bad = httpx.get(f"{console.url}/?token=nope", follow_redirects=False)
+    assert bad.status_code == 401 and "Set-Cookie" not in bad.headers
+
+
+def test_host_check_refuses_another_name(console: RunningConsole) -> None:
+    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    for host in (f"evil.example:{console.port}", "127.0.0.1", f"127.0.0.1:{console.port + 1}"):
+        r = httpx.get(console.url + "/api/agents", headers=console.auth | {"Host": host})
+        assert r.status_code == 421, host
+    for host in (f"localhost:{console.port}", f"127.0.0.1:{console.port}", f"[::1]:{console.port}"):
+        assert httpx.get(console.url + "/api/agents", headers=console.auth | {"Host": host}).status_code == 200
+
+
+def test_security_headers_everywhere(console: RunningConsole) -> None:
+    for path in ("/live", "/api/agents", "/static/console.css", "/api/nothing"):
+        r = httpx.get(console.url + path, headers=console.auth)
+        assert r.headers["Content-Security-Policy"] == CSP, path
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_pages_carry_the_csrf_value_never_the_token(tmp_path: Path, home: Path, start_console: Callable) -> None:
+    static = tmp_path / "static"
+    static.mkdir()
+    for page in ("live", "spend", "denials", "approvals", "agents"):
+        (static / f"{page}.html").write_text(
+            f'<!doctype html><html><head><meta charset="utf-8"><title>{page}</title></head><body></body></html>'
+        )
+    (static / "x.js").write_text("export const x = 1;\n")
+    running = start_console(home, static=static)
+    for page in ("live", "spend", "denials", "approvals", "agents"):
+        r = httpx.get(f"{running.url}/{page}", headers=running.auth)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert f'<meta charset="utf-8">\n<meta name="csrf" content="{csrf_for(running.token)}">' in r.text
+        assert running.token not in r.text
+    r = httpx.get(running.url + "/static/x.js", headers=running.auth)
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    for bad in ("/static/../conftest.py", "/static/%2e%2e/conftest.py", "/static/.hidden", "/static/nothing.js"):
+        assert httpx.get(running.url + bad, headers=running.auth).status_code == 404, bad
+
+
+# --- CSRF ---------------------------------------------------------------------------------
+
+
+def test_csrf_refusals(home: Path, start_console: Callable) -> None:
+    running = start_console(with_approvals(home))
+    url = running.url + "/api/approvals/aaaa000000000001/deny"
+    cases = {
+        "no header": (running.auth | {"Origin": running.url}, {"json": {}}),
+        "wrong header": (running.auth | {"X-CSRF-Token": csrf_for("another-token-xxxxxxxx")}, {"json": {}}),
+        "the token as the header": (running.auth | {"X-CSRF-Token": running.token}, {"json": {}}),
+        "wrong origin": (running.action() | {"Origin": "http://evil.example"}, {"json": {}}),
+        "null origin": (running.action() | {"Origin": "null"}, {"json": {}}),
+        "cross-site fetch": (running.action() | {"Sec-Fetch-Site": "cross-site"}, {"json": {}}),
+        "form body": (running.action(), {"data": {"note": "x"}}),
+        "text body": (running.action() | {"Content-Type": "text/plain"}, {"content": b"{}"}),
+    }
+    for name, (headers, body) in cases.items():
+        r = httpx.post(url, headers=headers, **body)
+        assert r.status_code == 403, (name, r.text)
+        assert "error" in r.json()
+    assert httpx.get(url, headers=running.auth).status_code == 405  # actions are POST only
+    assert state(home)["approvals"][0]["status"] == "pending"  # none of them wrote
+    r = httpx.post(url, headers=running.action(), json={"note": "ok"})  # a page's action
+    assert r.status_code == 200, r.text
+    without_origin = {k: v for k, v in running.action().items() if k != "Origin"}
+    r = httpx.post(running.url + "/api/approvals/bbbb000000000004/deny", headers=without_origin, json={})
+    assert r.status_code == 200, r.text  # no Origin (not a browser's cross-origin request): allowed
+
+
+# --- actions: the CLI's writes ------------------------------------------------------------
+
+
+def test_approve_and_deny_write_what_the_cli_writes(tmp_path: Path, start_console: Callable) -> None:
+    by_console = with_approvals(make_home(tmp_path / "console"))
+    by_cli = with_approvals(make_home(tmp_path / "cli"))
+    running = start_console(by_console)
+    by = console_by()
+
+    def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(running.url + path, headers=running.action(), json=body)
+
+    r = post("/api/approvals/aaaa000000000001/approve", {"scope": "session", "note": "eval run"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "approved" and r.json()["decided_by"] == by and r.json()["scope"] == "session"
+    assert cli(by_cli, "approve", "aaaa000000000001", "--scope", "session", "--note", "eval run", "--by", by)[0] == 0
+    r = post("/api/approvals/bbbb00/deny", {"note": "not needed"})  # a prefix, as the CLI takes
+    assert r.status_code == 200 and r.json()["id"] == "bbbb000000000004", r.text
+    assert cli(by_cli, "deny", "bbbb00", "--note", "not needed", "--by", by)[0] == 0
+    assert state(by_console) == state(by_cli)
+    assert state(by_console)["grants"][0]["session"] == "s1"
+
+    # the refusals: the CLI's messages, as 404 / 409 / 400, and nothing written
+    errors = [
+        ("/api/approvals/nope/approve", {}, ("approve", "nope"), 404),
+        ("/api/approvals/aaaa00/approve", {}, ("approve", "aaaa00"), 404),  # ambiguous
+        ("/api/approvals/aaaa000000000001/deny", {}, ("deny", "aaaa000000000001"), 409),  # answered already
+        ("/api/approvals/aaaa000000000003/approve", {}, ("approve", "aaaa000000000003"), 409),  # expired
+        (
+            "/api/approvals/aaaa000000000002/approve",
+            {"scope": "session"},
+            ("approve", "aaaa000000000002", "--scope", "session"),
+            400,
+        ),
+    ]
+    for path, body, args, status in errors:
+        r = post(path, body)
+        code, out = cli(by_cli, *args, "--by", by)
+        assert (r.status_code, code) == (status, 1), (path, r.text, out)
+        assert untimed(r.json()["error"]) == untimed(out.removeprefix("Error: ").strip()), path
+    assert post("/api/approvals/aaaa000000000002/approve", {"scope": "forever"}).status_code == 400
+    assert post("/api/approvals/aaaa000000000002/approve", {"note": 5}).status_code == 400
+    assert state(by_console) == state(by_cli)
+
+
+def test_approvals_list_is_pending_format_json(home: Path, start_console: Callable) -> None:
+    running = start_console(with_approvals(home))
+    assert cli(home, "approve", "aaaa000000000001", "--scope", "always", "--by", "alice")[0] == 0
+    for query, args in (("", ()), ("?history=1", ("--history",)), ("?history=0", ())):
+        r = httpx.get(running.url + "/api/approvals" + query, headers=running.auth)
+        assert r.json() == json.loads(cli(home, "pending", *args, "--format", "json")[1]), query
+    assert [a["id"] for a in httpx.get(running.url + "/api/approvals", headers=running.auth).json()] == [
+        "aaaa000000000002",
+        "bbbb000000000004",
+    ]
+    assert httpx.get(running.url + "/api/approvals?history=yes", headers=running.auth).status_code == 400
+
+
+def test_kill_revokes_what_the_cli_revokes(
+    tmp_path: Path, start_console: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")  # never a real engine's containers
+    homes = {name: make_home(tmp_path / name) for name in ("console", "cli")}
+    for config in homes.values():
+        for session in ("s1", "s2"):
+            keys_mod.mint(load_config(config), "agent", session=session)
+    running = start_console(homes["console"])
+    r = httpx.post(running.url + "/api/agents/agent/kill", headers=running.action(), json={"session": "s1"})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert (done["revoked_keys"], done["session"], done["ok"]) == (1, "s1", False)
+    assert done["containers"]["error"] and done["problems"]  # the engine named cannot be asked: said
+    code, out = cli(homes["cli"], "kill", "--session", "s1")
+    assert code == 1 and "revoked 1 key(s) of session s1" in out
+    assert state(homes["console"])["keys"] == state(homes["cli"])["keys"]
+    r = httpx.post(running.url + "/api/agents/agent/kill", headers=running.action(), json={})
+    assert r.status_code == 200 and r.json()["revoked_keys"] == 1
+    assert cli(homes["cli"], "kill", "--agent", "agent")[0] == 1
+    assert state(homes["console"])["keys"] == state(homes["cli"])["keys"]
+    assert all(revoked for _, _, revoked, _ in state(homes["console"])["keys"])
+    assert httpx.post(running.url + "/api/agents/nobody/kill", headers=running.action(), json={}).status_code == 404
+    r = httpx.post(running.url + "/api/agents/agent/kill", headers=running.action(), json={"session": "s9"})
+    assert r.status_code == 404 and "has no session 's9'" in r.json()["error"]
+
+
+# --- answers: the CLI's -------------------------------------------------------------------
+
+
+def test_spend_total_is_audit_spends(home: Path, start_console: Callable) -> None:
+    seed(home, [row(n) for n in range(1, 40)] + [row(99, agent="other", cost_usd="1.5", model="claude")])
+    running = start_console(home)
+    for since in ("2026-11-19", "2026-11-21T12:00"):
+        spent = httpx.get(running.url + f"/api/spend?since={since}", headers=running.auth).json()
+        by_agent = json.loads(cli(home, "audit", "spend", "--since", since, "--format", "json")[1])
+        assert spent["total"] == f"{sum(Decimal(r['cost_usd']) for r in by_agent):f}"
+        assert spent["by_agent"] == {r["agent"]: r["cost_usd"] for r in by_agent}
+        by_model = json.loads(cli(home, "audit", "spend", "--by", "model", "--since", since, "--format", "json")[1])
+        assert spent["by_model"] == {r["model"]: r["cost_usd"] for r in by_model}
+        assert sum(Decimal(s["usd"]) for s in spent["series"]) == Decimal(spent["total"])
+        by_day = json.loads(cli(home, "audit", "spend", "--by", "day", "--since", since, "--format", "json")[1])
+        assert len({s["bucket"] for s in spent["series"]}) == len(by_day)
+    hourly = httpx.get(running.url + "/api/spend?since=2026-11-19&bucket=hour", headers=running.auth).json()
+    assert all(s["bucket"].endswith(":00:00.000Z") for s in hourly["series"])
+    assert hourly["total"] == spent["total"] or hourly["total"]  # same rows, other buckets
+    assert httpx.get(running.url + "/api/spend?bucket=week", headers=running.auth).status_code == 400
+    assert httpx.get(running.url + "/api/spend?since=yesterday", headers=running.auth).status_code == 400
+
+
+def test_budgets_and_top_sessions(home: Path, start_console: Callable) -> None:
+    seed(home, [row(n) for n in range(1, 10)])
+    running = start_console(home)
+    budgets = httpx.get(running.url + "/api/budgets", headers=running.auth).json()
+    assert budgets == json.loads(cli(home, "budget", "show", "--format", "json")[1])
+    assert httpx.get(running.url + "/api/budgets?agent=nobody", headers=running.auth).status_code == 404
+    top = httpx.get(running.url + "/api/sessions/top?since=2026-11-01&limit=2", headers=running.auth).json()
+    by_session = json.loads(
+        cli(home, "audit", "spend", "--by", "session", "--since", "2026-11-01", "--format", "json")[1]
+    )
+    assert [(t["agent"] + "/" + t["session"], t["usd"], t["requests"]) for t in top] == [
+        (r["session"], r["cost_usd"], r["requests"]) for r in by_session[:2]
+    ]
+    assert all(t["last"].startswith("2026-11-") for t in top)
+
+
+def test_decisions_are_audit_querys_rows(home: Path, start_console: Callable) -> None:
+    seed(home, [row(n) for n in range(1, 8)] + [row(8, decision="deny", host="evil.example", cost_usd=None)])
+    running = start_console(home)
+    got = httpx.get(running.url + "/api/decisions", headers=running.auth).json()
+    assert got["rows"] == json.loads(cli(home, "audit", "--format", "json")[1])
+    assert got["last"] == 8
+    deny = httpx.get(running.url + "/api/decisions?decision=deny&host=EVIL.example.", headers=running.auth).json()
+    assert [r["request_id"] for r in deny["rows"]] == ["r8"]
+    page = httpx.get(running.url + "/api/decisions?after=3&limit=2", headers=running.auth).json()
+    assert [r["id"] for r in page["rows"]] == [7, 8] and page["last"] == 8  # the newest 2 after 3
+    none = httpx.get(running.url + "/api/decisions?after=8&agent=nobody", headers=running.auth).json()
+    assert none == {"rows": [], "last": 8}
+    one = httpx.get(running.url + "/api/decisions/5", headers=running.auth)
+    assert one.json() == got["rows"][4]
+    assert httpx.get(running.url + "/api/decisions/99", headers=running.auth).status_code == 404
+    for bad in ("?decision=maybe", "?after=x", "?limit=0", "?limit=100000"):
+        assert httpx.get(running.url + "/api/decisions" + bad, headers=running.auth).status_code == 400, bad
+
+
+def test_the_stream_sends_new_rows_within_a_second(home: Path, start_console: Callable) -> None:
+    seed(home, [row(1)])
+    running = start_console(home)
+    events: list[tuple[str, dict[str, Any]]] = []
+    opened = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream(
+            "GET", running.url + "/api/decisions/stream?agent=agent", headers=running.auth, timeout=10
+        ) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            opened.set()
+            kind = ""
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line[6:])))
+                    if len(events) == 2:
+                        return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert opened.wait(5)
+    time.sleep(0.6)  # the stream has read the head: only rows written from now on
+    started = time.monotonic()
+    seed(home, [row(2, agent="other"), row(3), row(4)])
+    thread.join(5)
+    assert time.monotonic() - started < 2.5
+    assert [(kind, r["request_id"]) for kind, r in events] == [("row", "r3"), ("row", "r4")]  # filtered, in order
+    assert events[0][1]["cost_usd"] == row(3).cost_usd  # the full row
+
+
+def test_the_stream_resumes_after_an_id(home: Path, start_console: Callable) -> None:
+    seed(home, [row(n) for n in range(1, 4)])
+    running = start_console(home)
+    for headers, query in ((running.auth, "?after=1"), (running.auth | {"Last-Event-ID": "1"}, "")):
+        with httpx.stream("GET", running.url + "/api/decisions/stream" + query, headers=headers, timeout=10) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if len([x for x in lines if x.startswith("data: ")]) == 2:
+                    break
+        assert [x for x in lines if x.startswith("id: ")] == ["id: 2", "id: 3"]
+
+
+def test_denials_flagged_first(home: Path, start_console: Callable) -> None:
+    flag = "; flagged as a possible exfiltration attempt"
+    seed(
+        home,
+        [
+            row(1, decision="deny", host="evil.example", reason="host evil.example is not on the allowlist", rule=None),
+            row(2, decision="deny", host="evil.example", reason="host evil.example is not on the allowlist", rule=None),
+            row(3, decision="deny", credential="denied-forged", reason=f"forged or altered egress-guard key{flag}"),
+            row(4, decision="deny", credential="denied-revoked", reason="egress-guard key k was revoked (kill)"),
+            row(5),
+        ],
+    )
+    running = start_console(home)
+    got = httpx.get(running.url + "/api/denials?since=2026-11-01&bucket=day", headers=running.auth).json()
+    assert [r["request_id"] for r in got["flagged"]] == ["r3"]
+    assert got["total"] == 4
+    assert {h["host"]: h["count"] for h in got["by_host"]} == {"evil.example": 2, "api.openai.com": 2}
+    reasons = {r["reason"]: r["count"] for r in got["by_reason"]}
+    assert reasons == {"host evil.example is not on the allowlist": 2, "denied-forged": 1, "denied-revoked": 1}
+    assert sum(s["count"] for s in got["series"]) == 4
+
+
+def test_agents_show_key_ids_never_keys(home: Path, start_console: Callable) -> None:
+    config = load_config(home)
+    minted = [keys_mod.mint(config, "agent", session=s) for s in ("s1", "s2")]
+    keys_mod.revoke_keys(config, session="s2", reason="done")
+    seed(home, [row(n, ts=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())) for n in (1, 2)])
+    running = start_console(home)
+    r = httpx.get(running.url + "/api/agents", headers=running.auth)
+    text = r.text
+    for m in minted:
+        for value in m.env.values():
+            assert value not in text  # no fake key
+        assert m.record.key_id in text
+    (agent,) = r.json()
+    assert agent["agent"] == "agent" and agent["services"] == list(config.agents["agent"].services)
+    assert agent["sessions"] == ["s1"]
+    assert {(k["session"], k["revoked"]) for k in agent["keys"]} == {("s1", False), ("s2", True)}
+    assert Decimal(agent["spent_today"]) == Decimal(row(1).cost_usd or 0) + Decimal(row(2).cost_usd or 0)
+
+
+# --- the agents' side cannot reach it -----------------------------------------------------
+
+
+def test_the_proxy_refuses_agents_the_console(
+    console: RunningConsole, make_proxy: Callable[..., Any], test_ca: Any
+) -> None:
+    """An agent asking the proxy for the console's loopback address (even with the token, even
+    with an allow rule naming it) is refused by the proxy; the console never sees it."""
+    proxy = make_proxy(allow=[{"host": "localhost", "ports": [console.port]}])
+    with httpx.Client(proxy=proxy.url, timeout=10) as client:
+        for target in (f"http://127.0.0.1:{console.port}", f"http://localhost:{console.port}"):
+            r = client.get(target + "/api/agents", headers=console.auth)
+            assert r.status_code in (403, 502), (target, r.status_code, r.text)
+            assert "Content-Security-Policy" not in r.headers  # not the console's answer
+            assert "agent" not in r.text.split("reason")[0] or r.status_code != 200
+    with pytest.raises(httpx.HTTPError), httpx.Client(proxy=proxy.url, timeout=10, verify=False) as client:
+        client.get(f"https://127.0.0.1:{console.port}/api/agents", headers=console.auth).raise_for_status()
+    rows = proxy.rows(expect=3)
+    assert [r["decision"] for r in rows if str(console.port) in str(r["port"])] == ["deny"] * 3
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_command_help_and_refusals(home: Path, tmp_path: Path) -> None:
+    assert console_command.help and "Example" in console_command.help and "egress-guard console" in console_command.help
+    runner = CliRunner()
+    result = runner.invoke(console_command, ["--config", str(home), "--listen", "192.0.2.1:8081"])
+    assert result.exit_code == 2 and "not a loopback address" in result.output and "--allow-remote" in result.output
+    result = runner.invoke(console_command, ["--config", str(home), "--listen", "0.0.0.0:8081", "--allow-remote"])
+    assert result.exit_code == 2 and "name the address" in result.output
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    result = runner.invoke(console_command, ["--config", str(home), "--token-file", str(short)])
+    assert result.exit_code == 2 and "too short" in result.output and "abc" not in result.output.split("token in")[0]
+
+
+def test_command_prints_the_address_and_serves(home: Path, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 40 + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        # the command itself (`egress-guard console` once registered in the group)
+        [
+            sys.executable,
+            "-c",
+            "from egress_guard.cli.console import console; console()",
+            *("--config", str(home), "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"console: http://127.0.0.1:{port}/?token={'t' * 40}"
+        r = httpx.get(f"http://127.0.0.1:{port}/api/agents", headers={"Authorization": f"Bearer {'t' * 40}"})
+        assert r.status_code == 200 and r.json()[0]["agent"] == "agent"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0
