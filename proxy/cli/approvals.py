@@ -26,7 +26,7 @@ import click
 from egress_guard.cli.common import config_option, format_option, open_db
 from egress_guard.cli.output import emit
 from egress_guard.escalation import past_expiry
-from egress_guard.store import Approval, DecideApproval, LiftFreeze, RevokeGrant, Store
+from egress_guard.store import Approval, DecideApproval, Freeze, GrantRecord, LiftFreeze, RevokeGrant, Store
 from egress_guard.timeutil import now_iso
 
 MIN_PREFIX = 6  # characters of an id that approve/deny accept
@@ -86,14 +86,7 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
       egress-guard pending --history --format json
     """
     with open_db(config_path) as db:
-        if history:
-            approvals = db.approvals(limit=limit)
-            grants = db.grants(active_only=False)
-            freezes = db.freezes(active_only=False)
-        else:
-            now = now_iso()
-            approvals = [a for a in db.approvals(status="pending", limit=limit) if a.expires > now]
-            grants, freezes = [], []
+        approvals, grants, freezes = listing(db, history, limit)
     shown = [asdict(a) for a in approvals]
     if fmt == "json":
         out: Any = (
@@ -122,6 +115,15 @@ def pending(config_path: Path | None, history: bool, limit: int, fmt: str) -> No
     if freezes:
         click.echo("\nfreezes:")
         emit([asdict(f) for f in freezes], "table", FREEZE_COLUMNS)
+
+
+def listing(db: Store, history: bool, limit: int) -> tuple[list[Approval], list[GrantRecord], list[Freeze]]:
+    """What `pending` lists (the console's too): the approvals still waiting (the newest
+    `limit`); with `history`, every approval, grant and freeze."""
+    if history:
+        return db.approvals(limit=limit), db.grants(active_only=False), db.freezes(active_only=False)
+    now = now_iso()
+    return [a for a in db.approvals(status="pending", limit=limit) if a.expires > now], [], []
 
 
 def _decide(config_path: Path | None, approval_id: str, op: DecideApproval) -> Approval:

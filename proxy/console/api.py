@@ -246,15 +246,16 @@ def denials(db: Store, config: Config, filters: Filters, bucket: str) -> dict[st
 
 def approvals(db: Store, history: bool, limit: int) -> Any:
     """What `egress-guard pending --format json` prints (with --history: approvals, grants,
-    freezes)."""
-    if history:
-        return {
-            "approvals": [dataclasses.asdict(a) for a in db.approvals(limit=limit)],
-            "grants": [dataclasses.asdict(g) for g in db.grants(active_only=False)],
-            "freezes": [dataclasses.asdict(f) for f in db.freezes(active_only=False)],
-        }
-    now = now_iso()
-    return [dataclasses.asdict(a) for a in db.approvals(status="pending", limit=limit) if a.expires > now]
+    freezes), from the function `pending` lists with."""
+    found, grants, freezes = approvals_cli.listing(db, history, limit)
+    shown = [dataclasses.asdict(a) for a in found]
+    if not history:
+        return shown
+    return {
+        "approvals": shown,
+        "grants": [dataclasses.asdict(g) for g in grants],
+        "freezes": [dataclasses.asdict(f) for f in freezes],
+    }
 
 
 KEYS_SHOWN = 50  # per agent: its newest keys (every active one is among them unless it has more)
