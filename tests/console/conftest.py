@@ -1,81 +1,17 @@
-"""What the console tests share: a config home made by `init`, and the real console (`serve`)
-on a free port in a thread with its own event loop (`RunningConsole`, `start_console`)."""
+"""The console tests' fixtures: a token, a config home, the real console started on it
+(`start_console(config_path, static=...)` for another home or static directory)."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from console_env import RunningConsole, make_home
 
-from egress_guard.cli import main
-from egress_guard.config import Config, load_config
-from egress_guard.console.auth import csrf_for
-from egress_guard.console.server import STATIC, serve
-
-
-def make_home(directory: Path) -> Path:
-    """`egress-guard init --dir` (config, CA, audit DB); returns the config's path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    result = CliRunner().invoke(main, ["init", "--dir", str(directory)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return directory / "egress-guard.yaml"
-
-
-class RunningConsole:
-    """The real console (`serve`) on a free port, in a thread with its own event loop."""
-
-    def __init__(self, config: Config, token: str, static: Path = STATIC) -> None:
-        self.config, self.token, self.static = config, token, static
-        self.csrf = csrf_for(token)
-        self.url = ""
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            runner, self.url = await serve(self.config, "127.0.0.1", 0, self.token, static=self.static)
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def start(self) -> RunningConsole:
-        self.thread.start()
-        assert self._ready.wait(20), "console did not start"
-        if self.error:
-            raise self.error
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self.thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(20)
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def action(self) -> dict[str, str]:
-        """The headers a console page's action sends."""
-        return self.auth | {"X-CSRF-Token": self.csrf, "Origin": self.url}
+from egress_guard.config import load_config
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import RunningConsole, make_home
+from console_env import RunningConsole, make_home
 
 from egress_guard import keys as keys_mod
 from egress_guard.cli import main
