@@ -216,3 +216,75 @@ export function emptyRow(columns, message) {
 
 /** Colours for the charts' series (calm, distinguishable). */
 export const PALETTE = ["#4c78a8", "#59a14f", "#e0a040", "#b07aa1", "#76b7b2", "#e15759", "#9c755f", "#edc948", "#bab0ac", "#ff9da7"];
+
+// --- charts (uPlot, vendored) ------------------------------------------------------------
+
+/**
+ * Stacked bars over time in `box` (uPlot). `step` is the bucket in seconds; `buckets` the
+ * ISO starts of the buckets that have data; `layers` [{label, values (one per bucket)}],
+ * bottom first; `fmt` formats a value (axis and legend). The range runs from `since` to now
+ * on a regular grid anchored at the data. Returns a redraw function for resizes.
+ */
+export function stackedBars(box, { since, step, buckets, layers, fmt, colors = PALETTE }) {
+  box.replaceChildren();
+  if (typeof uPlot === "undefined") {
+    box.append(el("p", { class: "emptystate" }, "The chart library did not load (static/vendor/uPlot.iife.min.js)."));
+    return () => {};
+  }
+  const times = buckets.map((b) => Date.parse(b) / 1000);
+  const now = Date.now() / 1000;
+  const anchor = times.length ? times[0] : Math.floor(now / step) * step;
+  let start = anchor;
+  const from = since ? Date.parse(since) / 1000 : anchor;
+  while (start - step > from - step && start - step > anchor - 1000 * step) start -= step;
+  const xs = [];
+  for (let t = start; t <= Math.max(now, times[times.length - 1] || now) && xs.length < 2000; t += step) xs.push(t);
+  const index = (t) => Math.max(0, Math.min(xs.length - 1, Math.round((t - start) / step)));
+  const raw = layers.map((layer) => {
+    const values = new Array(xs.length).fill(0);
+    layer.values.forEach((v, i) => {
+      values[index(times[i])] += v;
+    });
+    return values;
+  });
+  const stacked = raw.map((_, i) => xs.map((__, j) => raw.slice(0, i + 1).reduce((s, r) => s + r[j], 0)));
+  const order = layers.map((_, i) => i).reverse(); // the top layer first: the lower ones paint over it
+  const bars = uPlot.paths.bars({ size: [0.82, 48], align: 1 });
+  const label = (x) => {
+    if (step >= 86400) return new Date((x + step / 2) * 1000).toLocaleDateString("en-US", { month: "short", day: "numeric", timeZone: "UTC" });
+    const d = new Date(x * 1000);
+    const hh = `${String(d.getHours()).padStart(2, "0")}:00`;
+    return d.getHours() === 0 ? `${d.toLocaleDateString("en-US", { month: "short", day: "numeric" })} ${hh}` : hh;
+  };
+  const splits = (u) => {
+    const room = Math.max(2, Math.floor((u.bbox.width / (window.devicePixelRatio || 1)) / 80));
+    const nice = step >= 86400 ? [1, 2, 7, 14, 30] : [1, 2, 3, 6, 12, 24, 48, 168];
+    const every = nice.find((k) => Math.ceil(xs.length / k) <= room) || Math.ceil(xs.length / room);
+    return xs.filter((x) => (step >= 86400 ? Math.round((x - start) / step) % every === 0 : Math.round(x / step) % every === 0));
+  };
+  const opts = {
+    width: box.clientWidth || 800,
+    height: box.classList.contains("short") ? 200 : 280,
+    cursor: { points: { show: false } },
+    scales: { x: { time: true, range: () => [start, xs[xs.length - 1] + step] }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.12 : 1] } },
+    axes: [
+      { stroke: "#67727e", grid: { show: false }, ticks: { stroke: "#e3e7ec" }, splits, values: (u, vals) => vals.map(label) },
+      { stroke: "#67727e", size: 72, grid: { stroke: "#eef1f4" }, ticks: { show: false }, values: (u, vals) => vals.map((v) => fmt(v)) },
+    ],
+    legend: { live: true },
+    series: [
+      { label: step >= 86400 ? "Day" : "Hour", value: (u, v) => (v === null ? "—" : step >= 86400 ? label(v) : `${new Date(v * 1000).toLocaleDateString("en-US", { month: "short", day: "numeric" })} ${label(v).slice(-5)}`) },
+      ...order.map((i) => ({
+        label: layers[i].label,
+        stroke: colors[i % colors.length],
+        fill: colors[i % colors.length],
+        width: 0,
+        paths: bars,
+        points: { show: false },
+        value: (u, v, si, idx) => (idx === null || idx === undefined ? "—" : fmt(raw[i][idx])),
+      })),
+    ],
+  };
+  const chart = new uPlot(opts, [xs, ...order.map((i) => stacked[i])], box);
+  return () => chart.setSize({ width: box.clientWidth || 800, height: opts.height });
+}
