@@ -1,0 +1,400 @@
+"""The console in a real browser (Debian's Chromium driven by Playwright) against a real proxy
+with real traffic (the openai SDK and httpx through it): the live page shows a new decision
+within 2 s, the spend page's total is `audit spend`'s, an escalated request approved by a
+click completes, Kill on the Agents page cuts a running stream. Each page is saved as a
+screenshot (the test's tmp dir; docs/img/console-*.png are copies).
+
+One browser, proxy, upstream and console for the module; the tests share its traffic and
+run in order (the kill comes last of the actions: it revokes its own agent only)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+from support.llm import LLMHandler
+from support.llm.common import REAL_ENV
+from support.llm.openai import SlowStream
+from support.proxy import RunningProxy, write_config
+from support.upstream import Upstream
+
+from egress_guard import keys
+from egress_guard.cli import main
+from egress_guard.config import Config
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "Debian's chromium is missing (apt-get install chromium; ./dev test installs it)", allow_module_level=True
+    )
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+from egress_guard.console.server import serve  # noqa: E402
+
+SERVICE_HOSTS = ["api.openai.com", "api.anthropic.com"]
+ESCALATE_GPT4O = {
+    "name": "gpt-4o",
+    "hosts": ["api.openai.com"],
+    "match": "model == 'gpt-4o'",
+    "action": "escalate",
+    "reason": "gpt-4o needs a human",
+}
+PAGES = ["live", "spend", "denials", "approvals", "agents"]
+
+
+class Console:
+    """The real console (`serve`) on a free port, in a thread with its own event loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, self.token = config, secrets.token_urlsafe(32)
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            runner, self.url = await serve(self.config, "127.0.0.1", 0, self.token)
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self) -> Console:
+        self.thread.start()
+        assert self._ready.wait(20), "console did not start"
+        if self.error:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(20)
+
+
+@dataclass
+class World:
+    proxy: RunningProxy
+    upstream: Upstream
+    console: Console
+    page: Page
+    shots: Path
+    errors: list[str]
+
+    @property
+    def config_path(self) -> str:
+        return str(self.proxy.config.path)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            proxy=self.proxy.url, verify=self.proxy.client_context(), trust_env=False, timeout=httpx.Timeout(40)
+        )
+
+    def key(self, agent: str) -> str:
+        return keys.mint(self.proxy.config, agent).env["OPENAI_API_KEY"]
+
+    def openai(self, agent: str = "researcher") -> openai.OpenAI:
+        return openai.OpenAI(
+            api_key=self.key(agent),
+            base_url=f"https://api.openai.com:{self.upstream.port}/v1",
+            max_retries=0,
+            http_client=self.http(),
+        )
+
+    def ask(self, model: str = "gpt-4o-mini", agent: str = "researcher", max_tokens: int = 5) -> str:
+        reply = self.openai(agent).chat.completions.create(
+            model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": "hi"}]
+        )
+        return reply.choices[0].message.content or ""
+
+    def cli(self, *args: str) -> str:
+        result = CliRunner().invoke(main, [*args, "--config", self.config_path], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def open(self, name: str) -> Page:
+        self.page.goto(f"{self.console.url}/{name}")
+        return self.page
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"console-{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def world(browser: Browser, test_ca: tuple[Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    SlowStream.stop.clear()
+    upstream = Upstream(test_ca[0], LLMHandler)
+    home = tmp_path_factory.mktemp("console-home")
+    body = {
+        "allowlists": ["openai", "anthropic"],
+        "allow": [{"host": h, "ports": [upstream.port]} for h in SERVICE_HOSTS],
+        "services": ["openai", "anthropic"],
+        "agents": {
+            "researcher": {"services": ["openai", "anthropic"], "limits": {"budget_usd": {"day": 50}}},
+            "writer": {"services": ["anthropic"]},
+            "runner": {"services": ["openai"]},  # the one the kill test kills
+        },
+        "rules": [ESCALATE_GPT4O],
+        "escalation": {"timeout": "30s"},
+        "network": {"hosts": {h: ["127.0.0.1"] for h in SERVICE_HOSTS}, "upstream_ca": str(test_ca[1])},
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in REAL_ENV.items():
+            env.setenv(name, value)
+        proxy = RunningProxy(write_config(home, body)).start()
+        console = Console(proxy.config).start()
+        context = browser.new_context(viewport={"width": 1360, "height": 860})
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
+        page.on("console", lambda msg: errors.append(f"{page.url}: {msg.text}") if msg.type == "error" else None)
+        page.goto(f"{console.url}/?token={console.token}")  # the cookie, then /live without the token
+        assert page.url == f"{console.url}/live"
+        traffic(proxy, upstream.port)
+        shots = tmp_path_factory.mktemp("console-screenshots")
+        world = World(proxy, upstream, console, page, shots, errors)
+        try:
+            yield world
+        finally:
+            print(f"console screenshots: {shots}")
+            context.close()
+            console.stop()
+            SlowStream.stop.set()
+            proxy.stop()
+            upstream.close()
+
+
+def traffic(proxy: RunningProxy, port: int) -> None:
+    """What the pages show before the tests add theirs: two agents' priced calls, refusals,
+    one flagged (an OpenAI key sent to Anthropic)."""
+    with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), trust_env=False, timeout=20) as client:
+        for agent, service, max_tokens in [
+            ("researcher", "openai", 40),
+            ("researcher", "openai", 9),
+            ("writer", "anthropic", 25),
+        ]:
+            key = keys.mint(proxy.config, agent, services=[service]).env
+            if service == "openai":
+                r = client.post(
+                    f"https://api.openai.com:{port}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key['OPENAI_API_KEY']}"},
+                    json={
+                        "model": "gpt-4o-mini",
+                        "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
+            else:
+                r = client.post(
+                    f"https://api.anthropic.com:{port}/v1/messages",
+                    headers={"x-api-key": key["ANTHROPIC_API_KEY"], "anthropic-version": "2023-06-01"},
+                    json={
+                        "model": "claude-haiku-4-5",
+                        "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
+            assert r.status_code == 200, r.text
+        stolen = keys.mint(proxy.config, "researcher", services=["openai"]).env["OPENAI_API_KEY"]
+        r = client.post(
+            f"https://api.anthropic.com:{port}/v1/messages",
+            headers={"x-api-key": stolen, "anthropic-version": "2023-06-01"},
+            json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": []},
+        )
+        assert r.status_code in (401, 403) and "flagged" in r.text, r.text
+        for host in ("pypi.org", "paste.example"):
+            with pytest.raises(httpx.ProxyError):
+                client.get(f"https://{host}/")
+    proxy.rows(expect=8)
+
+
+def shown_ids(page: Page) -> list[int]:
+    return [
+        int(i) for i in page.eval_on_selector_all("#decisions tbody tr[data-id]", "rs => rs.map(r => r.dataset.id)")
+    ]
+
+
+def test_live_shows_a_new_decision_within_2_s(world: World) -> None:
+    page = world.open("live")
+    expect(page.locator("#stream-state")).not_to_have_text(re.compile("connecting"))
+    before = max(shown_ids(page), default=0)
+    assert world.ask(max_tokens=3) == "pong"
+    answered = time.monotonic()
+    page.wait_for_function(
+        "n => [...document.querySelectorAll('#decisions tbody tr[data-id]')].some(r => Number(r.dataset.id) > n)",
+        arg=before,
+        timeout=2000,
+    )
+    assert time.monotonic() - answered < 2.0
+    newest = max(shown_ids(page))
+    row = page.locator(f'#decisions tbody tr[data-id="{newest}"]')
+    expect(row).to_contain_text("api.openai.com")
+    # a refusal shows too, and a click opens the full record
+    with world.http() as client, pytest.raises(httpx.ProxyError):
+        client.get("https://unlisted.example/")
+    expect(page.locator("#decisions tbody tr[data-id]").first).to_contain_text("unlisted.example")
+    expect(page.locator("#decisions tbody tr[data-id]").first).to_contain_text("deny")
+    row.click()
+    detail = page.locator("#detail")
+    expect(detail).to_be_visible()
+    expect(detail).to_contain_text("gpt-4o-mini")
+    expect(detail).to_contain_text("swapped")
+    world.shot("live")
+
+
+def test_spend_total_is_audit_spends(world: World) -> None:
+    for n in (7, 11):
+        world.ask(max_tokens=n)
+    world.proxy.rows(expect=4)
+    spent = json.loads(world.cli("audit", "spend", "--since", "7d", "--format", "json"))
+    total = sum((Decimal(r["cost_usd"]) for r in spent), Decimal(0))
+    assert total > 0
+    page = world.open("spend")
+    shown = page.locator("#spend-total")
+    expect(shown).to_have_text(re.compile(r"\d"))
+    assert Decimal(re.sub(r"[^\d.]", "", shown.inner_text())) == total, shown.inner_text()
+    expect(page.locator("body")).to_contain_text("researcher")
+    world.shot("spend")
+
+
+def test_denials_page_counts_the_refusals(world: World) -> None:
+    with world.http() as client, pytest.raises(httpx.ProxyError):
+        client.get("https://unlisted.example/")
+    world.proxy.rows(expect=1)
+    page = world.open("denials")
+    expect(page.locator("body")).to_contain_text("unlisted.example")
+    expect(page.locator("body")).to_contain_text("flagged as a possible exfiltration attempt")
+    world.shot("denials")
+
+
+def test_an_escalated_request_approved_by_a_click_completes(world: World) -> None:
+    outcome: dict[str, Any] = {}
+
+    def agent() -> None:
+        try:
+            outcome["reply"] = world.ask(model="gpt-4o")
+        except Exception as exc:
+            outcome["error"] = exc
+
+    held = threading.Thread(target=agent, daemon=True)
+    held.start()
+    page = world.open("approvals")
+    approve = page.locator(".approval[data-id] button[data-action=approve][data-scope=once]")
+    expect(approve).to_have_count(1, timeout=8000)  # the page refreshes every second
+    expect(page.locator(".approval[data-id]")).to_contain_text("gpt-4o needs a human")
+    world.shot("approvals")
+    assert held.is_alive()  # still waiting for a human
+    approve.click()
+    held.join(10)
+    assert not held.is_alive() and outcome.get("reply") == "pong", outcome
+    (answered,) = json.loads(world.cli("pending", "--history", "--format", "json"))["approvals"]
+    assert answered["status"] == "approved" and answered["scope"] == "once"
+    assert str(answered["decided_by"]).startswith("console:")
+    expect(page.locator(".approval[data-id] button[data-action=approve]")).to_have_count(0)
+
+
+def test_kill_on_the_agents_page_cuts_a_running_stream(world: World) -> None:
+    key = world.key("runner")
+    events: list[str] = []
+    outcome: dict[str, str] = {}
+
+    def stream() -> None:
+        try:
+            with (
+                world.http() as client,
+                client.stream(
+                    "GET",
+                    f"https://api.openai.com:{world.upstream.port}/v1/slow",
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as r,
+            ):
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line)
+            outcome["ended"] = "cleanly"
+        except httpx.HTTPError as exc:
+            outcome["ended"] = f"cut: {type(exc).__name__}"
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while len(events) < 3:
+        assert time.monotonic() < deadline, "the stream did not start"
+        time.sleep(0.02)
+    page = world.open("agents")
+    agent = page.locator(".agent[data-agent=runner]")
+    expect(agent).to_be_visible()
+    world.shot("agents")
+    page.on("dialog", lambda dialog: dialog.accept())  # a native confirm(), if the page uses one
+    agent.locator("button[data-action=kill]").click()
+    confirm = page.locator("#confirm-kill button[data-action=confirm]")
+    if confirm.count():
+        confirm.click()
+    clicked = time.monotonic()
+    reader.join(5)
+    assert not reader.is_alive(), "the stream still runs after the kill"
+    assert outcome["ended"].startswith("cut") or len(events) < 190, outcome
+    assert time.monotonic() - clicked < 5 and len(events) < 100  # it would have run for 20 s
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        openai.OpenAI(
+            api_key=key,
+            base_url=f"https://api.openai.com:{world.upstream.port}/v1",
+            max_retries=0,
+            http_client=world.http(),
+        ).models.list()
+    assert world.ask() == "pong"  # another agent is untouched
+
+
+def test_no_page_logged_a_script_error(world: World) -> None:
+    """Every page the tests opened loaded its scripts (the CSP refuses inline ones) and logged
+    no error; each was saved as a screenshot. EG_CONSOLE_SHOTS=1 copies them to docs/img."""
+    for name in PAGES:
+        if not (world.shots / f"console-{name}.png").exists():
+            world.open(name)
+            world.page.wait_for_timeout(500)
+            world.shot(name)
+    assert world.errors == []
+    for name in PAGES:
+        assert (world.shots / f"console-{name}.png").stat().st_size > 10_000
+    if os.environ.get("EG_CONSOLE_SHOTS") == "1":
+        docs = Path(__file__).resolve().parents[2] / "docs" / "img"
+        docs.mkdir(exist_ok=True)
+        for name in PAGES:
+            shutil.copy(world.shots / f"console-{name}.png", docs / f"console-{name}.png")
