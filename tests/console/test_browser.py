@@ -362,11 +362,11 @@ def test_kill_on_the_agents_page_cuts_a_running_stream(world: World) -> None:
     agent = page.locator(".agent[data-agent=runner]")
     expect(agent).to_be_visible()
     world.shot("agents")
-    page.on("dialog", lambda dialog: dialog.accept())  # a native confirm(), if the page uses one
     agent.locator("button[data-action=kill]").click()
-    confirm = page.locator("#confirm-kill button[data-action=confirm]")
-    if confirm.count():
-        confirm.click()
+    dialog = page.locator("#confirm-kill")  # the page's own confirm dialog (a <dialog>)
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("runner")
+    dialog.locator("button[data-action=confirm]").click()
     clicked = time.monotonic()
     reader.join(5)
     assert not reader.is_alive(), "the stream still runs after the kill"
