@@ -10,6 +10,7 @@ it until Ctrl-C. Access rules (token, Host, CSRF, headers) are in `auth.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import re
@@ -41,6 +42,10 @@ class Console:
     def __init__(self, config: Config, guard: Guard, static: Path) -> None:
         self.config, self.guard, self.static = config, guard, static
         self.api = api.Api(config)
+        self.closing = asyncio.Event()  # set at shutdown: open streams end at once
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        self.closing.set()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -106,7 +111,7 @@ class Console:
         await response.write(b"retry: 1000\n\n")
         quiet_since = time.monotonic()
         try:
-            while request.transport is not None and not request.transport.is_closing():
+            while not self.closing.is_set() and request.transport is not None and not request.transport.is_closing():
                 rows = await self._next(filters, after)
                 if len(rows) == STREAM_BATCH:
                     await response.write(_event("gap", {"before": rows[0]["id"]}, None))
@@ -118,7 +123,8 @@ class Console:
                 elif time.monotonic() - quiet_since >= PING:
                     await response.write(b": ping\n\n")
                     quiet_since = time.monotonic()
-                await asyncio.sleep(POLL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closing.wait(), POLL)
         except ConnectionResetError:  # the browser went away
             pass
         return response
@@ -138,7 +144,9 @@ def _event(kind: str, data: Any, event_id: int | None) -> bytes:
 def make_app(config: Config, guard: Guard, static: Path = STATIC) -> web.Application:
     app = web.Application(middlewares=[middleware(guard), api.errors])
     app[GUARD] = guard
-    app.add_routes(Console(config, guard, static).routes())
+    console = Console(config, guard, static)
+    app.add_routes(console.routes())
+    app.on_shutdown.append(console.on_shutdown)
     app.on_response_prepare.append(add_headers)
     return app
 
