@@ -191,6 +191,9 @@ class Escalations:
         self._notifies: set[asyncio.Task[Any]] = set()
         self._closing = asyncio.Event()
         self._secret: tuple[Any, float, Secret | None] | None = None  # (path, mtime, key)
+        self._active: tuple[set[int], set[int]] | None = None  # grant and freeze ids at the last read
+        self._ended: list[tuple[str, int]] = []  # ("grant"|"freeze", id) gone since, not yet recorded
+        self._announced: set[tuple[str, int]] = set()  # seen gone once (ids are never reused)
         self._born = now_iso()  # this replica's approvals from before this are a dead run's
         self._leftovers: int | None = None  # ExpireLeftovers' item number, once submitted
 
@@ -254,6 +257,8 @@ class Escalations:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        with contextlib.suppress(Exception):  # a revocation seen, its row not yet written
+            await self._record_ended()
         for task in list(self._notifies):
             task.cancel()
         if self.callback is not None:
@@ -320,6 +325,84 @@ class Escalations:
             self.refresh_error = str(exc) or type(exc).__name__
             raise
         self._apply(grants, freezes, started)
+        self._note_ended(grants, freezes)
+        await self._record_ended()
+
+    def _note_ended(self, grants: list[GrantRecord], freezes: list[Freeze]) -> None:
+        """The grants and freezes active at the last read and gone from this one (each once:
+        a slower read applied after a newer one may show it again)."""
+        now = ({g.id for g in grants}, {f.id for f in freezes})
+        before, self._active = self._active, now
+        if before is None:
+            return
+        for kind, ids in (("grant", before[0] - now[0]), ("freeze", before[1] - now[1])):
+            for i in sorted(ids):
+                if (kind, i) not in self._announced:
+                    self._announced.add((kind, i))
+                    self._ended.append((kind, i))
+
+    async def _record_ended(self) -> None:
+        """An event row for each grant revoked and each freeze lifted since the last read
+        (`revoke-grant`, `unfreeze`: the commands cannot write audit rows, only this writer
+        extends the chain), with who, when and the note as the store has them. What cannot
+        be read now (or was interrupted) stays for the next refresh, or close."""
+        if not self._ended:
+            return
+        ended = list(self._ended)
+        try:
+            gone_grants = await self.engine.grants_by_id([i for kind, i in ended if kind == "grant"])
+            gone_freezes = await self.engine.freezes_by_id([i for kind, i in ended if kind == "freeze"])
+        except Exception as exc:
+            log.error("escalations: could not read the grants revoked and freezes lifted (%s); retrying", exc)
+            return
+        left = set(self._ended)  # (another call may have recorded some meanwhile)
+        self._ended = [e for e in self._ended if e not in ended]
+        gone_grants = [g for g in gone_grants if ("grant", g.id) in left]
+        gone_freezes = [f for f in gone_freezes if ("freeze", f.id) in left]
+        ts = now_iso()
+        for g in gone_grants:
+            if g.revoked is None:
+                continue
+            note = f": {g.note}" if g.note else ""
+            who = f"agent {g.agent or 'any'}, session {g.session or 'any'}"
+            self.audit.record(
+                AuditRow(
+                    ts=ts,
+                    request_id=f"revoke-grant-{g.id}",
+                    kind="event",
+                    agent=g.agent,
+                    session=g.session,
+                    decision="allow",
+                    reason=(
+                        f"grant {g.id} revoked at {g.revoked}: rule {g.rule} for {g.host}:{g.port}, {who} "
+                        f"(granted by {g.by} at {g.created}, escalation {g.approval_id}{note})"
+                    ),
+                    rule=str(g.id),
+                    method="revoke-grant",
+                    host=g.host,
+                    port=g.port,
+                )
+            )
+        for f in gone_freezes:
+            if f.lifted is None:
+                continue
+            note = f": {f.note}" if f.note else ""
+            self.audit.record(
+                AuditRow(
+                    ts=ts,
+                    request_id=f"unfreeze-{f.id}",
+                    kind="event",
+                    agent=f.agent,
+                    session=f.session or None,
+                    decision="allow",
+                    reason=(
+                        f"freeze {f.id} lifted by {f.lifted_by} at {f.lifted}{note} "
+                        f"(frozen at {f.created}: {f.trigger})"
+                    ),
+                    rule=FREEZE,
+                    method="unfreeze",
+                )
+            )
 
     def _apply(self, grants: list[GrantRecord], freezes: list[Freeze], started: float) -> None:
         self.grants = StoredGrants(grants)

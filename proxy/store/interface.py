@@ -107,6 +107,14 @@ class Engine(Protocol):
         """Every freeze not lifted, oldest first."""
         ...
 
+    async def grants_by_id(self, ids: list[int]) -> list[GrantRecord]:
+        """The grants with these ids (revoked ones too; unknown ids are left out)."""
+        ...
+
+    async def freezes_by_id(self, ids: list[int]) -> list[Freeze]:
+        """The freezes with these ids (lifted ones too; unknown ids are left out)."""
+        ...
+
 
 class Store(Protocol):
     """The database as a command sees it. Times are instants (`timeutil.iso`)."""

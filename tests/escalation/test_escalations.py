@@ -180,7 +180,9 @@ async def test_a_freeze_holds_at_once_and_an_approval_for_the_session_lifts_it(t
         await esc.freeze("researcher", "s1", "spend 12x its baseline", "{}")  # approved past it: not again
         assert esc.frozen("researcher", "s1") is None
     rows = events(config)
-    assert [r["method"] for r in rows] == ["freeze", "approve"]
+    assert rows[0]["method"] == "freeze"
+    # the approval lifted the freeze: its own row, and the proxy's row for the freeze it saw lifted
+    assert sorted(r["method"] for r in rows[1:]) == ["approve", "unfreeze"]
     assert "spend 9.1x its baseline" in rows[0]["reason"] and '{"usd_per_window":"0.01"}' in rows[0]["reason"]
 
 
@@ -310,3 +312,68 @@ async def test_a_crashed_runs_pending_approvals_expire_at_start_and_late_callbac
     assert [a for a in stored(config) if a.status == "approved"] == []
     (row,) = events(config)
     assert row["method"] == "deny"
+
+
+async def test_a_revoked_grant_and_a_lifted_freeze_leave_chained_event_rows(config: Path) -> None:
+    """The commands cannot write audit rows (the proxy's writer owns the chain): the proxy
+    that sees a grant revoked or a freeze lifted writes the event row, with who, when and the
+    note the store has."""
+    async with running(config, timeout=20) as esc:
+        asked = asyncio.create_task(esc.ask(request()))
+        (shown,) = await wait_pending(config)
+        code, out = await asyncio.to_thread(
+            cli, config, "approve", shown["id"], "--scope", "always", "--by", "alice", "--note", "eval"
+        )
+        assert code == 0, out
+        assert (await asyncio.wait_for(asked, 5)).approved
+        grant = esc.grants.covers("unknown_hosts", facts())
+        assert grant is not None
+        await esc.freeze("researcher", "s7", "refusals 25 in a window", "{}")
+        await esc.refresh()
+        code, out = await asyncio.to_thread(cli, config, "revoke-grant", str(grant.id))
+        assert code == 0, out
+        code, out = await asyncio.to_thread(
+            cli, config, "unfreeze", "--agent", "researcher", "--session", "s7", "--by", "ops", "--note", "expected"
+        )
+        assert code == 0, out
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(events(config)) < 4:
+            assert asyncio.get_running_loop().time() < deadline, events(config)
+            await asyncio.sleep(0.05)
+        assert esc.grants.covers("unknown_hosts", facts()) is None and esc.frozen("researcher", "s7") is None
+        await esc.refresh()  # once only
+    rows = events(config)
+    assert [r["method"] for r in rows] == ["approve", "freeze", "revoke-grant", "unfreeze"]
+    revoked, lifted = rows[2], rows[3]
+    assert (revoked["decision"], revoked["rule"], revoked["agent"], revoked["host"]) == (
+        "allow",
+        str(grant.id),
+        "researcher",
+        "new.example.com",
+    )
+    assert revoked["reason"].startswith(f"grant {grant.id} revoked at 20")
+    assert "rule unknown_hosts for new.example.com:443" in revoked["reason"]
+    assert f"granted by alice at {grant_created(config, grant.id)}, escalation {shown['id']}: eval" in revoked["reason"]
+    assert (lifted["decision"], lifted["rule"], lifted["agent"], lifted["session"]) == (
+        "allow",
+        "freeze",
+        "researcher",
+        "s7",
+    )
+    assert " lifted by ops at 20" in lifted["reason"] and ": expected (frozen at " in lifted["reason"]
+    assert "refusals 25 in a window" in lifted["reason"]
+    from click.testing import CliRunner
+
+    from egress_guard.cli import main
+
+    verified = CliRunner().invoke(main, ["audit", "verify", "--config", str(config)], catch_exceptions=False)
+    assert verified.exit_code == 0 and "ok: " in verified.output, verified.output  # chained, like every row
+
+
+def grant_created(config: Path, grant_id: int) -> str:
+    from egress_guard.config import load_config
+    from egress_guard.store import open_store
+
+    with open_store(load_config(config)) as store:
+        (g,) = [g for g in store.grants(active_only=False) if g.id == grant_id]
+        return g.created

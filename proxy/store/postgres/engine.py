@@ -379,3 +379,13 @@ class PGEngine:
         return [
             queries.sq.freeze(r) for r in await self._read(queries.SELECT_FREEZES + " WHERE lifted IS NULL ORDER BY id")
         ]
+
+    async def grants_by_id(self, ids: list[int]) -> list[GrantRecord]:
+        if not ids:
+            return []
+        return [queries.sq.grant(r) for r in await self._read(queries.SELECT_GRANTS + " WHERE id = ANY(%s)", ids)]
+
+    async def freezes_by_id(self, ids: list[int]) -> list[Freeze]:
+        if not ids:
+            return []
+        return [queries.sq.freeze(r) for r in await self._read(queries.SELECT_FREEZES + " WHERE id = ANY(%s)", ids)]

@@ -226,3 +226,15 @@ class SQLiteEngine:
         return [
             queries.freeze(r) for r in await self._all(queries.SELECT_FREEZES + " WHERE lifted IS NULL ORDER BY id")
         ]
+
+    async def grants_by_id(self, ids: list[int]) -> list[GrantRecord]:
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        return [queries.grant(r) for r in await self._all(f"{queries.SELECT_GRANTS} WHERE id IN ({marks})", *ids)]
+
+    async def freezes_by_id(self, ids: list[int]) -> list[Freeze]:
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        return [queries.freeze(r) for r in await self._all(f"{queries.SELECT_FREEZES} WHERE id IN ({marks})", *ids)]
