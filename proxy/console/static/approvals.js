@@ -1,6 +1,6 @@
 // Approvals: the held requests (refreshed every second, cards kept in place so a note being
 // typed survives), the answer buttons, and the history (approvals, grants, freezes).
-import { api, banner, chip, clearBanner, el, emptyRow, every, relative, text, time } from "/static/common.js";
+import { api, banner, chip, clearBanner, el, emptyRow, every, pendingBadge, relative, text, time } from "/static/common.js";
 
 const pendingBox = document.getElementById("pending");
 const cards = new Map(); // approval id -> card element
@@ -107,6 +107,7 @@ async function loadPending() {
   } else if (list.length && empty) {
     empty.remove();
   }
+  pendingBadge(list.length);
   document.title = list.length ? `(${list.length}) Approvals · egress-guard console` : "Approvals · egress-guard console";
 }
 

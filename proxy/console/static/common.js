@@ -288,3 +288,33 @@ export function stackedBars(box, { since, step, buckets, layers, fmt, colors = P
   const chart = new uPlot(opts, [xs, ...order.map((i) => stacked[i])], box);
   return () => chart.setSize({ width: box.clientWidth || 800, height: opts.height });
 }
+
+// --- the nav's pending-approvals badge -----------------------------------------------------
+
+/** Show how many requests wait for an answer beside "Approvals" in the nav. */
+export function pendingBadge(n) {
+  const link = document.querySelector('header nav a[href="/approvals"]');
+  if (!link) return;
+  let badge = link.querySelector(".badge");
+  if (!n) {
+    if (badge) badge.remove();
+    return;
+  }
+  if (!badge) {
+    badge = el("span", { class: "badge", title: "requests waiting for an answer" });
+    link.append(badge);
+  }
+  badge.textContent = String(n);
+}
+
+if (document.body && document.body.dataset.page !== "approvals") {
+  const poll = async () => {
+    try {
+      pendingBadge((await api("/api/approvals?history=0")).length);
+    } catch (err) {
+      /* the page's own calls report errors */
+    }
+    setTimeout(poll, 3000);
+  };
+  poll();
+}

@@ -63,7 +63,7 @@ function rowFor(r, fresh) {
     "tr",
     { dataset: { id: r.id }, class: fresh ? "fresh" : null, title: r.reason || null },
     el("td", { class: "when" }, time(r.ts)),
-    el("td", {}, text(r.agent), r.session ? el("div", { class: "muted" }, r.session) : null),
+    el("td", { class: "who" }, text(r.agent), r.session ? el("div", { class: "muted" }, r.session) : null),
     el("td", {}, chip(r.decision, r.kind)),
     requestCell(r),
     el("td", { class: "num" }, text(r.status)),
@@ -141,6 +141,9 @@ function listen(mine, f) {
     } catch (err) {
       /* a malformed event: skip it */
     }
+  });
+  es.addEventListener("gap", () => {
+    if (mine === generation) start(); // more rows came at once than the stream sends: reload the newest
   });
   es.addEventListener("error", async () => {
     if (mine !== generation) return;
