@@ -137,6 +137,7 @@ class World:
 
     def open(self, name: str) -> Page:
         self.page.goto(f"{self.console.url}/{name}")
+        self.page.wait_for_selector('body[data-ready="1"]')  # the page's first load is done
         return self.page
 
     def shot(self, name: str) -> Path:
@@ -274,8 +275,8 @@ def test_live_shows_a_new_decision_within_2_s(world: World) -> None:
     row.click()
     detail = page.locator("#detail")
     expect(detail).to_be_visible()
-    expect(detail).to_contain_text("gpt-4o-mini")
-    expect(detail).to_contain_text("swapped")
+    expect(detail.locator("dd[data-field=model]")).to_have_text("gpt-4o-mini")
+    expect(detail.locator("dd[data-field=credential]")).to_contain_text("swapped")
     world.shot("live")
 
 
