@@ -146,10 +146,26 @@ def decisions(db: Store, filters: Filters, after: int, limit: int) -> dict[str, 
     return {"rows": rows, "last": rows[-1]["id"] if rows else max(after, head)}
 
 
+LOOKUP_SPAN = 20_000  # rows: how far back from the newest GET /api/decisions/{id} reads
+
+
 def decision(db: Store, row_id: int) -> dict[str, Any] | None:
-    # Store has no lookup by id: the rows after the one before it (the live page's detail
-    # is a recent row); the first is it, if it was not pruned.
-    rows = db.rows(Filters(), None, after_id=row_id - 1) if row_id > 0 else []
+    """One audit row by id. Store has no lookup by id yet: the rows after the one before it,
+    if it is among the newest LOOKUP_SPAN (the live page opens recent rows); an older one is
+    ApiError 404 naming `audit query`, so that a request never reads the whole table."""
+    lookup = getattr(db, "row", None)  # a Store with a lookup by id (proposed)
+    if callable(lookup):
+        found: dict[str, Any] | None = lookup(row_id)
+        return found
+    if row_id <= 0:
+        return None
+    if db.last_id() - row_id > LOOKUP_SPAN:
+        raise ApiError(
+            404,
+            f"audit row {row_id} is older than the newest {LOOKUP_SPAN} rows the console looks up. "
+            "Fix: egress-guard audit query --format json (with --since/--until around its time)",
+        )
+    rows = db.rows(Filters(), None, after_id=row_id - 1)
     return rows[0] if rows and rows[0]["id"] == row_id else None
 
 

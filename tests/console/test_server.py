@@ -26,6 +26,7 @@ from egress_guard import keys as keys_mod
 from egress_guard.cli import main
 from egress_guard.cli.console import console as console_command
 from egress_guard.config import load_config
+from egress_guard.console import api
 from egress_guard.console.api import console_by
 from egress_guard.console.auth import COOKIE, CSP, csrf_for
 from egress_guard.store import AuditLog, AuditRow, CreateApproval, SQLiteStore, open_engine
@@ -385,7 +386,7 @@ def test_budgets_and_top_sessions(home: Path, start_console: Callable) -> None:
     assert all(t["last"].startswith("2026-11-") for t in top)
 
 
-def test_decisions_are_audit_querys_rows(home: Path, start_console: Callable) -> None:
+def test_decisions_are_audit_querys_rows(home: Path, start_console: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
     seed(home, [row(n) for n in range(1, 8)] + [row(8, decision="deny", host="evil.example", cost_usd=None)])
     running = start_console(home)
     got = httpx.get(running.url + "/api/decisions", headers=running.auth).json()
@@ -400,6 +401,10 @@ def test_decisions_are_audit_querys_rows(home: Path, start_console: Callable) ->
     one = httpx.get(running.url + "/api/decisions/5", headers=running.auth)
     assert one.json() == got["rows"][4]
     assert httpx.get(running.url + "/api/decisions/99", headers=running.auth).status_code == 404
+    monkeypatch.setattr(api, "LOOKUP_SPAN", 3)  # an old row: a 404 naming the command, never a full scan
+    old = httpx.get(running.url + "/api/decisions/4", headers=running.auth)
+    assert old.status_code == 404 and "egress-guard audit query" in old.json()["error"]
+    assert httpx.get(running.url + "/api/decisions/5", headers=running.auth).json()["id"] == 5
     for bad in ("?decision=maybe", "?after=x", "?limit=0", "?limit=100000"):
         assert httpx.get(running.url + "/api/decisions" + bad, headers=running.auth).status_code == 400, bad
 
