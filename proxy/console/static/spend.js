@@ -1,6 +1,6 @@
 // Spend: USD per agent over time (stacked, day or hour), per-model and per-agent totals,
 // the budgets as spent / reserved / remaining bars, and the sessions that spent most.
-import { api, count, el, emptyRow, every, query, stackedBars, text, time, usd } from "/static/common.js";
+import { PALETTE, api, count, el, emptyRow, every, query, stackedBars, text, time, usd } from "/static/common.js";
 
 const form = document.getElementById("range");
 const chartBox = document.getElementById("spend-chart");
@@ -44,6 +44,8 @@ function share(v, max) {
   return span;
 }
 
+let names = []; // every agent seen, sorted: its colour is its place (stable across ranges)
+
 function chart(data, since) {
   const buckets = [...new Set(data.series.map((s) => s.bucket))].sort();
   const agents = Object.keys(data.by_agent || {}).reverse(); // the biggest on top of the stack
@@ -62,7 +64,8 @@ function chart(data, since) {
     const layer = of.get(s.agent) || of.get(s.agent || "-");
     if (layer) layer.values[at.get(s.bucket)] += Number(s.usd);
   }
-  redraw = stackedBars(chartBox, { since, step: bucket === "hour" ? 3600 : 86400, buckets, layers, fmt: axisUsd });
+  const colors = agents.map((a) => PALETTE[Math.max(0, names.indexOf(a)) % PALETTE.length]);
+  redraw = stackedBars(chartBox, { since, step: bucket === "hour" ? 3600 : 86400, buckets, layers, fmt: axisUsd, colors });
 }
 
 function budgetCard(b) {
@@ -96,17 +99,10 @@ function budgetCard(b) {
     el(
       "div",
       { class: "legend" },
-      el(
-        "span",
-        {},
-        el("span", { class: "swatch spent" }),
-        `spent ${usd(b.spent_usd)}  `,
-        el("span", { class: "swatch reserved" }),
-        `reserved ${usd(b.reserved_usd)}  `,
-        limited ? el("span", { class: "swatch remaining" }) : null,
-        limited ? `remaining ${usd(b.remaining_usd)}` : null,
-      ),
-      el("span", {}, resets),
+      el("span", { class: "item", title: `${b.spent_usd} USD` }, el("span", { class: "swatch spent" }), `spent ${usd(b.spent_usd)}`),
+      el("span", { class: "item", title: `${b.reserved_usd} USD: calls in flight` }, el("span", { class: "swatch reserved" }), `reserved ${usd(b.reserved_usd)}`),
+      limited ? el("span", { class: "item", title: `${b.remaining_usd} USD` }, el("span", { class: "swatch remaining" }), `remaining ${usd(b.remaining_usd)}`) : null,
+      el("span", { class: "item resets" }, resets),
     ),
   );
 }
@@ -129,6 +125,7 @@ async function load() {
   sinceText.replaceChildren(data.since ? el("span", {}, "since ", time(data.since)) : "all time");
   document.getElementById("spend-agents").textContent = count(Object.keys(data.by_agent || {}).length);
   document.getElementById("spend-models").textContent = count(Object.keys(data.by_model || {}).length);
+  names = [...new Set([...budgets.map((b) => b.agent), ...Object.keys(data.by_agent || {})])].sort();
   chart(data, data.since);
   totals("#by-model", data.by_model, "model");
   totals("#by-agent", data.by_agent, "agent");
