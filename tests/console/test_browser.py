@@ -9,7 +9,6 @@ run in order (the kill comes last of the actions: it revokes its own agent only)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -27,6 +26,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from console_env import RunningConsole
 from support.llm import LLMHandler
 from support.llm.common import REAL_ENV
 from support.llm.openai import SlowStream
@@ -35,7 +35,6 @@ from support.upstream import Upstream
 
 from egress_guard import keys
 from egress_guard.cli import main
-from egress_guard.config import Config
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -44,8 +43,6 @@ if not CHROMIUM.exists():
     )
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
-
-from egress_guard.console.server import serve  # noqa: E402
 
 SERVICE_HOSTS = ["api.openai.com", "api.anthropic.com"]
 ESCALATE_GPT4O = {
@@ -58,48 +55,11 @@ ESCALATE_GPT4O = {
 PAGES = ["live", "spend", "denials", "approvals", "agents"]
 
 
-class Console:
-    """The real console (`serve`) on a free port, in a thread with its own event loop."""
-
-    def __init__(self, config: Config) -> None:
-        self.config, self.token = config, secrets.token_urlsafe(32)
-        self.url = ""
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            runner, self.url = await serve(self.config, "127.0.0.1", 0, self.token)
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def start(self) -> Console:
-        self.thread.start()
-        assert self._ready.wait(20), "console did not start"
-        if self.error:
-            raise self.error
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(20)
-
-
 @dataclass
 class World:
     proxy: RunningProxy
     upstream: Upstream
-    console: Console
+    console: RunningConsole
     page: Page
     shots: Path
     errors: list[str]
@@ -179,7 +139,7 @@ def world(browser: Browser, test_ca: tuple[Any, Path], tmp_path_factory: pytest.
         for name, value in REAL_ENV.items():
             env.setenv(name, value)
         proxy = RunningProxy(write_config(home, body)).start()
-        console = Console(proxy.config).start()
+        console = RunningConsole(proxy.config, secrets.token_urlsafe(32)).start()
         context = browser.new_context(viewport={"width": 1360, "height": 860})
         page = context.new_page()
         page.set_default_timeout(10_000)
