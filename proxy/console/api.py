@@ -40,7 +40,9 @@ from egress_guard.timeutil import DayOf, day_start, iso, now_iso, parse_iso, par
 
 T = TypeVar("T")
 
-DECISIONS = ("allow", "deny", "error")
+# What the audit log's decision column holds: `audit query --decision` takes the first three;
+# observe mode records would-deny / would-escalate (verdicts.Outcome.verdict_text).
+DECISIONS = ("allow", "deny", "error", "escalate", "would-deny", "would-escalate")
 MAX_LIMIT = 1000
 DENIALS_SCANNED = 50_000  # the newest refusals a /api/denials answer reads
 FLAGGED_SHOWN = 50

@@ -387,24 +387,30 @@ def test_budgets_and_top_sessions(home: Path, start_console: Callable) -> None:
 
 
 def test_decisions_are_audit_querys_rows(home: Path, start_console: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
-    seed(home, [row(n) for n in range(1, 8)] + [row(8, decision="deny", host="evil.example", cost_usd=None)])
+    seed(
+        home,
+        [row(n) for n in range(1, 8)]
+        + [row(8, decision="deny", host="evil.example", cost_usd=None), row(9, decision="would-deny", cost_usd=None)],
+    )
     running = start_console(home)
     got = httpx.get(running.url + "/api/decisions", headers=running.auth).json()
     assert got["rows"] == json.loads(cli(home, "audit", "--format", "json")[1])
-    assert got["last"] == 8
+    assert got["last"] == 9
     deny = httpx.get(running.url + "/api/decisions?decision=deny&host=EVIL.example.", headers=running.auth).json()
     assert [r["request_id"] for r in deny["rows"]] == ["r8"]
     page = httpx.get(running.url + "/api/decisions?after=3&limit=2", headers=running.auth).json()
-    assert [r["id"] for r in page["rows"]] == [7, 8] and page["last"] == 8  # the newest 2 after 3
-    none = httpx.get(running.url + "/api/decisions?after=8&agent=nobody", headers=running.auth).json()
-    assert none == {"rows": [], "last": 8}
+    assert [r["id"] for r in page["rows"]] == [8, 9] and page["last"] == 9  # the newest 2 after 3
+    observed = httpx.get(running.url + "/api/decisions?decision=would-deny", headers=running.auth).json()
+    assert [r["request_id"] for r in observed["rows"]] == ["r9"]  # observe mode's rows
+    none = httpx.get(running.url + "/api/decisions?after=9&agent=nobody", headers=running.auth).json()
+    assert none == {"rows": [], "last": 9}
     one = httpx.get(running.url + "/api/decisions/5", headers=running.auth)
     assert one.json() == got["rows"][4]
     assert httpx.get(running.url + "/api/decisions/99", headers=running.auth).status_code == 404
     monkeypatch.setattr(api, "LOOKUP_SPAN", 3)  # an old row: a 404 naming the command, never a full scan
-    old = httpx.get(running.url + "/api/decisions/4", headers=running.auth)
+    old = httpx.get(running.url + "/api/decisions/5", headers=running.auth)
     assert old.status_code == 404 and "egress-guard audit query" in old.json()["error"]
-    assert httpx.get(running.url + "/api/decisions/5", headers=running.auth).json()["id"] == 5
+    assert httpx.get(running.url + "/api/decisions/6", headers=running.auth).json()["id"] == 6
     for bad in ("?decision=maybe", "?after=x", "?limit=0", "?limit=100000"):
         assert httpx.get(running.url + "/api/decisions" + bad, headers=running.auth).status_code == 400, bad
 
