@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -16,6 +17,7 @@ from egress_guard.config import Config, ConfigError, parse_listen
 from egress_guard.console.auth import is_loopback
 
 DEFAULT_LISTEN = "127.0.0.1:8081"
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")  # secrets.token_urlsafe's alphabet
 
 
 def _token(token_file: Path | None) -> str:
@@ -25,10 +27,11 @@ def _token(token_file: Path | None) -> str:
         token = token_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise click.BadParameter(f"cannot read {token_file}: {exc.strerror}", param_hint="--token-file") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
+    if len(token) < 16 or not TOKEN_CHARS.fullmatch(token):
         raise click.BadParameter(
-            f"the token in {token_file} is too short or has spaces. Fix: write one line of at least 16 "
-            "characters, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            f"the token in {token_file} is too short or has characters other than letters, digits, '-' and "
+            "'_' (it travels in an address and a cookie). Fix: write one line of at least 16 of them, e.g. "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
             param_hint="--token-file",
         )
     return token

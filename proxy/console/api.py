@@ -64,7 +64,11 @@ class ApiError(Exception):
 
 def console_by() -> str:
     """Who answers from the console, for the audit row: console:<os user>."""
-    return f"console:{os.environ.get('SUDO_USER') or getpass.getuser()}"
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except OSError:  # no login name (a container's uid without a passwd entry)
+        user = str(os.getuid())
+    return f"console:{user}"
 
 
 def usd(value: Decimal) -> str:
