@@ -115,12 +115,14 @@ export function usd(value) {
   const n = Number(value);
   if (!Number.isFinite(n)) return String(value);
   if (n === 0) return "$0";
-  if (Math.abs(n) < 0.01) {
-    const fixed = Number(n.toPrecision(2)).toFixed(Math.min(12, 1 - Math.floor(Math.log10(Math.abs(n)))));
-    return `$${fixed.replace(/(\.\d*?[1-9])0+$/, "$1")}`;
+  if (Math.abs(n) < 1) {
+    // four significant digits: small amounts (a call costs fractions of a cent) stay readable
+    const fixed = Number(n.toPrecision(4)).toFixed(Math.min(14, 3 - Math.floor(Math.log10(Math.abs(n)))));
+    let [whole, frac = ""] = fixed.split(".");
+    frac = frac.replace(/0+$/, "").padEnd(2, "0");
+    return `$${whole}.${frac}`;
   }
-  const digits = Math.abs(n) >= 100 ? 2 : Math.abs(n) >= 1 ? 3 : 4;
-  return `$${n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: digits })}`;
+  return `$${n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 4 })}`;
 }
 
 export function count(n) {
@@ -180,7 +182,7 @@ const CHIP = {
   error: "error",
   "would-deny": "would",
   "would-escalate": "would",
-  escalate: "would",
+  escalate: "pending",
   pending: "pending",
   approved: "allow",
   denied: "deny",
@@ -225,7 +227,7 @@ export const PALETTE = ["#4c78a8", "#59a14f", "#e0a040", "#b07aa1", "#76b7b2", "
  * bottom first; `fmt` formats a value (axis and legend). The range runs from `since` to now
  * on a regular grid anchored at the data. Returns a redraw function for resizes.
  */
-export function stackedBars(box, { since, step, buckets, layers, fmt, colors = PALETTE }) {
+export function stackedBars(box, { since, step, buckets, layers, fmt, legendFmt = fmt, colors = PALETTE }) {
   box.replaceChildren();
   if (typeof uPlot === "undefined") {
     box.append(el("p", { class: "emptystate" }, "The chart library did not load (static/vendor/uPlot.iife.min.js)."));
@@ -273,7 +275,7 @@ export function stackedBars(box, { since, step, buckets, layers, fmt, colors = P
     ],
     legend: { live: true },
     series: [
-      { label: step >= 86400 ? "Day" : "Hour", value: (u, v) => (v === null ? "—" : step >= 86400 ? label(v) : `${new Date(v * 1000).toLocaleDateString("en-US", { month: "short", day: "numeric" })} ${label(v).slice(-5)}`) },
+      { label: step >= 86400 ? "Day" : "Hour", value: (u, v) => (v === null ? "whole range" : step >= 86400 ? label(v) : `${new Date(v * 1000).toLocaleDateString("en-US", { month: "short", day: "numeric" })} ${label(v).slice(-5)}`) },
       ...order.map((i) => ({
         label: layers[i].label,
         stroke: colors[i % colors.length],
@@ -281,7 +283,7 @@ export function stackedBars(box, { since, step, buckets, layers, fmt, colors = P
         width: 0,
         paths: bars,
         points: { show: false },
-        value: (u, v, si, idx) => (idx === null || idx === undefined ? "—" : fmt(raw[i][idx])),
+        value: (u, v, si, idx) => legendFmt(idx === null || idx === undefined ? raw[i].reduce((a, b) => a + b, 0) : raw[i][idx]),
       })),
     ],
   };

@@ -65,7 +65,7 @@ function chart(data, since) {
     if (layer) layer.values[at.get(s.bucket)] += Number(s.usd);
   }
   const colors = agents.map((a) => PALETTE[Math.max(0, names.indexOf(a)) % PALETTE.length]);
-  redraw = stackedBars(chartBox, { since, step: bucket === "hour" ? 3600 : 86400, buckets, layers, fmt: axisUsd, colors });
+  redraw = stackedBars(chartBox, { since, step: bucket === "hour" ? 3600 : 86400, buckets, layers, fmt: axisUsd, legendFmt: usd, colors });
 }
 
 function budgetCard(b) {
@@ -134,9 +134,42 @@ async function load() {
       (b.limit_usd !== "-") - (a.limit_usd !== "-") || a.agent.localeCompare(b.agent) || SCOPES[a.scope] - SCOPES[b.scope] || a.key.localeCompare(b.key),
   );
   const box = document.getElementById("budgets");
+  const limited = sorted.filter((b) => b.limit_usd !== "-");
+  const open = sorted.filter((b) => b.limit_usd === "-");
+  const wasOpen = box.querySelector("details")?.open;
   box.replaceChildren(
-    ...(sorted.length ? sorted.map(budgetCard) : [el("p", { class: "emptystate" }, "No agents in the config: budgets appear per agent (limits: in the agent's config).")]),
+    ...(limited.length
+      ? limited.map(budgetCard)
+      : [el("p", { class: "emptystate" }, sorted.length ? "No budget has a limit. Set one under an agent's limits: budget_usd: {day: 20} in the config, or egress-guard budget set." : "No agents in the config.")]),
   );
+  if (open.length) {
+    const details = el(
+      "details",
+      { class: "unlimited" },
+      el("summary", {}, `${count(open.length)} budget${open.length === 1 ? "" : "s"} without a limit`),
+      el(
+        "table",
+        { class: "grid compact" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Agent"), el("th", {}, "Scope"), el("th", { class: "num" }, "Spent"), el("th", { class: "num" }, "Reserved"))),
+        el(
+          "tbody",
+          {},
+          ...open.map((b) =>
+            el(
+              "tr",
+              { dataset: { agent: b.agent, scope: b.scope } },
+              el("td", {}, b.agent),
+              el("td", {}, b.scope === "day" ? `day ${b.key}` : b.scope === "session" ? `session ${b.key}` : "total"),
+              el("td", { class: "num", title: `${b.spent_usd} USD` }, usd(b.spent_usd)),
+              el("td", { class: "num", title: `${b.reserved_usd} USD` }, usd(b.reserved_usd)),
+            ),
+          ),
+        ),
+      ),
+    );
+    details.open = Boolean(wasOpen);
+    box.append(details);
+  }
   document.querySelector("#top-sessions tbody").replaceChildren(
     ...(top.length
       ? top.map((s) =>
