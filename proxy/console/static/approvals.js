@@ -130,7 +130,7 @@ async function loadHistory() {
             el("td", {}, chip(a.status)),
             el("td", {}, text(a.agent), a.session ? el("div", { class: "muted" }, a.session) : null),
             el("td", { class: "request mono" }, target(a)),
-            el("td", { class: "mono" }, text(a.rule)),
+            el("td", { class: "mono nowrap" }, text(a.rule)),
             el("td", {}, answered(a)),
             el("td", {}, text(a.scope)),
             el("td", { class: "reason" }, text(a.note)),
