@@ -29,6 +29,7 @@ STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable ins
 PAGES = ("live", "spend", "denials", "approvals", "agents")
 POLL = 0.5  # seconds between two reads of the store for the stream
 PING = 15.0  # seconds between two keep-alive comments on a quiet stream
+MAX_STREAMS = 32  # open decision streams at once (each reads the store twice a second)
 STREAM_BATCH = 1000  # rows a stream sends per read; more arrived at once: an `event: gap`
 
 CHARSET = re.compile(r"<meta\s+charset=[^>]*>", re.IGNORECASE)
@@ -43,6 +44,7 @@ class Console:
         self.config, self.guard, self.static = config, guard, static
         self.api = api.Api(config)
         self.closing = asyncio.Event()  # set at shutdown: open streams end at once
+        self.streams = 0  # open now
 
     async def on_shutdown(self, app: web.Application) -> None:
         self.closing.set()
@@ -93,10 +95,14 @@ class Console:
         """New audit rows as server-sent events (`event: row`, `id:` the row's id, `data:` the
         row as /api/decisions gives it), read every POLL seconds; a `: ping` comment every
         PING seconds keeps proxies and the browser from closing a quiet stream. Starts after
-        `after` (or the Last-Event-ID a reconnecting EventSource sends), else at the newest
-        row: only rows written from now on."""
+        the Last-Event-ID a reconnecting EventSource sends, else `after`, else at the newest
+        row: only rows written from now on. At most MAX_STREAMS are open at once."""
+        if self.streams >= MAX_STREAMS:
+            raise api.ApiError(503, f"{MAX_STREAMS} live streams are open already: close a Live page")
         filters = api.filters_param(request)
-        given = request.query.get("after") or request.headers.get("Last-Event-ID") or ""
+        # A reconnecting EventSource asks the same address again, with the last id it got in
+        # Last-Event-ID: that one wins, or the rows since the first `after` would come twice.
+        given = request.headers.get("Last-Event-ID") or request.query.get("after") or ""
         if given:
             try:
                 after = int(given)
@@ -107,27 +113,33 @@ class Console:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "no"}
         )
-        await response.prepare(request)
-        await response.write(b"retry: 1000\n\n")
-        quiet_since = time.monotonic()
+        self.streams += 1
         try:
-            while not self.closing.is_set() and request.transport is not None and not request.transport.is_closing():
-                rows = await self._next(filters, after)
-                if len(rows) == STREAM_BATCH:
-                    await response.write(_event("gap", {"before": rows[0]["id"]}, None))
-                for row in rows:
-                    after = row["id"]
-                    await response.write(_event("row", row, after))
-                if rows:
-                    quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since >= PING:
-                    await response.write(b": ping\n\n")
-                    quiet_since = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.closing.wait(), POLL)
+            await response.prepare(request)
+            await response.write(b"retry: 1000\n\n")
+            await self._send(request, response, filters, after)
         except ConnectionResetError:  # the browser went away
             pass
+        finally:
+            self.streams -= 1
         return response
+
+    async def _send(self, request: web.Request, response: web.StreamResponse, filters: Filters, after: int) -> None:
+        quiet_since = time.monotonic()
+        while not self.closing.is_set() and request.transport is not None and not request.transport.is_closing():
+            rows = await self._next(filters, after)
+            if len(rows) == STREAM_BATCH:
+                await response.write(_event("gap", {"before": rows[0]["id"]}, None))
+            for row in rows:
+                after = row["id"]
+                await response.write(_event("row", row, after))
+            if rows:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= PING:
+                await response.write(b": ping\n\n")
+                quiet_since = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), POLL)
 
     async def _next(self, filters: Filters, after: int) -> list[dict[str, Any]]:
         try:

@@ -451,7 +451,8 @@ def test_the_stream_sends_new_rows_within_a_second(home: Path, start_console: Ca
 def test_the_stream_resumes_after_an_id(home: Path, start_console: Callable) -> None:
     seed(home, [row(n) for n in range(1, 4)])
     running = start_console(home)
-    for headers, query in ((running.auth, "?after=1"), (running.auth | {"Last-Event-ID": "1"}, "")):
+    resumed = running.auth | {"Last-Event-ID": "1"}
+    for headers, query in ((running.auth, "?after=1"), (resumed, ""), (resumed, "?after=0")):  # the header wins
         with httpx.stream("GET", running.url + "/api/decisions/stream" + query, headers=headers, timeout=10) as r:
             lines = []
             for line in r.iter_lines():
@@ -573,3 +574,19 @@ def test_command_prints_the_address_and_serves(home: Path, tmp_path: Path) -> No
         proc.terminate()
         proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_a_quiet_stream_is_kept_alive_and_streams_are_capped(
+    home: Path, start_console: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from egress_guard.console import server
+
+    monkeypatch.setattr(server, "PING", 0.2)
+    monkeypatch.setattr(server, "MAX_STREAMS", 1)
+    running = start_console(home)
+    with httpx.stream("GET", running.url + "/api/decisions/stream", headers=running.auth, timeout=10) as r:
+        lines = r.iter_lines()
+        assert next(lines) == "retry: 1000"
+        assert ": ping" in [next(lines) for _ in range(3)]  # (a blank line ends each message)
+        second = httpx.get(running.url + "/api/decisions/stream", headers=running.auth, timeout=10)
+        assert second.status_code == 503 and "streams are open" in second.json()["error"]
