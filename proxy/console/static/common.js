@@ -80,11 +80,19 @@ export function clearBanner() {
   banner("", "error");
 }
 
-/** Run `load` now and every `ms`; an error goes to the banner, the next success clears it. */
+/** Run `load` now and every `ms` (one at a time); an error goes to the banner, the next
+ * success clears it. `now()` runs it at once (after the one in flight, if any). */
 export function every(ms, load) {
   let timer = null;
-  let stopped = false;
+  let busy = false;
+  let again = false;
   const tick = async () => {
+    clearTimeout(timer);
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
     try {
       await load();
       clearBanner();
@@ -92,19 +100,16 @@ export function every(ms, load) {
     } catch (err) {
       banner(err.message || String(err));
     }
-    if (!stopped && ms) timer = setTimeout(tick, ms);
+    busy = false;
+    if (again) {
+      again = false;
+      tick();
+    } else if (ms) {
+      timer = setTimeout(tick, ms);
+    }
   };
   tick();
-  return {
-    now() {
-      clearTimeout(timer);
-      tick();
-    },
-    stop() {
-      stopped = true;
-      clearTimeout(timer);
-    },
-  };
+  return { now: tick };
 }
 
 // --- formatting ----------------------------------------------------------------------
