@@ -175,7 +175,9 @@ function value(name, v, row) {
   if (v === null || v === undefined || v === "") return el("span", { class: "muted" }, "—");
   switch (name) {
     case "decision":
-      return chip(v, row.kind);
+      return chip(v); // the row's own decision, also for an event (the table shows "event")
+    case "kind":
+      return v === "event" ? chip(row.decision, "event") : String(v);
     case "ts":
       return el("span", {}, time(v), el("div", { class: "muted mono" }, v));
     case "cost_usd":
