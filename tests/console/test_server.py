@@ -590,3 +590,37 @@ def test_a_quiet_stream_is_kept_alive_and_streams_are_capped(
         assert ": ping" in [next(lines) for _ in range(3)]  # (a blank line ends each message)
         second = httpx.get(running.url + "/api/decisions/stream", headers=running.auth, timeout=10)
         assert second.status_code == 503 and "streams are open" in second.json()["error"]
+
+
+def test_on_a_postgresql_store(tmp_path: Path, pg_url: str, start_console: Callable) -> None:
+    """The same answers and writes on the PostgreSQL store replicas share."""
+    import yaml
+
+    from egress_guard.store import open_store
+
+    config = make_home(tmp_path / "pg")
+    body = yaml.safe_load(config.read_text())
+    body["store"] = {"url": pg_url, "replica": "eu-1"}
+    config.write_text(yaml.safe_dump(body))
+    seed(config, [row(n) for n in range(1, 6)] + [row(6, decision="deny", cost_usd=None)])
+    with open_store(load_config(config), write=True) as db:
+        for a in APPROVALS:
+            db.write(CreateApproval(dataclasses.replace(a, replica="eu-1")))
+    running = start_console(config)
+
+    def get(path: str) -> Any:
+        r = httpx.get(running.url + path, headers=running.auth)
+        assert r.status_code == 200, (path, r.text)
+        return r.json()
+
+    assert get("/api/decisions")["rows"] == json.loads(cli(config, "audit", "--format", "json")[1])
+    by_agent = json.loads(cli(config, "audit", "spend", "--since", "2026-11-01", "--format", "json")[1])
+    assert get("/api/spend?since=2026-11-01")["total"] == f"{sum(Decimal(r['cost_usd']) for r in by_agent):f}"
+    assert get("/api/budgets") == json.loads(cli(config, "budget", "show", "--format", "json")[1])
+    r = httpx.post(
+        running.url + "/api/approvals/aaaa000000000001/approve", headers=running.action(), json={"scope": "always"}
+    )
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert get("/api/approvals?history=1") == json.loads(cli(config, "pending", "--history", "--format", "json")[1])
+    assert get("/api/agents")[0]["agent"] == "agent"
+    assert get("/api/denials?since=2026-11-01")["total"] == 1
