@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import click
 
-from egress_guard.cli import agent_env, approvals, audit, budget, check, doctor, keys, policy, status, store_copy, up
+from egress_guard.cli import (
+    agent_env,
+    approvals,
+    audit,
+    budget,
+    check,
+    console,
+    doctor,
+    keys,
+    policy,
+    status,
+    store_copy,
+    up,
+)
 from egress_guard.store import StoreError
 
 
@@ -53,3 +66,4 @@ main.add_command(approvals.revoke_grant)
 main.add_command(approvals.unfreeze)
 main.add_command(policy.policy)
 main.add_command(status.status)
+main.add_command(console.console)

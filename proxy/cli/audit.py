@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from egress_guard import spend_report as spend_mod
+from egress_guard.cli.browse import browse
 from egress_guard.cli.common import config_option, format_option, load, open_db
 from egress_guard.cli.output import emit, table
 from egress_guard.store import Filters, Store
@@ -82,7 +83,8 @@ class _DefaultQueryGroup(click.Group):
 
 @click.group(cls=_DefaultQueryGroup)
 def audit() -> None:
-    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`; `prune` old rows.
+    """Ask the audit log what agents did: `query` (the default), `tail`, `stats`; `prune` old
+    rows; `verify` the hash chain; `browse` it in Datasette (ad-hoc SQL, read-only).
 
     \b
     Examples:
@@ -91,6 +93,7 @@ def audit() -> None:
       egress-guard audit stats --since 1d
       egress-guard audit prune --older-than 30d
       egress-guard audit verify --anchors /var/log/egress-guard.log
+      egress-guard audit browse
     """
 
 
@@ -290,3 +293,6 @@ def _verify_text(name: str, report: dict[str, Any], anchors_path: Path | None) -
             f"{a['pruned']} of pruned rows (unchecked)"
         )
     return "\n".join(lines)
+
+
+audit.add_command(browse)
