@@ -253,3 +253,35 @@ def test_an_id_taken_already_inserts_nothing_and_prefixes_find_ids(stores: Any) 
         assert store.approval_ids("012345", limit=1) == ["0123456789abcdef"]
         assert store.approval_ids("fedcba") == []
         assert store.approval_ids("01%") == [] and store.approval_ids("01_3") == []  # not hex: no pattern
+
+
+def test_the_proxys_reads_see_every_commit_before_them(stores: Any) -> None:
+    """Reads on the shared reader interleave (the watcher's, an ask's): none may see a
+    snapshot from before a commit it follows (an expiry read back as still pending)."""
+    open_store, open_engine = stores
+    with open_store() as store:
+        for i in range(300):
+            store.write(AddFreeze(agent=f"a{i}", session="", trigger="t", baseline="{}", ts=TS))
+
+    async def main() -> None:
+        log = AuditLog(open_engine(), batch_delay=0)
+        await log.open()
+        stop = asyncio.Event()
+
+        async def reading() -> None:
+            while not stop.is_set():
+                await log.engine.active_freezes()
+
+        readers = [asyncio.create_task(reading()) for _ in range(3)]
+        try:
+            for i in range(40):
+                await log.durable(log.submit(CreateApproval(approval(f"{i:016x}"))))
+                await log.durable(log.submit(ExpireApproval(id=f"{i:016x}", ts=TS)))
+                (read,) = await log.engine.approvals_by_id([f"{i:016x}"])
+                assert read.status == "expired", i
+        finally:
+            stop.set()
+            await asyncio.gather(*readers)
+            await log.close()
+
+    asyncio.run(main())

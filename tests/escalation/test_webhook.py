@@ -289,7 +289,8 @@ async def test_a_signed_answer_is_for_one_escalation_and_used_once(tmp_path: Pat
         assert esc.callback is not None
         port = esc.callback.port
         asked = [asyncio.create_task(esc.ask(request(n))) for n in (1, 2)]
-        a, b = (p["id"] for p in await wait_pending(config, 2))
+        ids = {p["request_id"]: p["id"] for p in await wait_pending(config, 2)}
+        a, b = ids["req-1"], ids["req-2"]
         body = json.dumps({"decision": "approve", "by": "ops-bot"}).encode()
         signed_for_a = webhook.sign(Secret(KEY), body, webhook.callback_purpose(a))
         status, refused = await asyncio.to_thread(callback, port, b, None, raw=body, signature=signed_for_a)

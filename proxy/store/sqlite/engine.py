@@ -186,9 +186,12 @@ class SQLiteEngine:
         return self._reader
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
+        # One call in aiosqlite's thread: the statement runs to its end there. (execute, then
+        # fetchall, let another read start between them on this one connection, inside the
+        # read transaction the first statement holds open: it saw no commit after that one's
+        # start — an expiry read back as still pending.)
         try:
-            async with self._read().execute(sql, args) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._read().execute_fetchall(sql, args))
         except Exception:
             self.read_failures += 1  # for the metrics (store errors, op="read")
             raise
