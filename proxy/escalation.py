@@ -151,6 +151,23 @@ def past_expiry(a: Approval) -> str:
     return f"escalation {a.id} expired at {a.expires}: its request was refused (nobody holds it any more)"
 
 
+def scope_problem(a: Approval, scope: str | None) -> str | None:
+    """Why `scope` cannot be given to this approval (the CLI, the console and the callback
+    say the same), or None. A standing grant is for the agent (and session) the request named:
+    a request that named none would become a grant for every agent, or every session."""
+    if scope in ("session", "always") and a.agent is None:
+        return (
+            f"escalation {a.id} names no agent (a request without a key, from outside a sandbox): --scope {scope} "
+            "would let every agent through. Fix: --scope once"
+        )
+    if scope == "session" and a.session is None:
+        return (
+            f"escalation {a.id} has no session (the agent's key names none): --scope session would cover "
+            "every session. Fix: --scope once, or --scope always (this agent, any session)"
+        )
+    return None
+
+
 def answer_of(a: Approval, timeout: float | None = None) -> Answer:
     """The Answer an approval's final status gives (its reason as the agent will read it)."""
     note = f": {a.note}" if a.note else ""
@@ -651,8 +668,9 @@ class Escalations:
             return webhook.Reply(409, _decided(a))
         if a.expires <= now_iso():
             return webhook.Reply(409, {"error": past_expiry(a), "status": a.status, "expires": a.expires})
-        if scope == "session" and a.session is None:
-            return webhook.Reply(400, {"error": f"escalation {a.id} has no session: use scope once or always"})
+        problem = scope_problem(a, scope if decision == "approve" else None)
+        if problem is not None:
+            return webhook.Reply(400, {"error": problem})
         ts = now_iso()
         op = DecideApproval(
             id=a.id,

@@ -25,7 +25,7 @@ import click
 
 from egress_guard.cli.common import config_option, format_option, open_db
 from egress_guard.cli.output import emit
-from egress_guard.escalation import past_expiry
+from egress_guard.escalation import past_expiry, scope_problem
 from egress_guard.store import Approval, DecideApproval, Freeze, GrantRecord, LiftFreeze, RevokeGrant, Store
 from egress_guard.timeutil import now_iso
 
@@ -170,11 +170,9 @@ def _pending(db: Store, found: Approval, op: DecideApproval) -> Approval:
         raise click.ClickException(_not_pending(found))
     if found.expires <= op.ts:
         raise click.ClickException(past_expiry(found))
-    if op.scope == "session" and found.session is None:
-        raise click.ClickException(
-            f"escalation {found.id} has no session (the agent's key names none): --scope session would cover "
-            "every session. Fix: --scope once, or --scope always (this agent, any session)"
-        )
+    problem = scope_problem(found, op.scope)
+    if problem is not None:
+        raise click.ClickException(problem)
     return found
 
 

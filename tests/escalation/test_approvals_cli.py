@@ -128,3 +128,19 @@ def test_an_id_prefix_of_six_or_more_names_one_approval(tmp_path: Path) -> None:
     assert code == 0 and "approved c0ffee0123456789" in out, out
     code, out = cli(config, "approve", "c0ffee01ffffffff", "--scope", "always")
     assert code == 0, out
+
+
+def test_a_request_that_named_no_agent_is_approved_once_only(tmp_path: Path) -> None:
+    """A keyless request from outside a sandbox names no agent: a standing grant for it would
+    let every agent through, so only --scope once is taken (the CLI, the console and a signed
+    callback refuse the rest with the same message)."""
+    config = make_home(tmp_path)
+    with SQLiteStore(tmp_path / "egress-guard.db", readonly=False) as store:
+        store.write(CreateApproval(approval("bbbb0001", expires=FUTURE, agent=None, session=None)))
+    for scope in ("session", "always"):
+        code, out = cli(config, "approve", "bbbb0001", "--scope", scope)
+        assert code == 1 and "names no agent" in out and "every agent" in out and "--scope once" in out, out
+    code, out = cli(config, "approve", "bbbb0001", "--scope", "once")
+    assert code == 0, out
+    with SQLiteStore(tmp_path / "egress-guard.db") as store:
+        assert store.grants(active_only=False) == []
