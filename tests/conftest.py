@@ -10,6 +10,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.pg import PGCluster
 from support.proxy import RunningProxy, write_config
 from support.upstream import Upstream
 
@@ -161,3 +162,26 @@ def ws_up(test_ca: tuple[trustme.CA, Path]) -> Iterator[Any]:
     server = start(test_ca[0])
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PGCluster]:
+    """One throwaway PostgreSQL cluster for the whole run (the fleet, escalation, reload and
+    console tests' PostgreSQL cases); without PostgreSQL's binaries they skip, loudly."""
+    if PGCluster.binaries() is None:
+        message = "PostgreSQL (initdb, pg_ctl, postgres) is not installed: run ./dev setup; PostgreSQL tests SKIPPED"
+        import warnings
+
+        warnings.warn(message, stacklevel=1)
+        pytest.skip(message)
+    cluster = PGCluster.start(Path("/tmp"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PGCluster) -> str:
+    """A fresh, empty database on the run's cluster (its URL: no password, trust auth)."""
+    return pg_cluster.new_database()

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import secrets
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from console_env import RunningConsole, make_home
-from support.pg import PGCluster
 
 from egress_guard.config import load_config
 
@@ -43,22 +41,3 @@ def start_console(console_token: str) -> Iterator[Callable[..., RunningConsole]]
 @pytest.fixture
 def console(home: Path, start_console: Callable[..., RunningConsole]) -> RunningConsole:
     return start_console(home)
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PGCluster]:
-    """A throwaway PostgreSQL cluster (skipped, loudly, without its binaries)."""
-    if PGCluster.binaries() is None:
-        message = "PostgreSQL (initdb, pg_ctl, postgres) is not installed: run ./dev setup; console PG test SKIPPED"
-        warnings.warn(message, stacklevel=1)
-        pytest.skip(message)
-    cluster = PGCluster.start(Path("/tmp"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def pg_url(pg_cluster: PGCluster) -> str:
-    return pg_cluster.new_database()
