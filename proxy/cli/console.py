@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import signal
+import stat
 from pathlib import Path
 
 import click
@@ -24,13 +26,21 @@ def _token(token_file: Path | None) -> str:
     if token_file is None:
         return secrets.token_urlsafe(32)
     try:
-        token = token_file.read_text(encoding="utf-8").strip()
+        with token_file.open(encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            token = f.read().strip()
     except OSError as exc:
         raise click.BadParameter(f"cannot read {token_file}: {exc.strerror}", param_hint="--token-file") from None
+    if mode & 0o077:
+        raise click.BadParameter(
+            f"{token_file} can be read or written by other users (mode {stat.S_IMODE(mode):04o}): whoever reads "
+            f"it can use the console. Fix: chmod 600 {token_file}",
+            param_hint="--token-file",
+        )
     if len(token) < 16 or not TOKEN_CHARS.fullmatch(token):
         raise click.BadParameter(
             f"the token in {token_file} is too short or has characters other than letters, digits, '-' and "
-            "'_' (it travels in an address and a cookie). Fix: write one line of at least 16 of them, e.g. "
+            "'_' (it travels in an address and a header). Fix: write one line of at least 16 of them, e.g. "
             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
             param_hint="--token-file",
         )
@@ -48,7 +58,7 @@ def _token(token_file: Path | None) -> str:
 @click.option(
     "--token-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the access token from this file (default: a new random one at each start).",
+    help="Read the access token from this file, readable by you only (chmod 600); default: a new one at each start.",
 )
 def console(config_path: Path | None, listen: str, allow_remote: bool, token_file: Path | None) -> None:
     """Serve the web console: live decisions, spend, denials, approvals, agents.
@@ -56,10 +66,11 @@ def console(config_path: Path | None, listen: str, allow_remote: bool, token_fil
     A process of its own (not the proxy's listener: agents cannot reach it), reading the
     store the config names; its approve, deny and kill buttons make the same writes as
     `approve`, `deny` and `kill`, and a running proxy follows them within a second. It
-    prints an address with an access token: open it in a browser (the token becomes an
-    HttpOnly cookie and leaves the address bar). Every request needs the token (or that
-    cookie), so other local users and pages cannot use the console. Loopback only unless
-    --allow-remote; the token is new at each start unless --token-file. Ctrl-C stops it.
+    prints an address with an access token after #token=: open it in a browser (the part
+    after # never leaves the browser; the page keeps the token in the tab and sends it as a
+    header). Every API request needs the token, so other local users, other pages and other
+    local servers cannot use the console. Loopback only unless --allow-remote; the token is
+    new at each start unless --token-file (mode 600; then it is not printed). Ctrl-C stops it.
 
     \b
     Example:
@@ -91,10 +102,10 @@ def console(config_path: Path | None, listen: str, allow_remote: bool, token_fil
             f"no audit DB at {config.audit_path}. Fix: run 'egress-guard init', or pass the --config that names it"
         )
     token = _token(token_file)
-    asyncio.run(_run(config, host, port, token))
+    asyncio.run(_run(config, host, port, token, token_file))
 
 
-async def _run(config: Config, host: str, port: int, token: str) -> None:
+async def _run(config: Config, host: str, port: int, token: str, token_file: Path | None) -> None:
     from egress_guard.console.server import serve
 
     try:
@@ -107,8 +118,16 @@ async def _run(config: Config, host: str, port: int, token: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    click.echo(f"console: {url}/?token={token}")
-    click.echo("  open it in a browser on this machine; Ctrl-C stops the console", err=True)
+    if token_file is None:
+        click.echo(f"console: {url}/#token={token}")
+        click.echo("  open it in a browser on this machine; Ctrl-C stops the console", err=True)
+    else:  # the file is the secret's place: not the terminal's scrollback too
+        click.echo(f"console: {url}/")
+        click.echo(
+            f"  the token is in {token_file}: open {url}/#token=<its contents> in a browser on this machine; "
+            "Ctrl-C stops the console",
+            err=True,
+        )
     try:
         await stop.wait()
     finally:

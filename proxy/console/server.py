@@ -2,9 +2,11 @@
 listener: nothing is served on the agents' side), the pages and static files from the
 package, the JSON API (`api.py`) and the live decision stream (server-sent events).
 
-`serve(config, host, port, token)` starts it on the running event loop and returns the
-runner (`await runner.cleanup()` stops it) and its base address; `egress-guard console` runs
-it until Ctrl-C. Access rules (token, Host, CSRF, headers) are in `auth.py`.
+The pages are shells: static HTML holding no data and no token, served as they are; their
+scripts fetch everything from `/api/*` with the token as a header. `serve(config, host,
+port, token)` starts it on the running event loop and returns the runner (`await
+runner.cleanup()` stops it) and its base address; `egress-guard console` runs it until
+Ctrl-C. Access rules (token, Host, actions, headers) are in `auth.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import asyncio
 import contextlib
 import html
 import json
-import re
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,18 +23,15 @@ from aiohttp import web
 
 from egress_guard.config import Config
 from egress_guard.console import api
-from egress_guard.console.auth import Guard, add_headers, host_names, middleware
+from egress_guard.console.auth import PAGES, Guard, add_headers, host_names, middleware
 from egress_guard.store import Filters
 
 STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable install links each file
-PAGES = ("live", "spend", "denials", "approvals", "agents")
 POLL = 0.5  # seconds between two reads of the store for the stream
 PING = 15.0  # seconds between two keep-alive comments on a quiet stream
 MAX_STREAMS = 32  # open decision streams at once (each reads the store twice a second)
 STREAM_BATCH = 1000  # rows a stream sends per read; more arrived at once: an `event: gap`
 
-CHARSET = re.compile(r"<meta\s+charset=[^>]*>", re.IGNORECASE)
-HEAD = re.compile(r"<head(\s[^>]*)?>", re.IGNORECASE)
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
 
 
@@ -62,25 +60,16 @@ class Console:
         raise web.HTTPSeeOther("/live")
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        """A page's HTML, with the CSRF value in `<meta name="csrf">` (its scripts send it
-        back with each action)."""
+        """A page's HTML as it is in the package: a shell its scripts fill from the API."""
         name = request.path.strip("/")
         path = self.static / f"{name}.html"
-        try:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-        except FileNotFoundError:
+        if not path.is_file():
             return web.Response(
                 status=404,
                 content_type="text/html",
                 text=f"<!doctype html><p>page {html.escape(name)} is not installed ({html.escape(str(path))})</p>",
             )
-        meta = f'<meta name="csrf" content="{self.guard.csrf}">'
-        text, n = CHARSET.subn(lambda m: f"{m.group(0)}\n{meta}", text, count=1)
-        if not n:
-            text, n = HEAD.subn(lambda m: f"{m.group(0)}\n{meta}", text, count=1)
-        if not n:
-            text = meta + "\n" + text
-        return web.Response(text=text, content_type="text/html")
+        return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8"})
 
     async def static_file(self, request: web.Request) -> web.StreamResponse:
         rel = PurePosixPath(request.match_info["path"])
@@ -95,12 +84,21 @@ class Console:
         """New audit rows as server-sent events (`event: row`, `id:` the row's id, `data:` the
         row as /api/decisions gives it), read every POLL seconds; a `: ping` comment every
         PING seconds keeps proxies and the browser from closing a quiet stream. Starts after
-        the Last-Event-ID a reconnecting EventSource sends, else `after`, else at the newest
-        row: only rows written from now on. At most MAX_STREAMS are open at once."""
+        the Last-Event-ID a reconnecting client sends, else `after`, else at the newest row:
+        only rows written from now on. At most MAX_STREAMS are open at once: the slot is
+        taken before the first await (else many arriving together all pass the check) and
+        given back however the stream ends."""
         if self.streams >= MAX_STREAMS:
             raise api.ApiError(503, f"{MAX_STREAMS} live streams are open already: close a Live page")
+        self.streams += 1
+        try:
+            return await self._stream(request)
+        finally:
+            self.streams -= 1
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
         filters = api.filters_param(request)
-        # A reconnecting EventSource asks the same address again, with the last id it got in
+        # A reconnecting client asks the same address again, with the last id it got in
         # Last-Event-ID: that one wins, or the rows since the first `after` would come twice.
         given = request.headers.get("Last-Event-ID") or request.query.get("after") or ""
         if given:
@@ -113,15 +111,12 @@ class Console:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "no"}
         )
-        self.streams += 1
         try:
             await response.prepare(request)
             await response.write(b"retry: 1000\n\n")
             await self._send(request, response, filters, after)
         except ConnectionResetError:  # the browser went away
             pass
-        finally:
-            self.streams -= 1
         return response
 
     async def _send(self, request: web.Request, response: web.StreamResponse, filters: Filters, after: int) -> None:
@@ -167,8 +162,8 @@ async def serve(
     config: Config, host: str, port: int, token: str, *, static: Path = STATIC
 ) -> tuple[web.AppRunner, str]:
     """Start the console on the running loop at host:port (0: a free port). Returns the
-    runner (stop: `await runner.cleanup()`) and the base address, http://host:port (add
-    `/?token=TOKEN` for a browser, or send `Authorization: Bearer TOKEN`)."""
+    runner (stop: `await runner.cleanup()`) and the base address, http://host:port (a
+    browser opens `/#token=TOKEN`; a script sends `Authorization: Bearer TOKEN`)."""
     guard = Guard(token)
     runner = web.AppRunner(make_app(config, guard, static), access_log=None, shutdown_timeout=1.0)
     await runner.setup()

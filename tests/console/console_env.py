@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from egress_guard.cli import main
 from egress_guard.config import Config
-from egress_guard.console.auth import csrf_for
 from egress_guard.console.server import STATIC, serve
 
 
@@ -30,7 +29,6 @@ class RunningConsole:
 
     def __init__(self, config: Config, token: str, static: Path = STATIC) -> None:
         self.config, self.token, self.static = config, token, static
-        self.csrf = csrf_for(token)
         self.url = ""
         self.error: BaseException | None = None
         self._ready = threading.Event()
@@ -71,6 +69,11 @@ class RunningConsole:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    @property
+    def sign_in(self) -> str:
+        """The address `egress-guard console` prints: the token in the fragment."""
+        return f"{self.url}/#token={self.token}"
+
     def action(self) -> dict[str, str]:
-        """The headers a console page's action sends."""
-        return self.auth | {"X-CSRF-Token": self.csrf, "Origin": self.url}
+        """The headers a console page's action sends (fetch adds Content-Type for a JSON body)."""
+        return self.auth | {"Origin": self.url, "Sec-Fetch-Site": "same-origin"}

@@ -1,11 +1,14 @@
-"""The console's server (`egress-guard console`): every endpoint needs the token (Bearer or
-the cookie /?token= sets), the Host check, CSRF on actions, the security headers; each API
-answer equals the CLI's and each action makes the CLI's write (compared on twin stores);
-the live stream; no key in /api/agents; and the agents' side of a real proxy cannot reach it."""
+"""The console's server (`egress-guard console`): every /api endpoint needs the Bearer token
+(a cookie is no credential: the browser would send it to every port on 127.0.0.1), the pages
+and static files are shells served without it, the Host check, the action checks, the
+security headers; each API answer equals the CLI's and each action makes the CLI's write
+(compared on twin stores); the live stream and its cap; no key in /api/agents; and the agents'
+side of a real proxy cannot reach it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -28,13 +31,14 @@ from egress_guard.cli.console import console as console_command
 from egress_guard.config import load_config
 from egress_guard.console import api
 from egress_guard.console.api import console_by
-from egress_guard.console.auth import COOKIE, CSP, csrf_for
+from egress_guard.console.auth import CSP
+from egress_guard.console.server import STATIC
 from egress_guard.store import AuditLog, AuditRow, CreateApproval, SQLiteStore, open_engine
 from egress_guard.store.records import Approval
 
 FUTURE = "2099-01-01T00:00:00.000Z"
 
-GETS = [
+API_GETS = [
     "/api/decisions",
     "/api/decisions/1",
     "/api/decisions/stream",
@@ -45,15 +49,10 @@ GETS = [
     "/api/approvals",
     "/api/approvals?history=1",
     "/api/agents",
-    "/live",
-    "/spend",
-    "/denials",
-    "/approvals",
-    "/agents",
-    "/",
-    "/static/console.css",
-    "/static/nothing.js",
+    "/api/nothing",
 ]
+PAGES = ["live", "spend", "denials", "approvals", "agents"]
+SHELLS = ["/", *(f"/{page}" for page in PAGES), "/static/console.css", "/static/common.js", "/static/live.js"]
 POSTS = ["/api/approvals/aaaa000000000001/approve", "/api/approvals/aaaa000000000001/deny", "/api/agents/agent/kill"]
 
 
@@ -157,109 +156,154 @@ def state(config: Path) -> dict[str, Any]:
 # --- access -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", GETS)
-def test_every_get_needs_the_token(console: RunningConsole, path: str) -> None:
+@pytest.mark.parametrize("path", API_GETS)
+def test_every_api_get_needs_the_bearer_token(console: RunningConsole, path: str) -> None:
     r = httpx.get(console.url + path)
     assert r.status_code == 401, (path, r.text)
-    assert console.token not in r.text
-    if path.startswith("/api/"):
-        assert "Not signed in" in r.json()["error"]
-    else:
-        assert r.headers["content-type"].startswith("text/html") and "printed when it started" in r.text
+    assert "Not signed in" in r.json()["error"] and "#token=" in r.json()["error"]
     assert r.headers["Content-Security-Policy"] == CSP  # refusals carry the headers too
-    wrong = httpx.get(console.url + path, headers={"Authorization": "Bearer " + "x" * 43})
-    assert wrong.status_code == 401
-    wrong_cookie = httpx.get(console.url + path, headers={"Cookie": f"{COOKIE}={'y' * 43}"})
-    assert wrong_cookie.status_code == 401
+    for headers in (
+        {"Authorization": "Bearer " + "x" * 43},  # a wrong token
+        {"Authorization": console.token},  # no scheme
+        {"Authorization": f"Basic {console.token}"},
+    ):
+        assert httpx.get(console.url + path, headers=headers).status_code == 401, headers
+
+
+@pytest.mark.parametrize("path", API_GETS)
+def test_a_cookie_is_no_credential(console: RunningConsole, path: str) -> None:
+    """The cross-port case: a browser sends the cookies of 127.0.0.1 to every port on it, so a
+    request carrying the old cookie with the right token (as another local server would have
+    got it) and no Bearer header is refused; with the header the cookie changes nothing."""
+    cookie = {"Cookie": f"eg_console={console.token}"}
+    r = httpx.get(console.url + path, headers=cookie)
+    assert r.status_code == 401, (path, r.text)
+    assert console.token not in r.text
+    if path != "/api/decisions/stream":
+        with_both = httpx.get(console.url + path, headers=cookie | console.auth)
+        assert with_both.status_code in (200, 404), (path, with_both.text)  # /api/decisions/1: no row
+        assert "Set-Cookie" not in with_both.headers
 
 
 @pytest.mark.parametrize("path", POSTS)
-def test_every_action_needs_the_token(console: RunningConsole, path: str) -> None:
-    headers = {"X-CSRF-Token": console.csrf, "Origin": console.url}  # a page's headers, no token
-    r = httpx.post(console.url + path, json={}, headers=headers)
-    assert r.status_code == 401 and "Not signed in" in r.json()["error"]
+def test_every_action_needs_the_bearer_token(console: RunningConsole, path: str) -> None:
+    page_headers = {"Origin": console.url, "Sec-Fetch-Site": "same-origin"}
+    for headers in (page_headers, page_headers | {"Cookie": f"eg_console={console.token}"}):
+        r = httpx.post(console.url + path, json={}, headers=headers)
+        assert r.status_code == 401 and "Not signed in" in r.json()["error"], r.text
 
 
-def test_bearer_token_and_the_cookie_from_the_printed_address(console: RunningConsole) -> None:
-    assert httpx.get(console.url + "/api/agents", headers=console.auth).status_code == 200
+@pytest.mark.parametrize("path", SHELLS)
+def test_pages_and_static_files_are_shells_served_without_the_token(console: RunningConsole, path: str) -> None:
+    """They hold no data: served to anyone who passes the Host check, with the headers."""
+    r = httpx.get(console.url + path, follow_redirects=False)
+    if path == "/":
+        assert r.status_code == 303 and r.headers["Location"] == "/live"  # a #token= fragment goes along
+    else:
+        assert r.status_code == 200, (path, r.text)
+        packaged = path.removeprefix("/static/") if path.startswith("/static/") else f"{path[1:]}.html"
+        assert r.content == (STATIC / packaged).read_bytes()
+    assert r.headers["Content-Security-Policy"] == CSP
+    assert "Set-Cookie" not in r.headers
+    assert console.token not in r.text
+    with_token = httpx.get(console.url + path, headers=console.auth, follow_redirects=False)
+    assert with_token.content == r.content  # the same shell for everyone: nothing in it depends on the token
+
+
+def test_pages_are_the_packaged_html_with_nothing_injected(console: RunningConsole) -> None:
+    for page in PAGES:
+        r = httpx.get(f"{console.url}/{page}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert r.content == (STATIC / f"{page}.html").read_bytes()
+        assert "csrf" not in r.text.lower() and "<meta name=" not in r.text.replace('<meta name="viewport"', "")
+    assert httpx.get(console.url + "/static/nothing.js").status_code == 404
+
+
+def test_the_old_query_token_address_no_longer_signs_in(console: RunningConsole) -> None:
     r = httpx.get(f"{console.url}/?token={console.token}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["Location"] == "/live"  # the token leaves the address bar
-    set_cookie = r.headers["Set-Cookie"]
-    assert set_cookie.startswith(f"{COOKIE}={console.token};")
-    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/"):
-        assert attribute in set_cookie
-    cookie = {"Cookie": f"{COOKIE}={console.token}"}
-    assert httpx.get(console.url + "/api/agents", headers=cookie).status_code == 200
-    assert httpx.get(console.url + "/live", headers=cookie).status_code == 200
-    bad = httpx.get(f"{console.url}/?token=nope", follow_redirects=False)
-    assert bad.status_code == 401 and "Set-Cookie" not in bad.headers
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html")
+    assert "#token=" in r.text and console.token not in r.text
+    assert "Set-Cookie" not in r.headers and "Location" not in r.headers
+    assert httpx.get(console.url + "/api/agents", headers=console.auth).status_code == 200  # the header works
 
 
 def test_host_check_refuses_another_name(console: RunningConsole) -> None:
-    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 sends Host: evil.example."""
-    for host in (f"evil.example:{console.port}", "127.0.0.1", f"127.0.0.1:{console.port + 1}"):
-        r = httpx.get(console.url + "/api/agents", headers=console.auth | {"Host": host})
-        assert r.status_code == 421, host
+    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 sends Host: evil.example.
+    The pages and static files are checked too."""
+    for path in ("/api/agents", "/live", "/static/console.css", "/"):
+        for host in (f"evil.example:{console.port}", "127.0.0.1", f"127.0.0.1:{console.port + 1}"):
+            r = httpx.get(console.url + path, headers=console.auth | {"Host": host})
+            assert r.status_code == 421, (path, host)
+            assert r.headers["Content-Security-Policy"] == CSP
     for host in (f"localhost:{console.port}", f"127.0.0.1:{console.port}", f"[::1]:{console.port}"):
         assert httpx.get(console.url + "/api/agents", headers=console.auth | {"Host": host}).status_code == 200
 
 
 def test_security_headers_everywhere(console: RunningConsole) -> None:
-    for path in ("/live", "/api/agents", "/static/console.css", "/api/nothing"):
-        r = httpx.get(console.url + path, headers=console.auth)
-        assert r.headers["Content-Security-Policy"] == CSP, path
-        assert r.headers["X-Content-Type-Options"] == "nosniff"
-        assert r.headers["Referrer-Policy"] == "no-referrer"
-        assert r.headers["Cache-Control"] == "no-store"
+    for path in ("/live", "/api/agents", "/static/console.css", "/api/nothing", "/static/nothing.js", "/"):
+        for headers in ({}, console.auth):
+            r = httpx.get(console.url + path, headers=headers, follow_redirects=False)
+            assert r.headers["Content-Security-Policy"] == CSP, path
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            assert r.headers["Referrer-Policy"] == "no-referrer"
+            assert r.headers["Cache-Control"] == "no-store"
+            assert r.headers["X-Frame-Options"] == "DENY"
+            assert "Set-Cookie" not in r.headers
+    for directive in ("base-uri 'none'", "form-action 'self'", "object-src 'none'", "frame-ancestors 'none'"):
+        assert directive in CSP
 
 
-def test_pages_carry_the_csrf_value_never_the_token(tmp_path: Path, home: Path, start_console: Callable) -> None:
+def test_static_files_from_another_directory(tmp_path: Path, home: Path, start_console: Callable) -> None:
     static = tmp_path / "static"
     static.mkdir()
-    for page in ("live", "spend", "denials", "approvals", "agents"):
-        (static / f"{page}.html").write_text(
-            f'<!doctype html><html><head><meta charset="utf-8"><title>{page}</title></head><body></body></html>'
-        )
+    for page in PAGES:
+        (static / f"{page}.html").write_text(f"<!doctype html><title>{page}</title>")
     (static / "x.js").write_text("export const x = 1;\n")
     running = start_console(home, static=static)
-    for page in ("live", "spend", "denials", "approvals", "agents"):
-        r = httpx.get(f"{running.url}/{page}", headers=running.auth)
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-        assert f'<meta charset="utf-8">\n<meta name="csrf" content="{csrf_for(running.token)}">' in r.text
-        assert running.token not in r.text
-    r = httpx.get(running.url + "/static/x.js", headers=running.auth)
+    assert httpx.get(f"{running.url}/spend").text == "<!doctype html><title>spend</title>"
+    r = httpx.get(running.url + "/static/x.js")
     assert r.status_code == 200 and "javascript" in r.headers["content-type"]
     for bad in ("/static/../conftest.py", "/static/%2e%2e/conftest.py", "/static/.hidden", "/static/nothing.js"):
         assert httpx.get(running.url + bad, headers=running.auth).status_code == 404, bad
+    (static / "live.html").unlink()
+    missing = httpx.get(f"{running.url}/live")
+    assert missing.status_code == 404 and "not installed" in missing.text
 
 
-# --- CSRF ---------------------------------------------------------------------------------
+# --- actions: who may -------------------------------------------------------------------
 
 
-def test_csrf_refusals(home: Path, start_console: Callable) -> None:
+def test_action_refusals(home: Path, start_console: Callable) -> None:
+    """An action is a POST with the Bearer token, a JSON body, the console's own Origin (when
+    sent) and Sec-Fetch-Site same-origin (when sent); no CSRF token is needed any more."""
     running = start_console(with_approvals(home))
     url = running.url + "/api/approvals/aaaa000000000001/deny"
+    other_port = f"http://127.0.0.1:{running.port + 1}"
     cases = {
-        "no header": (running.auth | {"Origin": running.url}, {"json": {}}),
-        "wrong header": (running.auth | {"X-CSRF-Token": csrf_for("another-token-xxxxxxxx")}, {"json": {}}),
-        "the token as the header": (running.auth | {"X-CSRF-Token": running.token}, {"json": {}}),
         "wrong origin": (running.action() | {"Origin": "http://evil.example"}, {"json": {}}),
+        "another port's origin": (running.action() | {"Origin": other_port}, {"json": {}}),
+        "https origin": (running.action() | {"Origin": running.url.replace("http:", "https:")}, {"json": {}}),
         "null origin": (running.action() | {"Origin": "null"}, {"json": {}}),
         "cross-site fetch": (running.action() | {"Sec-Fetch-Site": "cross-site"}, {"json": {}}),
+        "same-site fetch (another port)": (running.action() | {"Sec-Fetch-Site": "same-site"}, {"json": {}}),
+        "typed address": (running.action() | {"Sec-Fetch-Site": "none"}, {"json": {}}),
         "form body": (running.action(), {"data": {"note": "x"}}),
         "text body": (running.action() | {"Content-Type": "text/plain"}, {"content": b"{}"}),
+        "no content type": (running.action(), {"content": b"{}"}),
     }
     for name, (headers, body) in cases.items():
         r = httpx.post(url, headers=headers, **body)
         assert r.status_code == 403, (name, r.text)
         assert "error" in r.json()
     assert httpx.get(url, headers=running.auth).status_code == 405  # actions are POST only
-    assert state(home)["approvals"][0]["status"] == "pending"  # none of them wrote
-    r = httpx.post(url, headers=running.action(), json={"note": "ok"})  # a page's action
+    assert httpx.post(running.url + "/live", headers=running.action(), json={}).status_code == 405
+    assert {a["status"] for a in state(home)["approvals"] if a["id"] == "aaaa000000000001"} == {"pending"}
+    r = httpx.post(url, headers=running.auth, json={"note": "script"})  # a script: no Origin, no Sec-Fetch-*
     assert r.status_code == 200, r.text
-    without_origin = {k: v for k, v in running.action().items() if k != "Origin"}
-    r = httpx.post(running.url + "/api/approvals/bbbb000000000004/deny", headers=without_origin, json={})
-    assert r.status_code == 200, r.text  # no Origin (not a browser's cross-origin request): allowed
+    r = httpx.post(running.url + "/api/approvals/bbbb000000000004/deny", headers=running.action(), json={})  # a page
+    assert r.status_code == 200, r.text
+    statuses = {a["id"]: a["status"] for a in state(home)["approvals"]}
+    assert statuses["aaaa000000000001"] == statuses["bbbb000000000004"] == "denied"
 
 
 # --- actions: the CLI's writes ------------------------------------------------------------
@@ -536,19 +580,29 @@ def test_command_help_and_refusals(home: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "name the address" in result.output
     short = tmp_path / "short"
     short.write_text("abc\n")
+    short.chmod(0o600)
     result = runner.invoke(console_command, ["--config", str(home), "--token-file", str(short)])
     assert result.exit_code == 2 and "too short" in result.output
-    short.write_text("a" * 20 + ";b\n")  # not in a cookie's or an address's alphabet
+    short.write_text("a" * 20 + ";b\n")  # not in an address's alphabet
     result = runner.invoke(console_command, ["--config", str(home), "--token-file", str(short)])
     assert result.exit_code == 2 and "letters, digits" in result.output and "a" * 20 not in result.output
 
 
-def test_command_prints_the_address_and_serves(home: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o660])
+def test_command_refuses_a_token_file_others_can_read(home: Path, tmp_path: Path, mode: int) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 40 + "\n")
+    token_file.chmod(mode)
+    result = CliRunner().invoke(console_command, ["--config", str(home), "--token-file", str(token_file)])
+    assert result.exit_code == 2, result.output
+    assert f"chmod 600 {token_file}" in result.output and f"{mode:04o}" in result.output
+    assert "t" * 40 not in result.output
+
+
+def _run_console(home: Path, *args: str) -> tuple[Any, int]:
     import socket
     import subprocess
 
-    token_file = tmp_path / "token"
-    token_file.write_text("t" * 40 + "\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -558,22 +612,51 @@ def test_command_prints_the_address_and_serves(home: Path, tmp_path: Path) -> No
             sys.executable,
             "-c",
             "from egress_guard.cli.console import console; console()",
-            *("--config", str(home), "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file)),
+            *("--config", str(home), "--listen", f"127.0.0.1:{port}", *args),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    return proc, port
+
+
+def test_command_prints_the_address_with_the_token_in_the_fragment(home: Path) -> None:
+    proc, port = _run_console(home)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"console: http://127.0.0.1:{port}/?token={'t' * 40}"
-        r = httpx.get(f"http://127.0.0.1:{port}/api/agents", headers={"Authorization": f"Bearer {'t' * 40}"})
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline().strip()
+        match = re.fullmatch(rf"console: http://127\.0\.0\.1:{port}/#token=([A-Za-z0-9_-]{{40,}})", line)
+        assert match, line
+        token = match[1]
+        assert "open it in a browser" in proc.stderr.readline()
+        r = httpx.get(f"http://127.0.0.1:{port}/api/agents", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and r.json()[0]["agent"] == "agent"
+        page = httpx.get(line.removeprefix("console: "))  # what a browser asks: the fragment stays behind
+        assert page.status_code == 303 and page.headers["Location"] == "/live"
     finally:
         proc.terminate()
         proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_command_with_a_token_file_never_prints_the_token(home: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 40 + "\n")
+    token_file.chmod(0o600)
+    proc, port = _run_console(home, "--token-file", str(token_file))
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().strip() == f"console: http://127.0.0.1:{port}/"
+        hint = proc.stderr.readline()
+        assert f"the token is in {token_file}" in hint and f"http://127.0.0.1:{port}/#token=" in hint
+        r = httpx.get(f"http://127.0.0.1:{port}/api/agents", headers={"Authorization": f"Bearer {'t' * 40}"})
+        assert r.status_code == 200 and r.json()[0]["agent"] == "agent"
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "t" * 40 not in out + err + hint
 
 
 def test_a_quiet_stream_is_kept_alive_and_streams_are_capped(
@@ -624,3 +707,32 @@ def test_on_a_postgresql_store(tmp_path: Path, pg_url: str, start_console: Calla
     assert get("/api/approvals?history=1") == json.loads(cli(config, "pending", "--history", "--format", "json")[1])
     assert get("/api/agents")[0]["agent"] == "agent"
     assert get("/api/denials?since=2026-11-01")["total"] == 1
+
+
+def test_at_most_32_streams_open_at_once(console: RunningConsole) -> None:
+    """The slot is taken before the stream's first await: 40 opened at once, at most 32 get
+    200 (the others 503), and a closed stream gives its slot back."""
+    from egress_guard.console import server
+
+    async def storm() -> list[int]:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=20))
+
+            async def open_one() -> int:
+                r = await stack.enter_async_context(
+                    client.stream("GET", console.url + "/api/decisions/stream", headers=console.auth)
+                )
+                return r.status_code
+
+            return list(await asyncio.gather(*(open_one() for _ in range(40))))
+
+    codes = asyncio.run(storm())
+    assert codes.count(200) == server.MAX_STREAMS and codes.count(503) == 40 - server.MAX_STREAMS, codes
+    deadline = time.monotonic() + 5  # each closed stream notices within a poll and frees its slot
+    while True:
+        with httpx.stream("GET", console.url + "/api/decisions/stream", headers=console.auth, timeout=10) as r:
+            if r.status_code == 200:
+                break
+        assert time.monotonic() < deadline, "the closed streams kept their slots"
+        time.sleep(0.2)
