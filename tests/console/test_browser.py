@@ -5,12 +5,17 @@ click completes, Kill on the Agents page cuts a running stream. Each page is sav
 screenshot (the test's tmp dir; docs/img/console-*.png are copies).
 
 One browser, proxy, upstream and console for the module; the tests share its traffic and
-run in order (the kill comes last of the actions: it revokes its own agent only)."""
+run in order (the kill comes last of the actions: it revokes its own agent only).
+
+The browser signs in as an operator does, with the printed `/#token=…` link: the token lives
+in the tab's sessionStorage and goes out only as a header to the console's own origin; another
+server on 127.0.0.1 opened in the same browser gets neither a cookie nor the token."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -19,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +152,9 @@ def world(browser: Browser, test_ca: tuple[Any, Path], tmp_path_factory: pytest.
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
         page.on("console", lambda msg: errors.append(f"{page.url}: {msg.text}") if msg.type == "error" else None)
-        page.goto(f"{console.url}/?token={console.token}")  # the cookie, then /live without the token
-        assert page.url == f"{console.url}/live"
+        page.goto(console.sign_in)  # /#token=…: / sends it on to /live, the page keeps the token in the tab
+        assert page.url == f"{console.url}/live"  # and takes it out of the address bar
+        assert context.cookies() == []
         traffic(proxy, upstream.port)
         shots = tmp_path_factory.mktemp("console-screenshots")
         world = World(proxy, upstream, console, page, shots, errors)
@@ -341,6 +348,120 @@ def test_kill_on_the_agents_page_cuts_a_running_stream(world: World) -> None:
             http_client=world.http(),
         ).models.list()
     assert world.ask() == "pong"  # another agent is untouched
+
+
+class Snoop(BaseHTTPRequestHandler):
+    """Another local server (an agent's dev server, say) that the operator opens in the same
+    browser: it records what the browser sends it."""
+
+    seen: queue.Queue[tuple[str, dict[str, str]]]
+
+    def do_GET(self) -> None:
+        self.seen.put((self.path, dict(self.headers.items())))
+        body = b"<!doctype html><title>dev server</title><p>hello"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_another_port_on_127_0_0_1_gets_no_cookie_and_no_token(world: World) -> None:
+    """The review's M1: a cookie for 127.0.0.1 would go to every port on it. Signed in, the
+    same tab and a new one open a second local server: no Cookie header, the token nowhere in
+    what it receives, nothing in its document.cookie or storage; back on the console the tab is
+    still signed in (sessionStorage is per origin, kept across the tab's navigation)."""
+    world.open("live")
+    seen: queue.Queue[tuple[str, dict[str, str]]] = queue.Queue()
+    handler = type("SnoopHere", (Snoop,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    snoop = f"http://127.0.0.1:{server.server_address[1]}"
+    other = world.page.context.new_page()
+    try:
+        for page in (world.page, other):
+            page.goto(f"{snoop}/from-the-console-tab")
+            script = "() => [document.cookie, sessionStorage.length, localStorage.length]"
+            assert page.evaluate(script) == ["", 0, 0]
+            expect(page.locator("p")).to_have_text("hello")
+        requests = []
+        while not seen.empty():
+            requests.append(seen.get())
+        assert len(requests) >= 2
+        for path, headers in requests:
+            assert "cookie" not in {name.lower() for name in headers}, headers
+            assert world.console.token not in path + json.dumps(headers)
+        assert world.page.context.cookies() == []
+    finally:
+        other.close()
+        server.shutdown()
+        server.server_close()
+    page = world.open("live")  # the same tab, back on the console: still signed in
+    expect(page.locator("#stream-state")).to_have_text("live")
+    assert page.evaluate("() => sessionStorage.length") == 1
+
+
+def test_without_the_link_a_page_asks_for_it(world: World, browser: Browser) -> None:
+    """A new tab (no sessionStorage) opened on a page, and the old /?token= address: no data,
+    a banner naming the link; the console's answers set no cookie."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(f"{world.console.url}/approvals")
+        expect(page.locator("#banner")).to_contain_text("open the link `egress-guard console` printed")
+        page.wait_for_timeout(300)
+        assert not [url for url in asked if "/api/" in url]  # it asked nothing
+        assert page.evaluate("() => document.querySelectorAll('.approval').length") == 0
+        page.goto(f"{world.console.url}/?token={world.console.token}")
+        expect(page.locator("body")).to_contain_text("#token=")
+        assert context.cookies() == []
+        page.goto(world.console.sign_in.replace("#token=", "#token=x"))  # a wrong token
+        expect(page.locator("#banner")).to_contain_text("refused the token")
+        assert page.url == f"{world.console.url}/live"
+    finally:
+        context.close()
+
+
+def test_a_request_that_named_no_agent_is_approved_once_only(world: World) -> None:
+    """The server refuses session and always for it (escalation.scope_problem): the page
+    disables those buttons; once and deny stay."""
+    from egress_guard.store import CreateApproval, open_store
+    from egress_guard.store.records import Approval
+
+    held = Approval(
+        id="cafe000000000001",
+        created=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        expires="2099-01-01T00:00:00.000Z",
+        replica="local",
+        request_id="req-no-agent",
+        agent=None,
+        session=None,
+        method="GET",
+        scheme="https",
+        host="new.example.com",
+        port=443,
+        path="/",
+        rule="unknown_hosts",
+        reason="host new.example.com is covered by no rule",
+    )
+    with open_store(world.proxy.config, write=True) as db:
+        db.write(CreateApproval(held))
+    page = world.open("approvals")
+    card = page.locator('.approval[data-id="cafe000000000001"]')
+    expect(card).to_be_visible(timeout=5000)
+    for scope in ("session", "always"):
+        button = card.locator(f"button[data-scope={scope}]")
+        expect(button).to_be_disabled()
+        expect(button).to_have_attribute("title", re.compile("named no agent"))
+    expect(card.locator("button[data-scope=once]")).to_be_enabled()
+    card.locator("button[data-action=deny]").click()
+    expect(card).to_have_count(0)
+    world.page.wait_for_timeout(200)
 
 
 def test_no_page_logged_a_script_error(world: World) -> None:

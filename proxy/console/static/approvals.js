@@ -19,6 +19,20 @@ function expiresText(iso) {
   return `expires ${relative(iso)}`;
 }
 
+/** Why a scope cannot be given to this request (null: it can). The server refuses the same
+ * (escalation.scope_problem): a grant for a request that named no agent would cover every agent. */
+function scopeProblem(a, scope) {
+  if (scope === "session" || scope === "always") {
+    if (!a.agent) return "This request named no agent: it can be approved once only";
+    if (scope === "session" && !a.session) return "This request has no session";
+  }
+  return null;
+}
+
+function enableButtons(card, a) {
+  for (const b of card.querySelectorAll("button")) b.disabled = Boolean(scopeProblem(a, b.dataset.scope));
+}
+
 async function answer(card, a, action, scope) {
   const note = card.querySelector("textarea[name=note]").value.trim();
   const buttons = card.querySelectorAll("button");
@@ -33,8 +47,7 @@ async function answer(card, a, action, scope) {
     past.now();
   } catch (err) {
     banner(err.message);
-    for (const b of buttons) b.disabled = false;
-    card.querySelector("button[data-scope=session]").disabled = !a.session;
+    enableButtons(card, a);
   }
 }
 
@@ -43,8 +56,11 @@ function cardFor(a) {
   const expires = el("span", { class: "expires", title: a.expires }, expiresText(a.expires));
   const button = (label, cls, action, scope, title) =>
     el("button", { type: "button", class: cls, dataset: scope ? { action, scope } : { action }, title, onclick: () => answer(card, a, action, scope) }, label);
-  const session = button("Approve session", "secondary", "approve", "session", a.session ? `Also this agent's later requests in session ${a.session} that the same rule would escalate` : "This request has no session");
-  session.disabled = !a.session;
+  const scoped = (label, scope, title) => {
+    const b = button(label, "secondary", "approve", scope, scopeProblem(a, scope) || title);
+    b.disabled = Boolean(scopeProblem(a, scope));
+    return b;
+  };
   card.append(
     el(
       "div",
@@ -70,8 +86,8 @@ function cardFor(a) {
       "div",
       { class: "buttons" },
       button("Approve once", "primary", "approve", "once", "Only this request"),
-      session,
-      button("Approve always", "secondary", "approve", "always", "This agent's requests in any session that the same rule would escalate (a stored grant)"),
+      scoped("Approve session", "session", `Also this agent's later requests in session ${a.session} that the same rule would escalate`),
+      scoped("Approve always", "always", "This agent's requests in any session that the same rule would escalate (a stored grant)"),
       el("span", { class: "spacer" }),
       button("Deny", "danger-outline", "deny", null, "Refuse it: the agent gets the note"),
     ),

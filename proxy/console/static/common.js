@@ -1,7 +1,31 @@
-// Shared by every console page: the API call (cookie + CSRF header), the error banner,
-// DOM building (text only: a value from the API never becomes markup), and formatting.
+// Shared by every console page: the sign-in (the token from the address's #token= fragment,
+// kept in this tab's sessionStorage), the API call (the token as an Authorization header,
+// never a cookie), the event stream reader, the error banner, DOM building (text only: a
+// value from the API never becomes markup), and formatting.
 
-const csrfMeta = document.querySelector('meta[name="csrf"]');
+// --- the token ------------------------------------------------------------------------------
+// `egress-guard console` prints http://127.0.0.1:PORT/#token=TOKEN. The fragment never leaves
+// the browser (no request, no Referer carries it); it is moved into sessionStorage, which is
+// per origin (scheme, host AND port: unlike a cookie, another server on 127.0.0.1 cannot read
+// it) and per tab, and kept across this tab's navigation; the address bar loses it at once.
+
+const TOKEN_KEY = "egress-guard.console.token";
+const SIGN_IN = "Not signed in: open the link `egress-guard console` printed when it started (http://127.0.0.1:…/#token=…) in this tab.";
+
+function takeToken() {
+  const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const given = fragment.get("token");
+  if (given !== null) {
+    if (given) sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(history.state, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+const token = takeToken();
+
+/** True once the tab holds a token (the pages call nothing without one). */
+export const signedIn = Boolean(token);
 
 /** Build an element: el("td", {class: "num", title: iso}, "text", childNode, ...). */
 export function el(tag, attrs, ...children) {
@@ -32,13 +56,34 @@ export class ApiError extends Error {
   }
 }
 
-/** Call the console's API: GET (no body) or POST a JSON body with the CSRF header. */
+/** The headers every API request carries: the token (the only credential the console takes). */
+function authorized(extra = {}) {
+  return { ...extra, Authorization: `Bearer ${token}` };
+}
+
+async function failure(response) {
+  let message = response.statusText || `HTTP ${response.status}`;
+  try {
+    const data = await response.json();
+    message = data.error || data.message || message;
+  } catch (err) {
+    /* not JSON: keep the status text */
+  }
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY); // a wrong token (the console restarted with a new one): ask for the link
+    message = "The console refused the token (it restarted with a new one?): open the link `egress-guard console` printed (http://127.0.0.1:…/#token=…).";
+  }
+  return new ApiError(response.status, message);
+}
+
+/** Call the console's API: GET (no body) or POST a JSON body. A 401 (no token, or a wrong
+ * one) is an ApiError with status 401: the pages stop asking then. */
 export async function api(path, body) {
-  const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (!token) throw new ApiError(401, SIGN_IN);
+  const init = { credentials: "omit", cache: "no-store", headers: authorized({ Accept: "application/json" }) };
   if (body !== undefined) {
     init.method = "POST";
     init.headers["Content-Type"] = "application/json";
-    init.headers["X-CSRF-Token"] = csrfMeta ? csrfMeta.content : "";
     init.body = JSON.stringify(body);
   }
   let response;
@@ -47,20 +92,64 @@ export async function api(path, body) {
   } catch (err) {
     throw new ApiError(0, "the console does not answer: is `egress-guard console` still running?");
   }
-  if (!response.ok) {
-    let message = response.statusText || `HTTP ${response.status}`;
-    try {
-      const data = await response.json();
-      message = data.error || data.message || message;
-    } catch (err) {
-      /* not JSON: keep the status text */
-    }
-    if (response.status === 401) {
-      message = "Not signed in (or the console restarted): open the URL the console printed at start (http://127.0.0.1:…/?token=…).";
-    }
-    throw new ApiError(response.status, message);
-  }
+  if (!response.ok) throw await failure(response);
   return response.json();
+}
+
+/**
+ * Read a server-sent event stream with the token as a header (EventSource cannot send one).
+ * Calls `onOpen()` once the answer is 200, then `onEvent(type, data, id)` for each event;
+ * `: ping` comments and `retry:` lines are read and skipped. `state.lastEventId` holds the
+ * last `id:` seen, sent back as Last-Event-ID (the server resumes after it). Resolves when
+ * the server ends the stream, rejects on an error (an ApiError for a refusal), or when
+ * `signal` aborts.
+ */
+export async function eventStream(path, { signal, state, onOpen, onEvent }) {
+  if (!token) throw new ApiError(401, SIGN_IN);
+  const headers = authorized({ Accept: "text/event-stream" });
+  if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
+  let response;
+  try {
+    response = await fetch(path, { credentials: "omit", cache: "no-store", headers, signal });
+  } catch (err) {
+    if (signal && signal.aborted) throw err;
+    throw new ApiError(0, "the console does not answer: is `egress-guard console` still running?");
+  }
+  if (!response.ok) throw await failure(response);
+  onOpen();
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let type = "";
+  let data = [];
+  let id = null;
+  const line = (text) => {
+    if (text === "") {
+      // a blank line ends an event (one with no data is no event)
+      if (id !== null) state.lastEventId = id;
+      if (data.length) onEvent(type || "message", data.join("\n"), state.lastEventId);
+      type = "";
+      data = [];
+      id = null;
+      return;
+    }
+    if (text.startsWith(":")) return; // a comment: the server's keep-alive ping
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+    else if (field === "id" && !value.includes("\0")) id = value;
+    // "retry" and unknown fields: nothing to do (the page picks its own delay)
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    const parts = buffer.split("\n"); // the console ends lines with \n (a \r before it is dropped)
+    buffer = parts.pop(); // an unfinished line waits for the next chunk
+    for (const part of parts) line(part.endsWith("\r") ? part.slice(0, -1) : part);
+  }
 }
 
 /** The banner under the nav: an error (kind "error") or a notice (kind "ok"). */
@@ -99,6 +188,10 @@ export function every(ms, load) {
       document.body.dataset.ready = "1";
     } catch (err) {
       banner(err.message || String(err));
+      if (err.status === 401) {
+        busy = false;
+        return; // not signed in: asking again would not help, the banner says what does
+      }
     }
     busy = false;
     if (again) {
@@ -314,12 +407,14 @@ export function pendingBadge(n) {
   badge.textContent = String(n);
 }
 
-if (document.body && document.body.dataset.page !== "approvals") {
+if (!signedIn) {
+  banner(SIGN_IN); // and nothing else: each page's first call stops at the missing token
+} else if (document.body && document.body.dataset.page !== "approvals") {
   const poll = async () => {
     try {
       pendingBadge((await api("/api/approvals?history=0")).length);
     } catch (err) {
-      /* the page's own calls report errors */
+      if (err.status === 401) return; // the page's own calls report it
     }
     setTimeout(poll, 3000);
   };

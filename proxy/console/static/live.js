@@ -1,6 +1,7 @@
-// Live: the audit log as it grows. The last 200 matching rows, then an EventSource on
-// /api/decisions/stream from the newest id; a filter change restarts both.
-import { api, banner, bytes, chip, clearBanner, count, el, emptyRow, ms, query, text, time, usd } from "/static/common.js";
+// Live: the audit log as it grows. The last 200 matching rows, then the event stream of
+// /api/decisions/stream from the newest id (read with fetch: EventSource cannot send the
+// token's header); a filter change restarts both.
+import { api, banner, bytes, chip, clearBanner, count, el, emptyRow, eventStream, ms, query, text, time, usd } from "/static/common.js";
 
 const MAX_ROWS = 500;
 const form = document.getElementById("filters");
@@ -9,7 +10,7 @@ const state = document.getElementById("stream-state");
 const detail = document.getElementById("detail");
 const split = document.querySelector(".split");
 
-let source = null;
+let source = null; // the running stream's AbortController
 let generation = 0;
 let lastId = 0;
 let selected = null;
@@ -98,7 +99,7 @@ function add(rows, fresh) {
 function stop() {
   generation += 1;
   clearTimeout(retry);
-  if (source) source.close();
+  if (source) source.abort();
   source = null;
 }
 
@@ -121,43 +122,56 @@ async function start() {
   } catch (err) {
     if (mine !== generation) return;
     banner(err.message);
-    setState("down", "not connected");
-    retry = setTimeout(start, 3000);
+    setState("down", err.status === 401 ? "not signed in" : "not connected");
+    if (err.status !== 401) retry = setTimeout(start, 3000);
     return;
   }
-  listen(mine, f);
+  listen(mine, f, { lastEventId: "" });
 }
 
-function listen(mine, f) {
-  const es = new EventSource(`/api/decisions/stream${query({ ...f, after: lastId })}`);
-  source = es;
-  es.addEventListener("open", () => {
-    if (mine === generation) setState("live", "live");
-  });
-  es.addEventListener("row", (event) => {
-    if (mine !== generation) return;
-    try {
-      add([JSON.parse(event.data)], true);
-    } catch (err) {
-      /* a malformed event: skip it */
-    }
-  });
-  es.addEventListener("gap", () => {
-    if (mine === generation) start(); // more rows came at once than the stream sends: reload the newest
-  });
-  es.addEventListener("error", async () => {
-    if (mine !== generation) return;
-    es.close();
-    setState("down", "reconnecting…");
-    try {
-      await api("/api/decisions?limit=1"); // says why, if the console refuses us (401)
-    } catch (err) {
+async function listen(mine, f, sse) {
+  const controller = new AbortController();
+  source = controller;
+  try {
+    await eventStream(`/api/decisions/stream${query({ ...f, after: lastId })}`, {
+      signal: controller.signal,
+      state: sse, // its lastEventId goes back as Last-Event-ID when we reconnect
+      onOpen: () => {
+        if (mine === generation) setState("live", "live");
+      },
+      onEvent: (type, data) => {
+        if (mine !== generation) return;
+        if (type === "row") {
+          try {
+            add([JSON.parse(data)], true);
+          } catch (err) {
+            /* a malformed event: skip it */
+          }
+        } else if (type === "gap") {
+          start(); // more rows came at once than the stream sends: reload the newest
+        }
+      },
+    });
+  } catch (err) {
+    if (mine !== generation || controller.signal.aborted) return;
+    if (err.status === 401) {
       banner(err.message);
+      setState("down", "not signed in");
+      return;
     }
-    retry = setTimeout(() => {
-      if (mine === generation) listen(mine, f);
-    }, 2000);
-  });
+  }
+  if (mine !== generation || controller.signal.aborted) return;
+  // the stream failed or ended (the console stopped?): say why if it refuses us, then resume after the last id
+  setState("down", "reconnecting…");
+  try {
+    await api("/api/decisions?limit=1");
+  } catch (err) {
+    banner(err.message);
+    if (err.status === 401) return;
+  }
+  retry = setTimeout(() => {
+    if (mine === generation) listen(mine, f, sse);
+  }, 2000);
 }
 
 // --- the detail panel ---------------------------------------------------------------------
