@@ -310,10 +310,12 @@ class Sandboxes:
     # --- the kill switch -------------------------------------------------------------------
 
     def kill_matching(self, agent: str | None, session: str | None, since: str, reason: str | None) -> None:
-        """A revocation of `agent` or `session` written at `since`: kill each such sandbox
-        opened before it."""
+        """A revocation of `agent`, `session` or both (that agent's session only) written at
+        `since`: kill each such sandbox opened before it."""
+        if agent is None and session is None:
+            return
         for sb in list(self.by_tun.values()):
-            hit = (agent is not None and sb.agent == agent) or (session is not None and sb.session == session)
+            hit = (agent is None or sb.agent == agent) and (session is None or sb.session == session)
             if hit and not (sb.killed and sb.killed_pid == sb.pid) and sb.opened_at <= since:
                 self.kill(sb, reason or "revoked")
 

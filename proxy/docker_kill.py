@@ -165,20 +165,33 @@ def _message(body: bytes) -> str:
 def kill_containers(
     agent: str | None = None, session: str | None = None, host: str | None = None, session_agents: tuple[str, ...] = ()
 ) -> ContainerKill:
-    """SIGKILL the running containers labelled with the agent (and, with both, the session).
-    With only a session and no container carrying its label, the running containers of
-    `session_agents` (the session's agents) that were not killed are counted in `unlabelled`."""
+    """SIGKILL the running containers labelled with the agent, the session, or (with both)
+    the agent and the session — that agent's session only, never another agent's session of
+    the same name. With a session and no container carrying its label, the running
+    containers of `session_agents` (the session's agents; with an agent, that agent) that
+    carry no session label are counted in `unlabelled` (not killed: which session they run
+    is unknown)."""
+    if not agent and not session:
+        raise ValueError("kill_containers names an agent, a session or both")
     label = f"{AGENT_LABEL}={agent}" if agent else f"{SESSION_LABEL}={session}"
+    selector = f"{label},{SESSION_LABEL}={session}" if agent and session else label
     try:
         api = DockerAPI(host)
     except EngineUnsupported as exc:
-        return ContainerKill(host or os.environ.get("DOCKER_HOST", "?"), label, error=str(exc))
-    result = ContainerKill(api.host, label)
+        return ContainerKill(host or os.environ.get("DOCKER_HOST", "?"), selector, error=str(exc))
+    result = ContainerKill(api.host, selector)
     try:
         found = api.running(label)
         if agent and session:
-            found = [c for c in found if (c.get("Labels") or {}).get(SESSION_LABEL) == session]
-        if session and not agent and not found:
+            mine = found
+            found = [c for c in mine if (c.get("Labels") or {}).get(SESSION_LABEL) == session]
+            if not found:
+                result.unlabelled += [
+                    f"{((c.get('Names') or ['?'])[0]).lstrip('/')} ({c['Id'][:12]})"
+                    for c in mine
+                    if SESSION_LABEL not in (c.get("Labels") or {})
+                ]
+        elif session and not found:
             for name in session_agents:
                 result.unlabelled += [
                     f"{((c.get('Names') or ['?'])[0]).lstrip('/')} ({c['Id'][:12]})"

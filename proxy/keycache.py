@@ -127,11 +127,7 @@ class KeyCache:
         for rev in revocations:
             self._last_revocation = rev.id
             for kid, rec in list(self._records.items()):
-                if (
-                    (rev.agent and rec.agent == rev.agent)
-                    or (rev.session and rec.session == rev.session)
-                    or (kid == rev.key_id)
-                ):
+                if rev.covers(rec.agent, rec.session, kid):
                     if rec.revoked_at is None:
                         self._records[kid] = dataclasses.replace(rec, revoked_at=rev.ts, revoked_reason=rev.reason)
                     hit.add(kid)

@@ -4,7 +4,9 @@ queries for the common questions (proxy/console/browse.yaml).
 It must never write to the audit DB and never serve it to anyone but the person who started
 it: Datasette opens a file it serves without --immutable read-only (`mode=ro`), and only
 the root actor (the sign-in link Datasette prints, with a token new each start) may see
-anything. Not --immutable: SQLite then ignores the WAL, so a running proxy's newest rows
+anything; its cookies are made HttpOnly and SameSite=Strict (`strict_cookies`: browsers do
+not separate cookies by port, so a page on any other 127.0.0.1 port could read a plain
+one). Not --immutable: SQLite then ignores the WAL, so a running proxy's newest rows
 (and, before the first checkpoint, the tables themselves) would be missing.
 """
 
@@ -14,6 +16,7 @@ import importlib.resources
 import json
 import sqlite3
 import tempfile
+from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import ModuleType
@@ -63,6 +66,39 @@ class DecimalSum:
         return f"{self.total:f}" if self.seen else None
 
 
+def strict_cookie(value: bytes) -> bytes:
+    """A Set-Cookie value with `HttpOnly; SameSite=Strict` (whatever it said of either)."""
+    parts = [p.strip() for p in value.split(b";")]
+    kept = [p for p in parts[1:] if p and p.split(b"=", 1)[0].strip().lower() not in (b"httponly", b"samesite")]
+    return b"; ".join([parts[0], *kept, b"HttpOnly", b"SameSite=Strict"])
+
+
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+
+def strict_cookies(app: ASGIApp) -> ASGIApp:
+    """Wrap an ASGI app: every cookie it sets is HttpOnly and SameSite=Strict. Datasette's
+    sign-in cookie (ds_actor) is neither by default, and browsers do not separate cookies by
+    port: any page served on another 127.0.0.1 port could read it with document.cookie, or
+    have a browser send it along."""
+
+    async def wrapped(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        async def send_strict(message: dict[str, Any]) -> None:
+            if message.get("type") == "http.response.start":
+                headers = [
+                    (name, strict_cookie(value) if name.lower() == b"set-cookie" else value)
+                    for name, value in message.get("headers") or []
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_strict)
+
+    return wrapped
+
+
 def _register_plugin() -> None:
     from datasette import hookimpl
     from datasette.plugins import pm
@@ -70,9 +106,13 @@ def _register_plugin() -> None:
     def prepare_connection(conn: sqlite3.Connection) -> None:
         conn.create_aggregate("decimal_sum", 1, DecimalSum)  # type: ignore[arg-type]  # (typeshed: ints only)
 
+    def asgi_wrapper(datasette: Any) -> Callable[[ASGIApp], ASGIApp]:
+        return strict_cookies
+
     if pm.get_plugin(PLUGIN_NAME) is None:
         plugin = ModuleType(PLUGIN_NAME)  # Datasette lists plugins by __name__
         plugin.prepare_connection = hookimpl(prepare_connection)  # type: ignore[attr-defined]
+        plugin.asgi_wrapper = hookimpl(asgi_wrapper)  # type: ignore[attr-defined]
         pm.register(plugin, name=PLUGIN_NAME)
 
 
@@ -87,7 +127,9 @@ def browse(config_path: Path | None, port: int, open_browser: bool) -> None:
     holder sees the data. Canned queries: denials by host and by reason, flagged refusals,
     spend by agent and day and by model (exact decimals: decimal_sum()), an agent's last
     decisions, escalations and approvals, grants, kills, the hash chain's last rows. Reads
-    the SQLite audit DB only (safe while the proxy runs); Ctrl-C stops. Needs the browse
+    the SQLite audit DB only (safe while the proxy runs). Browsers send the sign-in cookie
+    (HttpOnly, SameSite=Strict) to every port on 127.0.0.1, not only this one: stop audit
+    browse (Ctrl-C) when done. Needs the browse
     extra: pip install 'egress-guard[browse]'.
 
     \b

@@ -4,7 +4,7 @@ as its action commands, over the store the config names.
 Each answer is computed by a function over a `Store` (testable without a server) that calls
 what the CLI calls: `Store.rows` (audit query), `spend_report.spend_by` (audit spend),
 `spend_report.budget_rows` (budget show), `cli.approvals` (pending, approve, deny),
-`keys.revoke_keys` and `docker_kill` (kill). Store calls run in a worker thread, one store
+`cli.keys.kill_now` (kill). Store calls run in a worker thread, one store
 opened per call (SQLite read-only for queries), so the event loop never waits on the disk and
 a running proxy's writer is never disturbed. Never returns a key: the key table holds ids.
 """
@@ -29,10 +29,11 @@ from egress_guard import keys as keys_mod
 from egress_guard import spend_report as spend_mod
 from egress_guard import store
 from egress_guard.cli import approvals as approvals_cli
+from egress_guard.cli import keys as keys_cli
 from egress_guard.config import Config
 from egress_guard.credential_verdict import FLAG
 from egress_guard.credentials import Credential
-from egress_guard.docker_kill import kill_containers
+from egress_guard.escalation import scope_problem
 from egress_guard.ledger import Ledger
 from egress_guard.spend import SpendSettings
 from egress_guard.store import DecideApproval, Filters, Store
@@ -44,6 +45,7 @@ T = TypeVar("T")
 # observe mode records would-deny / would-escalate (verdicts.Outcome.verdict_text).
 DECISIONS = ("allow", "deny", "error", "escalate", "would-deny", "would-escalate")
 MAX_LIMIT = 1000
+MAX_INT = 2**63 - 1  # the stores' integers (SQLite, PostgreSQL BIGINT): larger ids overflow them
 DENIALS_SCANNED = 50_000  # the newest refusals a /api/denials answer reads
 FLAGGED_SHOWN = 50
 # The credential outcomes that can be flagged as a possible exfiltration attempt
@@ -82,12 +84,13 @@ def int_param(request: web.Request, name: str, default: int, low: int = 0, high:
     text = request.query.get(name, "")
     if text == "":
         return default
+    high = MAX_INT if high is None else high
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 40 else None  # int() of a huge string is slow; none fits anyway
     except ValueError:
-        raise ApiError(400, f"{name}={text!r} is not a whole number") from None
-    if value < low or (high is not None and value > high):
-        raise ApiError(400, f"{name}={value} is out of range ({low}..{high if high is not None else ''})")
+        raise ApiError(400, f"{name}={text[:40]!r} is not a whole number") from None
+    if value is None or value < low or value > high:
+        raise ApiError(400, f"{name}={text[:40]} is out of range ({low}..{high})")
     return value
 
 
@@ -99,6 +102,8 @@ def when_param(request: web.Request, name: str, default: str | None) -> str | No
         return parse_when(text)
     except ValueError as exc:
         raise ApiError(400, f"{name}: {exc}") from None
+    except OverflowError:  # 999999d: before the year 1
+        raise ApiError(400, f"{name}={text[:40]!r} is too far back. Fix: a shorter duration or an ISO time") from None
 
 
 def choice_param(request: web.Request, name: str, choices: tuple[str, ...], default: str) -> str:
@@ -330,8 +335,8 @@ def agents(db: Store, config: Config) -> list[dict[str, Any]]:
 
 def decide(db: Store, given: str, op: DecideApproval) -> store.Approval:
     """What `egress-guard approve|deny` writes, with the same checks and messages (the CLI's
-    own functions); ApiError 404 (no such id), 409 (not pending, expired), 400 (scope
-    session without a session)."""
+    own functions); ApiError 404 (no such id), 409 (not pending, expired), 400 (a scope
+    refused: `escalation.scope_problem`)."""
     try:
         found = approvals_cli._resolve(db, given)
     except click.ClickException as exc:
@@ -339,7 +344,9 @@ def decide(db: Store, given: str, op: DecideApproval) -> store.Approval:
     try:
         approvals_cli._pending(db, found, op)
     except click.ClickException as exc:
-        status = 400 if op.scope == "session" and found.session is None and found.status == "pending" else 409
+        # A refused scope is a bad request (400); 409 is "not pending any more".
+        refused = found.status == "pending" and found.expires > op.ts and scope_problem(found, op.scope) is not None
+        status = 400 if refused else 409
         raise ApiError(status, exc.message) from None
     op = dataclasses.replace(op, id=found.id)
     if db.write(op) == 0:  # answered (or expired) between the read and the write
@@ -350,35 +357,23 @@ def decide(db: Store, given: str, op: DecideApproval) -> store.Approval:
 
 
 def kill(config: Config, agent: str, session: str | None, reason: str) -> dict[str, Any]:
-    """What `egress-guard kill --agent A` (or `--session S`, a session of A) does: revoke the
-    keys in the store (a running proxy refuses them and cuts their connections within a
-    second), then SIGKILL the labelled containers; the kill record notes what happened to
-    them."""
+    """What `egress-guard kill --agent A` (with a session: `--agent A --session S`, that
+    agent's session only) does — the CLI's own function, `kill_now`: revoke the keys in the
+    store (a running proxy refuses them and cuts their connections within a second), then
+    SIGKILL the labelled containers; the kill record notes what happened to them."""
     listed = keys_mod.list_keys(config, None, True)
     if session:
-        owners = sorted({r["agent"] for r in listed if r["session"] == session})
-        if agent not in owners:
+        if not any(r["agent"] == agent and r["session"] == session for r in listed):
             raise ApiError(404, f"agent {agent} has no session {session!r}. Fix: pick one from its keys")
-        n = keys_mod.revoke_keys(config, session=session, reason=reason)
-        containers = kill_containers(session=session, session_agents=tuple(owners))
-    else:
-        if agent not in config.agents and agent not in {r["agent"] for r in listed}:
-            raise ApiError(404, f"no agent named {agent!r}. Fix: use one of {', '.join(sorted(config.agents))}")
-        n = keys_mod.revoke_keys(config, agent=agent, reason=reason)
-        containers = kill_containers(agent=agent)
-    if containers.note():
-        keys_mod.revoke_keys(
-            config,
-            agent=None if session else agent,
-            session=session,
-            reason=f"{reason}: {containers.note()}",
-        )
-    problems = [f"could not kill container {f}" for f in containers.failed]
-    problems += [f"containers not killed: {containers.error}"] if containers.error else []
+    elif agent not in config.agents and agent not in {r["agent"] for r in listed}:
+        raise ApiError(404, f"no agent named {agent!r}. Fix: use one of {', '.join(sorted(config.agents))}")
+    done = keys_cli.kill_now(config, agent, session, reason)
+    containers = done.containers
+    problems = done.problems()
     return {
         "agent": agent,
         "session": session,
-        "revoked_keys": n,
+        "revoked_keys": done.revoked,
         "containers": {
             "engine": containers.engine,
             "killed": containers.killed,
@@ -436,7 +431,10 @@ class Api:
         return web.json_response(await self.run(lambda db: decisions(db, filters, after, limit)))
 
     async def get_decision(self, request: web.Request) -> web.Response:
-        row_id = int(request.match_info["id"])
+        text = request.match_info["id"]
+        row_id = int(text) if len(text) <= 19 else MAX_INT + 1
+        if row_id > MAX_INT:
+            raise ApiError(400, f"id={text[:40]} is out of range (0..{MAX_INT})")
         row = await self.run(lambda db: decision(db, row_id))
         if row is None:
             raise ApiError(404, f"no audit row {row_id} (pruned, or not written yet)")
@@ -503,7 +501,8 @@ class Api:
     async def post_kill(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         session = text_field(body, "session")
-        reason = text_field(body, "reason") or "kill switch"
+        # Who killed, in the revocation's reason as in an approval's `by`.
+        reason = f"{text_field(body, 'reason') or 'kill switch'} ({console_by()})"
         agent = request.match_info["agent"]
         await self.run(lambda db: None)  # the store is there (503 naming the fix, if not)
         try:

@@ -126,6 +126,14 @@ class Revocation:
     key_id: str | None
     reason: str | None
 
+    def covers(self, agent: str | None, session: str | None, key_id: str | None = None) -> bool:
+        """Whether this revocation revokes a key (or a sandbox) of `agent` and `session`:
+        every field it names matches (agent and session together: that agent's session
+        only, never another agent's session of the same name)."""
+        pairs = [(self.agent, agent), (self.session, session), (self.key_id, key_id)]
+        named = [(mine, theirs) for mine, theirs in pairs if mine is not None]
+        return bool(named) and all(mine == theirs for mine, theirs in named)
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -148,8 +156,9 @@ class InsertKey:
 
 @dataclass(frozen=True)
 class RevokeKeys:
-    """Revoke every still-valid key of an agent, a session or one key id, and record one
-    revocation (the running proxy follows those). Counts the keys revoked."""
+    """Revoke every still-valid key of an agent, a session (of every agent that has it),
+    one agent's session (agent and session: two agents may share a session name), or one key
+    id, and record one revocation (the running proxy follows those). Counts the keys revoked."""
 
     reason: str
     ts: str
@@ -158,8 +167,13 @@ class RevokeKeys:
     key_id: str | None = None
 
     def __post_init__(self) -> None:
-        if sum(v is not None for v in (self.agent, self.session, self.key_id)) != 1:
-            raise ValueError("revoke by exactly one of agent, session or key_id")
+        if (self.key_id is None) == (self.agent is None and self.session is None):
+            raise ValueError("revoke by exactly one of agent (optionally with session), session or key_id")
+
+    def where(self) -> tuple[tuple[str, str], ...]:
+        """(column, value) pairs a revoked key matches, all of them."""
+        pairs = (("agent", self.agent), ("session", self.session), ("key_id", self.key_id))
+        return tuple((c, v) for c, v in pairs if v is not None)
 
 
 @dataclass(frozen=True)

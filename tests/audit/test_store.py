@@ -241,7 +241,7 @@ def test_typed_writes_for_budgets_and_keys(tmp_path: Path) -> None:
         (None, "k1", "leaked"),
     ]
     with pytest.raises(ValueError, match="exactly one"):
-        RevokeKeys("x", TODAY, agent="a", session="s")
+        RevokeKeys("x", TODAY, agent="a", key_id="k1")  # agent and session together is one agent's session
 
 
 async def test_the_writer_gives_the_planner_statistics(tmp_path: Path) -> None:

@@ -70,8 +70,8 @@ class Browse:
                 assert time.monotonic() < deadline, "audit browse did not start"
                 time.sleep(0.1)
         self.client = httpx.Client(trust_env=False, timeout=10)
-        signed_in = self.client.get(found.group(0))
-        assert signed_in.status_code == 302 and "ds_actor" in self.client.cookies
+        self.signed_in = self.client.get(found.group(0))
+        assert self.signed_in.status_code == 302 and "ds_actor" in self.client.cookies
 
     def query(self, name: str, **params: str) -> list[dict[str, Any]]:
         reply = self.client.get(f"{self.db}/{name}.json", params={"_shape": "array", **params})
@@ -161,6 +161,21 @@ def test_only_the_sign_in_links_holder_sees_anything_and_nothing_writes(browse: 
     assert reply.json() == [{"s": "0.3"}]  # exact, where SUM() says 0.30000000000000004
 
 
+def test_the_sign_in_cookie_is_http_only_and_same_site_strict(browse: Browse) -> None:
+    """Browsers do not separate cookies by port: a page on any 127.0.0.1 port could read a
+    plain ds_actor with document.cookie (security review). Every cookie set is HttpOnly and
+    SameSite=Strict, the sign-in's and the CSRF token's alike."""
+    set_cookies = browse.signed_in.headers.get_list("set-cookie")
+    page = browse.client.get(f"{browse.db}", params={"sql": "SELECT 1"})
+    set_cookies += page.headers.get_list("set-cookie")
+    assert any(c.startswith("ds_actor=") for c in set_cookies), set_cookies
+    for cookie in set_cookies:
+        attributes = [a.strip().lower() for a in cookie.split(";")[1:]]
+        assert "httponly" in attributes and "samesite=strict" in attributes, cookie
+        assert [a for a in attributes if a.startswith("samesite")] == ["samesite=strict"], cookie
+    assert browse.client.get(f"{browse.db}/audit.json").status_code == 200  # still signed in
+
+
 def test_a_postgresql_store_is_pointed_at_psql(tmp_path) -> None:
     config = write_config(tmp_path, {"store": {"url": "postgresql://eg@127.0.0.1:1/egress_guard", "replica": "r1"}})
     result = CliRunner().invoke(main, ["audit", "browse", "--config", str(config.path)])
@@ -178,3 +193,5 @@ def test_datasette_missing_names_the_extra(tmp_path, monkeypatch: pytest.MonkeyP
 def test_help_has_an_example() -> None:
     result = CliRunner().invoke(main, ["audit", "browse", "--help"])
     assert result.exit_code == 0 and re.search(r"Example:\n +egress-guard audit browse --port", result.output)
+    said = " ".join(result.output.split())
+    assert "to every port on 127.0.0.1" in said and "stop audit browse (Ctrl-C) when done" in said

@@ -183,16 +183,13 @@ def plan(op: Write) -> list[tuple[str, tuple[Any, ...], bool]]:
                 )
             ]
         case RevokeKeys():
-            column, value = next(
-                (c, v)
-                for c, v in (("agent", op.agent), ("session", op.session), ("key_id", op.key_id))
-                if v is not None
-            )
+            where = op.where()  # fixed column names; the values are bound
+            match = " AND ".join(f"{column} = %s" for column, _ in where)
             return [
                 (
                     "UPDATE fake_keys SET revoked_at = %s, revoked_reason = %s "  # noqa: S608
-                    f"WHERE {column} = %s AND revoked_at IS NULL",
-                    bindable((op.ts, op.reason, value)),
+                    f"WHERE {match} AND revoked_at IS NULL",
+                    bindable((op.ts, op.reason, *(value for _, value in where))),
                     True,
                 ),
                 (

@@ -141,14 +141,11 @@ def apply_write(conn: sqlite3.Connection, op: Write) -> int:
                 (r.key_id, r.agent, r.session, ",".join(r.services), r.created_at, r.expires_at),
             ).rowcount
         case RevokeKeys():
-            column, value = next(
-                (c, v)
-                for c, v in (("agent", op.agent), ("session", op.session), ("key_id", op.key_id))
-                if v is not None
-            )
+            where = op.where()  # fixed column names; the values are bound
+            match = " AND ".join(f"{column} = ?" for column, _ in where)
             count = conn.execute(
-                f"UPDATE fake_keys SET revoked_at = ?, revoked_reason = ? WHERE {column} = ? AND revoked_at IS NULL",
-                (op.ts, op.reason, value),
+                f"UPDATE fake_keys SET revoked_at = ?, revoked_reason = ? WHERE {match} AND revoked_at IS NULL",
+                (op.ts, op.reason, *(value for _, value in where)),
             ).rowcount
             conn.execute(
                 "INSERT INTO revocations (ts, agent, session, key_id, reason) VALUES (?, ?, ?, ?, ?)",
