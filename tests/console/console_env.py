@@ -27,8 +27,8 @@ def make_home(directory: Path) -> Path:
 class RunningConsole:
     """The real console (`serve`) on a free port, in a thread with its own event loop."""
 
-    def __init__(self, config: Config, token: str, static: Path = STATIC) -> None:
-        self.config, self.token, self.static = config, token, static
+    def __init__(self, config: Config, token: str, static: Path = STATIC, port: int = 0) -> None:
+        self.config, self.token, self.static, self.listen_port = config, token, static, port
         self.url = ""
         self.error: BaseException | None = None
         self._ready = threading.Event()
@@ -40,7 +40,7 @@ class RunningConsole:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            runner, self.url = await serve(self.config, "127.0.0.1", 0, self.token, static=self.static)
+            runner, self.url = await serve(self.config, "127.0.0.1", self.listen_port, self.token, static=self.static)
         except BaseException as exc:
             self.error = exc
             self._ready.set()

@@ -464,6 +464,45 @@ def test_a_request_that_named_no_agent_is_approved_once_only(world: World) -> No
     world.page.wait_for_timeout(200)
 
 
+def test_the_live_stream_resumes_after_the_console_comes_back(world: World, browser: Browser) -> None:
+    """The stream is a fetch (a header carries the token): when it breaks, the page says
+    so, retries, and asks again with Last-Event-ID, the id of the last row it got — a row
+    written while the console was away still shows."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = RunningConsole(world.proxy.config, world.console.token, port=port).start()
+    context = browser.new_context()
+    second: RunningConsole | None = None
+    try:
+        page = context.new_page()
+        streams: list[dict[str, str]] = []
+        page.on("request", lambda r: streams.append(r.headers) if "/api/decisions/stream" in r.url else None)
+        page.goto(first.sign_in)
+        expect(page.locator("#stream-state")).to_have_text("live")
+        loaded = max(shown_ids(page), default=0)
+        world.ask(max_tokens=2)
+        page.wait_for_function(f"() => document.querySelector(`#decisions tbody tr[data-id='{loaded + 1}']`)")
+        seen = max(shown_ids(page))  # the stream's last row
+        assert "last-event-id" not in streams[0] and streams[0]["authorization"] == f"Bearer {first.token}"
+        first.stop()
+        expect(page.locator("#stream-state")).to_have_text("reconnecting…", timeout=3000)
+        world.ask(max_tokens=4)  # written while the console is away
+        world.proxy.rows(expect=1)
+        second = RunningConsole(world.proxy.config, world.console.token, port=port).start()
+        expect(page.locator("#stream-state")).to_have_text("live", timeout=8000)
+        page.wait_for_function(f"() => document.querySelector(`#decisions tbody tr[data-id='{seen + 1}']`)")
+        assert streams[-1].get("last-event-id") == str(seen), [h.get("last-event-id") for h in streams]
+        expect(page.locator("#banner")).to_be_hidden()
+    finally:
+        context.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
 def test_no_page_logged_a_script_error(world: World) -> None:
     """Every page the tests opened loaded its scripts (the CSP refuses inline ones) and logged
     no error; each was saved as a screenshot. EG_CONSOLE_SHOTS=1 copies them to docs/img."""

@@ -137,7 +137,9 @@ async function listen(mine, f, sse) {
       signal: controller.signal,
       state: sse, // its lastEventId goes back as Last-Event-ID when we reconnect
       onOpen: () => {
-        if (mine === generation) setState("live", "live");
+        if (mine !== generation) return;
+        setState("live", "live");
+        if (sse.lastEventId) clearBanner(); // back after an error the banner showed
       },
       onEvent: (type, data) => {
         if (mine !== generation) return;
