@@ -171,6 +171,7 @@ class CredentialGuard:
         service = self.by_host.get(host)
         if service is not None:
             st.service = service.name
+            st.secret_params = frozenset(s.name for s in service.slots if s.kind == "query")
         # The service's own credential slots first (a key there is judged as a credential:
         # wrong service, forged, ...); once swapped, any fake key left anywhere is a leak:
         # every header and the URL, in every encoding forms.views decodes (basic auth's

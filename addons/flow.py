@@ -11,6 +11,7 @@ it must never import one of them (the types below are for mypy only).
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,9 @@ class FlowState:
     service: str | None = None
     """The credentialed service of the target host. Set by CredentialGuard; read by
     SpendGuard, WebSocketGuard and AuditRecorder."""
+    secret_params: frozenset[str] = frozenset()
+    """The query parameters that carry the service's credential (its `query:` slots, such
+    as Gemini's `key`): `recorded_path` redacts their values. Set with `service`."""
     agent: str | None = None
     """The agent the egress-guard key identified. Set by CredentialGuard (or AuditRecorder
     when it attributes a refusal); read by SpendGuard, WebSocketGuard and AuditRecorder."""
@@ -158,12 +162,28 @@ class FlowState:
     """The row's sequence number, for AuditRecorder.response to wait until it is committed."""
 
 
+REDACTED = "<redacted>"
+
+
 def recorded_path(flow: http.HTTPFlow, query_strings: bool) -> str:
     """The path an audit row or intent records: as the agent sent it (never with a real key
-    swapped into its query), without its query string unless `audit.query_strings`."""
+    swapped into its query), without its query string unless `audit.query_strings` — and then
+    with the value of each credential parameter of the service (`secret_params`) redacted:
+    the agent's key there, fake or not (a real key it should not hold), is a secret too."""
     st: FlowState | None = flow.metadata.get(KEY)
     path = st.agent_path if st is not None and st.agent_path is not None else flow.request.path
-    return path if query_strings else path.split("?", 1)[0]
+    base, mark, query = path.partition("?")
+    if not query_strings:
+        return base
+    if st is None or not st.secret_params or not query:
+        return path
+    parts = []
+    for part in query.split("&"):
+        name = part.partition("=")[0]
+        if urllib.parse.unquote_plus(name) in st.secret_params:
+            part = f"{name}={REDACTED}"
+        parts.append(part)
+    return f"{base}{mark}{'&'.join(parts)}"
 
 
 def state(flow: http.HTTPFlow) -> FlowState:

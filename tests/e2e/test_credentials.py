@@ -116,8 +116,9 @@ def test_a_real_key_swapped_into_the_query_never_reaches_the_audit_log(
     make_proxy, cred_config: dict, real_env, llm_upstream: Upstream
 ) -> None:
     # audit.query_strings: true records ?query; Gemini's key travels in ?key=. The rows and the
-    # metered call's intent record the path as the agent sent it (its fake key), never the
-    # path with the real key egress-guard swapped in.
+    # metered call's intent record the path as the agent sent it, never the path with the real
+    # key egress-guard swapped in, and with the key parameter's value redacted (the agent's
+    # fake key is a credential too: security review L6).
     cred_config["audit"] = {"query_strings": True}
     cred_config["agents"]["researcher"]["limits"] = {"budget_usd": {"day": 10}}  # metered: an intent too
     proxy = make_proxy(**cred_config)
@@ -129,8 +130,15 @@ def test_a_real_key_swapped_into_the_query_never_reaches_the_audit_log(
         assert client.post(url, params={"key": gemini, "alt": "json"}, json={}).status_code == 200
     assert llm_upstream.state.requests[-1]["query"] == f"key={REAL['google-gemini']}&alt=json"  # swapped upstream
     row = next(r for r in proxy.rows(expect=2) if r["kind"] == "request")
-    assert row["path"].endswith(f"?key={gemini}&alt=json") and row["cost_usd"], row
+    assert row["path"].endswith("?key=<redacted>&alt=json") and row["cost_usd"], row
+    with http_client(proxy) as client:  # a real key the agent should not hold: refused, and not recorded
+        refused = client.post(url, params={"alt": "json", "key": REAL["google-gemini"]}, json={})
+    assert refused.status_code == 401, refused.text
+    row = next(r for r in reversed(proxy.rows(expect=3)) if r["kind"] == "request")
+    assert row["path"].endswith("?alt=json&key=<redacted>") and row["credential"] == "denied-foreign-key", row
     assert_no_real_secret(proxy)
+    blob = b"".join(p.read_bytes() for p in proxy.config.audit_path.parent.glob(proxy.config.audit_path.name + "*"))
+    assert gemini.encode() not in blob, "the agent's fake key is in the audit DB"
 
 
 @pytest.mark.parametrize(
