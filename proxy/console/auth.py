@@ -69,7 +69,7 @@ def host_names(listen_host: str, port: int) -> frozenset[str]:
 
 def is_shell(path: str) -> bool:
     """A page or a static file: no data in it, so no token needed (everything else needs it)."""
-    return path in SHELLS or (path.startswith("/static/") and not path.startswith("/api"))
+    return path in SHELLS or path.startswith("/static/")
 
 
 @dataclass
