@@ -378,12 +378,13 @@ def test_kill_revokes_what_the_cli_revokes(
     done = r.json()
     assert (done["revoked_keys"], done["session"], done["ok"]) == (1, "s1", False)
     assert done["containers"]["error"] and done["problems"]  # the engine named cannot be asked: said
-    code, out = cli(homes["cli"], "kill", "--session", "s1")
-    assert code == 1 and "revoked 1 key(s) of session s1" in out
+    reason = f"kill switch ({console_by()})"  # who killed, as an approval's `by`
+    code, out = cli(homes["cli"], "kill", "--agent", "agent", "--session", "s1", "--reason", reason)
+    assert code == 1 and "revoked 1 key(s)" in out and "s1" in out, out
     assert state(homes["console"])["keys"] == state(homes["cli"])["keys"]
     r = httpx.post(running.url + "/api/agents/agent/kill", headers=running.action(), json={})
     assert r.status_code == 200 and r.json()["revoked_keys"] == 1
-    assert cli(homes["cli"], "kill", "--agent", "agent")[0] == 1
+    assert cli(homes["cli"], "kill", "--agent", "agent", "--reason", reason)[0] == 1
     assert state(homes["console"])["keys"] == state(homes["cli"])["keys"]
     assert all(revoked for _, _, revoked, _ in state(homes["console"])["keys"])
     assert httpx.post(running.url + "/api/agents/nobody/kill", headers=running.action(), json={}).status_code == 404
