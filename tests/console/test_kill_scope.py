@@ -27,6 +27,7 @@ from support.proxy import RunningProxy, write_config
 from support.upstream import Upstream
 
 from egress_guard import keys
+from egress_guard.addons.sandboxes import Sandbox, Sandboxes
 from egress_guard.cli import main
 from egress_guard.config import Config
 from egress_guard.console.api import console_by
@@ -245,3 +246,24 @@ def test_kill_containers_of_an_agents_session_leave_the_others_and_name_the_unla
     with fake_engine(tmp_path / "d2.sock", bare, killed) as host:
         done = kill_containers(agent="researcher", session=SESSION, host=host)
     assert killed == [] and done.unlabelled == [f"dddd ({'d' * 12})"]
+
+
+def test_the_kill_switch_kills_only_that_agents_sandboxes_of_the_session() -> None:
+    """`run --isolate` sandboxes follow the same revocation: agent and session together kill
+    that agent's sandbox of the session, not the other agent's of the same session name."""
+    sandboxes = Sandboxes.__new__(Sandboxes)  # the registry alone: no TUN, no control server
+    opened = "2026-11-22T00:00:00.000Z"
+    boxes = [Sandbox("a", 1, "researcher", SESSION, opened), Sandbox("b", 2, "writer", SESSION, opened)]
+    boxes.append(Sandbox("c", 3, "researcher", "other", opened))
+    sandboxes.by_tun = {sb.tun: sb for sb in boxes}
+    killed: list[str] = []
+
+    def kill(sb: Sandbox, reason: str) -> None:  # what Sandboxes.kill marks, without the SIGKILL
+        sb.killed = True
+        killed.append(sb.id)
+
+    sandboxes.kill = kill  # type: ignore[method-assign]
+    sandboxes.kill_matching("researcher", SESSION, "2026-11-22T00:00:01.000Z", "kill switch")
+    assert killed == ["a"]
+    sandboxes.kill_matching(None, SESSION, "2026-11-22T00:00:01.000Z", "kill switch")
+    assert killed == ["a", "b"]
