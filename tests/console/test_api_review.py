@@ -6,37 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from console_env import RunningConsole
+from test_server import approval  # the approval rows the server tests seed
 
 from egress_guard.store import CreateApproval, SQLiteStore
-from egress_guard.store.records import Approval
 
-FUTURE = "2099-01-01T00:00:00.000Z"
 HUGE = "99999999999999999999999"
-
-
-def approval(id: str, **kw: Any) -> Approval:
-    base: dict[str, Any] = {
-        "id": id,
-        "created": "2026-11-22T23:00:00.000Z",
-        "expires": FUTURE,
-        "replica": "local",
-        "request_id": f"req-{id}",
-        "agent": "agent",
-        "session": "s1",
-        "method": "POST",
-        "scheme": "https",
-        "host": "new.example.com",
-        "port": 443,
-        "path": "/v1/x",
-        "rule": "unknown_hosts",
-        "reason": "host new.example.com is covered by no rule",
-    }
-    return Approval(**(base | kw))
 
 
 @pytest.mark.parametrize(
