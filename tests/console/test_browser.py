@@ -260,6 +260,11 @@ def test_spend_total_is_audit_spends(world: World) -> None:
     assert Decimal(re.sub(r"[^\d.]", "", shown.inner_text())) == total, shown.inner_text()
     expect(page.locator("body")).to_contain_text("researcher")
     world.shot("spend")
+    # per model over time: the chart's layers are the models (the legend names them)
+    page.locator("button[data-split=model]").click()
+    expect(page.locator("#spend-chart-title")).to_have_text("USD per model over time")
+    expect(page.locator("#spend-chart .u-legend")).to_contain_text("gpt-4o-mini")
+    expect(page.locator("#spend-total")).to_have_text(shown.inner_text())  # the same total either way
 
 
 def test_denials_page_counts_the_refusals(world: World) -> None:

@@ -1,4 +1,4 @@
-// Spend: USD per agent over time (stacked, day or hour), per-model and per-agent totals,
+// Spend: USD per agent or per model over time (stacked, day or hour), per-model and per-agent totals,
 // the budgets as spent / reserved / remaining bars, and the sessions that spent most.
 import { PALETTE, api, count, el, emptyRow, every, query, stackedBars, text, time, usd } from "/static/common.js";
 
@@ -7,6 +7,7 @@ const chartBox = document.getElementById("spend-chart");
 const chartEmpty = document.getElementById("spend-chart-empty");
 const params = new URLSearchParams(location.search);
 let bucket = params.get("bucket") === "hour" ? "hour" : "day";
+let split = params.get("by") === "model" ? "model" : "agent"; // what the chart's layers are
 if (params.get("since")) form.elements.since.value = params.get("since");
 let redraw = () => {};
 
@@ -15,6 +16,13 @@ function setBucket(value) {
   for (const b of form.querySelectorAll("button[data-bucket]")) b.setAttribute("aria-pressed", String(b.dataset.bucket === bucket));
 }
 setBucket(bucket);
+
+function setSplit(value) {
+  split = value;
+  for (const b of form.querySelectorAll("button[data-split]")) b.setAttribute("aria-pressed", String(b.dataset.split === split));
+  document.getElementById("spend-chart-title").textContent = `USD per ${split} over time`;
+}
+setSplit(split);
 
 function axisUsd(v) {
   if (v === 0) return "$0";
@@ -48,7 +56,8 @@ let names = []; // every agent seen, sorted: its colour is its place (stable acr
 
 function chart(data, since) {
   const buckets = [...new Set(data.series.map((s) => s.bucket))].sort();
-  const agents = Object.keys(data.by_agent || {}).reverse(); // the biggest on top of the stack
+  // the biggest on top of the stack; an agent keeps its colour across ranges, a model its place
+  const agents = Object.keys((split === "model" ? data.by_model : data.by_agent) || {}).reverse();
   if (!buckets.length) {
     chartBox.hidden = true;
     chartEmpty.hidden = false;
@@ -61,10 +70,12 @@ function chart(data, since) {
   const layers = agents.map((agent) => ({ label: agent, values: new Array(buckets.length).fill(0) }));
   const of = new Map(agents.map((a, i) => [a, layers[i]]));
   for (const s of data.series) {
-    const layer = of.get(s.agent) || of.get(s.agent || "-");
+    const key = s[split];
+    const layer = of.get(key) || of.get(key || "-");
     if (layer) layer.values[at.get(s.bucket)] += Number(s.usd);
   }
-  const colors = agents.map((a) => PALETTE[Math.max(0, names.indexOf(a)) % PALETTE.length]);
+  const order = split === "model" ? [...agents].sort() : names;
+  const colors = agents.map((a) => PALETTE[Math.max(0, order.indexOf(a)) % PALETTE.length]);
   redraw = stackedBars(chartBox, { since, step: bucket === "hour" ? 3600 : 86400, buckets, layers, fmt: axisUsd, legendFmt: usd, colors });
 }
 
@@ -111,7 +122,7 @@ const SCOPES = { day: 0, total: 1, session: 2 };
 
 async function load() {
   const since = form.elements.since.value;
-  history.replaceState(null, "", `/spend${query({ since, bucket })}`);
+  history.replaceState(null, "", `/spend${query({ since, bucket, by: split })}`);
   const [data, budgets, top] = await Promise.all([
     api(`/api/spend${query({ since, bucket })}`),
     api("/api/budgets"),
@@ -189,6 +200,12 @@ async function load() {
 
 const timer = every(15000, load);
 form.addEventListener("change", () => timer.now());
+for (const b of form.querySelectorAll("button[data-split]")) {
+  b.addEventListener("click", () => {
+    setSplit(b.dataset.split);
+    timer.now();
+  });
+}
 for (const b of form.querySelectorAll("button[data-bucket]")) {
   b.addEventListener("click", () => {
     setBucket(b.dataset.bucket);
