@@ -30,7 +30,7 @@ from decimal import Decimal
 from mitmproxy import http
 
 from egress_guard.addons._flow import answered, fail_closed, reject
-from egress_guard.addons.attribution import Attribution
+from egress_guard.addons.attribution import Attribution, Who
 from egress_guard.addons.flow import FlowState, recorded_path, state
 from egress_guard.baseline import Baselines
 from egress_guard.decoding import decode_all
@@ -81,16 +81,14 @@ class PolicyGuard:
         st = state(flow)
         st.judged = True
         policy = flow_policy(self.holder, st)
-        frozen = None
-        if st.agent is None:
-            who = self.attribution.known(flow.client_conn.id)
-            if who is not None:
-                st.agent, st.session = who
-        if st.agent is not None:
-            frozen = self.escalations.frozen(st.agent, st.session)
+        # Who asks: the key's agent, else the one this connection named before (a sandbox's,
+        # or an earlier keyed request's). Kept to the verdict: the flow's own agent (billing,
+        # its row) stays what the credential guard found.
+        who = (st.agent, st.session) if st.agent is not None else self.attribution.known(flow.client_conn.id)
+        frozen = self.escalations.frozen(who[0], who[1]) if who is not None else None
         if policy.plain and frozen is None:
             return  # no rules, no unknown-host escalation, enforcing: the allowlist decided
-        facts = self._facts(flow, st, policy, read_body)
+        facts = self._facts(flow, st, policy, read_body, who)
         outcome = policy.evaluate(facts, self.escalations.grants, frozen)
         if outcome.observed:
             st.observed = outcome
@@ -101,17 +99,17 @@ class PolicyGuard:
             reject(flow, Decision(Verdict.DENY, outcome.reason, outcome.rule))
             return
         if outcome.action is Action.ESCALATE:
-            await self._escalate(flow, st, outcome)
+            await self._escalate(flow, st, outcome, who)
             return
         st.decision = Decision(Verdict.ALLOW, outcome.reason, outcome.rule)
 
-    async def _escalate(self, flow: http.HTTPFlow, st: FlowState, outcome: Outcome) -> None:
+    async def _escalate(self, flow: http.HTTPFlow, st: FlowState, outcome: Outcome, who: Who | None) -> None:
         req = flow.request
         host, port = st.target if st.target is not None else (None, req.port)
         pending = PendingRequest(
             request_id=flow.id,
-            agent=st.agent,
-            session=st.session,
+            agent=who[0] if who is not None else None,
+            session=who[1] if who is not None else None,
             method=req.method,
             scheme=req.scheme,
             host=str(host) if host is not None else req.host,
@@ -130,7 +128,7 @@ class PolicyGuard:
             return
         reject(flow, Decision(Verdict.DENY, answer.reason, outcome.rule))
 
-    def _facts(self, flow: http.HTTPFlow, st: FlowState, policy: Policy, read_body: bool) -> Facts:
+    def _facts(self, flow: http.HTTPFlow, st: FlowState, policy: Policy, read_body: bool, who: Who | None) -> Facts:
         """The request as rules see it, built as `egress-guard check` builds it
         (`verdicts.request_facts`), so the two judge alike."""
         req = flow.request
@@ -158,8 +156,8 @@ class PolicyGuard:
             req.method,
             st.agent_path or req.path,  # as the agent sent it: never a real key swapped into the query
             req.headers.keys(),
-            agent=st.agent,
-            session=st.session,
+            agent=who[0] if who is not None else None,
+            session=who[1] if who is not None else None,
             service=st.service,
             body_size=size,
             body=body,
